@@ -1,0 +1,158 @@
+"""Redis key names. Everything about one tenant carries the hash tag ``{t:<tenant>}``;
+the scheduler's global sets live under ``{sched}``; nothing global is ever touched in the
+same script as a tenant's keys, so every script is correct on Redis Cluster."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from budgeter.policy import check_tenant_id
+
+
+@dataclass(frozen=True, slots=True)
+class TenantKeys:
+    prefix: str
+    tenant: str
+
+    @classmethod
+    def of(cls, prefix: str, tenant: str) -> TenantKeys:
+        return cls(prefix, check_tenant_id(tenant))
+
+    def _k(self, name: str) -> str:
+        return f"{self.prefix}:{{t:{self.tenant}}}:{name}"
+
+    @property
+    def policy(self) -> str:
+        """hash: flattened policy (see TenantPolicy.redis_fields)."""
+        return self._k("policy")
+
+    @property
+    def queue(self) -> str:
+        """list: job ids waiting, FIFO (RPUSH to enqueue, LPOP to take)."""
+        return self._k("queue")
+
+    @property
+    def leases(self) -> str:
+        """zset: job id -> lease expiry (ms, Redis server time)."""
+        return self._k("leases")
+
+    @property
+    def jobs(self) -> str:
+        """hash: job id -> job JSON (immutable after submit)."""
+        return self._k("jobs")
+
+    @property
+    def jstate(self) -> str:
+        """hash: job id -> queued | leased | succeeded | errored | canceled | expired."""
+        return self._k("jstate")
+
+    @property
+    def attempts(self) -> str:
+        """hash: job id -> attempts so far."""
+        return self._k("attempts")
+
+    @property
+    def results(self) -> str:
+        """hash: job id -> result JSON (Message Batches result shape)."""
+        return self._k("results")
+
+    @property
+    def dead(self) -> str:
+        """list: dead-lettered job ids."""
+        return self._k("dead")
+
+    @property
+    def buckets(self) -> str:
+        """hash: rpm|itpm|otpm -> theoretical arrival time (ms) of the GCRA bucket."""
+        return self._k("buckets")
+
+    @property
+    def budget(self) -> str:
+        """hash: <period>:id, <period>:used, <period>:reserved."""
+        return self._k("budget")
+
+    @property
+    def resv(self) -> str:
+        """hash: reservation id -> reservation JSON."""
+        return self._k("resv")
+
+    @property
+    def resv_deadline(self) -> str:
+        """zset: reservation id -> deadline (ms) after which the reaper acts."""
+        return self._k("resv_deadline")
+
+    @property
+    def resv_sent(self) -> str:
+        """hash: reservation id -> 1 once the upstream call may have started."""
+        return self._k("resv_sent")
+
+    @property
+    def usage(self) -> str:
+        """hash: <period>:<period id>:<model>:<kind> -> tokens settled."""
+        return self._k("usage")
+
+    @property
+    def state(self) -> str:
+        """hash: misc flags (waiting_settle)."""
+        return self._k("state")
+
+    @property
+    def batches(self) -> str:
+        """zset: batch id -> created_at (ms)."""
+        return self._k("batches")
+
+    def batch(self, batch_id: str) -> str:
+        """hash: batch meta and request counts."""
+        return self._k(f"batch:{batch_id}")
+
+    def batch_jobs(self, batch_id: str) -> str:
+        """list: job ids of a batch in submission order."""
+        return self._k(f"batch:{batch_id}:jobs")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedKeys:
+    prefix: str
+
+    def _k(self, name: str) -> str:
+        return f"{self.prefix}:{{sched}}:{name}"
+
+    @property
+    def ready(self) -> str:
+        """zset: backlogged tenant -> virtual time (weighted fair queueing)."""
+        return self._k("ready")
+
+    @property
+    def parked(self) -> str:
+        """zset: deferred tenant -> ms (server time) when its DEFER ends."""
+        return self._k("parked")
+
+    @property
+    def vtime(self) -> str:
+        """hash: tenant -> its last virtual time, kept while it is idle."""
+        return self._k("vtime")
+
+    @property
+    def weight(self) -> str:
+        """hash: tenant -> scheduling weight (copied from the policy)."""
+        return self._k("weight")
+
+    @property
+    def wake(self) -> str:
+        """list: tenant names pushed by producers; idle workers block on it."""
+        return self._k("wake")
+
+    @property
+    def tenants(self) -> str:
+        """set: every tenant with a policy."""
+        return self._k("tenants")
+
+
+def batch_index_key(prefix: str) -> str:
+    """hash: batch id -> tenant (its own slot)."""
+    return f"{prefix}:{{idx}}:batches"
+
+
+def count_cache_key(prefix: str, digest: str) -> str:
+    """string: cached count_tokens answer for a payload digest."""
+    return f"{prefix}:ct:{digest}"

@@ -1,0 +1,44 @@
+"""Creating the Redis client from settings: the configured URL, or an embedded server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis.asyncio import Redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from budgeter.embedded_redis import EmbeddedRedis
+from budgeter.settings import Settings
+
+
+def make_redis(url: str) -> Redis:
+    """An asyncio client (hiredis parser when installed) that retries dropped connections."""
+    return Redis.from_url(
+        url,
+        decode_responses=True,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=6),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+
+
+@asynccontextmanager
+async def redis_from_settings(settings: Settings) -> AsyncIterator[Redis]:
+    """Yield a client for ``settings.redis_url``, or for an embedded server started here."""
+    embedded: EmbeddedRedis | None = None
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(settings.data_dir)
+        url = await asyncio.to_thread(embedded.start)
+    client = make_redis(url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)

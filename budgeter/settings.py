@@ -1,0 +1,109 @@
+"""Configuration: one pydantic-settings class reading ``BUDGETER_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(ValueError):
+    """A bad configuration value; the message is one line naming the variable."""
+
+
+class Settings(BaseSettings):
+    """Everything budgeter reads from its environment.
+
+    Secrets are ``SecretStr`` so that they never show up in a repr, a log line or an answer.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="BUDGETER_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    redis_url: str | None = Field(
+        default=None, description="Redis URL; unset starts an embedded redis-server."
+    )
+    upstream_url: str = Field(
+        default="http://127.0.0.1:8788",
+        description="Base URL of the Messages API; /v1/messages is appended.",
+    )
+    upstream_api_key: SecretStr = Field(
+        default=SecretStr("mock-key"), description="Key sent upstream as x-api-key."
+    )
+    admin_token: SecretStr | None = Field(
+        default=None, description="Bearer token for /admin routes."
+    )
+    data_dir: Path = Field(
+        default=Path(".budgeter"), description="Where the embedded Redis keeps its data."
+    )
+    key_prefix: str = Field(default="budgeter", description="Prefix of every Redis key.")
+    lease_seconds: float = Field(
+        default=60.0, gt=0, description="Visibility timeout of a job taken by a worker."
+    )
+    max_attempts: int = Field(
+        default=5, ge=1, description="Attempts before a job is dead-lettered."
+    )
+    reservation_grace_seconds: float = Field(
+        default=30.0, gt=0, description="Extra time past the lease before the reaper acts."
+    )
+    upstream_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="Timeout of one /v1/messages call."
+    )
+    upstream_max_attempts: int = Field(
+        default=5, ge=1, description="HTTP attempts per upstream call (retries + 1)."
+    )
+    count_cache_ttl_seconds: int = Field(
+        default=3600, ge=0, description="TTL of cached count_tokens answers (0: no cache)."
+    )
+    drain_seconds: float = Field(
+        default=30.0, ge=0, description="How long SIGTERM waits for in-flight jobs."
+    )
+    metrics_max_tenants: int = Field(
+        default=50, ge=1, description="Tenant label values before the rest become 'other'."
+    )
+    log_format: str = Field(default="text", description="'text' or 'json' log lines.")
+    log_level: str = Field(default="INFO", description="Python logging level.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _http_scheme(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        if value not in ("text", "json"):
+            raise ValueError("must be 'text' or 'json'")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning a validation error into a one-line :class:`SettingsError`."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        variable = f"BUDGETER_{field.upper()}"
+        raise SettingsError(f"{variable}: {first['msg']}") from None
