@@ -47,6 +47,11 @@ class TenantKeys:
         return self._k("jstate")
 
     @property
+    def jmeta(self) -> str:
+        """hash: job id -> '<enqueued ms> <deadline ms>' (Redis server time)."""
+        return self._k("jmeta")
+
+    @property
     def attempts(self) -> str:
         """hash: job id -> attempts so far."""
         return self._k("attempts")

