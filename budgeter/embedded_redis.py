@@ -22,6 +22,28 @@ from pathlib import Path
 log = logging.getLogger("budgeter.embedded_redis")
 
 
+URL_FILE = "redis.url"
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def running_embedded_url(data_dir: Path | str) -> str | None:
+    """The URL of an embedded server another budgeter process runs on this data dir."""
+    try:
+        url = (Path(data_dir) / URL_FILE).read_text().strip()
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return url if _answers(port) else None
+
+
 class EmbeddedRedisError(RuntimeError):
     """redis-server could not be found or started."""
 
@@ -51,7 +73,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -98,15 +120,15 @@ class EmbeddedRedis:
             "--dir",
             str(self.data_dir.resolve()),
             "--dbfilename",
-            f"dump-{self.port}.rdb",
+            "dump.rdb",
             "--save",
             "",
             "--appendonly",
             "yes" if self.appendonly else "no",
             "--appendfilename",
-            f"appendonly-{self.port}.aof",
+            "appendonly.aof",
             "--logfile",
-            str((self.data_dir / f"redis-{self.port}.log").resolve()),
+            str((self.data_dir / "redis.log").resolve()),
             "--daemonize",
             "no",
             *self.extra_args,
@@ -116,14 +138,15 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = (self.process.stderr.read() if self.process.stderr else b"").decode()
                 raise EmbeddedRedisError(f"redis-server exited at start: {err.strip()[:300]}")
-            if self._answers():
+            if _answers(self.port):
+                (self.data_dir / URL_FILE).write_text(self.url + "\n")
                 log.info(
                     "embedded redis started", extra={"port": self.port, "pid": self.process.pid}
                 )
@@ -132,19 +155,12 @@ class EmbeddedRedis:
         self.stop()
         raise EmbeddedRedisError(f"redis-server did not answer on port {self.port}")
 
-    def _answers(self) -> bool:
-        assert self.port is not None
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
     def stop(self, timeout_s: float = 10.0) -> None:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
+        with contextlib.suppress(OSError):
+            (self.data_dir / URL_FILE).unlink()
         process.terminate()
         try:
             process.wait(timeout_s)

@@ -12,7 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from budgeter.embedded_redis import EmbeddedRedis
+from budgeter.embedded_redis import EmbeddedRedis, running_embedded_url
 from budgeter.settings import Settings
 
 
@@ -32,6 +32,8 @@ async def redis_from_settings(settings: Settings) -> AsyncIterator[Redis]:
     """Yield a client for ``settings.redis_url``, or for an embedded server started here."""
     embedded: EmbeddedRedis | None = None
     url = settings.redis_url
+    if url is None:
+        url = await asyncio.to_thread(running_embedded_url, settings.data_dir)
     if url is None:
         embedded = EmbeddedRedis(settings.data_dir)
         url = await asyncio.to_thread(embedded.start)

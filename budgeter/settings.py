@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     count_cache_ttl_seconds: int = Field(
         default=3600, ge=0, description="TTL of cached count_tokens answers (0: no cache)."
     )
+    maintenance_seconds: float = Field(
+        default=5.0, gt=0, description="How often a worker reclaims leases and reaps."
+    )
     drain_seconds: float = Field(
         default=30.0, ge=0, description="How long SIGTERM waits for in-flight jobs."
     )

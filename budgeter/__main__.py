@@ -1,0 +1,5 @@
+import sys
+
+from budgeter.cli import main
+
+sys.exit(main())

@@ -1,0 +1,157 @@
+"""Prometheus metrics of the catalogue in shared/DESIGN.md, with bounded labels."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from budgeter.keys import TenantKeys
+from budgeter.policy import PERIODS
+
+OTHER = "other"
+
+
+class BoundedLabel:
+    """Keeps at most ``limit`` distinct values of a label; the rest become ``other``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) < self.limit:
+            self._seen.add(value)
+            return value
+        return OTHER
+
+
+def reason_label(reason: str) -> str:
+    """Admission reasons are already a bounded vocabulary ('rate:itpm', 'exhausted:day')."""
+    return reason or "none"
+
+
+class Metrics:
+    """Every metric of one process, in its own registry (tests make as many as they like)."""
+
+    def __init__(self, *, max_tenants: int = 50, max_models: int = 20) -> None:
+        self.registry = CollectorRegistry()
+        self.tenant = BoundedLabel(max_tenants)
+        self.model = BoundedLabel(max_models)
+        r = self.registry
+        self.jobs = Counter(
+            "budgeter_jobs_total",
+            "Jobs that reached a terminal state, by outcome.",
+            ["tenant", "outcome"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            "budgeter_admission_decisions_total",
+            "Admission decisions (ADMIT, DEFER, REJECT) and the limit that decided.",
+            ["tenant", "decision", "reason"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "budgeter_tokens_total",
+            "Tokens the upstream reported as used, by kind.",
+            ["tenant", "model", "kind"],
+            registry=r,
+        )
+        self.budget_remaining = Gauge(
+            "budgeter_budget_remaining_tokens",
+            "Tokens left in the current period of each budget (limit - used - reserved).",
+            ["tenant", "period"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "budgeter_queue_depth", "Jobs waiting in the tenant's queue.", ["tenant"], registry=r
+        )
+        self.queue_oldest_age = Gauge(
+            "budgeter_queue_oldest_age_seconds",
+            "Age of the job at the head of the tenant's queue.",
+            ["tenant"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "budgeter_inflight_requests",
+            "Reservations held for requests in flight.",
+            ["tenant"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "budgeter_upstream_request_duration_seconds",
+            "Duration of each HTTP attempt to the upstream.",
+            ["route", "status"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.admission_wait = Histogram(
+            "budgeter_admission_wait_seconds",
+            "Time from enqueue to admission.",
+            ["tenant"],
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400),
+            registry=r,
+        )
+        self.estimate_error = Histogram(
+            "budgeter_estimate_error_ratio",
+            "Actual tokens / reserved tokens of each settled reservation.",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0, 1.01, 1.05, 1.1, 1.5, 2),
+            registry=r,
+        )
+        self.reaped = Counter(
+            "budgeter_reaped_reservations_total",
+            "Reservations of dead workers settled by the reaper (charged in full or released).",
+            ["tenant", "action"],
+            registry=r,
+        )
+        self.count_cache = Counter(
+            "budgeter_count_tokens_cache_total",
+            "count_tokens lookups, by cache result.",
+            ["result"],
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "budgeter_dead_lettered_total",
+            "Jobs dead-lettered after their last attempt.",
+            ["tenant"],
+            registry=r,
+        )
+
+    def observe_upstream(self, route: str, status: str, seconds: float) -> None:
+        self.upstream_duration.labels(route, status).observe(seconds)
+
+
+async def refresh_state_metrics(
+    redis: Any, metrics: Metrics, tenants: list[str], *, prefix: str = "budgeter"
+) -> None:
+    """Read the values that live in Redis (queue depth, age, inflight, budget remaining)."""
+    now_ms = time.time() * 1000
+    for tenant in tenants:
+        keys = TenantKeys.of(prefix, tenant)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.llen(keys.queue)
+            pipe.lindex(keys.queue, 0)
+            pipe.hlen(keys.resv)
+            pipe.hgetall(keys.policy)
+            pipe.hgetall(keys.budget)
+            depth, head, inflight, policy, budget = await pipe.execute()
+        label = metrics.tenant(tenant)
+        metrics.queue_depth.labels(label).set(depth)
+        metrics.inflight.labels(label).set(inflight)
+        age = 0.0
+        if head:
+            meta = await redis.hget(keys.jmeta, head)
+            if meta:
+                age = max(0.0, (now_ms - int(meta.split(" ")[0])) / 1000)
+        metrics.queue_oldest_age.labels(label).set(age)
+        for period in PERIODS:
+            limit = policy.get(f"budget:{period}")
+            if limit is None:
+                continue
+            used = int(budget.get(f"{period}:used") or 0)
+            reserved = int(budget.get(f"{period}:reserved") or 0)
+            # a period that rolled over has nothing used yet
+            metrics.budget_remaining.labels(label, period).set(max(0, int(limit) - used - reserved))

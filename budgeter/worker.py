@@ -1,0 +1,379 @@
+"""The worker: take jobs fairly, count, admit, forward, settle, ack.
+
+One dispatcher per process leases jobs while it has free slots (``concurrency``) and runs
+each in its own task; idle, it blocks on the wake list until a producer signals work or
+the earliest parked tenant is due. A maintenance loop reclaims expired leases, reaps
+reservations of dead workers and refreshes the gauges that live in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from budgeter.admission import Admission, Decision, Usage
+from budgeter.jobqueue import JobQueue, LeasedJob
+from budgeter.metrics import Metrics, reason_label, refresh_state_metrics
+from budgeter.results import BUDGET_ERROR_TYPE, error_body, errored, expired, succeeded
+from budgeter.tenants import TenantStore
+from budgeter.token_counter import TokenCounter
+from budgeter.upstream import UpstreamClient, UpstreamError
+
+log = logging.getLogger("budgeter.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    concurrency: int = 16
+    lease_ms: int = 60_000
+    reservation_grace_ms: int = 30_000
+    max_attempts: int = 5
+    idle_max_s: float = 2.0
+    settle_wait_fallback_ms: int = 5_000
+    maintenance_interval_s: float = 5.0
+    drain_s: float = 30.0
+    prefix: str = "budgeter"
+
+    @property
+    def hold_ms(self) -> int:
+        """A reservation outlives its job's lease by a grace period before it is reaped."""
+        return self.lease_ms + self.reservation_grace_ms
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        redis: Any,
+        upstream: UpstreamClient,
+        config: WorkerConfig,
+        metrics: Metrics,
+        counter: TokenCounter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.upstream = upstream
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.queue = JobQueue(redis, prefix=config.prefix)
+        self.admission = Admission(redis, prefix=config.prefix)
+        self.tenants = TenantStore(redis, prefix=config.prefix)
+        self.counter = counter or TokenCounter(redis, upstream, prefix=config.prefix, ttl_s=0)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.processed = 0
+
+    # main loops ---------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until ``stop`` is set, then drain in-flight jobs (see :meth:`drain`)."""
+        maintenance = asyncio.create_task(self._maintenance_loop(stop), name="maintenance")
+        slots = asyncio.Semaphore(self.config.concurrency)
+        try:
+            while not stop.is_set():
+                if not await _acquire_or_stop(slots, stop):
+                    break
+                try:
+                    pick = await self.queue.pick(lease_ms=self.config.lease_ms)
+                except Exception:
+                    slots.release()
+                    log.exception("pick failed; retrying")
+                    await _sleep_or_stop(stop, 1.0)
+                    continue
+                if pick.job is not None:
+                    task = asyncio.create_task(self._process(pick.job))
+                    self._tasks.add(task)
+                    task.add_done_callback(lambda t: (self._tasks.discard(t), slots.release()))
+                    continue
+                slots.release()
+                timeout = self.config.idle_max_s
+                if pick.next_parked_ms >= 0:
+                    due_s = (pick.next_parked_ms - pick.now_ms) / 1000
+                    timeout = min(timeout, max(due_s, 0.01))
+                await self._wait_for_work(stop, timeout)
+        finally:
+            await self.drain()
+            maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await maintenance
+
+    async def _wait_for_work(self, stop: asyncio.Event, wait_s: float) -> None:
+        waiter = asyncio.create_task(self.queue.wait_for_work(wait_s))
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (waiter, stopper):
+            if task not in done:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if waiter in done and not waiter.cancelled() and waiter.exception() is None:
+            tenant = waiter.result()
+            if tenant:  # a producer in another language may only push its tenant's name
+                with contextlib.suppress(Exception):
+                    await self.queue.activate(tenant)
+
+    async def drain(self) -> None:
+        """Let in-flight jobs finish for ``drain_s``; give the rest back to their queues."""
+        if not self._tasks:
+            return
+        log.info("draining", extra={"inflight": len(self._tasks)})
+        _, pending = await asyncio.wait(set(self._tasks), timeout=self.config.drain_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    async def _maintenance_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.maintain()
+            except Exception:
+                log.exception("maintenance failed")
+            jitter = random.uniform(0.8, 1.2)
+            await _sleep_or_stop(stop, self.config.maintenance_interval_s * jitter)
+
+    async def maintain(self, *, now_ms: int | None = None) -> None:
+        """Reclaim expired leases, reap dead reservations, re-activate forgotten queues."""
+        tenants = await self.tenants.list()
+        for tenant in tenants:
+            _, dead = await self.queue.reclaim(
+                tenant, max_attempts=self.config.max_attempts, now_ms=now_ms
+            )
+            for jid in dead:
+                await self._dead_letter_reclaimed(tenant, jid)
+            reaped = await self.admission.reap(tenant, now_ms=now_ms)
+            label = self.metrics.tenant(tenant)
+            if reaped.charged_full:
+                self.metrics.reaped.labels(label, "charged").inc(reaped.charged_full)
+            if reaped.released:
+                self.metrics.reaped.labels(label, "released").inc(reaped.released)
+            if reaped.settled:
+                log.warning(
+                    "reaped reservations of a dead worker",
+                    extra={
+                        "tenant": tenant,
+                        "charged": reaped.charged_full,
+                        "released": reaped.released,
+                    },
+                )
+            if reaped.waiting_settle:
+                await self.queue.activate(tenant, unpark=True, wake=1)
+            if await self.redis.llen(self.queue.keys(tenant).queue):
+                await self.queue.activate(tenant)
+        await refresh_state_metrics(self.redis, self.metrics, tenants, prefix=self.config.prefix)
+
+    async def _dead_letter_reclaimed(self, tenant: str, jid: str) -> None:
+        body = await self.queue.job_body(tenant, jid)
+        if body is None:
+            return
+        message = f"job abandoned by its worker {self.config.max_attempts} times (lease expired)"
+        if await self.queue.finish(
+            tenant,
+            jid,
+            body["batch_id"],
+            body["custom_id"],
+            "errored",
+            errored(error_body("api_error", message)),
+            dead=True,
+        ):
+            self._count_outcome(tenant, "errored")
+            self.metrics.dead_lettered.labels(self.metrics.tenant(tenant)).inc()
+
+    # one job ------------------------------------------------------------------------
+
+    async def _process(self, job: LeasedJob) -> None:
+        try:
+            await self._handle(job)
+        except asyncio.CancelledError:
+            # drain timed out: the job keeps its place and no attempt is counted
+            await self.queue.requeue(job, head=True, count_attempt=False)
+            await self.queue.activate(job.tenant, wake=1)
+            raise
+        except Exception:
+            log.exception("job failed", extra={"tenant": job.tenant, "job": job.id})
+            await self._retry_or_dead(job, error_body("api_error", "internal error in worker"))
+        finally:
+            self.processed += 1
+
+    async def _handle(self, job: LeasedJob) -> None:
+        now_ms = int(self.clock() * 1000)
+        if job.deadline_ms and now_ms >= job.deadline_ms:
+            await self._finish(job, "expired", expired())
+            return
+        params = {k: v for k, v in job.params.items() if k != "stream"}
+        problem = _params_problem(params)
+        if problem:
+            await self._finish(
+                job, "errored", errored(error_body("invalid_request_error", problem))
+            )
+            return
+        try:
+            input_tokens = await self.counter.count(params)
+        except UpstreamError as exc:
+            await self._upstream_failed(job, exc)
+            return
+
+        model = str(params["model"])
+        rid = job.reservation_id
+        decision = await self.admission.reserve(
+            job.tenant,
+            rid,
+            input_tokens,
+            int(params["max_tokens"]),
+            model=model,
+            hold_ms=self.config.hold_ms,
+        )
+        label = self.metrics.tenant(job.tenant)
+        self.metrics.decisions.labels(label, decision.kind, reason_label(decision.reason)).inc()
+        if decision.kind == "DEFER":
+            await self._defer(job, decision)
+            return
+        if decision.kind == "REJECT":
+            await self._finish(job, "errored", errored(_refusal(decision)))
+            return
+        self.metrics.admission_wait.labels(label).observe(
+            max(0.0, (decision.now_ms - job.enqueued_ms) / 1000)
+        )
+        await self._forward(job, params, rid, model, input_tokens)
+
+    async def _forward(
+        self, job: LeasedJob, params: dict[str, Any], rid: str, model: str, input_tokens: int
+    ) -> None:
+        label = self.metrics.tenant(job.tenant)
+        beat = asyncio.create_task(self._heartbeat(job, rid))
+        self.metrics.inflight.labels(label).inc()
+        sent = False
+        try:
+            await self.admission.mark_sent(job.tenant, rid)
+            sent = True
+            message = await self.upstream.create_message(params)
+        except UpstreamError as exc:
+            # the upstream refused or failed: it did not serve (nor bill) the request
+            await self.admission.release(job.tenant, rid)
+            await self._upstream_failed(job, exc)
+            return
+        except asyncio.CancelledError:
+            if sent:  # it may have been served: charge in full, never under-count
+                await self.admission.charge_full(job.tenant, rid)
+            else:
+                await self.admission.release(job.tenant, rid)
+            raise
+        finally:
+            beat.cancel()
+            self.metrics.inflight.labels(label).dec()
+        usage = Usage.from_message(message)
+        settled = await self.admission.settle(job.tenant, rid, usage)
+        await self._finish(job, "succeeded", succeeded(message))
+        reserved = input_tokens + int(params["max_tokens"])
+        if reserved:
+            self.metrics.estimate_error.observe(usage.total / reserved)
+        mlabel = self.metrics.model(model)
+        for kind, n in (
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+            ("cache_creation", usage.cache_creation_input_tokens),
+            ("cache_read", usage.cache_read_input_tokens),
+        ):
+            if n:
+                self.metrics.tokens.labels(label, mlabel, kind).inc(n)
+        if settled.waiting_settle:
+            await self.queue.activate(job.tenant, unpark=True, wake=1)
+
+    async def _heartbeat(self, job: LeasedJob, rid: str) -> None:
+        interval = self.config.lease_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                held = await self.queue.heartbeat(
+                    job,
+                    lease_ms=self.config.lease_ms,
+                    reservation_id=rid,
+                    hold_ms=self.config.hold_ms,
+                )
+            except Exception:
+                log.warning("heartbeat failed", extra={"job": job.id}, exc_info=True)
+                continue
+            if not held:
+                log.warning("lease lost while the upstream call runs", extra={"job": job.id})
+                return
+
+    async def _defer(self, job: LeasedJob, decision: Decision) -> None:
+        until = decision.until_ms
+        if decision.reason.startswith("exhausted:") and job.deadline_ms and until > job.deadline_ms:
+            log.info(
+                "expired: budget resets after the job's deadline",
+                extra={"tenant": job.tenant, "job": job.id, "reason": decision.reason},
+            )
+            await self._finish(job, "expired", expired())
+            return
+        if until == 0:
+            until = decision.now_ms + self.config.settle_wait_fallback_ms
+        await self.queue.defer(job, until)
+
+    async def _upstream_failed(self, job: LeasedJob, exc: UpstreamError) -> None:
+        if exc.retryable:
+            await self._retry_or_dead(job, exc.body)
+        else:
+            await self._finish(job, "errored", errored(exc.body))
+
+    async def _retry_or_dead(self, job: LeasedJob, body: dict[str, Any]) -> None:
+        if job.attempt >= self.config.max_attempts:
+            await self._finish(job, "errored", errored(body), dead=True)
+            self.metrics.dead_lettered.labels(self.metrics.tenant(job.tenant)).inc()
+        else:
+            await self.queue.retry_later(job)
+
+    async def _finish(
+        self, job: LeasedJob, outcome: str, result: dict[str, Any], *, dead: bool = False
+    ) -> None:
+        if await self.queue.ack(job, outcome, result, dead=dead):
+            self._count_outcome(job.tenant, outcome)
+
+    def _count_outcome(self, tenant: str, outcome: str) -> None:
+        self.metrics.jobs.labels(self.metrics.tenant(tenant), outcome).inc()
+
+
+def _refusal(decision: Decision) -> dict[str, Any]:
+    if decision.reason == "unknown_tenant":
+        return error_body("not_found_error", "tenant has no policy")
+    return error_body(BUDGET_ERROR_TYPE, decision.describe())
+
+
+def _params_problem(params: dict[str, Any]) -> str | None:
+    if not isinstance(params.get("model"), str) or not params["model"]:
+        return "model: field required"
+    max_tokens = params.get("max_tokens")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        return "max_tokens: must be an integer >= 1"
+    if not isinstance(params.get("messages"), list) or not params["messages"]:
+        return "messages: must be a non-empty list"
+    return None
+
+
+async def _acquire_or_stop(slots: asyncio.Semaphore, stop: asyncio.Event) -> bool:
+    if not slots.locked():
+        await slots.acquire()
+        return True
+    acquire = asyncio.create_task(slots.acquire())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({acquire, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if acquire in done:
+        stopper.cancel()
+        return True
+    acquire.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await acquire
+    if not acquire.cancelled():  # acquired at the same moment: give it back
+        slots.release()
+    return False
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

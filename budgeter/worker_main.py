@@ -1,0 +1,72 @@
+"""``budgeter worker``: one process, many coroutines, /metrics on --metrics-port."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+from aiohttp import web
+
+from budgeter.health import add_health_routes
+from budgeter.metrics import Metrics
+from budgeter.redis_client import redis_from_settings
+from budgeter.serving import serve_app, stop_event_on_signals
+from budgeter.settings import Settings
+from budgeter.token_counter import TokenCounter
+from budgeter.upstream import UpstreamClient
+from budgeter.worker import Worker, WorkerConfig
+
+log = logging.getLogger("budgeter.worker")
+
+
+def worker_config(settings: Settings, concurrency: int) -> WorkerConfig:
+    return WorkerConfig(
+        concurrency=concurrency,
+        lease_ms=int(settings.lease_seconds * 1000),
+        reservation_grace_ms=int(settings.reservation_grace_seconds * 1000),
+        max_attempts=settings.max_attempts,
+        drain_s=settings.drain_seconds,
+        maintenance_interval_s=settings.maintenance_seconds,
+        prefix=settings.key_prefix,
+    )
+
+
+async def run_worker(settings: Settings, *, concurrency: int, host: str, port: int) -> int:
+    stop = stop_event_on_signals()
+    metrics = Metrics(max_tenants=settings.metrics_max_tenants)
+    async with (
+        redis_from_settings(settings) as redis,
+        aiohttp.ClientSession() as session,
+    ):
+        upstream = UpstreamClient(
+            session,
+            settings.upstream_url,
+            settings.upstream_api_key.get_secret_value(),
+            timeout_s=settings.upstream_timeout_seconds,
+            max_attempts=settings.upstream_max_attempts,
+            observe=metrics.observe_upstream,
+        )
+        counter = TokenCounter(
+            redis,
+            upstream,
+            prefix=settings.key_prefix,
+            ttl_s=settings.count_cache_ttl_seconds,
+            metrics=metrics,
+        )
+        worker = Worker(
+            redis=redis,
+            upstream=upstream,
+            config=worker_config(settings, concurrency),
+            metrics=metrics,
+            counter=counter,
+        )
+        app = web.Application()
+        add_health_routes(app, metrics=metrics, redis=redis, upstream=upstream)
+        async with serve_app(app, host, port) as bound:
+            log.info(
+                "worker started",
+                extra={"concurrency": concurrency, "metrics": f"http://{host}:{bound}/metrics"},
+            )
+            await worker.run(stop)
+        log.info("worker stopped", extra={"processed": worker.processed})
+    return 0
