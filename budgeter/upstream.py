@@ -16,6 +16,8 @@ from typing import Any
 
 import aiohttp
 
+from budgeter.results import error_body as anthropic_error
+
 log = logging.getLogger("budgeter.upstream")
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -37,10 +39,6 @@ _STATUS_ERROR_TYPES: dict[int, str] = {
 def count_tokens_body(params: Mapping[str, Any]) -> dict[str, Any]:
     """The subset of a Messages request that ``/v1/messages/count_tokens`` accepts."""
     return {key: value for key, value in params.items() if key in COUNT_TOKENS_FIELDS}
-
-
-def anthropic_error(error_type: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": error_type, "message": message}}
 
 
 def _is_error_body(payload: Any) -> bool:

@@ -171,3 +171,44 @@ async def test_expired_jobs_end_as_expired(redis: Redis) -> None:
     async with running_worker(redis) as _:
         await wait_ended(store, [batch_id])
     assert {line["result"]["type"] for line in await results_of(store, batch_id)} == {"expired"}
+
+
+async def test_on_exhausted_wait_expires_jobs_whose_deadline_comes_before_the_reset(
+    redis: Redis,
+) -> None:
+    from budgeter.admission import Admission, Usage
+
+    policy = TenantPolicy(budgets={"month": 200}, on_exhausted="wait")
+    await TenantStore(redis).put("w", policy)
+    admission = Admission(redis)
+    assert (await admission.reserve("w", "pre", 100, 100)).kind == "ADMIT"
+    await admission.settle("w", "pre", Usage(100, 100))
+    store = BatchStore(redis)
+    batch_id = await store.create("w", requests_for("w", 3), ttl_ms=60_000)
+    async with running_worker(redis) as (worker, _):
+        await wait_ended(store, [batch_id])
+    assert {line["result"]["type"] for line in await results_of(store, batch_id)} == {"expired"}
+    assert (
+        sample(
+            worker.metrics,
+            "budgeter_admission_decisions_total",
+            tenant="w",
+            decision="DEFER",
+            reason="exhausted:month",
+        )
+        >= 1
+    )
+
+
+async def test_state_gauges_read_from_redis(redis: Redis) -> None:
+    await TenantStore(redis).put("g", TenantPolicy(budgets={"day": 5000}))
+    store = BatchStore(redis)
+    await store.create("g", requests_for("g", 4))
+    async with running_worker(redis, concurrency=1) as (worker, _):
+        await worker.maintain()
+        await wait_ended(store, [(await redis.zrange("budgeter:{t:g}:batches", 0, 0))[0]])
+        await worker.maintain()
+    assert sample(worker.metrics, "budgeter_queue_depth", tenant="g") == 0
+    remaining = sample(worker.metrics, "budgeter_budget_remaining_tokens", tenant="g", period="day")
+    used = int((await redis.hgetall("budgeter:{t:g}:budget"))["day:used"])
+    assert remaining == 5000 - used
