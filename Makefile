@@ -7,9 +7,14 @@ STAMP := $(VENV)/.installed
 $(PY):
 	python3 -m venv $(VENV)
 
+SDK1 := $(VENV)/sdk1
+
+# The official anthropic SDK 2.x is a dev dependency; the tests also drive the 1.x line,
+# installed beside it (no deps: it shares the venv's httpx and pydantic).
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps --upgrade --target $(SDK1) 'anthropic>=1.17,<2'
 	touch $(STAMP)
 
 install: $(STAMP)

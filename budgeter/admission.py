@@ -71,10 +71,11 @@ class Decision:
         return self.reason
 
 
-def format_ms(ms: int) -> str:
+def format_ms(ms: int, *, precise: bool = False) -> str:
+    """RFC 3339 in UTC with a Z (milliseconds when ``precise``)."""
     return (
         dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
-        .isoformat(timespec="seconds")
+        .isoformat(timespec="milliseconds" if precise else "seconds")
         .replace("+00:00", "Z")
     )
 

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    api = sub.add_parser("api", help="run the HTTP API (Message Batches, admin, metrics)")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=_port, default=8080)
+
     worker = sub.add_parser("worker", help="run a worker process")
     worker.add_argument("--concurrency", type=_positive_int, default=16)
     worker.add_argument("--host", default="127.0.0.1", help="where /metrics listens")
@@ -155,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
 
 async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
     command = args.command
+    if command == "api":
+        from budgeter.api_main import run_api
+
+        return await run_api(settings, host=args.host, port=args.port)
     if command == "worker":
         from budgeter.worker_main import run_worker
 

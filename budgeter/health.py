@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -10,13 +11,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from budgeter.metrics import Metrics
 from budgeter.upstream import UpstreamClient
 
-METRICS_KEY = web.AppKey("metrics", Metrics)
-REDIS_KEY = web.AppKey("redis", object)
-UPSTREAM_KEY = web.AppKey("upstream", UpstreamClient)
+
+@dataclass
+class HealthState:
+    """What the health routes look at; Redis and upstream may be attached after start-up."""
+
+    metrics: Metrics
+    redis: Any = None
+    upstream: UpstreamClient | None = None
+
+
+HEALTH = web.AppKey("health", HealthState)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS_KEY].registry)
+    body = generate_latest(request.app[HEALTH].metrics.registry)
     return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
 
 
@@ -25,13 +34,15 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    checks: dict[str, bool] = {"redis": False, "upstream": False}
-    redis: Any = request.app[REDIS_KEY]
-    try:
-        checks["redis"] = bool(await redis.ping())
-    except Exception:
-        checks["redis"] = False
-    checks["upstream"] = await request.app[UPSTREAM_KEY].ping()
+    state = request.app[HEALTH]
+    checks = {"redis": False, "upstream": False}
+    if state.redis is not None:
+        try:
+            checks["redis"] = bool(await state.redis.ping())
+        except Exception:
+            checks["redis"] = False
+    if state.upstream is not None:
+        checks["upstream"] = await state.upstream.ping()
     ready = all(checks.values())
     return web.json_response(
         {"status": "ready" if ready else "not ready", "checks": checks},
@@ -39,12 +50,8 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-def add_health_routes(
-    app: web.Application, *, metrics: Metrics, redis: Any, upstream: UpstreamClient
-) -> None:
-    app[METRICS_KEY] = metrics
-    app[REDIS_KEY] = redis
-    app[UPSTREAM_KEY] = upstream
+def add_health_routes(app: web.Application, state: HealthState) -> None:
+    app[HEALTH] = state
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

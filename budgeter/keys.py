@@ -102,6 +102,11 @@ class TenantKeys:
         return self._k("state")
 
     @property
+    def api_keys(self) -> str:
+        """hash: key id -> {"id", "created_at_ms", "hint", "hash"} (never the key)."""
+        return self._k("api_keys")
+
+    @property
     def batches(self) -> str:
         """zset: batch id -> created_at (ms)."""
         return self._k("batches")
@@ -156,6 +161,16 @@ class SchedKeys:
 def batch_index_key(prefix: str) -> str:
     """hash: batch id -> tenant (its own slot)."""
     return f"{prefix}:{{idx}}:batches"
+
+
+def key_index_key(prefix: str) -> str:
+    """hash: SHA-256 of a tenant API key -> '<tenant> <key id>' (its own slot)."""
+    return f"{prefix}:{{keys}}:by_hash"
+
+
+def global_policy_key(prefix: str) -> str:
+    """string: the upstream account's policy JSON (its own slot)."""
+    return f"{prefix}:{{global}}:policy"
 
 
 def count_cache_key(prefix: str, digest: str) -> str:

@@ -35,6 +35,21 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         default=None, description="Bearer token for /admin routes."
     )
+    public_url: str | None = Field(
+        default=None,
+        description="Base URL clients reach budgeter at (results_url); else the request's host.",
+    )
+    batch_ttl_hours: float = Field(
+        default=24.0, gt=0, description="Time a batch's requests may wait before they expire."
+    )
+    results_retention_days: float = Field(
+        default=29.0,
+        gt=0,
+        description="Batches and their results are deleted this long after creation.",
+    )
+    api_max_body_mb: int = Field(
+        default=256, ge=1, description="Largest request body the API accepts (MB)."
+    )
     data_dir: Path = Field(
         default=Path(".budgeter"), description="Where the embedded Redis keeps its data."
     )
@@ -81,6 +96,15 @@ class Settings(BaseSettings):
     @field_validator("upstream_url")
     @classmethod
     def _http_scheme(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_scheme(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")

@@ -7,7 +7,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from budgeter.health import add_health_routes
+from budgeter.health import HealthState, add_health_routes
 from budgeter.metrics import Metrics
 from budgeter.redis_client import redis_from_settings
 from budgeter.serving import serve_app, stop_event_on_signals
@@ -61,7 +61,7 @@ async def run_worker(settings: Settings, *, concurrency: int, host: str, port: i
             counter=counter,
         )
         app = web.Application()
-        add_health_routes(app, metrics=metrics, redis=redis, upstream=upstream)
+        add_health_routes(app, HealthState(metrics, redis, upstream))
         async with serve_app(app, host, port) as bound:
             log.info(
                 "worker started",

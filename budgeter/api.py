@@ -1,0 +1,410 @@
+"""``budgeter api``: the HTTP front door (aiohttp).
+
+Anthropic's Message Batches API for tenants (their own key in ``x-api-key`` or
+``Authorization: Bearer``), the admin API (``Authorization: Bearer $BUDGETER_ADMIN_TOKEN``),
+``/openapi.json``, ``/healthz``, ``/readyz`` and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from pydantic import ValidationError
+
+from budgeter.api_errors import REQUEST_ID, ApiError, Handler, errors_middleware
+from budgeter.api_keys import KeyStore, Principal
+from budgeter.api_models import (
+    CreateBatchBody,
+    DeletedMessageBatch,
+    GlobalPolicyAnswer,
+    KeyCreated,
+    KeyInfo,
+    KeyList,
+    MessageBatch,
+    MessageBatchList,
+    TenantAnswer,
+    TenantList,
+    UsageAnswer,
+    dump,
+)
+from budgeter.batches import BatchNotEndedError, BatchNotFoundError, BatchStore
+from budgeter.health import HealthState, add_health_routes
+from budgeter.jobqueue import UnknownTenantError
+from budgeter.keys import global_policy_key
+from budgeter.metrics import Metrics
+from budgeter.models import first_error
+from budgeter.openapi import openapi_document
+from budgeter.policy import InvalidTenantError, TenantPolicy, check_tenant_id
+from budgeter.redis_client import redis_from_settings
+from budgeter.settings import Settings
+from budgeter.tenants import TenantStore
+from budgeter.upstream import UpstreamClient
+from budgeter.usage import tenant_usage
+
+SETTINGS = web.AppKey("settings", Settings)
+STORES = web.AppKey("stores", dict)  # name -> store; filled by the cleanup context
+PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+# middlewares --------------------------------------------------------------------------
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    path = request.path
+    if path.startswith("/v1/"):
+        key = request.headers.get("x-api-key") or _bearer(request)
+        if not key:
+            raise ApiError(401, "missing API key: send it in x-api-key or Authorization: Bearer")
+        principal = await request.app[STORES]["keys"].authenticate(key)
+        if principal is None:
+            raise ApiError(401, "invalid API key")
+        request[PRINCIPAL] = principal
+    elif path.startswith("/admin"):
+        expected = request.app[SETTINGS].admin_token
+        if expected is None:
+            raise ApiError(403, "the admin API is disabled: BUDGETER_ADMIN_TOKEN is not set")
+        token = _bearer(request) or ""
+        if not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
+            raise ApiError(401, "invalid admin token")
+    return await handler(request)
+
+
+# helpers -------------------------------------------------------------------------------
+
+
+async def read_json(request: web.Request) -> Any:
+    if not request.can_read_body:
+        raise ApiError(400, "request body is empty: send a JSON object")
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+
+
+def base_url(request: web.Request) -> str:
+    public = request.app[SETTINGS].public_url
+    return public or f"{request.scheme}://{request.host}"
+
+
+def principal(request: web.Request) -> Principal:
+    found: Principal = request[PRINCIPAL]
+    return found
+
+
+def tenant_param(request: web.Request) -> str:
+    tenant = request.match_info["tenant"]
+    try:
+        return check_tenant_id(tenant)
+    except InvalidTenantError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def ok(model: Any, status: int = 200) -> web.Response:
+    return web.json_response(dump(model), status=status)
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit", "20")
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise ApiError(400, f"limit: not an integer: {raw!r}") from None
+    if not 1 <= limit <= 1000:
+        raise ApiError(400, "limit: must be between 1 and 1000")
+    return limit
+
+
+# batches ----------------------------------------------------------------------------
+
+
+async def create_batch(request: web.Request) -> web.Response:
+    who = principal(request)
+    payload = await read_json(request)
+    try:
+        body = CreateBatchBody.model_validate(payload)
+    except ValidationError as exc:
+        raise ApiError(400, first_error(exc)) from None
+    seen: set[str] = set()
+    for index, item in enumerate(body.requests):
+        if item.custom_id in seen:
+            raise ApiError(
+                400, f"requests.{index}.custom_id: duplicate custom_id {item.custom_id!r}"
+            )
+        seen.add(item.custom_id)
+    settings = request.app[SETTINGS]
+    store: BatchStore = request.app[STORES]["batches"]
+    try:
+        batch_id = await store.create(
+            who.tenant, body.requests, ttl_ms=int(settings.batch_ttl_hours * 3_600_000)
+        )
+    except UnknownTenantError:
+        raise ApiError(403, "this key's tenant has no policy") from None
+    status = await store.status(batch_id, tenant=who.tenant)
+    return ok(MessageBatch.of(status, base_url(request)))
+
+
+async def get_batch(request: web.Request) -> web.Response:
+    store: BatchStore = request.app[STORES]["batches"]
+    status = await _status_or_404(store, request)
+    return ok(MessageBatch.of(status, base_url(request)))
+
+
+async def _status_or_404(store: BatchStore, request: web.Request) -> Any:
+    try:
+        return await store.status(request.match_info["batch_id"], tenant=principal(request).tenant)
+    except BatchNotFoundError as exc:
+        raise ApiError(404, str(exc)) from None
+
+
+async def list_batches(request: web.Request) -> web.Response:
+    store: BatchStore = request.app[STORES]["batches"]
+    before_id = request.query.get("before_id")
+    after_id = request.query.get("after_id")
+    if before_id and after_id:
+        raise ApiError(400, "before_id and after_id cannot be used together")
+    try:
+        page, has_more = await store.list(
+            principal(request).tenant,
+            limit=_limit(request),
+            before_id=before_id,
+            after_id=after_id,
+        )
+    except BatchNotFoundError as exc:
+        raise ApiError(404, str(exc)) from None
+    data = [MessageBatch.of(status, base_url(request)) for status in page]
+    return ok(
+        MessageBatchList(
+            data=data,
+            has_more=has_more,
+            first_id=data[0].id if data else None,
+            last_id=data[-1].id if data else None,
+        )
+    )
+
+
+async def cancel_batch(request: web.Request) -> web.Response:
+    store: BatchStore = request.app[STORES]["batches"]
+    try:
+        status = await store.cancel(
+            request.match_info["batch_id"], tenant=principal(request).tenant
+        )
+    except BatchNotFoundError as exc:
+        raise ApiError(404, str(exc)) from None
+    return ok(MessageBatch.of(status, base_url(request)))
+
+
+async def batch_results(request: web.Request) -> web.StreamResponse:
+    store: BatchStore = request.app[STORES]["batches"]
+    status = await _status_or_404(store, request)
+    if not status.ended:
+        raise ApiError(
+            400, f"batch {status.id} is still {status.processing_status}: results come when it ends"
+        )
+    response = web.StreamResponse(
+        headers={"content-type": "application/x-jsonl", "request-id": request[REQUEST_ID]}
+    )
+    await response.prepare(request)
+    buffer: list[str] = []
+    async for line in store.raw_results(status.id, tenant=status.tenant):
+        buffer.append(line)
+        if len(buffer) >= 500:
+            await response.write(("\n".join(buffer) + "\n").encode())
+            buffer.clear()
+    if buffer:
+        await response.write(("\n".join(buffer) + "\n").encode())
+    await response.write_eof()
+    return response
+
+
+async def delete_batch(request: web.Request) -> web.Response:
+    store: BatchStore = request.app[STORES]["batches"]
+    batch_id = request.match_info["batch_id"]
+    try:
+        await store.delete(batch_id, tenant=principal(request).tenant)
+    except BatchNotFoundError as exc:
+        raise ApiError(404, str(exc)) from None
+    except BatchNotEndedError as exc:
+        raise ApiError(400, str(exc)) from None
+    return ok(DeletedMessageBatch(id=batch_id))
+
+
+# admin -------------------------------------------------------------------------------
+
+
+def _policy(payload: Any) -> TenantPolicy:
+    try:
+        return TenantPolicy.model_validate(payload)
+    except ValidationError as exc:
+        raise ApiError(400, f"invalid policy: {first_error(exc)}") from None
+
+
+async def put_tenant(request: web.Request) -> web.Response:
+    tenant = tenant_param(request)
+    policy = _policy(await read_json(request))
+    tenants: TenantStore = request.app[STORES]["tenants"]
+    existed = await tenants.exists(tenant)
+    await tenants.put(tenant, policy)
+    return ok(TenantAnswer(tenant=tenant, policy=policy), 200 if existed else 201)
+
+
+async def get_tenant(request: web.Request) -> web.Response:
+    tenant = tenant_param(request)
+    policy = await request.app[STORES]["tenants"].get(tenant)
+    if policy is None:
+        raise ApiError(404, f"tenant {tenant!r} not found")
+    return ok(TenantAnswer(tenant=tenant, policy=policy))
+
+
+async def list_tenants(request: web.Request) -> web.Response:
+    tenants: TenantStore = request.app[STORES]["tenants"]
+    data = []
+    for tenant in await tenants.list():
+        policy = await tenants.get(tenant)
+        if policy is not None:
+            data.append(TenantAnswer(tenant=tenant, policy=policy))
+    return ok(TenantList(data=data))
+
+
+async def delete_tenant(request: web.Request) -> web.Response:
+    tenant = tenant_param(request)
+    tenants: TenantStore = request.app[STORES]["tenants"]
+    if not await tenants.delete(tenant):
+        raise ApiError(404, f"tenant {tenant!r} not found")
+    await request.app[STORES]["keys"].revoke_all(tenant)
+    return web.json_response({"tenant": tenant, "deleted": True})
+
+
+async def create_key(request: web.Request) -> web.Response:
+    tenant = tenant_param(request)
+    if not await request.app[STORES]["tenants"].exists(tenant):
+        raise ApiError(404, f"tenant {tenant!r} not found")
+    key_id, key = await request.app[STORES]["keys"].create(tenant)
+    return ok(KeyCreated(id=key_id, key=key, tenant=tenant), 201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    tenant = tenant_param(request)
+    keys = await request.app[STORES]["keys"].list(tenant)
+    return ok(KeyList(data=[KeyInfo.model_validate(k) for k in keys]))
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    tenant = tenant_param(request)
+    key_id = request.match_info["key_id"]
+    if not await request.app[STORES]["keys"].revoke(tenant, key_id):
+        raise ApiError(404, f"key {key_id!r} of tenant {tenant!r} not found")
+    return web.json_response({"id": key_id, "revoked": True})
+
+
+async def get_usage(request: web.Request) -> web.Response:
+    tenant = tenant_param(request)
+    settings = request.app[SETTINGS]
+    report = await tenant_usage(
+        request.app[STORES]["redis"],
+        tenant,
+        prefix=settings.key_prefix,
+        now_ms=int(time.time() * 1000),
+    )
+    if report is None:
+        raise ApiError(404, f"tenant {tenant!r} not found")
+    return ok(UsageAnswer.model_validate(report))
+
+
+async def get_global_policy(request: web.Request) -> web.Response:
+    raw = await request.app[STORES]["redis"].get(
+        global_policy_key(request.app[SETTINGS].key_prefix)
+    )
+    policy = TenantPolicy() if raw is None else TenantPolicy.model_validate_json(raw)
+    return ok(GlobalPolicyAnswer(policy=policy))
+
+
+async def put_global_policy(request: web.Request) -> web.Response:
+    policy = _policy(await read_json(request))
+    await request.app[STORES]["redis"].set(
+        global_policy_key(request.app[SETTINGS].key_prefix),
+        policy.model_dump_json(exclude_defaults=True),
+    )
+    return ok(GlobalPolicyAnswer(policy=policy))
+
+
+async def openapi_json(_request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+@asynccontextmanager
+async def _redis_for(settings: Settings, given: Any) -> AsyncIterator[Any]:
+    if given is not None:
+        yield given
+        return
+    async with redis_from_settings(settings) as client:
+        yield client
+
+
+# the app ------------------------------------------------------------------------------
+
+
+def create_app(
+    settings: Settings, *, redis: Any = None, metrics: Metrics | None = None
+) -> web.Application:
+    """The API app. With ``redis`` given (tests), it is used and not closed here."""
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware],
+        client_max_size=settings.api_max_body_mb * 1024 * 1024,
+    )
+    app[SETTINGS] = settings
+    app[STORES] = {}
+    health = HealthState(metrics or Metrics(max_tenants=settings.metrics_max_tenants))
+    add_health_routes(app, health)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        async with _redis_for(settings, redis) as client, aiohttp.ClientSession() as session:
+            upstream = UpstreamClient(
+                session,
+                settings.upstream_url,
+                settings.upstream_api_key.get_secret_value(),
+                observe=health.metrics.observe_upstream,
+            )
+            stores = app[STORES]
+            stores["redis"] = client
+            stores["upstream"] = upstream
+            stores["batches"] = BatchStore(client, prefix=settings.key_prefix)
+            stores["tenants"] = TenantStore(client, prefix=settings.key_prefix)
+            stores["keys"] = KeyStore(client, prefix=settings.key_prefix)
+            health.redis, health.upstream = client, upstream
+            yield
+
+    app.cleanup_ctx.append(resources)
+    r = app.router
+    r.add_post("/v1/messages/batches", create_batch)
+    r.add_get("/v1/messages/batches", list_batches)
+    r.add_get("/v1/messages/batches/{batch_id}", get_batch)
+    r.add_delete("/v1/messages/batches/{batch_id}", delete_batch)
+    r.add_post("/v1/messages/batches/{batch_id}/cancel", cancel_batch)
+    r.add_get("/v1/messages/batches/{batch_id}/results", batch_results)
+    r.add_get("/admin/tenants", list_tenants)
+    r.add_put("/admin/tenants/{tenant}", put_tenant)
+    r.add_get("/admin/tenants/{tenant}", get_tenant)
+    r.add_delete("/admin/tenants/{tenant}", delete_tenant)
+    r.add_post("/admin/tenants/{tenant}/keys", create_key)
+    r.add_get("/admin/tenants/{tenant}/keys", list_keys)
+    r.add_delete("/admin/tenants/{tenant}/keys/{key_id}", revoke_key)
+    r.add_get("/admin/tenants/{tenant}/usage", get_usage)
+    r.add_get("/admin/global-policy", get_global_policy)
+    r.add_put("/admin/global-policy", put_global_policy)
+    r.add_get("/openapi.json", openapi_json)
+    return app

@@ -1,0 +1,39 @@
+--[[ batch_cancel.lua — cancel a batch: every job still queued ends as canceled at once;
+jobs already leased finish as they are. Idempotent.
+-- needs: lua_periods.lua
+
+KEYS[1] batch       hash  batch meta and counts
+KEYS[2] batch_jobs  list  the batch's job ids
+KEYS[3] jstate      hash  job id -> state
+KEYS[4] results     hash  job id -> result line
+KEYS[5] jobs        hash  job id -> job JSON (for the custom_id)
+ARGV[1] now in ms, or ''
+
+Returns the number of jobs canceled by this call, or the error 'not_found'.
+]]
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('not_found') end
+local now = server_now(ARGV[1])
+if not redis.call('HGET', KEYS[1], 'cancel_initiated_ms') then
+  redis.call('HSET', KEYS[1], 'cancel_initiated_ms', now)
+end
+local canceled = 0
+local n = redis.call('LLEN', KEYS[2])
+local chunk = 1000
+for start = 0, n - 1, chunk do
+  local ids = redis.call('LRANGE', KEYS[2], start, start + chunk - 1)
+  for _, id in ipairs(ids) do
+    if redis.call('HGET', KEYS[3], id) == 'queued' then
+      local job = cjson.decode(redis.call('HGET', KEYS[5], id))
+      redis.call('HSET', KEYS[3], id, 'canceled')
+      redis.call('HSET', KEYS[4], id,
+        cjson.encode({custom_id = job.custom_id, result = {type = 'canceled'}}))
+      canceled = canceled + 1
+    end
+  end
+end
+if canceled > 0 then
+  local left = redis.call('HINCRBY', KEYS[1], 'processing', -canceled)
+  redis.call('HINCRBY', KEYS[1], 'canceled', canceled)
+  if left <= 0 then redis.call('HSET', KEYS[1], 'ended_ms', now) end
+end
+return canceled

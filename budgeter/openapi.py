@@ -1,0 +1,258 @@
+"""OpenAPI 3.1 document of the HTTP API, generated from the pydantic models."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from budgeter import api_models as m
+from budgeter.policy import TenantPolicy
+
+REF = "#/components/schemas/{model}"
+_MODELS: tuple[type[BaseModel], ...] = (
+    m.CreateBatchBody,
+    m.MessageBatch,
+    m.MessageBatchList,
+    m.DeletedMessageBatch,
+    m.ErrorResponse,
+    m.TenantAnswer,
+    m.TenantList,
+    m.KeyCreated,
+    m.KeyList,
+    m.UsageAnswer,
+    m.GlobalPolicyAnswer,
+    TenantPolicy,
+)
+
+_ERRORS = {
+    "400": "invalid_request_error",
+    "401": "authentication_error",
+    "403": "permission_error",
+    "404": "not_found_error",
+    "413": "request_too_large",
+    "429": "rate_limit_error",
+    "500": "api_error",
+}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, Any]:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def _op(
+    summary: str,
+    answer: type[BaseModel] | None,
+    *,
+    tag: str,
+    security: str,
+    body: type[BaseModel] | None = None,
+    params: list[str] = (),  # type: ignore[assignment]
+    query: list[tuple[str, str]] = (),  # type: ignore[assignment]
+    status: str = "200",
+    content_type: str = "application/json",
+) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        code: {
+            "description": kind,
+            "content": {"application/json": {"schema": _ref(m.ErrorResponse)}},
+        }
+        for code, kind in _ERRORS.items()
+    }
+    if answer is None:
+        responses[status] = {
+            "description": "JSON Lines, one result per request",
+            "content": {content_type: {"schema": {"type": "string"}}},
+        }
+    else:
+        responses[status] = {
+            "description": "OK",
+            "content": {content_type: {"schema": _ref(answer)}},
+        }
+    op: dict[str, Any] = {
+        "summary": summary,
+        "tags": [tag],
+        "security": [{security: []}] if security != "admin" else [{"adminToken": []}],
+        "responses": responses,
+        "parameters": [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in params
+        ]
+        + [
+            {"name": name, "in": "query", "required": False, "schema": {"type": kind}}
+            for name, kind in query
+        ],
+    }
+    if security == "tenant":
+        op["security"] = [{"apiKey": []}, {"bearerKey": []}]
+    if body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(body)}},
+        }
+    return op
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    _, schemas = models_json_schema([(model, "validation") for model in _MODELS], ref_template=REF)
+    batch = ["batch_id"]
+    tenant = ["tenant"]
+    paths: dict[str, Any] = {
+        "/v1/messages/batches": {
+            "post": _op(
+                "Create a Message Batch",
+                m.MessageBatch,
+                tag="batches",
+                security="tenant",
+                body=m.CreateBatchBody,
+            ),
+            "get": _op(
+                "List Message Batches (newest first)",
+                m.MessageBatchList,
+                tag="batches",
+                security="tenant",
+                query=[("limit", "integer"), ("before_id", "string"), ("after_id", "string")],
+            ),
+        },
+        "/v1/messages/batches/{batch_id}": {
+            "get": _op(
+                "Retrieve a Message Batch",
+                m.MessageBatch,
+                tag="batches",
+                security="tenant",
+                params=batch,
+            ),
+            "delete": _op(
+                "Delete an ended Message Batch",
+                m.DeletedMessageBatch,
+                tag="batches",
+                security="tenant",
+                params=batch,
+            ),
+        },
+        "/v1/messages/batches/{batch_id}/cancel": {
+            "post": _op(
+                "Cancel a Message Batch",
+                m.MessageBatch,
+                tag="batches",
+                security="tenant",
+                params=batch,
+            ),
+        },
+        "/v1/messages/batches/{batch_id}/results": {
+            "get": _op(
+                "Stream a Message Batch's results",
+                None,
+                tag="batches",
+                security="tenant",
+                params=batch,
+                content_type="application/x-jsonl",
+            ),
+        },
+        "/admin/tenants": {"get": _op("List tenants", m.TenantList, tag="admin", security="admin")},
+        "/admin/tenants/{tenant}": {
+            "put": _op(
+                "Create or replace a tenant's policy",
+                m.TenantAnswer,
+                tag="admin",
+                security="admin",
+                params=tenant,
+                body=TenantPolicy,
+            ),
+            "get": _op(
+                "Read a tenant's policy",
+                m.TenantAnswer,
+                tag="admin",
+                security="admin",
+                params=tenant,
+            ),
+            "delete": _op(
+                "Delete a tenant (and revoke its keys)",
+                None,
+                tag="admin",
+                security="admin",
+                params=tenant,
+                content_type="application/json",
+            ),
+        },
+        "/admin/tenants/{tenant}/keys": {
+            "post": _op(
+                "Create a tenant API key (shown once)",
+                m.KeyCreated,
+                tag="admin",
+                security="admin",
+                params=tenant,
+                status="201",
+            ),
+            "get": _op(
+                "List a tenant's keys (never the keys themselves)",
+                m.KeyList,
+                tag="admin",
+                security="admin",
+                params=tenant,
+            ),
+        },
+        "/admin/tenants/{tenant}/keys/{key_id}": {
+            "delete": _op(
+                "Revoke a key",
+                None,
+                tag="admin",
+                security="admin",
+                params=["tenant", "key_id"],
+                content_type="application/json",
+            ),
+        },
+        "/admin/tenants/{tenant}/usage": {
+            "get": _op(
+                "Budgets and usage per period and model",
+                m.UsageAnswer,
+                tag="admin",
+                security="admin",
+                params=tenant,
+            ),
+        },
+        "/admin/global-policy": {
+            "get": _op(
+                "Read the upstream account's policy",
+                m.GlobalPolicyAnswer,
+                tag="admin",
+                security="admin",
+            ),
+            "put": _op(
+                "Replace the upstream account's policy",
+                m.GlobalPolicyAnswer,
+                tag="admin",
+                security="admin",
+                body=TenantPolicy,
+            ),
+        },
+    }
+    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        paths[path] = {
+            "get": {
+                "summary": path.strip("/"),
+                "tags": ["operations"],
+                "security": [],
+                "responses": {"200": {"description": "OK"}},
+            }
+        }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "budgeter",
+            "version": "0.1.0",
+            "description": "Message Batches API with per-tenant token budgets.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas["$defs"],
+            "securitySchemes": {
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+                "bearerKey": {"type": "http", "scheme": "bearer"},
+                "adminToken": {"type": "http", "scheme": "bearer"},
+            },
+        },
+    }
