@@ -10,11 +10,11 @@ $(PY):
 SDK1 := $(VENV)/sdk1
 
 # The official anthropic SDK 2.x is a dev dependency; the tests also drive the 1.x line,
-# installed beside it (no deps: it shares the venv's httpx and pydantic).
+# installed beside it with its own dependencies (PYTHONPATH selects it in a subprocess).
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps --upgrade --target $(SDK1) 'anthropic>=1.17,<2'
+	$(PY) -m pip install -q --upgrade --target $(SDK1) 'anthropic>=1.17,<2'
 	touch $(STAMP)
 
 install: $(STAMP)

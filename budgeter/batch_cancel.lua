@@ -7,7 +7,9 @@ KEYS[2] batch_jobs  list  the batch's job ids
 KEYS[3] jstate      hash  job id -> state
 KEYS[4] results     hash  job id -> result line
 KEYS[5] jobs        hash  job id -> job JSON (for the custom_id)
+KEYS[6] canceled_batches  set  (a job of the batch leased meanwhile is not served)
 ARGV[1] now in ms, or ''
+ARGV[2] batch id
 
 Returns the number of jobs canceled by this call, or the error 'not_found'.
 ]]
@@ -16,6 +18,7 @@ local now = server_now(ARGV[1])
 if not redis.call('HGET', KEYS[1], 'cancel_initiated_ms') then
   redis.call('HSET', KEYS[1], 'cancel_initiated_ms', now)
 end
+redis.call('SADD', KEYS[6], ARGV[2])
 local canceled = 0
 local n = redis.call('LLEN', KEYS[2])
 local chunk = 1000

@@ -4,6 +4,7 @@ KEYS[1] batch       hash
 KEYS[2] batch_jobs  list
 KEYS[3] batches     zset  batch id -> created ms
 KEYS[4] jobs  KEYS[5] jstate  KEYS[6] jmeta  KEYS[7] attempts  KEYS[8] results   (hashes by job id)
+KEYS[9] canceled_batches  set
 ARGV[1] batch id
 
 Returns 1 when deleted, the error 'not_found', or the error 'not_ended' while jobs are
@@ -21,4 +22,5 @@ for start = 0, n - 1, chunk do
 end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('SREM', KEYS[9], ARGV[1])
 return 1

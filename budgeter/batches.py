@@ -151,9 +151,12 @@ class BatchStore:
                 keys.jstate,
                 keys.results,
                 keys.jobs,
+                keys.canceled_batches,
             ],
-            args=[""],
+            args=["", batch_id],
         )
+        # a tenant parked for a rate window may hold jobs of this batch: let them drain now
+        await self.queue.activate(tenant, unpark=True, wake=1)
         return await self.status(batch_id, tenant=tenant)
 
     async def delete(self, batch_id: str, *, tenant: str) -> None:
@@ -170,6 +173,7 @@ class BatchStore:
                     keys.jmeta,
                     keys.attempts,
                     keys.results,
+                    keys.canceled_batches,
                 ],
                 args=[batch_id],
             )

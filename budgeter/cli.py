@@ -23,7 +23,7 @@ from budgeter.embedded_redis import EmbeddedRedisError
 from budgeter.jobqueue import UnknownTenantError
 from budgeter.logs import setup_logging
 from budgeter.mock_main import MockArgsError
-from budgeter.models import MAX_BATCH_REQUESTS, BatchRequest, first_error
+from budgeter.models import CUSTOM_ID_RE, MAX_BATCH_REQUESTS, BatchRequest, first_error
 from budgeter.policy import InvalidTenantError, TenantPolicy, check_tenant_id
 from budgeter.redis_client import redis_from_settings
 from budgeter.settings import Settings, SettingsError, load_settings
@@ -188,6 +188,8 @@ async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await tenants_command(args, settings)
     if command == "submit":
         check_tenant_id(args.tenant)
+        if args.batch_id is not None and not CUSTOM_ID_RE.fullmatch(args.batch_id):
+            raise CliError("--batch-id: use 1-64 characters a-z, A-Z, 0-9, '_' or '-'")
         requests = read_batch_file(args.file)
         return await submit_command(args, settings, requests)
     if command == "results":

@@ -8,10 +8,13 @@ KEYS[3] jobs      hash  job id -> job JSON
 KEYS[4] jstate    hash  job id -> state
 KEYS[5] attempts  hash  job id -> attempts
 KEYS[6] jmeta     hash  job id -> '<enqueued ms> <deadline ms>'
+KEYS[7] canceled_batches  set  batch ids being canceled
 ARGV[1] now in ms, or '' for Redis server TIME
 ARGV[2] lease in ms
 
-Returns {job id, job JSON, attempt, jobs left in queue, meta, now}; job id '' when empty.
+Returns {job id, job JSON, attempt, jobs left in queue, meta, now, canceled}; job id ''
+when empty. canceled is 1 when the job's batch is being canceled: the caller acks it as
+canceled instead of serving it. Job ids are '<batch id>:<custom_id>'.
 ]]
 local now = server_now(ARGV[1])
 local lease = tonumber(ARGV[2])
@@ -24,7 +27,9 @@ for _ = 1, 1000 do
     local attempt = redis.call('HINCRBY', KEYS[5], id, 1)
     local job = redis.call('HGET', KEYS[3], id)
     local meta = redis.call('HGET', KEYS[6], id) or ''
-    return {id, job, attempt, redis.call('LLEN', KEYS[1]), meta, now}
+    local batch_id = string.match(id, '^([^:]*):')
+    local canceled = redis.call('SISMEMBER', KEYS[7], batch_id or '')
+    return {id, job, attempt, redis.call('LLEN', KEYS[1]), meta, now, canceled}
   end
 end
-return {'', '', 0, redis.call('LLEN', KEYS[1]), '', now}
+return {'', '', 0, redis.call('LLEN', KEYS[1]), '', now, 0}

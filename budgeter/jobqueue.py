@@ -46,6 +46,7 @@ class LeasedJob:
     enqueued_ms: int
     deadline_ms: int
     leased_at_ms: int
+    canceled: bool = False
 
     @property
     def reservation_id(self) -> str:
@@ -155,10 +156,18 @@ class JobQueue:
     async def _take(self, tenant: str, *, lease_ms: int, now_arg: str) -> LeasedJob | None:
         keys = self.keys(tenant)
         reply = await self._dequeue(
-            keys=[keys.queue, keys.leases, keys.jobs, keys.jstate, keys.attempts, keys.jmeta],
+            keys=[
+                keys.queue,
+                keys.leases,
+                keys.jobs,
+                keys.jstate,
+                keys.attempts,
+                keys.jmeta,
+                keys.canceled_batches,
+            ],
             args=[now_arg, int(lease_ms)],
         )
-        jid, raw, attempt, left, meta, now = reply
+        jid, raw, attempt, left, meta, now, canceled = reply
         if int(left) == 0:
             await self._deactivate(tenant)
         if not jid:
@@ -175,6 +184,7 @@ class JobQueue:
             enqueued_ms=_int(enqueued, int(now)),
             deadline_ms=_int(deadline, 0),
             leased_at_ms=int(now),
+            canceled=bool(int(canceled)),
         )
 
     async def _deactivate(self, tenant: str) -> None:
@@ -184,23 +194,31 @@ class JobQueue:
         if await self.redis.llen(self.keys(tenant).queue) > 0:
             await self.activate(tenant)
 
-    async def requeue(self, job: LeasedJob, *, head: bool, count_attempt: bool) -> bool:
+    async def requeue(self, job: LeasedJob, *, head: bool, count_attempt: bool) -> str:
+        """Give a leased job back: 'requeued', 'lost' (lease not held) or 'canceled' (its
+        batch is being canceled: the caller acks it as canceled)."""
         keys = self.keys(job.tenant)
         done = await self._requeue(
-            keys=[keys.queue, keys.leases, keys.jstate, keys.attempts],
-            args=[job.id, "head" if head else "tail", "0" if count_attempt else "1"],
+            keys=[keys.queue, keys.leases, keys.jstate, keys.attempts, keys.canceled_batches],
+            args=[job.id, "head" if head else "tail", "0" if count_attempt else "1", job.attempt],
         )
-        return bool(done)
+        return {0: "lost", 1: "requeued", 2: "canceled"}[int(done)]
 
-    async def defer(self, job: LeasedJob, until_ms: int) -> None:
+    async def defer(self, job: LeasedJob, until_ms: int) -> str:
         """Return a deferred job to the head of its queue and park its tenant until then."""
-        await self.requeue(job, head=True, count_attempt=False)
-        await self._park(keys=[self.sched.ready, self.sched.parked], args=[job.tenant, until_ms])
+        outcome = await self.requeue(job, head=True, count_attempt=False)
+        if outcome == "requeued":
+            await self._park(
+                keys=[self.sched.ready, self.sched.parked], args=[job.tenant, until_ms]
+            )
+        return outcome
 
-    async def retry_later(self, job: LeasedJob) -> None:
+    async def retry_later(self, job: LeasedJob) -> str:
         """A failed attempt: the job goes to the tail of its queue."""
-        if await self.requeue(job, head=False, count_attempt=True):
+        outcome = await self.requeue(job, head=False, count_attempt=True)
+        if outcome == "requeued":
             await self.activate(job.tenant, wake=1)
+        return outcome
 
     async def ack(
         self, job: LeasedJob, outcome: str, result: dict[str, Any], *, dead: bool = False

@@ -111,6 +111,11 @@ class TenantKeys:
         """zset: batch id -> created_at (ms)."""
         return self._k("batches")
 
+    @property
+    def canceled_batches(self) -> str:
+        """set: batch ids being canceled (their jobs are not served any more)."""
+        return self._k("canceled_batches")
+
     def batch(self, batch_id: str) -> str:
         """hash: batch meta and request counts."""
         return self._k(f"batch:{batch_id}")

@@ -20,7 +20,14 @@ from typing import Any
 from budgeter.admission import Admission, Decision, Usage
 from budgeter.jobqueue import JobQueue, LeasedJob
 from budgeter.metrics import Metrics, reason_label, refresh_state_metrics
-from budgeter.results import BUDGET_ERROR_TYPE, error_body, errored, expired, succeeded
+from budgeter.results import (
+    BUDGET_ERROR_TYPE,
+    canceled,
+    error_body,
+    errored,
+    expired,
+    succeeded,
+)
 from budgeter.tenants import TenantStore
 from budgeter.token_counter import TokenCounter
 from budgeter.upstream import UpstreamClient, UpstreamError
@@ -203,6 +210,9 @@ class Worker:
 
     async def _handle(self, job: LeasedJob) -> None:
         now_ms = int(self.clock() * 1000)
+        if job.canceled:
+            await self._finish(job, "canceled", canceled())
+            return
         if job.deadline_ms and now_ms >= job.deadline_ms:
             await self._finish(job, "expired", expired())
             return
@@ -314,7 +324,8 @@ class Worker:
             return
         if until == 0:
             until = decision.now_ms + self.config.settle_wait_fallback_ms
-        await self.queue.defer(job, until)
+        if await self.queue.defer(job, until) == "canceled":
+            await self._finish(job, "canceled", canceled())
 
     async def _upstream_failed(self, job: LeasedJob, exc: UpstreamError) -> None:
         if exc.retryable:
@@ -326,8 +337,8 @@ class Worker:
         if job.attempt >= self.config.max_attempts:
             await self._finish(job, "errored", errored(body), dead=True)
             self.metrics.dead_lettered.labels(self.metrics.tenant(job.tenant)).inc()
-        else:
-            await self.queue.retry_later(job)
+        elif await self.queue.retry_later(job) == "canceled":
+            await self._finish(job, "canceled", canceled())
 
     async def _finish(
         self, job: LeasedJob, outcome: str, result: dict[str, Any], *, dead: bool = False

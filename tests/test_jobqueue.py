@@ -141,11 +141,30 @@ async def test_stale_worker_cannot_requeue_a_reclaimed_job(redis: Redis) -> None
     await queue.reclaim("acme", max_attempts=5, now_ms=NOW + LEASE)
     again = (await queue.pick(lease_ms=LEASE, now_ms=NOW + LEASE)).job
     assert again and again.attempt == 2
-    assert not await queue.requeue(job, head=True, count_attempt=False) or True
-    assert await redis.llen(queue.keys("acme").queue) <= 1
+    assert await queue.requeue(job, head=True, count_attempt=False) == "lost"
+    assert await redis.llen(queue.keys("acme").queue) == 0
+    assert await queue.requeue(again, head=True, count_attempt=False) == "requeued"
 
 
 async def test_wake_list_signals_idle_workers(redis: Redis) -> None:
     queue = await setup(redis, acme=1)
     await queue.submit("acme", "b1", jobs(2))
     assert await queue.wait_for_work(0.5) == "acme"
+
+
+async def test_a_job_leased_while_its_batch_is_canceled_is_not_requeued(redis: Redis) -> None:
+    from budgeter.batches import BatchStore
+    from tests.helpers import requests_for
+
+    await TenantStore(redis).put("acme", TenantPolicy())
+    store = BatchStore(redis)
+    batch_id = await store.create("acme", requests_for("c", 3))
+    leased = (await store.queue.pick(lease_ms=LEASE)).job
+    assert leased is not None
+    status = await store.cancel(batch_id, tenant="acme")
+    assert (status.canceled, status.processing, status.processing_status) == (2, 1, "canceling")
+    assert await store.queue.defer(leased, NOW) == "canceled"
+    assert await store.queue.ack(leased, "canceled", {"type": "canceled"})
+    status = await store.status(batch_id)
+    assert (status.canceled, status.processing, status.processing_status) == (3, 0, "ended")
+    assert await redis.zcard(store.queue.sched.parked) == 0
