@@ -24,14 +24,21 @@ local n = redis.call('LLEN', KEYS[2])
 local chunk = 1000
 for start = 0, n - 1, chunk do
   local ids = redis.call('LRANGE', KEYS[2], start, start + chunk - 1)
-  for _, id in ipairs(ids) do
-    if redis.call('HGET', KEYS[3], id) == 'queued' then
-      local job = cjson.decode(redis.call('HGET', KEYS[5], id))
-      redis.call('HSET', KEYS[3], id, 'canceled')
-      redis.call('HSET', KEYS[4], id,
-        cjson.encode({custom_id = job.custom_id, result = {type = 'canceled'}}))
+  local states = redis.call('HMGET', KEYS[3], unpack(ids))
+  local jobs = redis.call('HMGET', KEYS[5], unpack(ids))
+  local new_states, lines = {}, {}
+  for k, id in ipairs(ids) do
+    if states[k] == 'queued' then
+      local job = cjson.decode(jobs[k])
+      table.insert(new_states, id); table.insert(new_states, 'canceled')
+      table.insert(lines, id)
+      table.insert(lines, cjson.encode({custom_id = job.custom_id, result = {type = 'canceled'}}))
       canceled = canceled + 1
     end
+  end
+  if #new_states > 0 then
+    redis.call('HSET', KEYS[3], unpack(new_states))
+    redis.call('HSET', KEYS[4], unpack(lines))
   end
 end
 if canceled > 0 then

@@ -1,6 +1,7 @@
 """Per-tenant FIFO queues and the fair scheduler over them.
 
-Tenant-side scripts (submit, dequeue, requeue, ack, reclaim, heartbeat) touch only keys
+Submission is one MULTI/EXEC on the tenant's keys. Tenant-side scripts (dequeue, requeue,
+ack, reclaim, heartbeat) touch only keys
 with the tenant's hash tag; scheduler scripts (activate, pick, park) touch only ``{sched}``
 keys. A worker therefore takes a job in two calls: ``sched_pick`` chooses the tenant,
 ``dequeue`` leases its head job.
@@ -12,11 +13,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import WatchError
+
 from budgeter.keys import SchedKeys, TenantKeys
 from budgeter.scripts import register
 
 TERMINAL_STATES = ("succeeded", "errored", "canceled", "expired")
 WAKE_TOKENS_MAX = 32
+SUBMIT_CHUNK = 1000
 
 
 class UnknownTenantError(LookupError):
@@ -74,7 +78,6 @@ class JobQueue:
         self.redis = redis
         self.prefix = prefix
         self.sched = SchedKeys(prefix)
-        self._submit = register(redis, "submit.lua")
         self._dequeue = register(redis, "dequeue.lua")
         self._requeue = register(redis, "requeue.lua")
         self._ack = register(redis, "ack.lua")
@@ -92,37 +95,79 @@ class JobQueue:
     async def submit(
         self, tenant: str, batch_id: str, jobs: list[NewJob], *, ttl_ms: int = 86_400_000
     ) -> int:
-        """Queue a batch atomically; returns how many jobs were new (idempotent)."""
+        """Queue a batch in one MULTI/EXEC on the tenant's slot; returns how many jobs were
+        new. Idempotent per (batch, custom_id): a retried submission adds only what is
+        missing. WATCH on the policy and the batch makes concurrent submits of the same
+        batch (and a policy deleted meanwhile) retry instead of interleaving.
+
+        No Lua here on purpose: Lua 5.1 interns every argument string, and its hash samples
+        only some characters of long strings, so 100,000 job bodies that differ in a few
+        characters (templated prompts) collide and make a script quadratic.
+        """
         keys = self.keys(tenant)
-        args: list[Any] = [batch_id, "", int(ttl_ms)]
-        for job in jobs:
-            args.append(job_id(batch_id, job.custom_id))
-            args.append(
-                json.dumps(
-                    {"batch_id": batch_id, "custom_id": job.custom_id, "params": job.params},
-                    separators=(",", ":"),
-                )
+        ids = [job_id(batch_id, job.custom_id) for job in jobs]
+        bodies = [
+            json.dumps(
+                {"batch_id": batch_id, "custom_id": job.custom_id, "params": job.params},
+                separators=(",", ":"),
             )
-        try:
-            queued, _total = await self._submit(
-                keys=[
-                    keys.policy,
-                    keys.jobs,
-                    keys.jstate,
-                    keys.jmeta,
-                    keys.queue,
-                    keys.batch(batch_id),
-                    keys.batch_jobs(batch_id),
-                    keys.batches,
-                ],
-                args=args,
-            )
-        except Exception as exc:
-            if "unknown_tenant" in str(exc):
-                raise UnknownTenantError(f"tenant {tenant!r} has no policy") from None
-            raise
-        await self.activate(tenant, wake=min(int(queued), WAKE_TOKENS_MAX))
-        return int(queued)
+            for job in jobs
+        ]
+        for _ in range(20):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(keys.policy, keys.batch(batch_id))
+                    if not await pipe.exists(keys.policy):
+                        raise UnknownTenantError(f"tenant {tenant!r} has no policy")
+                    seconds, micros = await pipe.time()
+                    now_ms = int(seconds) * 1000 + int(micros) // 1000
+                    expires = await pipe.hget(keys.batch(batch_id), "expires_ms")
+                    fresh = list(range(len(ids)))
+                    if expires is not None:  # a retried submission: skip what is there
+                        present = await self._present(pipe, keys, ids)
+                        fresh = [i for i in fresh if i not in present]
+                    deadline = int(expires) if expires is not None else now_ms + int(ttl_ms)
+                    pipe.multi()
+                    if expires is None:
+                        pipe.hset(
+                            keys.batch(batch_id),
+                            mapping={
+                                "id": batch_id,
+                                "created_ms": now_ms,
+                                "expires_ms": deadline,
+                                "processing": 0,
+                                "succeeded": 0,
+                                "errored": 0,
+                                "canceled": 0,
+                                "expired": 0,
+                            },
+                        )
+                        pipe.zadd(keys.batches, {batch_id: now_ms})
+                    meta = f"{now_ms} {deadline}"
+                    for start in range(0, len(fresh), SUBMIT_CHUNK):
+                        chunk = fresh[start : start + SUBMIT_CHUNK]
+                        chunk_ids = [ids[i] for i in chunk]
+                        pipe.hset(keys.jobs, mapping={ids[i]: bodies[i] for i in chunk})
+                        pipe.hset(keys.jstate, mapping=dict.fromkeys(chunk_ids, "queued"))
+                        pipe.hset(keys.jmeta, mapping=dict.fromkeys(chunk_ids, meta))
+                        pipe.rpush(keys.queue, *chunk_ids)
+                        pipe.rpush(keys.batch_jobs(batch_id), *chunk_ids)
+                    if fresh:
+                        pipe.hincrby(keys.batch(batch_id), "processing", len(fresh))
+                        pipe.hdel(keys.batch(batch_id), "ended_ms")
+                    await pipe.execute()
+                except WatchError:
+                    continue
+            await self.activate(tenant, wake=min(len(fresh), WAKE_TOKENS_MAX))
+            return len(fresh)
+        raise RuntimeError(f"batch {batch_id!r}: too many concurrent submissions, try again")
+
+    async def _present(self, pipe: Any, keys: TenantKeys, ids: list[str]) -> set[int]:
+        present: set[int] = set()
+        for start in range(0, len(ids), SUBMIT_CHUNK):
+            states = await pipe.hmget(keys.jstate, ids[start : start + SUBMIT_CHUNK])
+            present.update(start + k for k, state in enumerate(states) if state is not None)
+        return present
 
     async def activate(self, tenant: str, *, wake: int = 0, unpark: bool = False) -> None:
         """The tenant has work: put it in the ready set and wake idle workers."""

@@ -22,6 +22,8 @@ def make_redis(url: str) -> Redis:
         url,
         decode_responses=True,
         health_check_interval=30,
+        socket_timeout=60,  # a 100,000-request batch is one large MULTI/EXEC
+        socket_connect_timeout=5,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=6),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from budgeter.admission import Admission, Decision, Usage
+from budgeter.batches import BatchStore
 from budgeter.jobqueue import JobQueue, LeasedJob
 from budgeter.metrics import Metrics, reason_label, refresh_state_metrics
 from budgeter.results import (
@@ -45,6 +46,7 @@ class WorkerConfig:
     settle_wait_fallback_ms: int = 5_000
     maintenance_interval_s: float = 5.0
     drain_s: float = 30.0
+    results_retention_ms: int = 29 * 86_400_000
     prefix: str = "budgeter"
 
     @property
@@ -72,6 +74,7 @@ class Worker:
         self.queue = JobQueue(redis, prefix=config.prefix)
         self.admission = Admission(redis, prefix=config.prefix)
         self.tenants = TenantStore(redis, prefix=config.prefix)
+        self.batches = BatchStore(redis, prefix=config.prefix)
         self.counter = counter or TokenCounter(redis, upstream, prefix=config.prefix, ttl_s=0)
         self._tasks: set[asyncio.Task[None]] = set()
         self.processed = 0
@@ -146,7 +149,8 @@ class Worker:
             await _sleep_or_stop(stop, self.config.maintenance_interval_s * jitter)
 
     async def maintain(self, *, now_ms: int | None = None) -> None:
-        """Reclaim expired leases, reap dead reservations, re-activate forgotten queues."""
+        """Reclaim expired leases, reap dead reservations, re-activate forgotten queues,
+        delete batches past their retention."""
         tenants = await self.tenants.list()
         for tenant in tenants:
             _, dead = await self.queue.reclaim(
@@ -173,6 +177,8 @@ class Worker:
                 await self.queue.activate(tenant, unpark=True, wake=1)
             if await self.redis.llen(self.queue.keys(tenant).queue):
                 await self.queue.activate(tenant)
+            now = now_ms if now_ms is not None else int(self.clock() * 1000)
+            await self.batches.purge_older_than(tenant, now - self.config.results_retention_ms)
         await refresh_state_metrics(self.redis, self.metrics, tenants, prefix=self.config.prefix)
 
     async def _dead_letter_reclaimed(self, tenant: str, jid: str) -> None:

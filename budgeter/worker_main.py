@@ -27,6 +27,7 @@ def worker_config(settings: Settings, concurrency: int) -> WorkerConfig:
         max_attempts=settings.max_attempts,
         drain_s=settings.drain_seconds,
         maintenance_interval_s=settings.maintenance_seconds,
+        results_retention_ms=int(settings.results_retention_days * 86_400_000),
         prefix=settings.key_prefix,
     )
 

@@ -56,6 +56,6 @@ async def test_every_script_call_uses_one_hash_slot(redis: Redis, tenant: str) -
     await queue.ack(job, "succeeded", {"type": "succeeded"})
     assert batch_id
     names = {name for name, _ in recorder.calls}
-    assert {"_reserve", "_settle", "_submit", "_dequeue", "_ack", "_pick", "_park"} <= names
+    assert {"_reserve", "_settle", "_dequeue", "_ack", "_pick", "_park"} <= names
     for name, slots in recorder.calls:
         assert len(slots) == 1, f"{name} spans slots {slots}"

@@ -212,3 +212,17 @@ async def test_state_gauges_read_from_redis(redis: Redis) -> None:
     remaining = sample(worker.metrics, "budgeter_budget_remaining_tokens", tenant="g", period="day")
     used = int((await redis.hgetall("budgeter:{t:g}:budget"))["day:used"])
     assert remaining == 5000 - used
+
+
+async def test_batches_past_retention_are_deleted_by_maintenance(redis: Redis) -> None:
+    await TenantStore(redis).put("old", TenantPolicy())
+    store = BatchStore(redis)
+    async with running_worker(redis) as (worker, _):
+        batch_id = await store.create("old", requests_for("o", 2))
+        await wait_ended(store, [batch_id])
+        created = (await store.status(batch_id)).created_ms
+        await worker.maintain(now_ms=created + worker.config.results_retention_ms - 1)
+        assert (await store.status(batch_id)).succeeded == 2
+        await worker.maintain(now_ms=created + worker.config.results_retention_ms + 1)
+    assert await redis.zcard("budgeter:{t:old}:batches") == 0
+    assert await redis.hlen("budgeter:{t:old}:results") == 0
