@@ -6,7 +6,7 @@ KEYS[1] batch       hash  batch meta and counts
 KEYS[2] batch_jobs  list  the batch's job ids
 KEYS[3] jstate      hash  job id -> state
 KEYS[4] results     hash  job id -> result line
-KEYS[5] jobs        hash  job id -> job JSON (for the custom_id)
+KEYS[5] jobs        hash  (unused: a job id is '<batch id>:<custom_id>')
 KEYS[6] canceled_batches  set  (a job of the batch leased meanwhile is not served)
 ARGV[1] now in ms, or ''
 ARGV[2] batch id
@@ -25,14 +25,12 @@ local chunk = 1000
 for start = 0, n - 1, chunk do
   local ids = redis.call('LRANGE', KEYS[2], start, start + chunk - 1)
   local states = redis.call('HMGET', KEYS[3], unpack(ids))
-  local jobs = redis.call('HMGET', KEYS[5], unpack(ids))
   local new_states, lines = {}, {}
   for k, id in ipairs(ids) do
     if states[k] == 'queued' then
-      local job = cjson.decode(jobs[k])
       table.insert(new_states, id); table.insert(new_states, 'canceled')
       table.insert(lines, id)
-      table.insert(lines, cjson.encode({custom_id = job.custom_id, result = {type = 'canceled'}}))
+      table.insert(lines, cjson.encode({custom_id = string.match(id, '^[^:]*:(.*)$'), result = {type = 'canceled'}}))
       canceled = canceled + 1
     end
   end
