@@ -8,7 +8,6 @@ Anthropic's Message Batches API for tenants (their own key in ``x-api-key`` or
 from __future__ import annotations
 
 import hmac
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +17,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
+from budgeter.admission import Admission
 from budgeter.api_errors import REQUEST_ID, ApiError, Handler, errors_middleware
 from budgeter.api_keys import KeyStore, Principal
 from budgeter.api_models import (
@@ -34,6 +34,7 @@ from budgeter.api_models import (
     UsageAnswer,
     dump,
 )
+from budgeter.api_request import PRINCIPAL, read_json
 from budgeter.batches import BatchNotEndedError, BatchNotFoundError, BatchStore
 from budgeter.health import HealthState, add_health_routes
 from budgeter.jobqueue import UnknownTenantError
@@ -42,15 +43,16 @@ from budgeter.metrics import Metrics
 from budgeter.models import first_error
 from budgeter.openapi import openapi_document
 from budgeter.policy import InvalidTenantError, TenantPolicy, check_tenant_id
+from budgeter.proxy import PROXY, ProxyDeps, count_tokens, create_message
 from budgeter.redis_client import redis_from_settings
 from budgeter.settings import Settings
 from budgeter.tenants import TenantStore
+from budgeter.token_counter import TokenCounter
 from budgeter.upstream import UpstreamClient
 from budgeter.usage import tenant_usage
 
 SETTINGS = web.AppKey("settings", Settings)
 STORES = web.AppKey("stores", dict)  # name -> store; filled by the cleanup context
-PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 # middlewares --------------------------------------------------------------------------
@@ -84,16 +86,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 # helpers -------------------------------------------------------------------------------
-
-
-async def read_json(request: web.Request) -> Any:
-    if not request.can_read_body:
-        raise ApiError(400, "request body is empty: send a JSON object")
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
 
 
 def base_url(request: web.Request) -> str:
@@ -368,6 +360,7 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[STORES] = {}
+    app[PROXY] = {}
     health = HealthState(metrics or Metrics(max_tenants=settings.metrics_max_tenants))
     add_health_routes(app, health)
 
@@ -385,11 +378,30 @@ def create_app(
             stores["batches"] = BatchStore(client, prefix=settings.key_prefix)
             stores["tenants"] = TenantStore(client, prefix=settings.key_prefix)
             stores["keys"] = KeyStore(client, prefix=settings.key_prefix)
+            app[PROXY]["deps"] = ProxyDeps(
+                redis=client,
+                upstream=upstream,
+                counter=TokenCounter(
+                    client,
+                    upstream,
+                    prefix=settings.key_prefix,
+                    ttl_s=settings.count_cache_ttl_seconds,
+                    metrics=health.metrics,
+                ),
+                admission=Admission(client, prefix=settings.key_prefix),
+                metrics=health.metrics,
+                prefix=settings.key_prefix,
+                hold_ms=int(
+                    (settings.upstream_timeout_seconds + settings.reservation_grace_seconds) * 1000
+                ),
+            )
             health.redis, health.upstream = client, upstream
             yield
 
     app.cleanup_ctx.append(resources)
     r = app.router
+    r.add_post("/v1/messages", create_message)
+    r.add_post("/v1/messages/count_tokens", count_tokens)
     r.add_post("/v1/messages/batches", create_batch)
     r.add_get("/v1/messages/batches", list_batches)
     r.add_get("/v1/messages/batches/{batch_id}", get_batch)

@@ -22,6 +22,35 @@ class ErrorResponse(BaseModel):
     error: ErrorObject
 
 
+class MessageAnswer(BaseModel):
+    """The upstream's Message, passed through unchanged."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    content: list[dict[str, Any]]
+    model: str
+    stop_reason: str | None = None
+    usage: dict[str, Any]
+
+
+class CountTokensBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    messages: list[dict[str, Any]]
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+
+
+class CountTokensAnswer(BaseModel):
+    input_tokens: int
+
+
 class CreateBatchBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

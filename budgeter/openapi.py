@@ -9,10 +9,15 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from budgeter import api_models as m
+from budgeter.models import MessageParams
 from budgeter.policy import TenantPolicy
 
 REF = "#/components/schemas/{model}"
 _MODELS: tuple[type[BaseModel], ...] = (
+    MessageParams,
+    m.MessageAnswer,
+    m.CountTokensBody,
+    m.CountTokensAnswer,
     m.CreateBatchBody,
     m.MessageBatch,
     m.MessageBatchList,
@@ -101,6 +106,24 @@ def openapi_document() -> dict[str, Any]:
     batch = ["batch_id"]
     tenant = ["tenant"]
     paths: dict[str, Any] = {
+        "/v1/messages": {
+            "post": _op(
+                "Create a message through admission (stream: true answers text/event-stream)",
+                m.MessageAnswer,
+                tag="messages",
+                security="tenant",
+                body=MessageParams,
+            ),
+        },
+        "/v1/messages/count_tokens": {
+            "post": _op(
+                "Count a payload's input tokens",
+                m.CountTokensAnswer,
+                tag="messages",
+                security="tenant",
+                body=m.CountTokensBody,
+            ),
+        },
         "/v1/messages/batches": {
             "post": _op(
                 "Create a Message Batch",

@@ -55,6 +55,13 @@ class TenantPolicy(BaseModel):
         description="'wait' parks jobs of an exhausted budget until the period resets.",
     )
 
+    max_wait_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=600,
+        description="How long a synchronous /v1/messages call may wait for a DEFER to end.",
+    )
+
     def redis_fields(self) -> dict[str, str]:
         """The flat hash the admission script reads (absent field = no limit)."""
         fields = {

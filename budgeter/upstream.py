@@ -11,7 +11,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -133,6 +134,48 @@ class UpstreamClient:
     async def create_message(self, params: Mapping[str, Any]) -> dict[str, Any]:
         return await self._post("messages", "/v1/messages", params, self.timeout_s)
 
+    @asynccontextmanager
+    async def open_stream(self, params: Mapping[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST /v1/messages with ``stream: true``; yields the open 2xx response.
+
+        Retries like the other calls, but only until the first byte of a 2xx answer: once
+        events flow, a failure is the caller's to report (it may already have forwarded them).
+        """
+        url = self.base_url + "/v1/messages"
+        data = json.dumps({**params, "stream": True}).encode()
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.count_timeout_s)
+        for attempt in range(1, self.max_attempts + 1):
+            retry_after: float | None = None
+            started = time.perf_counter()
+            try:
+                response = await self._session.post(
+                    url, data=data, headers=self._headers, timeout=timeout
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self._record("messages_stream", "error", started)
+                error = UpstreamError(
+                    0,
+                    anthropic_error("api_error", f"upstream unreachable: {type(exc).__name__}"),
+                    retryable=True,
+                )
+            else:
+                self._record("messages_stream", str(response.status), started)
+                if 200 <= response.status < 300:
+                    try:
+                        yield response
+                    finally:
+                        response.release()
+                    return
+                raw = await response.read()
+                response.release()
+                error = _status_error(response.status, raw)
+                if not error.retryable:
+                    raise error
+                retry_after = _retry_after_s(response.headers)
+            if attempt == self.max_attempts:
+                raise error
+            await self._sleep(self.backoff_s(attempt, retry_after))
+
     async def ping(self) -> bool:
         """Readiness: does the upstream answer HTTP (below 500) at all. Never raises."""
         try:
@@ -190,17 +233,10 @@ class UpstreamClient:
                         anthropic_error("api_error", "upstream answered non-JSON"),
                         retryable=False,
                     )
-                error_body = (
-                    payload
-                    if _is_error_body(payload)
-                    else anthropic_error(
-                        _STATUS_ERROR_TYPES.get(status, "api_error"), f"upstream HTTP {status}"
-                    )
-                )
-                if status not in RETRYABLE_STATUSES:
+                error = _status_error(status, raw)
+                if not error.retryable:
                     log.info("upstream %s refused with HTTP %d (final)", route, status)
-                    raise UpstreamError(status, error_body, retryable=False)
-                error = UpstreamError(status, error_body, retryable=True)
+                    raise error
                 retry_after = _retry_after_s(headers)
                 reason = f"HTTP {status}"
             remaining = self.max_attempts - attempt
@@ -224,6 +260,18 @@ class UpstreamClient:
     def _record(self, route: str, status: str, started: float) -> None:
         if self._observe is not None:
             self._observe(route, status, time.perf_counter() - started)
+
+
+def _status_error(status: int, raw: bytes) -> UpstreamError:
+    payload = _parse_json(raw)
+    body = (
+        payload
+        if _is_error_body(payload)
+        else anthropic_error(
+            _STATUS_ERROR_TYPES.get(status, "api_error"), f"upstream HTTP {status}"
+        )
+    )
+    return UpstreamError(status, body, retryable=status in RETRYABLE_STATUSES)
 
 
 def _parse_json(raw: bytes) -> Any:

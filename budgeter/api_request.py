@@ -1,0 +1,23 @@
+"""What every API handler reads from a request: its JSON body and who sent it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from budgeter.api_errors import ApiError
+from budgeter.api_keys import Principal
+
+PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+async def read_json(request: web.Request) -> Any:
+    if not request.can_read_body:
+        raise ApiError(400, "request body is empty: send a JSON object")
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None

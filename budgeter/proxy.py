@@ -1,0 +1,289 @@
+"""The synchronous proxy: ``POST /v1/messages`` (also ``stream: true``) and
+``POST /v1/messages/count_tokens``, under the same admission as the queue.
+
+One reservation per call: ADMIT forwards; DEFER waits up to the tenant's
+``max_wait_seconds`` and otherwise answers 429 ``rate_limit_error`` with ``retry-after``;
+REJECT answers 429 ``budget_exhausted_error`` with ``x-should-retry: false``. The
+reservation is settled exactly once: by the usage of the answer, at ``message_stop`` of
+a stream, on an upstream error, or with what was generated when the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from budgeter.admission import Admission, Decision, Usage
+from budgeter.api_errors import REQUEST_ID, ApiError
+from budgeter.api_request import PRINCIPAL, read_json
+from budgeter.keys import TenantKeys
+from budgeter.metrics import Metrics, reason_label
+from budgeter.models import MessageParams, first_error
+from budgeter.ratelimit_headers import tenant_ratelimit_headers
+from budgeter.results import BUDGET_ERROR_TYPE
+from budgeter.token_counter import TokenCounter
+from budgeter.upstream import COUNT_TOKENS_FIELDS, UpstreamClient, UpstreamError
+
+log = logging.getLogger("budgeter.proxy")
+
+MAX_RETRY_AFTER_S = 60
+SETTLE_WAIT_POLL_S = 0.25
+
+
+@dataclass
+class ProxyDeps:
+    redis: Any
+    upstream: UpstreamClient
+    counter: TokenCounter
+    admission: Admission
+    metrics: Metrics
+    prefix: str
+    hold_ms: int
+
+
+PROXY = web.AppKey("proxy", dict)  # {"deps": ProxyDeps}, filled at start-up
+
+
+def _deps(request: web.Request) -> ProxyDeps:
+    deps: ProxyDeps = request.app[PROXY]["deps"]
+    return deps
+
+
+def retry_after_s(until_ms: int, now_ms: int) -> int:
+    """Whole seconds, at least 1 and at most 60 (SDKs ignore larger values)."""
+    return max(1, min(MAX_RETRY_AFTER_S, math.ceil((until_ms - now_ms) / 1000)))
+
+
+async def _params(request: web.Request, tenant: str) -> dict[str, Any]:
+    body = await read_json(request)
+    try:
+        MessageParams.model_validate(body)
+    except ValidationError as exc:
+        raise ApiError(400, first_error(exc)) from None
+    return dict(body)
+
+
+def _upstream_error(exc: UpstreamError, headers: dict[str, str]) -> web.Response:
+    status = exc.status if exc.status >= 400 else 502
+    return web.json_response(exc.body, status=status, headers=headers)
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    deps = _deps(request)
+    tenant = request[PRINCIPAL].tenant
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    extra = sorted(set(body) - COUNT_TOKENS_FIELDS)
+    if extra:
+        raise ApiError(400, f"{extra[0]}: Extra inputs are not permitted")
+    headers = await tenant_ratelimit_headers(deps.redis, TenantKeys.of(deps.prefix, tenant))
+    try:
+        tokens = await deps.upstream.count_tokens(body)
+    except UpstreamError as exc:
+        return _upstream_error(exc, headers)
+    return web.json_response({"input_tokens": tokens}, headers=headers)
+
+
+async def create_message(request: web.Request) -> web.StreamResponse:
+    deps = _deps(request)
+    tenant = request[PRINCIPAL].tenant
+    keys = TenantKeys.of(deps.prefix, tenant)
+    params = await _params(request, tenant)
+    try:
+        input_tokens = await deps.counter.count(params)
+    except UpstreamError as exc:
+        return _upstream_error(exc, await tenant_ratelimit_headers(deps.redis, keys))
+    rid = f"sync:{request[REQUEST_ID]}"
+    model = str(params["model"])
+    decision = await _admit(deps, tenant, rid, input_tokens, params, model)
+    headers = await tenant_ratelimit_headers(deps.redis, keys)
+    label = deps.metrics.tenant(tenant)
+    if decision.kind == "DEFER":
+        wait = retry_after_s(decision.until_ms or decision.now_ms + 1000, decision.now_ms)
+        raise ApiError(
+            429,
+            f"{decision.describe()}",
+            error_type="rate_limit_error",
+            headers={**headers, "retry-after": str(wait), "x-should-retry": "true"},
+        )
+    if decision.kind == "REJECT":
+        if decision.reason == "unknown_tenant":
+            raise ApiError(403, "this key's tenant has no policy", headers=headers)
+        raise ApiError(
+            429,
+            decision.describe(),
+            error_type=BUDGET_ERROR_TYPE,
+            headers={**headers, "x-should-retry": "false"},
+        )
+    await deps.admission.mark_sent(tenant, rid)
+    reserved = input_tokens + int(params["max_tokens"])
+    if params.get("stream"):
+        return await _stream(request, deps, tenant, rid, params, headers, reserved)
+    try:
+        message = await deps.upstream.create_message(params)
+    except UpstreamError as exc:
+        await deps.admission.release(tenant, rid)
+        return _upstream_error(exc, headers)
+    except BaseException:
+        await deps.admission.charge_full(tenant, rid)
+        raise
+    usage = Usage.from_message(message)
+    await _settle(deps, tenant, rid, model, usage, reserved)
+    deps.metrics.jobs.labels(label, "succeeded").inc()
+    return web.json_response(message, headers=headers)
+
+
+async def _admit(
+    deps: ProxyDeps,
+    tenant: str,
+    rid: str,
+    input_tokens: int,
+    params: dict[str, Any],
+    model: str,
+) -> Decision:
+    """Reserve; while DEFER and the tenant's max_wait allows, wait and try again."""
+    raw_wait = await deps.redis.hget(TenantKeys.of(deps.prefix, tenant).policy, "json")
+    max_wait_s = json.loads(raw_wait).get("max_wait_seconds", 0.0) if raw_wait else 0.0
+    give_up = time.monotonic() + max_wait_s
+    label = deps.metrics.tenant(tenant)
+    started = time.monotonic()
+    while True:
+        decision = await deps.admission.reserve(
+            tenant,
+            rid,
+            input_tokens,
+            int(params["max_tokens"]),
+            model=model,
+            hold_ms=deps.hold_ms,
+        )
+        deps.metrics.decisions.labels(label, decision.kind, reason_label(decision.reason)).inc()
+        if decision.kind != "DEFER" or decision.reason.startswith("exhausted:"):
+            break
+        pause = (
+            SETTLE_WAIT_POLL_S
+            if decision.waits_for_settle
+            else (decision.until_ms - decision.now_ms) / 1000
+        )
+        if time.monotonic() + pause > give_up:
+            break
+        await asyncio.sleep(max(pause, 0.001))
+    if decision.kind == "ADMIT":
+        deps.metrics.admission_wait.labels(label).observe(time.monotonic() - started)
+    return decision
+
+
+async def _settle(
+    deps: ProxyDeps, tenant: str, rid: str, model: str, usage: Usage, reserved: int
+) -> None:
+    await deps.admission.settle(tenant, rid, usage)
+    label, mlabel = deps.metrics.tenant(tenant), deps.metrics.model(model)
+    if reserved:
+        deps.metrics.estimate_error.observe(usage.total / reserved)
+    for kind, n in (
+        ("input", usage.input_tokens),
+        ("output", usage.output_tokens),
+        ("cache_creation", usage.cache_creation_input_tokens),
+        ("cache_read", usage.cache_read_input_tokens),
+    ):
+        if n:
+            deps.metrics.tokens.labels(label, mlabel, kind).inc(n)
+
+
+class StreamUsage:
+    """Usage read from the events of a stream as they pass."""
+
+    def __init__(self) -> None:
+        self.input = self.output = self.cache_creation = self.cache_read = 0
+        self.text_bytes = 0
+        self.stopped = False
+        self.errored = False
+
+    def feed(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "message_start":
+            usage = (event.get("message") or {}).get("usage") or {}
+            self.input = int(usage.get("input_tokens") or 0)
+            self.cache_creation = int(usage.get("cache_creation_input_tokens") or 0)
+            self.cache_read = int(usage.get("cache_read_input_tokens") or 0)
+            self.output = int(usage.get("output_tokens") or 0)
+        elif kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            for field in ("text", "partial_json", "thinking"):
+                if isinstance(delta.get(field), str):
+                    self.text_bytes += len(delta[field].encode())
+        elif kind == "message_delta":
+            usage = event.get("usage") or {}
+            if usage.get("output_tokens") is not None:
+                self.output = int(usage["output_tokens"])
+        elif kind == "message_stop":
+            self.stopped = True
+        elif kind == "error":
+            self.errored = True
+
+    def usage(self) -> Usage:
+        """What was generated: the reported output, or an estimate from the text seen."""
+        output = self.output if self.stopped else max(self.output, math.ceil(self.text_bytes / 3))
+        return Usage(self.input, output, self.cache_creation, self.cache_read)
+
+
+async def _stream(
+    request: web.Request,
+    deps: ProxyDeps,
+    tenant: str,
+    rid: str,
+    params: dict[str, Any],
+    headers: dict[str, str],
+    reserved: int,
+) -> web.StreamResponse:
+    model = str(params["model"])
+    seen = StreamUsage()
+    settled = False
+    try:
+        async with deps.upstream.open_stream(params) as upstream:
+            response = web.StreamResponse(
+                headers={
+                    **headers,
+                    "content-type": "text/event-stream; charset=utf-8",
+                    "cache-control": "no-cache",
+                    "request-id": request[REQUEST_ID],
+                }
+            )
+            await response.prepare(request)
+            pending: list[str] = []
+            try:
+                async for raw_line in upstream.content:
+                    await response.write(raw_line)
+                    line = raw_line.decode("utf-8", errors="replace").rstrip("\r\n")
+                    if line.startswith("data:"):
+                        pending.append(line[5:].strip())
+                    elif not line and pending:
+                        with contextlib.suppress(ValueError):
+                            seen.feed(json.loads("\n".join(pending)))
+                        pending.clear()
+                        if seen.stopped or seen.errored:
+                            await _settle(deps, tenant, rid, model, seen.usage(), reserved)
+                            settled = True
+            except (ConnectionResetError, asyncio.CancelledError):
+                log.info("client left mid-stream", extra={"tenant": tenant, "reservation": rid})
+                raise
+            finally:
+                if not settled:  # client gone or upstream cut: charge what was generated
+                    await _settle(deps, tenant, rid, model, seen.usage(), reserved)
+                    settled = True
+            await response.write_eof()
+            return response
+    except UpstreamError as exc:
+        await deps.admission.release(tenant, rid)
+        return _upstream_error(exc, headers)
+    except ConnectionResetError:
+        return web.Response(status=499)
