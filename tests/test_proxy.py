@@ -185,20 +185,23 @@ async def test_exhausted_budget_is_final_and_not_retried_by_the_sdk(proxy: Proxy
 
 
 async def test_defer_waits_up_to_max_wait_for_in_flight_work(proxy: Proxy, redis: Redis) -> None:
-    key = await proxy.tenant("mw", {"max_concurrency": 1, "max_wait_seconds": 10})
-    client = proxy.client(key)
-    first, second = await asyncio.gather(
-        client.messages.create(**ask(1)), client.messages.create(**ask(2))
-    )
-    assert first.type == second.type == "message"
+    from budgeter.admission import Admission, Usage
+
+    admission = Admission(redis)
+    # without max_wait: a call that only waits for in-flight work gets 429 at once
     impatient = await proxy.tenant("mw0", {"max_concurrency": 1})
-    client0 = proxy.client(impatient)
-    results = await asyncio.gather(
-        client0.messages.create(**ask(1)),
-        client0.messages.create(**ask(2)),
-        return_exceptions=True,
-    )
-    assert sum(isinstance(r, anthropic.RateLimitError) for r in results) == 1
+    assert (await admission.reserve("mw0", "held", 10, 10)).kind == "ADMIT"
+    with pytest.raises(anthropic.RateLimitError) as info:
+        await proxy.client(impatient).messages.create(**ask(1))
+    assert info.value.response.headers["retry-after"] == "1"
+    # with max_wait: the call waits, and goes through once the in-flight work settles
+    patient = await proxy.tenant("mw", {"max_concurrency": 1, "max_wait_seconds": 30})
+    assert (await admission.reserve("mw", "held", 10, 10)).kind == "ADMIT"
+    call = asyncio.create_task(proxy.client(patient).messages.create(**ask(2)))
+    await asyncio.sleep(0.3)
+    assert not call.done()
+    await admission.settle("mw", "held", Usage(10, 5))
+    assert (await asyncio.wait_for(call, 30)).type == "message"
 
 
 async def test_client_leaving_mid_stream_is_charged_what_was_generated(

@@ -109,23 +109,25 @@ async def test_budget_is_never_exceeded_and_refusals_name_the_budget(redis: Redi
 
 
 async def test_rate_window_defers_and_every_job_still_succeeds(redis: Redis) -> None:
-    # otpm 1200 = 20 tokens/s: three 400-token reservations fill the bucket, the rest wait
-    await TenantStore(redis).put("r", TenantPolicy(rate={"otpm": 1200}))
+    # itpm 1000 and two prompts of 954 and 104 input tokens (the mock counts exactly, and
+    # input is never refunded): whichever is admitted first, the other must wait ~3.5 s
+    await TenantStore(redis).put("r", TenantPolicy(rate={"itpm": 1000}))
     store = BatchStore(redis)
+    big, small = requests_for("r", 2, max_tokens=8)
+    big.params.messages[0].content = "a" * 3800
+    small.params.messages[0].content = "b" * 400
     async with running_worker(redis) as (worker, _):
-        batch_id = await store.create("r", requests_for("r", 6, max_tokens=400))
+        batch_id = await store.create("r", [big, small])
         await wait_ended(store, [batch_id], timeout_s=90)
     assert {line["result"]["type"] for line in await results_of(store, batch_id)} == {"succeeded"}
-    assert (
-        sample(
-            worker.metrics,
-            "budgeter_admission_decisions_total",
-            tenant="r",
-            decision="DEFER",
-            reason="rate:otpm",
-        )
-        >= 1
+    deferred = sample(
+        worker.metrics,
+        "budgeter_admission_decisions_total",
+        tenant="r",
+        decision="DEFER",
+        reason="rate:itpm",
     )
+    assert deferred >= 1
 
 
 async def test_final_upstream_4xx_is_an_errored_result_with_the_upstream_body(
