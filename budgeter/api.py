@@ -77,7 +77,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         request[PRINCIPAL] = principal
     elif path.startswith("/admin"):
         expected = request.app[SETTINGS].admin_token
-        if expected is None:
+        if expected is None or not expected.get_secret_value():
             raise ApiError(403, "the admin API is disabled: BUDGETER_ADMIN_TOKEN is not set")
         token = _bearer(request) or ""
         if not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
@@ -370,6 +370,8 @@ def create_app(
                 session,
                 settings.upstream_url,
                 settings.upstream_api_key.get_secret_value(),
+                timeout_s=settings.upstream_timeout_seconds,
+                max_attempts=settings.upstream_max_attempts,
                 observe=health.metrics.observe_upstream,
             )
             stores = app[STORES]

@@ -9,11 +9,12 @@ KEYS[4] jstate    hash  job id -> state
 KEYS[5] attempts  hash  job id -> attempts
 KEYS[6] jmeta     hash  job id -> '<enqueued ms> <deadline ms>'
 KEYS[7] canceled_batches  set  batch ids being canceled
+KEYS[8] policy    hash  the tenant's policy (absent: the tenant was deleted)
 ARGV[1] now in ms, or '' for Redis server TIME
 ARGV[2] lease in ms
 
-Returns {job id, job JSON, attempt, jobs left in queue, meta, now, canceled}; job id ''
-when empty. canceled is 1 when the job's batch is being canceled: the caller acks it as
+Returns {job id, job JSON, attempt, jobs left in queue, meta, now, canceled, has_policy};
+job id '' when empty. canceled is 1 when the job's batch is being canceled: the caller acks it as
 canceled instead of serving it. Job ids are '<batch id>:<custom_id>'.
 ]]
 local now = server_now(ARGV[1])
@@ -29,7 +30,8 @@ for _ = 1, 1000 do
     local meta = redis.call('HGET', KEYS[6], id) or ''
     local batch_id = string.match(id, '^([^:]*):')
     local canceled = redis.call('SISMEMBER', KEYS[7], batch_id or '')
-    return {id, job, attempt, redis.call('LLEN', KEYS[1]), meta, now, canceled}
+    local has_policy = redis.call('EXISTS', KEYS[8])
+    return {id, job, attempt, redis.call('LLEN', KEYS[1]), meta, now, canceled, has_policy}
   end
 end
-return {'', '', 0, redis.call('LLEN', KEYS[1]), '', now, 0}
+return {'', '', 0, redis.call('LLEN', KEYS[1]), '', now, 0, 0}

@@ -16,6 +16,7 @@ from typing import Any
 from redis.exceptions import WatchError
 
 from budgeter.keys import SchedKeys, TenantKeys
+from budgeter.policy import TENANT_ID_RE
 from budgeter.scripts import register
 
 TERMINAL_STATES = ("succeeded", "errored", "canceled", "expired")
@@ -51,6 +52,7 @@ class LeasedJob:
     deadline_ms: int
     leased_at_ms: int
     canceled: bool = False
+    orphaned: bool = False  # its tenant was deleted
 
     @property
     def reservation_id(self) -> str:
@@ -193,6 +195,9 @@ class JobQueue:
             )
             if not tenant:
                 return Pick(None, int(next_parked), int(now))
+            if not TENANT_ID_RE.fullmatch(tenant):  # written by a foreign producer: drop it
+                await self.redis.zrem(self.sched.ready, tenant)
+                continue
             job = await self._take(tenant, lease_ms=lease_ms, now_arg=now_arg)
             if job is not None:
                 return Pick(job, int(next_parked), int(now))
@@ -209,10 +214,11 @@ class JobQueue:
                 keys.attempts,
                 keys.jmeta,
                 keys.canceled_batches,
+                keys.policy,
             ],
             args=[now_arg, int(lease_ms)],
         )
-        jid, raw, attempt, left, meta, now, canceled = reply
+        jid, raw, attempt, left, meta, now, canceled, has_policy = reply
         if int(left) == 0:
             await self._deactivate(tenant)
         if not jid:
@@ -230,6 +236,7 @@ class JobQueue:
             deadline_ms=_int(deadline, 0),
             leased_at_ms=int(now),
             canceled=bool(int(canceled)),
+            orphaned=not int(has_policy),
         )
 
     async def _deactivate(self, tenant: str) -> None:

@@ -162,6 +162,12 @@ class SchedKeys:
         """set: every tenant with a policy."""
         return self._k("tenants")
 
+    @property
+    def known(self) -> str:
+        """set: every tenant that ever had a policy (maintenance still reclaims and reaps
+        the leases and reservations of a deleted tenant)."""
+        return self._k("known")
+
 
 def batch_index_key(prefix: str) -> str:
     """hash: batch id -> tenant (its own slot)."""

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -29,7 +30,7 @@ from budgeter.keys import TenantKeys
 from budgeter.metrics import Metrics, reason_label
 from budgeter.models import MessageParams, first_error
 from budgeter.ratelimit_headers import tenant_ratelimit_headers
-from budgeter.results import BUDGET_ERROR_TYPE
+from budgeter.results import BUDGET_ERROR_TYPE, error_body
 from budgeter.token_counter import TokenCounter
 from budgeter.upstream import COUNT_TOKENS_FIELDS, UpstreamClient, UpstreamError
 
@@ -128,11 +129,14 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     await deps.admission.mark_sent(tenant, rid)
     reserved = input_tokens + int(params["max_tokens"])
     if params.get("stream"):
-        return await _stream(request, deps, tenant, rid, params, headers, reserved)
+        return await _stream(request, deps, tenant, rid, params, headers, input_tokens)
     try:
         message = await deps.upstream.create_message(params)
     except UpstreamError as exc:
-        await deps.admission.release(tenant, rid)
+        if exc.maybe_served:  # sent, then no answer: it may have been billed
+            await deps.admission.charge_full(tenant, rid)
+        else:
+            await deps.admission.release(tenant, rid)
         return _upstream_error(exc, headers)
     except BaseException:
         await deps.admission.charge_full(tenant, rid)
@@ -200,10 +204,13 @@ async def _settle(
 
 
 class StreamUsage:
-    """Usage read from the events of a stream as they pass."""
+    """Usage read from the events of a stream as they pass. Until ``message_start`` tells
+    the real input, the counted input is assumed: the upstream bills it once it has the
+    request, even if the client leaves before the first event."""
 
-    def __init__(self) -> None:
-        self.input = self.output = self.cache_creation = self.cache_read = 0
+    def __init__(self, counted_input: int = 0) -> None:
+        self.input = counted_input
+        self.output = self.cache_creation = self.cache_read = 0
         self.text_bytes = 0
         self.stopped = False
         self.errored = False
@@ -243,10 +250,11 @@ async def _stream(
     rid: str,
     params: dict[str, Any],
     headers: dict[str, str],
-    reserved: int,
+    input_tokens: int,
 ) -> web.StreamResponse:
     model = str(params["model"])
-    seen = StreamUsage()
+    reserved = input_tokens + int(params["max_tokens"])
+    seen = StreamUsage(input_tokens)
     settled = False
     try:
         async with deps.upstream.open_stream(params) as upstream:
@@ -276,6 +284,11 @@ async def _stream(
             except (ConnectionResetError, asyncio.CancelledError):
                 log.info("client left mid-stream", extra={"tenant": tenant, "reservation": rid})
                 raise
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # the upstream went away mid-stream: tell the client in the stream itself
+                log.warning("upstream stream broke: %s", type(exc).__name__)
+                event = error_body("api_error", "upstream connection lost mid-stream")
+                await response.write(f"event: error\ndata: {json.dumps(event)}\n\n".encode())
             finally:
                 if not settled:  # client gone or upstream cut: charge what was generated
                     await _settle(deps, tenant, rid, model, seen.usage(), reserved)

@@ -100,6 +100,11 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
     @field_validator("public_url")
     @classmethod
     def _public_scheme(cls, value: str | None) -> str | None:

@@ -25,6 +25,7 @@ class TenantStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.sched.weight, tenant, repr(float(policy.weight)))
             pipe.sadd(self.sched.tenants, tenant)
+            pipe.sadd(self.sched.known, tenant)
             await pipe.execute()
 
     async def get(self, tenant: str) -> TenantPolicy | None:
@@ -36,6 +37,10 @@ class TenantStore:
 
     async def list(self) -> list[str]:
         return sorted(await self.redis.smembers(self.sched.tenants))
+
+    async def known(self) -> list[str]:
+        """Tenants with a policy and deleted ones: maintenance looks after both."""
+        return sorted(await self.redis.smembers(self.sched.known))
 
     async def delete(self, tenant: str) -> bool:
         """Remove the policy; queued work of the tenant is refused from then on."""

@@ -69,10 +69,19 @@ class UpstreamError(Exception):
 
     ``status`` is the HTTP status (0 for connection errors and timeouts), ``body`` an
     Anthropic-shaped error body (the upstream's own when it sent one), ``retryable`` whether
-    the failure was transient (retries exhausted) rather than a final refusal.
+    the failure was transient (retries exhausted) rather than a final refusal, and
+    ``maybe_served`` whether the request may have been served (and billed) anyway: a
+    timeout or a connection lost after the request was sent.
     """
 
-    def __init__(self, status: int, body: dict[str, Any], *, retryable: bool) -> None:
+    def __init__(
+        self,
+        status: int,
+        body: dict[str, Any],
+        *,
+        retryable: bool,
+        maybe_served: bool = False,
+    ) -> None:
         error = body.get("error") if isinstance(body.get("error"), dict) else {}
         super().__init__(
             f"upstream {status or 'error'}: {error.get('type')}: {error.get('message')}"
@@ -80,6 +89,7 @@ class UpstreamError(Exception):
         self.status = status
         self.body = body
         self.retryable = retryable
+        self.maybe_served = maybe_served
 
 
 class UpstreamClient:
@@ -212,6 +222,11 @@ class UpstreamClient:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self._record(route, "error", started)
                 timed_out = isinstance(exc, TimeoutError)
+                # Not connected at all: safe to retry. Sent but no answer: a message may
+                # have been generated and billed, so it is not sent a second time.
+                maybe_served = route == "messages" and not isinstance(
+                    exc, aiohttp.ClientConnectorError
+                )
                 error = UpstreamError(
                     0,
                     anthropic_error(
@@ -220,7 +235,13 @@ class UpstreamClient:
                         f"{type(exc).__name__}",
                     ),
                     retryable=True,
+                    maybe_served=maybe_served,
                 )
+                if maybe_served:
+                    log.warning(
+                        "upstream messages call lost after sending (%s)", type(exc).__name__
+                    )
+                    raise error from None
                 reason = type(exc).__name__
             else:
                 self._record(route, str(status), started)

@@ -21,6 +21,7 @@ from budgeter.admission import Admission, Decision, Usage
 from budgeter.batches import BatchStore
 from budgeter.jobqueue import JobQueue, LeasedJob
 from budgeter.metrics import Metrics, reason_label, refresh_state_metrics
+from budgeter.policy import TENANT_ID_RE
 from budgeter.results import (
     BUDGET_ERROR_TYPE,
     canceled,
@@ -124,7 +125,8 @@ class Worker:
                     await task
         if waiter in done and not waiter.cancelled() and waiter.exception() is None:
             tenant = waiter.result()
-            if tenant:  # a producer in another language may only push its tenant's name
+            # a producer in another language may only push its tenant's name
+            if tenant and TENANT_ID_RE.fullmatch(tenant):
                 with contextlib.suppress(Exception):
                     await self.queue.activate(tenant)
 
@@ -151,7 +153,7 @@ class Worker:
     async def maintain(self, *, now_ms: int | None = None) -> None:
         """Reclaim expired leases, reap dead reservations, re-activate forgotten queues,
         delete batches past their retention."""
-        tenants = await self.tenants.list()
+        tenants = await self.tenants.known()
         for tenant in tenants:
             _, dead = await self.queue.reclaim(
                 tenant, max_attempts=self.config.max_attempts, now_ms=now_ms
@@ -179,7 +181,9 @@ class Worker:
                 await self.queue.activate(tenant)
             now = now_ms if now_ms is not None else int(self.clock() * 1000)
             await self.batches.purge_older_than(tenant, now - self.config.results_retention_ms)
-        await refresh_state_metrics(self.redis, self.metrics, tenants, prefix=self.config.prefix)
+        await refresh_state_metrics(
+            self.redis, self.metrics, await self.tenants.list(), prefix=self.config.prefix
+        )
 
     async def _dead_letter_reclaimed(self, tenant: str, jid: str) -> None:
         body = await self.queue.job_body(tenant, jid)
@@ -204,8 +208,9 @@ class Worker:
         try:
             await self._handle(job)
         except asyncio.CancelledError:
-            # drain timed out: the job keeps its place and no attempt is counted
-            await self.queue.requeue(job, head=True, count_attempt=False)
+            # drain timed out: the job keeps its place; the attempt counts, so that its next
+            # lease gets a fresh reservation id (this one was charged or released)
+            await self.queue.requeue(job, head=True, count_attempt=True)
             await self.queue.activate(job.tenant, wake=1)
             raise
         except Exception:
@@ -215,9 +220,22 @@ class Worker:
             self.processed += 1
 
     async def _handle(self, job: LeasedJob) -> None:
+        lease = {"rid": ""}  # the heartbeat extends the reservation too, once there is one
+        beat = asyncio.create_task(self._heartbeat(job, lease))
+        try:
+            await self._handle_leased(job, lease)
+        finally:
+            beat.cancel()
+
+    async def _handle_leased(self, job: LeasedJob, lease: dict[str, str]) -> None:
         now_ms = int(self.clock() * 1000)
         if job.canceled:
             await self._finish(job, "canceled", canceled())
+            return
+        if job.orphaned:
+            await self._finish(
+                job, "errored", errored(error_body("not_found_error", "tenant has no policy"))
+            )
             return
         if job.deadline_ms and now_ms >= job.deadline_ms:
             await self._finish(job, "expired", expired())
@@ -256,13 +274,13 @@ class Worker:
         self.metrics.admission_wait.labels(label).observe(
             max(0.0, (decision.now_ms - job.enqueued_ms) / 1000)
         )
+        lease["rid"] = rid
         await self._forward(job, params, rid, model, input_tokens)
 
     async def _forward(
         self, job: LeasedJob, params: dict[str, Any], rid: str, model: str, input_tokens: int
     ) -> None:
         label = self.metrics.tenant(job.tenant)
-        beat = asyncio.create_task(self._heartbeat(job, rid))
         self.metrics.inflight.labels(label).inc()
         sent = False
         try:
@@ -270,8 +288,10 @@ class Worker:
             sent = True
             message = await self.upstream.create_message(params)
         except UpstreamError as exc:
-            # the upstream refused or failed: it did not serve (nor bill) the request
-            await self.admission.release(job.tenant, rid)
+            if exc.maybe_served:  # sent, then no answer: it may have been billed
+                await self.admission.charge_full(job.tenant, rid)
+            else:  # the upstream refused or failed: it did not serve (nor bill) it
+                await self.admission.release(job.tenant, rid)
             await self._upstream_failed(job, exc)
             return
         except asyncio.CancelledError:
@@ -281,7 +301,6 @@ class Worker:
                 await self.admission.release(job.tenant, rid)
             raise
         finally:
-            beat.cancel()
             self.metrics.inflight.labels(label).dec()
         usage = Usage.from_message(message)
         settled = await self.admission.settle(job.tenant, rid, usage)
@@ -301,7 +320,7 @@ class Worker:
         if settled.waiting_settle:
             await self.queue.activate(job.tenant, unpark=True, wake=1)
 
-    async def _heartbeat(self, job: LeasedJob, rid: str) -> None:
+    async def _heartbeat(self, job: LeasedJob, lease: dict[str, str]) -> None:
         interval = self.config.lease_ms / 3000
         while True:
             await asyncio.sleep(interval)
@@ -309,7 +328,7 @@ class Worker:
                 held = await self.queue.heartbeat(
                     job,
                     lease_ms=self.config.lease_ms,
-                    reservation_id=rid,
+                    reservation_id=lease["rid"] or None,
                     hold_ms=self.config.hold_ms,
                 )
             except Exception:

@@ -256,7 +256,7 @@ async def test_connection_error_is_retried(
     assert await client.ping() is False
 
 
-async def test_timeout_is_retried(
+async def test_timeout_is_retried_for_count_tokens_but_not_for_messages(
     aiohttp_server: ServerFactory, session: aiohttp.ClientSession, recorder: Recorder
 ) -> None:
     release = asyncio.Event()
@@ -267,19 +267,25 @@ async def test_timeout_is_retried(
 
     app = web.Application()
     app.router.add_post("/v1/messages", hang)
+    app.router.add_post("/v1/messages/count_tokens", hang)
     server = await aiohttp_server(app)
     client = make_client(
         session, str(server.make_url("")), recorder, timeout_s=0.05, max_attempts=2
     )
+    client.count_timeout_s = 0.05
     try:
-        with pytest.raises(UpstreamError) as caught:
+        with pytest.raises(UpstreamError) as counted:
+            await client.count_tokens(PARAMS)
+        with pytest.raises(UpstreamError) as sent:
             await client.create_message(PARAMS)
     finally:
         release.set()
-    assert caught.value.status == 0
-    assert caught.value.retryable is True
-    assert caught.value.body["error"]["type"] == "timeout_error"
-    assert [s for _, s, _ in recorder.observed] == ["error", "error"]
+    assert counted.value.status == 0 and counted.value.retryable is True
+    assert counted.value.body["error"]["type"] == "timeout_error"
+    assert not counted.value.maybe_served
+    # a message that was sent may have been generated and billed: never sent twice
+    assert sent.value.status == 0 and sent.value.maybe_served
+    assert [s for _, s, _ in recorder.observed] == ["error", "error", "error"]
 
 
 async def test_against_mock_upstream(
