@@ -39,7 +39,7 @@ from budgeter.batches import BatchNotEndedError, BatchNotFoundError, BatchStore
 from budgeter.health import HealthState, add_health_routes
 from budgeter.jobqueue import UnknownTenantError
 from budgeter.keys import global_policy_key
-from budgeter.metrics import Metrics
+from budgeter.metrics import Metrics, refresh_state_metrics
 from budgeter.models import first_error
 from budgeter.openapi import openapi_document
 from budgeter.policy import InvalidTenantError, TenantPolicy, check_tenant_id
@@ -398,6 +398,14 @@ def create_app(
                 ),
             )
             health.redis, health.upstream = client, upstream
+
+            async def refresh() -> None:
+                tenants = await stores["tenants"].list()
+                await refresh_state_metrics(
+                    client, health.metrics, tenants, prefix=settings.key_prefix
+                )
+
+            health.refresh = refresh
             yield
 
     app.cleanup_ctx.append(resources)

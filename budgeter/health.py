@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,13 +20,18 @@ class HealthState:
     metrics: Metrics
     redis: Any = None
     upstream: UpstreamClient | None = None
+    # reads the values that live in Redis right before a scrape (the API process only)
+    refresh: Callable[[], Awaitable[None]] | None = None
 
 
 HEALTH = web.AppKey("health", HealthState)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[HEALTH].metrics.registry)
+    state = request.app[HEALTH]
+    if state.refresh is not None:
+        await state.refresh()
+    body = generate_latest(state.metrics.registry)
     return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
 
 

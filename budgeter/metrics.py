@@ -127,7 +127,10 @@ class Metrics:
 async def refresh_state_metrics(
     redis: Any, metrics: Metrics, tenants: list[str], *, prefix: str = "budgeter"
 ) -> None:
-    """Read the values that live in Redis (queue depth, age, inflight, budget remaining)."""
+    """Read the values that live in Redis (queue depth, age, inflight, budget remaining).
+
+    Called by the API process's /metrics handler at scrape time; with several API replicas,
+    dashboards aggregate these gauges with max(), never sum()."""
     now_ms = time.time() * 1000
     for tenant in tenants:
         keys = TenantKeys.of(prefix, tenant)

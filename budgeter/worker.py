@@ -20,7 +20,7 @@ from typing import Any
 from budgeter.admission import Admission, Decision, Usage
 from budgeter.batches import BatchStore
 from budgeter.jobqueue import JobQueue, LeasedJob
-from budgeter.metrics import Metrics, reason_label, refresh_state_metrics
+from budgeter.metrics import Metrics, reason_label
 from budgeter.policy import TENANT_ID_RE
 from budgeter.results import (
     BUDGET_ERROR_TYPE,
@@ -152,7 +152,8 @@ class Worker:
 
     async def maintain(self, *, now_ms: int | None = None) -> None:
         """Reclaim expired leases, reap dead reservations, re-activate forgotten queues,
-        delete batches past their retention."""
+        delete batches past their retention. (The gauges that live in Redis are exported by
+        the API process at scrape time, once per deployment, not by every worker.)"""
         tenants = await self.tenants.known()
         for tenant in tenants:
             _, dead = await self.queue.reclaim(
@@ -181,9 +182,6 @@ class Worker:
                 await self.queue.activate(tenant)
             now = now_ms if now_ms is not None else int(self.clock() * 1000)
             await self.batches.purge_older_than(tenant, now - self.config.results_retention_ms)
-        await refresh_state_metrics(
-            self.redis, self.metrics, await self.tenants.list(), prefix=self.config.prefix
-        )
 
     async def _dead_letter_reclaimed(self, tenant: str, jid: str) -> None:
         body = await self.queue.job_body(tenant, jid)

@@ -312,3 +312,17 @@ async def test_health_and_readiness(client: TestClient) -> None:
     assert (await ready.json())["checks"] == {"redis": True, "upstream": False}
     metrics = await client.get("/metrics")
     assert metrics.status == 200 and "budgeter_" in await metrics.text()
+
+
+async def test_redis_state_gauges_are_read_at_scrape_time(client: TestClient, redis: Redis) -> None:
+    key = await new_tenant(client, "gauged", {"budgets": {"day": 5000}})
+    await client.post(
+        "/v1/messages/batches",
+        json={"requests": [request_line("a"), request_line("b")]},
+        headers={"x-api-key": key},
+    )
+    text = await (await client.get("/metrics")).text()
+    assert 'budgeter_queue_depth{tenant="gauged"} 2.0' in text
+    assert 'budgeter_budget_remaining_tokens{period="day",tenant="gauged"} 5000.0' in text
+    assert 'budgeter_inflight_requests{tenant="gauged"} 0.0' in text
+    assert 'budgeter_queue_oldest_age_seconds{tenant="gauged"}' in text

@@ -202,20 +202,6 @@ async def test_on_exhausted_wait_expires_jobs_whose_deadline_comes_before_the_re
     )
 
 
-async def test_state_gauges_read_from_redis(redis: Redis) -> None:
-    await TenantStore(redis).put("g", TenantPolicy(budgets={"day": 5000}))
-    store = BatchStore(redis)
-    await store.create("g", requests_for("g", 4))
-    async with running_worker(redis, concurrency=1) as (worker, _):
-        await worker.maintain()
-        await wait_ended(store, [(await redis.zrange("budgeter:{t:g}:batches", 0, 0))[0]])
-        await worker.maintain()
-    assert sample(worker.metrics, "budgeter_queue_depth", tenant="g") == 0
-    remaining = sample(worker.metrics, "budgeter_budget_remaining_tokens", tenant="g", period="day")
-    used = int((await redis.hgetall("budgeter:{t:g}:budget"))["day:used"])
-    assert remaining == 5000 - used
-
-
 async def test_batches_past_retention_are_deleted_by_maintenance(redis: Redis) -> None:
     await TenantStore(redis).put("old", TenantPolicy())
     store = BatchStore(redis)
