@@ -127,7 +127,15 @@ class SettleResult:
 
 
 def reserve_keys(keys: TenantKeys) -> list[str]:
-    return [keys.policy, keys.buckets, keys.budget, keys.resv, keys.resv_deadline, keys.state]
+    return [
+        keys.policy,
+        keys.buckets,
+        keys.budget,
+        keys.resv,
+        keys.resv_deadline,
+        keys.state,
+        keys.recent,
+    ]
 
 
 def settle_keys(keys: TenantKeys) -> list[str]:

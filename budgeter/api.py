@@ -46,6 +46,7 @@ from budgeter.policy import InvalidTenantError, TenantPolicy, check_tenant_id
 from budgeter.proxy import PROXY, ProxyDeps, count_tokens, create_message
 from budgeter.redis_client import redis_from_settings
 from budgeter.settings import Settings
+from budgeter.status import status_snapshot
 from budgeter.tenants import TenantStore
 from budgeter.token_counter import TokenCounter
 from budgeter.upstream import UpstreamClient
@@ -317,6 +318,15 @@ async def get_usage(request: web.Request) -> web.Response:
     return ok(UsageAnswer.model_validate(report))
 
 
+async def get_status(request: web.Request) -> web.Response:
+    snapshot = await status_snapshot(
+        request.app[STORES]["redis"],
+        prefix=request.app[SETTINGS].key_prefix,
+        now_ms=int(time.time() * 1000),
+    )
+    return web.json_response(snapshot)
+
+
 async def get_global_policy(request: web.Request) -> web.Response:
     raw = await request.app[STORES]["redis"].get(
         global_policy_key(request.app[SETTINGS].key_prefix)
@@ -426,6 +436,7 @@ def create_app(
     r.add_get("/admin/tenants/{tenant}/keys", list_keys)
     r.add_delete("/admin/tenants/{tenant}/keys/{key_id}", revoke_key)
     r.add_get("/admin/tenants/{tenant}/usage", get_usage)
+    r.add_get("/admin/status", get_status)
     r.add_get("/admin/global-policy", get_global_policy)
     r.add_put("/admin/global-policy", put_global_policy)
     r.add_get("/openapi.json", openapi_json)

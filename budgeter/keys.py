@@ -97,6 +97,11 @@ class TenantKeys:
         return self._k("usage")
 
     @property
+    def recent(self) -> str:
+        """list: the last 20 admission decisions, newest first."""
+        return self._k("recent")
+
+    @property
     def state(self) -> str:
         """hash: misc flags (waiting_settle)."""
         return self._k("state")

@@ -237,6 +237,14 @@ def openapi_document() -> dict[str, Any]:
                 params=tenant,
             ),
         },
+        "/admin/status": {
+            "get": {
+                "summary": "Every tenant's budgets, queue, inflight and recent decisions",
+                "tags": ["admin"],
+                "security": [{"adminToken": []}],
+                "responses": {"200": {"description": "status snapshot (JSON)"}},
+            }
+        },
         "/admin/global-policy": {
             "get": _op(
                 "Read the upstream account's policy",

@@ -8,6 +8,7 @@ KEYS[3] budget         hash  <period>:id, <period>:used, <period>:reserved
 KEYS[4] resv           hash  reservation id -> reservation JSON
 KEYS[5] resv_deadline  zset  reservation id -> deadline (ms) for the reaper
 KEYS[6] state          hash  waiting_settle flag
+KEYS[7] recent         list  the last 20 decisions, newest first: '<now ms> <decision> <reason> <tokens>'
 ARGV[1] reservation id (idempotent: a second call with the same id answers ADMIT)
 ARGV[2] input tokens (count_tokens)
 ARGV[3] max_tokens
@@ -31,8 +32,17 @@ local now = server_now(ARGV[4])
 local hold = tonumber(ARGV[5])
 local model = ARGV[6]
 
+local function answer(decision, until_ms, reason, detail)
+  if KEYS[7] then
+    redis.call('LPUSH', KEYS[7], string.format('%d %s %s %d', now, decision,
+      reason ~= '' and reason or '-', input + output))
+    redis.call('LTRIM', KEYS[7], 0, 19)
+  end
+  return {decision, until_ms, reason, now, detail}
+end
+
 if redis.call('HEXISTS', KEYS[4], id) == 1 then
-  return {'ADMIT', 0, 'already_reserved', now, ''}
+  return answer('ADMIT', 0, 'already_reserved', '')
 end
 
 local flat = redis.call('HGETALL', KEYS[1])
@@ -57,13 +67,13 @@ for _, per in ipairs({'minute', 'hour', 'day', 'month', 'total'}) do
       reserved = tonumber(cur[3]) or 0
     end
     if est > limit then
-      return {'REJECT', 0, 'too_large:budget:' .. per, now, est .. '/' .. limit}
+      return answer('REJECT', 0, 'too_large:budget:' .. per, est .. '/' .. limit)
     end
     if used + est > limit then
       if pol['on_exhausted'] == 'wait' and reset > 0 then
         if reset > exhausted_until then exhausted_until, exhausted_reason = reset, 'exhausted:' .. per end
       else
-        return {'REJECT', reset, 'exhausted:' .. per, now, used .. '/' .. limit}
+        return answer('REJECT', reset, 'exhausted:' .. per, used .. '/' .. limit)
       end
     elseif used + reserved + est > limit then
       settle_wait = true
@@ -91,7 +101,7 @@ for i, kind in ipairs(kinds) do
   if limit then
     local cost = costs[kind]
     if cost > limit then
-      return {'REJECT', 0, 'too_large:rate:' .. kind, now, cost .. '/' .. limit}
+      return answer('REJECT', 0, 'too_large:rate:' .. kind, cost .. '/' .. limit)
     end
     local interval = 60000 / limit
     local tat = tonumber(tats[i]) or now
@@ -107,11 +117,11 @@ for i, kind in ipairs(kinds) do
 end
 
 if exhausted_reason then
-  return {'DEFER', exhausted_until, exhausted_reason, now, ''}
+  return answer('DEFER', exhausted_until, exhausted_reason, '')
 end
 if rate_until > 0 or settle_wait then
   if settle_wait then redis.call('HSET', KEYS[6], 'waiting_settle', '1') end
-  return {'DEFER', rate_until, rate_reason or wait_reason, now, ''}
+  return answer('DEFER', rate_until, rate_reason or wait_reason, '')
 end
 
 -- ADMIT: apply every limit
@@ -124,4 +134,4 @@ end
 local rec = cjson.encode({i = input, o = output, m = model, t = now, b = periods, r = intervals})
 redis.call('HSET', KEYS[4], id, rec)
 redis.call('ZADD', KEYS[5], now + hold, id)
-return {'ADMIT', 0, '', now, ''}
+return answer('ADMIT', 0, '', '')

@@ -326,3 +326,22 @@ async def test_redis_state_gauges_are_read_at_scrape_time(client: TestClient, re
     assert 'budgeter_budget_remaining_tokens{period="day",tenant="gauged"} 5000.0' in text
     assert 'budgeter_inflight_requests{tenant="gauged"} 0.0' in text
     assert 'budgeter_queue_oldest_age_seconds{tenant="gauged"}' in text
+
+
+async def test_admin_status_snapshot(client: TestClient, redis: Redis) -> None:
+    from budgeter.admission import Admission
+
+    key = await new_tenant(client, "shown", {"budgets": {"day": 5000}, "rate": {"rpm": 1}})
+    await client.post(
+        "/v1/messages/batches", json={"requests": [request_line("a")]}, headers={"x-api-key": key}
+    )
+    admission = Admission(redis)
+    assert (await admission.reserve("shown", "r1", 10, 10)).kind == "ADMIT"
+    assert (await admission.reserve("shown", "r2", 10, 10)).kind == "DEFER"
+    await expect_error(await client.get("/admin/status"), 401, "authentication_error")
+    snapshot = await (await client.get("/admin/status", headers=ADMIN)).json()
+    row = snapshot["tenants"][0]
+    assert row["tenant"] == "shown" and row["queued"] == 1 and row["inflight"] == 1
+    assert row["budgets"][0]["reserved"] == 20
+    assert [d["decision"] for d in row["recent"]] == ["DEFER", "ADMIT"]
+    assert row["recent"][0]["reason"] == "rate:rpm"
