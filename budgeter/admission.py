@@ -99,6 +99,18 @@ class Usage:
             int(usage.get("cache_read_input_tokens") or 0),
         )
 
+    def record(self, metrics: Any, tenant: str, model: str, reserved: int) -> None:
+        """Count this usage in ``metrics`` (a budgeter.metrics.Metrics)."""
+        metrics.record_settled(
+            tenant,
+            model,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            cache_creation=self.cache_creation_input_tokens,
+            cache_read=self.cache_read_input_tokens,
+            reserved=reserved,
+        )
+
     @property
     def total(self) -> int:
         return (

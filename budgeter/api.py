@@ -401,6 +401,7 @@ def create_app(
                     metrics=health.metrics,
                 ),
                 admission=Admission(client, prefix=settings.key_prefix),
+                queue=stores["batches"].queue,
                 metrics=health.metrics,
                 prefix=settings.key_prefix,
                 hold_ms=int(

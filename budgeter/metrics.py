@@ -123,6 +123,31 @@ class Metrics:
     def observe_upstream(self, route: str, status: str, seconds: float) -> None:
         self.upstream_duration.labels(route, status).observe(seconds)
 
+    def record_settled(
+        self,
+        tenant: str,
+        model: str,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+        cache_creation: int,
+        cache_read: int,
+        reserved: int,
+    ) -> None:
+        """Tokens the upstream reported for one settled reservation, and actual/reserved."""
+        actual = input_tokens + output_tokens + cache_creation + cache_read
+        if reserved:
+            self.estimate_error.observe(actual / reserved)
+        label, mlabel = self.tenant(tenant), self.model(model)
+        for kind, n in (
+            ("input", input_tokens),
+            ("output", output_tokens),
+            ("cache_creation", cache_creation),
+            ("cache_read", cache_read),
+        ):
+            if n:
+                self.tokens.labels(label, mlabel, kind).inc(n)
+
 
 async def refresh_state_metrics(
     redis: Any, metrics: Metrics, tenants: list[str], *, prefix: str = "budgeter"

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from budgeter.admission import Admission, Decision, Usage
 from budgeter.api_errors import REQUEST_ID, ApiError
 from budgeter.api_request import PRINCIPAL, read_json
+from budgeter.jobqueue import JobQueue
 from budgeter.keys import TenantKeys
 from budgeter.metrics import Metrics, reason_label
 from budgeter.models import MessageParams, first_error
@@ -46,6 +47,7 @@ class ProxyDeps:
     upstream: UpstreamClient
     counter: TokenCounter
     admission: Admission
+    queue: JobQueue
     metrics: Metrics
     prefix: str
     hold_ms: int
@@ -189,18 +191,10 @@ async def _admit(
 async def _settle(
     deps: ProxyDeps, tenant: str, rid: str, model: str, usage: Usage, reserved: int
 ) -> None:
-    await deps.admission.settle(tenant, rid, usage)
-    label, mlabel = deps.metrics.tenant(tenant), deps.metrics.model(model)
-    if reserved:
-        deps.metrics.estimate_error.observe(usage.total / reserved)
-    for kind, n in (
-        ("input", usage.input_tokens),
-        ("output", usage.output_tokens),
-        ("cache_creation", usage.cache_creation_input_tokens),
-        ("cache_read", usage.cache_read_input_tokens),
-    ):
-        if n:
-            deps.metrics.tokens.labels(label, mlabel, kind).inc(n)
+    settled = await deps.admission.settle(tenant, rid, usage)
+    usage.record(deps.metrics, tenant, model, reserved)
+    if settled.waiting_settle:  # batch jobs of this tenant waited for this settle
+        await deps.queue.activate(tenant, unpark=True, wake=1)
 
 
 class StreamUsage:

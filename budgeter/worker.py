@@ -303,18 +303,7 @@ class Worker:
         usage = Usage.from_message(message)
         settled = await self.admission.settle(job.tenant, rid, usage)
         await self._finish(job, "succeeded", succeeded(message))
-        reserved = input_tokens + int(params["max_tokens"])
-        if reserved:
-            self.metrics.estimate_error.observe(usage.total / reserved)
-        mlabel = self.metrics.model(model)
-        for kind, n in (
-            ("input", usage.input_tokens),
-            ("output", usage.output_tokens),
-            ("cache_creation", usage.cache_creation_input_tokens),
-            ("cache_read", usage.cache_read_input_tokens),
-        ):
-            if n:
-                self.metrics.tokens.labels(label, mlabel, kind).inc(n)
+        usage.record(self.metrics, job.tenant, model, input_tokens + int(params["max_tokens"]))
         if settled.waiting_settle:
             await self.queue.activate(job.tenant, unpark=True, wake=1)
 
