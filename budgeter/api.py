@@ -47,6 +47,7 @@ from budgeter.proxy import PROXY, ProxyDeps, count_tokens, create_message
 from budgeter.redis_client import redis_from_settings
 from budgeter.settings import Settings
 from budgeter.status import status_snapshot
+from budgeter.status_page import add_status_page
 from budgeter.tenants import TenantStore
 from budgeter.token_counter import TokenCounter
 from budgeter.upstream import UpstreamClient
@@ -441,4 +442,5 @@ def create_app(
     r.add_get("/admin/global-policy", get_global_policy)
     r.add_put("/admin/global-policy", put_global_policy)
     r.add_get("/openapi.json", openapi_json)
+    add_status_page(app)
     return app

@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--latency-ms", type=float, default=40.0)
     demo.add_argument("--no-progress", action="store_true")
 
+    top = sub.add_parser("top", help="live view of tenants: budgets, queues, decisions")
+    top.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes"
+    )
+    top.add_argument("--once", action="store_true", help="print one table and exit")
+
     tenants = sub.add_parser("tenants", help="manage tenant policies")
     tsub = tenants.add_subparsers(dest="tenants_command", required=True, metavar="ACTION")
     tset = tsub.add_parser("set", help="create or replace a tenant's policy")
@@ -183,6 +189,12 @@ async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
             latency_ms=args.latency_ms,
             progress=not args.no_progress,
         )
+    if command == "top":
+        if args.interval <= 0:
+            raise CliError("--interval: must be > 0")
+        from budgeter.top import run_top
+
+        return await run_top(settings, interval_s=args.interval, once=args.once)
     # operator commands: validate input before touching Redis
     if command == "tenants":
         return await tenants_command(args, settings)

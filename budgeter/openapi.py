@@ -270,6 +270,19 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": {"description": "OK"}},
             }
         }
+    paths["/"] = {
+        "get": {
+            "summary": "Status page (HTML; asks for the admin token in the browser)",
+            "tags": ["operations"],
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "OK",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    }
     return {
         "openapi": "3.1.0",
         "info": {
