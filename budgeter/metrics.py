@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from budgeter.keys import TenantKeys
-from budgeter.policy import PERIODS
 
 OTHER = "other"
 
@@ -77,7 +75,7 @@ class Metrics:
         )
         self.inflight = Gauge(
             "budgeter_inflight_requests",
-            "Reservations held for requests in flight.",
+            "Reservations held for requests in flight (read from Redis by the API process).",
             ["tenant"],
             registry=r,
         )
@@ -155,31 +153,44 @@ async def refresh_state_metrics(
     """Read the values that live in Redis (queue depth, age, inflight, budget remaining).
 
     Called by the API process's /metrics handler at scrape time; with several API replicas,
-    dashboards aggregate these gauges with max(), never sum()."""
-    now_ms = time.time() * 1000
+    dashboards aggregate these gauges with max(), never sum(). Tenants past the label cap
+    are summed into ``other`` (oldest age: the max); series of deleted tenants or removed
+    budgets disappear; a period that rolled over counts from zero (Redis server time).
+    """
+    from budgeter.usage import tenant_usage  # usage imports nothing of metrics
+
+    seconds, micros = await redis.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    depth: dict[str, float] = {}
+    inflight: dict[str, float] = {}
+    age: dict[str, float] = {}
+    remaining: dict[tuple[str, str], float] = {}
     for tenant in tenants:
-        keys = TenantKeys.of(prefix, tenant)
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.llen(keys.queue)
-            pipe.lindex(keys.queue, 0)
-            pipe.hlen(keys.resv)
-            pipe.hgetall(keys.policy)
-            pipe.hgetall(keys.budget)
-            depth, head, inflight, policy, budget = await pipe.execute()
+        report = await tenant_usage(redis, tenant, prefix=prefix, now_ms=now_ms)
+        if report is None:
+            continue
         label = metrics.tenant(tenant)
-        metrics.queue_depth.labels(label).set(depth)
-        metrics.inflight.labels(label).set(inflight)
-        age = 0.0
+        depth[label] = depth.get(label, 0) + report["queued"]
+        inflight[label] = inflight.get(label, 0) + report["inflight"]
+        oldest = 0.0
+        keys = TenantKeys.of(prefix, tenant)
+        head = await redis.lindex(keys.queue, 0)
         if head:
             meta = await redis.hget(keys.jmeta, head)
             if meta:
-                age = max(0.0, (now_ms - int(meta.split(" ")[0])) / 1000)
-        metrics.queue_oldest_age.labels(label).set(age)
-        for period in PERIODS:
-            limit = policy.get(f"budget:{period}")
-            if limit is None:
-                continue
-            used = int(budget.get(f"{period}:used") or 0)
-            reserved = int(budget.get(f"{period}:reserved") or 0)
-            # a period that rolled over has nothing used yet
-            metrics.budget_remaining.labels(label, period).set(max(0, int(limit) - used - reserved))
+                oldest = max(0.0, (now_ms - int(meta.split(" ")[0])) / 1000)
+        age[label] = max(age.get(label, 0.0), oldest)
+        for row in report["budgets"]:
+            key = (label, row["period"])
+            remaining[key] = remaining.get(key, 0) + row["remaining"]
+    for gauge, values in (
+        (metrics.queue_depth, depth),
+        (metrics.inflight, inflight),
+        (metrics.queue_oldest_age, age),
+    ):
+        gauge.clear()
+        for label, value in values.items():
+            gauge.labels(label).set(value)
+    metrics.budget_remaining.clear()
+    for (label, period), value in remaining.items():
+        metrics.budget_remaining.labels(label, period).set(value)

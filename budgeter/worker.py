@@ -278,8 +278,6 @@ class Worker:
     async def _forward(
         self, job: LeasedJob, params: dict[str, Any], rid: str, model: str, input_tokens: int
     ) -> None:
-        label = self.metrics.tenant(job.tenant)
-        self.metrics.inflight.labels(label).inc()
         sent = False
         try:
             await self.admission.mark_sent(job.tenant, rid)
@@ -298,8 +296,6 @@ class Worker:
             else:
                 await self.admission.release(job.tenant, rid)
             raise
-        finally:
-            self.metrics.inflight.labels(label).dec()
         usage = Usage.from_message(message)
         settled = await self.admission.settle(job.tenant, rid, usage)
         await self._finish(job, "succeeded", succeeded(message))
