@@ -168,16 +168,16 @@ async def run_demo(
                 )
             store = TenantStore(redis, prefix=settings.key_prefix)
             batches = BatchStore(redis, prefix=settings.key_prefix)
-            plan: list[tuple[DemoTenant, str, int]] = []
+            plan: list[tuple[DemoTenant, int]] = []
             remaining = requests
             for index, tenant in enumerate(TENANTS):
                 count = remaining if index == len(TENANTS) - 1 else round(requests * tenant.share)
                 remaining -= count
                 await store.put(tenant.name, tenant.policy)
-                plan.append((tenant, "", count))
+                plan.append((tenant, count))
             started = time.monotonic()
             submitted: list[tuple[DemoTenant, str, int]] = []
-            for tenant, _, count in plan:
+            for tenant, count in plan:
                 batch_id = await batches.create(tenant.name, demo_requests(tenant, count))
                 submitted.append((tenant, batch_id, count))
             finished_at: dict[str, float] = {}
