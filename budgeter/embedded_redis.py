@@ -73,6 +73,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_cluster_port(host: str = "127.0.0.1") -> int:
+    """A free port P whose cluster bus port P + 10000 is free too (so P < 55536)."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind((host, candidate))
+        except OSError:
+            continue
+        return port
+    raise EmbeddedRedisError("no free port pair for a cluster node")
+
+
 def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):

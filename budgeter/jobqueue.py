@@ -119,10 +119,11 @@ class JobQueue:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(keys.policy, keys.batch(batch_id))
-                    if not await pipe.exists(keys.policy):
+                    # (HGET, not EXISTS: redis-py's cluster pipeline mishandles EXISTS
+                    # in immediate mode after WATCH)
+                    if await pipe.hget(keys.policy, "json") is None:
                         raise UnknownTenantError(f"tenant {tenant!r} has no policy")
-                    seconds, micros = await pipe.time()
-                    now_ms = int(seconds) * 1000 + int(micros) // 1000
+                    now_ms = await self.server_time_ms()
                     expires = await pipe.hget(keys.batch(batch_id), "expires_ms")
                     fresh = list(range(len(ids)))
                     if expires is not None:  # a retried submission: skip what is there
@@ -163,6 +164,11 @@ class JobQueue:
             await self.activate(tenant, wake=min(len(fresh), WAKE_TOKENS_MAX))
             return len(fresh)
         raise RuntimeError(f"batch {batch_id!r}: too many concurrent submissions, try again")
+
+    async def server_time_ms(self) -> int:
+        """Redis server time (a keyless command: on a cluster it goes to any node)."""
+        seconds, micros = await self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
 
     async def _present(self, pipe: Any, keys: TenantKeys, ids: list[str]) -> set[int]:
         present: set[int] = set()

@@ -47,10 +47,11 @@ def ratelimit_headers(policy: dict[str, str], tats: dict[str, str], now_ms: int)
 
 
 async def tenant_ratelimit_headers(redis: Any, keys: TenantKeys) -> dict[str, str]:
-    """Read policy, buckets and Redis time in one round trip and build the headers."""
+    """Read policy and buckets in one round trip, Redis time in another (a keyless command
+    cannot join a pipeline on Redis Cluster), and build the headers."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.policy)
         pipe.hgetall(keys.buckets)
-        pipe.time()
-        policy, tats, (seconds, micros) = await pipe.execute()
+        policy, tats = await pipe.execute()
+    seconds, micros = await redis.time()
     return ratelimit_headers(policy, tats, int(seconds) * 1000 + int(micros) // 1000)

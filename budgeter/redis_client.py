@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -16,8 +18,16 @@ from budgeter.embedded_redis import EmbeddedRedis, running_embedded_url
 from budgeter.settings import Settings
 
 
-def make_redis(url: str) -> Redis:
-    """An asyncio client (hiredis parser when installed) that retries dropped connections."""
+def make_redis(url: str, *, cluster: bool = False) -> Any:
+    """An asyncio client (hiredis parser when installed) that retries dropped connections;
+    a RedisCluster client for ``cluster`` or a ``redis+cluster://`` URL."""
+    if cluster or url.startswith("redis+cluster://"):
+        return RedisCluster.from_url(
+            url.replace("redis+cluster://", "redis://", 1),
+            decode_responses=True,
+            socket_timeout=60,
+            socket_connect_timeout=5,
+        )
     return Redis.from_url(
         url,
         decode_responses=True,
@@ -30,7 +40,7 @@ def make_redis(url: str) -> Redis:
 
 
 @asynccontextmanager
-async def redis_from_settings(settings: Settings) -> AsyncIterator[Redis]:
+async def redis_from_settings(settings: Settings) -> AsyncIterator[Any]:
     """Yield a client for ``settings.redis_url``, or for an embedded server started here."""
     embedded: EmbeddedRedis | None = None
     url = settings.redis_url
@@ -39,7 +49,7 @@ async def redis_from_settings(settings: Settings) -> AsyncIterator[Redis]:
     if url is None:
         embedded = EmbeddedRedis(settings.data_dir)
         url = await asyncio.to_thread(embedded.start)
-    client = make_redis(url)
+    client = make_redis(url, cluster=settings.cluster_mode)
     try:
         yield client
     finally:

@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="Redis URL; unset starts an embedded redis-server."
     )
+    redis_cluster: bool = Field(
+        default=False,
+        description="Talk to a Redis Cluster (also implied by a redis+cluster:// URL).",
+    )
     upstream_url: str = Field(
         default="http://127.0.0.1:8788",
         description="Base URL of the Messages API; /v1/messages is appended.",
@@ -89,9 +93,13 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if not value.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
+            raise ValueError("must start with redis://, rediss://, unix:// or redis+cluster://")
         return value
+
+    @property
+    def cluster_mode(self) -> bool:
+        return self.redis_cluster or (self.redis_url or "").startswith("redis+cluster://")
 
     @field_validator("upstream_url")
     @classmethod
