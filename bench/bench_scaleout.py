@@ -15,48 +15,19 @@ import argparse
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from budgeter.batches import BatchStore
-from budgeter.embedded_redis import EmbeddedRedis, find_redis_server, free_cluster_port, free_port
+from budgeter.embedded_redis import EmbeddedRedis, EmbeddedRedisCluster, free_port
 from budgeter.models import BatchRequest
 from budgeter.policy import TenantPolicy
 from budgeter.redis_client import make_redis
 from budgeter.tenants import TenantStore
 
 TENANTS = ("t1", "t2", "t3", "t4")
-
-
-def start_cluster(root: Path) -> tuple[list[EmbeddedRedis], str]:
-    servers = []
-    for index in range(3):
-        server = EmbeddedRedis(
-            root / f"node{index}",
-            port=free_cluster_port(),
-            appendonly=False,
-            extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
-        )
-        server.start()
-        servers.append(server)
-    cli = str(Path(find_redis_server()).with_name("redis-cli"))
-    nodes = [f"127.0.0.1:{s.port}" for s in servers]
-    subprocess.run(
-        [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
-        check=True,
-        capture_output=True,
-    )
-    for _ in range(300):
-        info = subprocess.run(
-            [cli, "-p", str(servers[0].port), "cluster", "info"], capture_output=True, text=True
-        ).stdout
-        if "cluster_state:ok" in info:
-            break
-        time.sleep(0.1)
-    return servers, f"redis+cluster://{nodes[0]}/0"
 
 
 def batch(tenant: str, n: int) -> list[BatchRequest]:
@@ -128,7 +99,8 @@ async def main(jobs: int, latency_ms: float, counts: list[int]) -> None:
     with tempfile.TemporaryDirectory() as root:
         single = EmbeddedRedis(Path(root) / "single", appendonly=False)
         single.start()
-        nodes, cluster_url = start_cluster(Path(root))
+        cluster = EmbeddedRedisCluster(Path(root) / "cluster")
+        cluster_url = cluster.start()
         mock_port = free_port()
         mock = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -158,8 +130,7 @@ async def main(jobs: int, latency_ms: float, counts: list[int]) -> None:
             mock.send_signal(signal.SIGTERM)
             await mock.wait()
             single.stop()
-            for node in nodes:
-                node.stop()
+            cluster.stop()
     print()
     print(
         f"{jobs} jobs over {len(TENANTS)} tenants, mock latency {latency_ms:g} ms, "

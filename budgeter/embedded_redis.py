@@ -192,3 +192,54 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class EmbeddedRedisCluster:
+    """A Redis Cluster of ``masters`` embedded servers on loopback (no replicas, no
+    persistence), made with redis-cli; for tests and benchmarks."""
+
+    def __init__(self, root: Path | str, *, masters: int = 3) -> None:
+        self.root = Path(root)
+        self.masters = masters
+        self.servers: list[EmbeddedRedis] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.servers[0].port}/0"
+
+    def start(self, timeout_s: float = 30.0) -> str:
+        for index in range(self.masters):
+            server = EmbeddedRedis(
+                self.root / f"node{index}",
+                port=free_cluster_port(),
+                appendonly=False,
+                extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
+            )
+            server.start()
+            self.servers.append(server)
+        cli = str(Path(find_redis_server()).with_name("redis-cli"))
+        nodes = [f"127.0.0.1:{server.port}" for server in self.servers]
+        subprocess.run(
+            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = subprocess.run(
+                [cli, "-p", str(self.servers[0].port), "cluster", "info"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
+            if "cluster_state:ok" in info:
+                return self.url
+            time.sleep(0.1)
+        self.stop()
+        raise EmbeddedRedisError("the embedded cluster did not reach cluster_state:ok")
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        self.servers.clear()
