@@ -213,7 +213,10 @@ class Worker:
             raise
         except Exception:
             log.exception("job failed", extra={"tenant": job.tenant, "job": job.id})
-            await self._retry_or_dead(job, error_body("api_error", "internal error in worker"))
+            try:
+                await self._retry_or_dead(job, error_body("api_error", "internal error in worker"))
+            except Exception:  # Redis away too: the lease expires and the job is reclaimed
+                log.warning("could not give the job back", extra={"job": job.id}, exc_info=True)
         finally:
             self.processed += 1
 
