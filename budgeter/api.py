@@ -49,8 +49,7 @@ from budgeter.settings import Settings
 from budgeter.status import status_snapshot
 from budgeter.status_page import add_status_page
 from budgeter.tenants import TenantStore
-from budgeter.token_counter import TokenCounter
-from budgeter.upstream import UpstreamClient
+from budgeter.token_counter import upstream_and_counter
 from budgeter.usage import tenant_usage
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -377,14 +376,7 @@ def create_app(
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with _redis_for(settings, redis) as client, aiohttp.ClientSession() as session:
-            upstream = UpstreamClient(
-                session,
-                settings.upstream_url,
-                settings.upstream_api_key.get_secret_value(),
-                timeout_s=settings.upstream_timeout_seconds,
-                max_attempts=settings.upstream_max_attempts,
-                observe=health.metrics.observe_upstream,
-            )
+            upstream, counter = upstream_and_counter(session, client, settings, health.metrics)
             stores = app[STORES]
             stores["redis"] = client
             stores["upstream"] = upstream
@@ -394,13 +386,7 @@ def create_app(
             app[PROXY]["deps"] = ProxyDeps(
                 redis=client,
                 upstream=upstream,
-                counter=TokenCounter(
-                    client,
-                    upstream,
-                    prefix=settings.key_prefix,
-                    ttl_s=settings.count_cache_ttl_seconds,
-                    metrics=health.metrics,
-                ),
+                counter=counter,
                 admission=Admission(client, prefix=settings.key_prefix),
                 queue=stores["batches"].queue,
                 metrics=health.metrics,

@@ -51,3 +51,26 @@ class TokenCounter:
     def _hit(self, result: str) -> None:
         if self.metrics is not None:
             self.metrics.count_cache.labels(result).inc()
+
+
+def upstream_and_counter(
+    session: Any, redis: Any, settings: Any, metrics: Metrics
+) -> tuple[UpstreamClient, TokenCounter]:
+    """The upstream client and the cached token counter every process builds the same way
+    from its settings (``budgeter.settings.Settings``)."""
+    upstream = UpstreamClient(
+        session,
+        settings.upstream_url,
+        settings.upstream_api_key.get_secret_value(),
+        timeout_s=settings.upstream_timeout_seconds,
+        max_attempts=settings.upstream_max_attempts,
+        observe=metrics.observe_upstream,
+    )
+    counter = TokenCounter(
+        redis,
+        upstream,
+        prefix=settings.key_prefix,
+        ttl_s=settings.count_cache_ttl_seconds,
+        metrics=metrics,
+    )
+    return upstream, counter

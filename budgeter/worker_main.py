@@ -12,8 +12,7 @@ from budgeter.metrics import Metrics
 from budgeter.redis_client import redis_from_settings
 from budgeter.serving import serve_app, stop_event_on_signals
 from budgeter.settings import Settings
-from budgeter.token_counter import TokenCounter
-from budgeter.upstream import UpstreamClient
+from budgeter.token_counter import upstream_and_counter
 from budgeter.worker import Worker, WorkerConfig
 
 log = logging.getLogger("budgeter.worker")
@@ -39,21 +38,7 @@ async def run_worker(settings: Settings, *, concurrency: int, host: str, port: i
         redis_from_settings(settings) as redis,
         aiohttp.ClientSession() as session,
     ):
-        upstream = UpstreamClient(
-            session,
-            settings.upstream_url,
-            settings.upstream_api_key.get_secret_value(),
-            timeout_s=settings.upstream_timeout_seconds,
-            max_attempts=settings.upstream_max_attempts,
-            observe=metrics.observe_upstream,
-        )
-        counter = TokenCounter(
-            redis,
-            upstream,
-            prefix=settings.key_prefix,
-            ttl_s=settings.count_cache_ttl_seconds,
-            metrics=metrics,
-        )
+        upstream, counter = upstream_and_counter(session, redis, settings, metrics)
         worker = Worker(
             redis=redis,
             upstream=upstream,
