@@ -109,7 +109,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     rid = f"sync:{request[REQUEST_ID]}"
     model = str(params["model"])
     decision = await _admit(deps, tenant, rid, input_tokens, params, model)
-    headers = await tenant_ratelimit_headers(deps.redis, keys)
+    headers = await tenant_ratelimit_headers(deps.redis, keys, now_ms=decision.now_ms)
     label = deps.metrics.tenant(tenant)
     if decision.kind == "DEFER":
         wait = retry_after_s(decision.until_ms or decision.now_ms + 1000, decision.now_ms)
@@ -157,12 +157,13 @@ async def _admit(
     params: dict[str, Any],
     model: str,
 ) -> Decision:
-    """Reserve; while DEFER and the tenant's max_wait allows, wait and try again."""
-    raw_wait = await deps.redis.hget(TenantKeys.of(deps.prefix, tenant).policy, "json")
-    max_wait_s = json.loads(raw_wait).get("max_wait_seconds", 0.0) if raw_wait else 0.0
-    give_up = time.monotonic() + max_wait_s
+    """Reserve; while DEFER and the tenant's max_wait allows, wait and try again.
+
+    The policy's ``max_wait_seconds`` is read only at the first DEFER, so an admitted call
+    costs one Redis round trip here."""
     label = deps.metrics.tenant(tenant)
     started = time.monotonic()
+    give_up: float | None = None
     while True:
         decision = await deps.admission.reserve(
             tenant,
@@ -180,6 +181,9 @@ async def _admit(
             if decision.waits_for_settle
             else (decision.until_ms - decision.now_ms) / 1000
         )
+        if give_up is None:
+            raw = await deps.redis.hget(TenantKeys.of(deps.prefix, tenant).policy, "json")
+            give_up = started + (json.loads(raw).get("max_wait_seconds", 0.0) if raw else 0.0)
         if time.monotonic() + pause > give_up:
             break
         await asyncio.sleep(max(pause, 0.001))

@@ -46,12 +46,17 @@ def ratelimit_headers(policy: dict[str, str], tats: dict[str, str], now_ms: int)
     return headers
 
 
-async def tenant_ratelimit_headers(redis: Any, keys: TenantKeys) -> dict[str, str]:
-    """Read policy and buckets in one round trip, Redis time in another (a keyless command
-    cannot join a pipeline on Redis Cluster), and build the headers."""
+async def tenant_ratelimit_headers(
+    redis: Any, keys: TenantKeys, *, now_ms: int | None = None
+) -> dict[str, str]:
+    """Read policy and buckets in one round trip and build the headers. ``now_ms`` is the
+    Redis time of a decision just taken; without it Redis TIME is asked separately (a
+    keyless command cannot join a pipeline on Redis Cluster)."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.policy)
         pipe.hgetall(keys.buckets)
         policy, tats = await pipe.execute()
-    seconds, micros = await redis.time()
-    return ratelimit_headers(policy, tats, int(seconds) * 1000 + int(micros) // 1000)
+    if now_ms is None:
+        seconds, micros = await redis.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+    return ratelimit_headers(policy, tats, now_ms)

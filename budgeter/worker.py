@@ -17,10 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from budgeter.admission import Admission, Decision, Usage
 from budgeter.batches import BatchStore
 from budgeter.jobqueue import JobQueue, LeasedJob
 from budgeter.metrics import Metrics, reason_label
+from budgeter.models import MessageParams, first_error
 from budgeter.policy import TENANT_ID_RE
 from budgeter.results import (
     BUDGET_ERROR_TYPE,
@@ -368,13 +371,12 @@ def _refusal(decision: Decision) -> dict[str, Any]:
 
 
 def _params_problem(params: dict[str, Any]) -> str | None:
-    if not isinstance(params.get("model"), str) or not params["model"]:
-        return "model: field required"
-    max_tokens = params.get("max_tokens")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        return "max_tokens: must be an integer >= 1"
-    if not isinstance(params.get("messages"), list) or not params["messages"]:
-        return "messages: must be a non-empty list"
+    """What the Messages API requires (the same model the Batches API validates with): jobs
+    may come from producers that wrote Redis directly."""
+    try:
+        MessageParams.model_validate(params)
+    except ValidationError as exc:
+        return first_error(exc)
     return None
 
 
