@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
+from budgeter.access_log import access_log_middleware
 from budgeter.admission import Admission
 from budgeter.api_errors import REQUEST_ID, ApiError, Handler, errors_middleware
 from budgeter.api_keys import KeyStore, Principal
@@ -35,6 +36,7 @@ from budgeter.api_models import (
     dump,
 )
 from budgeter.api_request import PRINCIPAL, read_json
+from budgeter.auth_throttle import AuthThrottle
 from budgeter.batches import BatchNotEndedError, BatchNotFoundError, BatchStore
 from budgeter.health import HealthState, add_health_routes
 from budgeter.jobqueue import UnknownTenantError
@@ -65,16 +67,31 @@ def _bearer(request: web.Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+async def _refuse(request: web.Request, status: int, message: str) -> ApiError:
+    """A failed authentication: 401/403, or 429 once the client failed too often."""
+    throttle: AuthThrottle = request.app[STORES]["auth_throttle"]
+    wait_s = await throttle.failed(throttle.client_of(request))
+    if wait_s is not None:
+        return ApiError(
+            429,
+            "too many failed authentications from this address; retry later",
+            headers={"retry-after": str(int(wait_s))},
+        )
+    return ApiError(status, message)
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path
     if path.startswith("/v1/"):
         key = request.headers.get("x-api-key") or _bearer(request)
         if not key:
-            raise ApiError(401, "missing API key: send it in x-api-key or Authorization: Bearer")
+            raise await _refuse(
+                request, 401, "missing API key: send it in x-api-key or Authorization: Bearer"
+            )
         principal = await request.app[STORES]["keys"].authenticate(key)
         if principal is None:
-            raise ApiError(401, "invalid API key")
+            raise await _refuse(request, 401, "invalid API key")
         request[PRINCIPAL] = principal
     elif path.startswith("/admin"):
         expected = request.app[SETTINGS].admin_token
@@ -82,7 +99,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             raise ApiError(403, "the admin API is disabled: BUDGETER_ADMIN_TOKEN is not set")
         token = _bearer(request) or ""
         if not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
-            raise ApiError(401, "invalid admin token")
+            raise await _refuse(request, 401, "invalid admin token")
     return await handler(request)
 
 
@@ -305,7 +322,14 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 
 async def get_usage(request: web.Request) -> web.Response:
-    tenant = tenant_param(request)
+    return await _usage_of(request, tenant_param(request))
+
+
+async def get_own_usage(request: web.Request) -> web.Response:
+    return await _usage_of(request, principal(request).tenant)
+
+
+async def _usage_of(request: web.Request, tenant: str) -> web.Response:
     settings = request.app[SETTINGS]
     report = await tenant_usage(
         request.app[STORES]["redis"],
@@ -365,7 +389,7 @@ def create_app(
 ) -> web.Application:
     """The API app. With ``redis`` given (tests), it is used and not closed here."""
     app = web.Application(
-        middlewares=[errors_middleware, auth_middleware],
+        middlewares=[access_log_middleware, errors_middleware, auth_middleware],
         client_max_size=settings.api_max_body_mb * 1024 * 1024,
     )
     app[SETTINGS] = settings
@@ -383,6 +407,12 @@ def create_app(
             stores["batches"] = BatchStore(client, prefix=settings.key_prefix)
             stores["tenants"] = TenantStore(client, prefix=settings.key_prefix)
             stores["keys"] = KeyStore(client, prefix=settings.key_prefix)
+            stores["auth_throttle"] = AuthThrottle(
+                client,
+                settings.key_prefix,
+                limit=settings.auth_failures_per_minute,
+                trust_forwarded_for=settings.trust_forwarded_for,
+            )
             app[PROXY]["deps"] = ProxyDeps(
                 redis=client,
                 upstream=upstream,
@@ -416,6 +446,7 @@ def create_app(
     r.add_delete("/v1/messages/batches/{batch_id}", delete_batch)
     r.add_post("/v1/messages/batches/{batch_id}/cancel", cancel_batch)
     r.add_get("/v1/messages/batches/{batch_id}/results", batch_results)
+    r.add_get("/v1/usage", get_own_usage)
     r.add_get("/admin/tenants", list_tenants)
     r.add_put("/admin/tenants/{tenant}", put_tenant)
     r.add_get("/admin/tenants/{tenant}", get_tenant)

@@ -67,6 +67,13 @@ class TenantKeys:
         return self._k("dead")
 
     @property
+    def outcomes(self) -> str:
+        """hash: submitted | succeeded | errored | canceled | expired -> jobs, cumulative.
+        Incremented in the same MULTI/script as the transition it counts (submit, ack.lua,
+        batch_cancel.lua); never decremented (deleting a batch or the tenant keeps it)."""
+        return self._k("outcomes")
+
+    @property
     def buckets(self) -> str:
         """hash: rpm|itpm|otpm -> theoretical arrival time (ms) of the GCRA bucket."""
         return self._k("buckets")
@@ -182,6 +189,11 @@ def batch_index_key(prefix: str) -> str:
 def key_index_key(prefix: str) -> str:
     """hash: SHA-256 of a tenant API key -> '<tenant> <key id>' (its own slot)."""
     return f"{prefix}:{{keys}}:by_hash"
+
+
+def auth_failures_key(prefix: str, client: str) -> str:
+    """string: failed authentications of one client address in the current window."""
+    return f"{prefix}:{{auth}}:failures:{client}"
 
 
 def global_policy_key(prefix: str) -> str:

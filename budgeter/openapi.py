@@ -228,6 +228,14 @@ def openapi_document() -> dict[str, Any]:
                 content_type="application/json",
             ),
         },
+        "/v1/usage": {
+            "get": _op(
+                "The calling tenant's own budgets and usage per period and model",
+                m.UsageAnswer,
+                tag="usage",
+                security="tenant",
+            ),
+        },
         "/admin/tenants/{tenant}/usage": {
             "get": _op(
                 "Budgets and usage per period and model",

@@ -82,6 +82,15 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(
         default=30.0, ge=0, description="How long SIGTERM waits for in-flight jobs."
     )
+    auth_failures_per_minute: int = Field(
+        default=20,
+        ge=1,
+        description="Failed authentications a client address may make per minute before 429.",
+    )
+    trust_forwarded_for: bool = Field(
+        default=False,
+        description="Take the client address from X-Forwarded-For (behind a trusted proxy).",
+    )
     metrics_max_tenants: int = Field(
         default=50, ge=1, description="Tenant label values before the rest become 'other'."
     )
