@@ -95,6 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     tget.add_argument("tenant")
     tdel = tsub.add_parser("delete", help="delete a tenant's policy")
     tdel.add_argument("tenant")
+    tapply = tsub.add_parser(
+        "apply",
+        help="make Redis match a YAML file of tenant policies",
+        description="Create, update and (with prune) delete tenants so that Redis matches "
+        "FILE ({tenants: {ID: POLICY}, prune: BOOL}). Idempotent; prints the plan.",
+    )
+    tapply.add_argument("file", metavar="FILE", help="tenants YAML file, or - for stdin")
+    tapply.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    tapply.add_argument(
+        "--prune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="delete tenants absent from the file (default: the file's 'prune', else no)",
+    )
+    tapply.add_argument(
+        "--exit-code",
+        action="store_true",
+        help="exit 1 when the plan has changes (errors always exit 2)",
+    )
 
     submit = sub.add_parser("submit", help="submit a JSONL file of batch requests")
     submit.add_argument("--tenant", required=True)
@@ -229,6 +248,8 @@ def parse_policy(text: str) -> TenantPolicy:
 
 async def tenants_command(args: argparse.Namespace, settings: Settings) -> int:
     action = args.tenants_command
+    if action == "apply":
+        return await tenants_apply_command(args, settings)
     policy = None
     if action in ("set", "get", "delete"):
         check_tenant_id(args.tenant)
@@ -259,6 +280,38 @@ async def tenants_command(args: argparse.Namespace, settings: Settings) -> int:
                 policy_json = found.model_dump(exclude_defaults=True) if found else None
                 print(json.dumps({"tenant": tenant, "policy": policy_json}))
     return 0
+
+
+async def tenants_apply_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``tenants apply FILE``: the whole file is validated before Redis is touched."""
+    from rich.console import Console
+
+    from budgeter import tenants_apply as ta
+
+    try:
+        desired = ta.load_file(args.file)
+    except ta.TenantsFileError as exc:
+        for problem in exc.problems:
+            print(f"budgeter: error: {problem}", file=sys.stderr)
+        return 2
+    prune = desired.prune if args.prune is None else args.prune
+    async with redis_from_settings(settings) as redis:
+        store = TenantStore(redis, prefix=settings.key_prefix)
+        try:
+            current = await ta.load_current(store)
+        except ta.StoredPolicyError as exc:
+            raise CliError(str(exc)) from None
+        changes = ta.plan(current, desired.tenants, prune=prune)
+        deleted = [c.tenant for c in changes if c.action == "delete"]
+        queued = await ta.queued_jobs(store, deleted)
+        console = Console(soft_wrap=True, highlight=False, emoji=False)
+        for text, style in ta.plan_lines(changes, queued):
+            console.print(text, style=style, markup=False)
+        if not args.dry_run:
+            await ta.apply(store, changes)
+        console.print(ta.summary_line(changes, dry_run=args.dry_run), markup=False)
+    has_changes = any(c.is_change for c in changes)
+    return 1 if args.exit_code and has_changes else 0
 
 
 # submit / results / usage -----------------------------------------------------------------
