@@ -12,7 +12,9 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from budgeter.keys import TenantKeys
+from budgeter.global_limits import GlobalLimits
+from budgeter.keys import GlobalModelKeys, TenantKeys
+from budgeter.pricing import ModelPrice, price_of
 from budgeter.scripts import register
 
 DecisionKind = Literal["ADMIT", "DEFER", "REJECT"]
@@ -44,31 +46,69 @@ class Decision:
         """DEFER with no time: it may fit once in-flight reservations settle."""
         return self.kind == "DEFER" and self.until_ms == 0
 
-    def describe(self) -> str:
+    def describe(self, model: str | None = None) -> str:
         """A sentence for error messages: which limit, and when it resets."""
         if self.kind == "ADMIT":
             return "admitted"
-        what, _, rest = self.reason.partition(":")
+        reason = self.reason
+        owner = "the "
+        if reason.startswith("global:"):
+            reason, owner = reason.removeprefix("global:"), "the upstream account's "
+        what, _, rest = reason.partition(":")
         when = f" until {format_ms(self.until_ms)}" if self.until_ms else ""
         if what == "too_large":
             scope, _, name = rest.partition(":")
-            label = f"{name} token budget" if scope == "budget" else f"{name} rate limit"
-            return f"request needs {self.detail.replace('/', ' tokens but the ')} is the {label}"
+            label = _limit_label(name, model, budget=scope == "budget")
+            cost, _, limit = self.detail.partition("/")
+            unit = "" if "USD" in label else (" request" if name.endswith("rpm") else " tokens")
+            return f"request needs {cost}{unit} but {owner}{label} is {limit}"
         if what == "exhausted":
             used, _, limit = self.detail.partition("/")
+            label = _limit_label(rest, model, budget=True)
             resets = f"; it resets at {format_ms(self.until_ms)}" if self.until_ms else ""
             if self.kind == "DEFER":
-                return f"{rest} token budget exhausted; waiting for its reset{when}"
-            return f"{rest} token budget exhausted ({used} of {limit} tokens used){resets}"
+                return f"{owner}{label} exhausted; waiting for its reset{when}"
+            return f"{owner}{label} exhausted ({used} of {limit} used){resets}"
         if what == "rate":
-            return f"{rest} rate limit reached; fits again{when}"
+            label = _limit_label(rest, model, budget=False)
+            fits = f"; fits again at {format_ms(self.until_ms)}" if self.until_ms else ""
+            return f"{owner}{label} reached{fits}"
         if what == "inflight":
-            return f"{rest} token budget is held by in-flight requests; waiting for them to settle"
+            label = _limit_label(rest, model, budget=True)
+            return f"{owner}{label} is held by in-flight requests; waiting for them to settle"
         if what == "concurrency":
             return "max_concurrency reached; waiting for in-flight requests"
+        if what == "paused":
+            return f"the upstream rate-limited model {model or ''} (429); paused{when}".replace(
+                "model  ", "the model "
+            )
+        if what == "model_not_allowed":
+            return f"model {model or self.detail!r} is not in this tenant's allowed_models"
+        if what == "unpriced_model":
+            return (
+                f"model {model or self.detail!r} has no price in BUDGETER_PRICES, "
+                "so a usd budget cannot admit it"
+            )
         if what == "unknown_tenant":
             return "tenant has no policy"
         return self.reason
+
+
+def _limit_label(name: str, model: str | None, *, budget: bool) -> str:
+    """'model:usd:day' -> 'day USD budget of model X', 'rpm' -> 'rpm rate limit'."""
+    parts = name.split(":")
+    of_model = parts[0] == "model"
+    if of_model:
+        parts = parts[1:]
+    usd = parts[0] == "usd"
+    if usd:
+        parts = parts[1:]
+    period = parts[0] if parts else name
+    unit = "USD" if usd else "token"
+    label = f"{period} {unit} budget" if budget else f"{period} rate limit"
+    if of_model:
+        label += f" of model {model}" if model else " of this model"
+    return label
 
 
 def format_ms(ms: int, *, precise: bool = False) -> str:
@@ -138,7 +178,10 @@ class SettleResult:
         return cls(settled, bool(waiting), full, released, actual, reserved)
 
 
-def reserve_keys(keys: TenantKeys) -> list[str]:
+Scope = TenantKeys | GlobalModelKeys
+
+
+def reserve_keys(keys: Scope) -> list[str]:
     return [
         keys.policy,
         keys.buckets,
@@ -147,10 +190,11 @@ def reserve_keys(keys: TenantKeys) -> list[str]:
         keys.resv_deadline,
         keys.state,
         keys.recent,
+        keys.resv_sent,
     ]
 
 
-def settle_keys(keys: TenantKeys) -> list[str]:
+def settle_keys(keys: Scope) -> list[str]:
     return [
         keys.buckets,
         keys.budget,
@@ -167,16 +211,36 @@ def _now_arg(now_ms: int | None) -> str:
 
 
 class Admission:
-    """The admission scripts bound to one Redis client (plain or cluster)."""
+    """The admission scripts bound to one Redis client (plain or cluster).
 
-    def __init__(self, redis: Any, *, prefix: str = "budgeter") -> None:
+    With ``global_limits``, a tenant's ADMIT is followed by a reservation against the
+    upstream account's limits of the model, in the model's own scope; when those refuse,
+    the tenant's reservation is released and their answer (reason ``global:...``) is the
+    decision. Settling settles both. ``prices`` price ``usd_budgets``.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        prefix: str = "budgeter",
+        global_limits: GlobalLimits | None = None,
+        prices: dict[str, ModelPrice] | None = None,
+    ) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.global_limits = global_limits
+        self.prices = prices or {}
         self._reserve = register(redis, "reserve.lua")
         self._settle = register(redis, "settle.lua")
+        self._held_globally: dict[str, str] = {}  # reservation id -> model
 
     def keys(self, tenant: str) -> TenantKeys:
         return TenantKeys.of(self.prefix, tenant)
+
+    def price_arg(self, model: str) -> str:
+        price = price_of(self.prices, model)
+        return "" if price is None else price.lua_arg()
 
     async def reserve(
         self,
@@ -189,6 +253,12 @@ class Admission:
         hold_ms: int = 90_000,
         now_ms: int | None = None,
     ) -> Decision:
+        limits = self.global_limits
+        if limits is not None:
+            paused = await limits.paused_until_ms(model)
+            if paused:
+                return Decision("DEFER", paused, "global:paused", int(limits.wall() * 1000))
+        prices = self.price_arg(model)
         reply = await self._reserve(
             keys=reserve_keys(self.keys(tenant)),
             args=[
@@ -198,47 +268,93 @@ class Admission:
                 _now_arg(now_ms),
                 int(hold_ms),
                 model,
+                "",
+                "",
+                prices,
             ],
         )
-        return Decision.from_reply(reply)
+        decision = Decision.from_reply(reply)
+        if decision.kind != "ADMIT" or limits is None:
+            return decision
+        policy = await limits.limits_json(model)
+        if not policy:
+            return decision
+        await limits.remember(model)
+        reply = await self._reserve(
+            keys=reserve_keys(limits.keys(model)),
+            args=[
+                reservation_id,
+                int(input_tokens),
+                int(max_tokens),
+                _now_arg(now_ms),
+                int(hold_ms),
+                model,
+                policy,
+                "1",
+                prices,
+            ],
+        )
+        account = Decision.from_reply(reply)
+        if account.kind == "ADMIT":
+            self._held_globally[reservation_id] = model
+            return decision
+        await self._settle_scope(self.keys(tenant), "release", reservation_id, now_ms=now_ms)
+        return Decision(
+            account.kind,
+            account.until_ms,
+            f"global:{account.reason}",
+            account.now_ms,
+            account.detail,
+        )
 
     async def mark_sent(self, tenant: str, reservation_id: str) -> None:
         """Record that the upstream may now be called: a crash from here on charges in full."""
         await self.redis.hset(self.keys(tenant).resv_sent, reservation_id, "1")
 
+    async def _settle_scope(
+        self, keys: Scope, mode: str, reservation_id: str, *extra: int, now_ms: int | None
+    ) -> SettleResult:
+        reply = await self._settle(
+            keys=settle_keys(keys), args=[mode, _now_arg(now_ms), reservation_id, *extra]
+        )
+        return SettleResult.from_reply(reply)
+
+    async def _settle_both(
+        self, tenant: str, mode: str, reservation_id: str, *extra: int, now_ms: int | None
+    ) -> SettleResult:
+        result = await self._settle_scope(
+            self.keys(tenant), mode, reservation_id, *extra, now_ms=now_ms
+        )
+        model = self._held_globally.pop(reservation_id, None)
+        if model is not None and self.global_limits is not None:
+            await self._settle_scope(
+                self.global_limits.keys(model), mode, reservation_id, *extra, now_ms=now_ms
+            )
+        return result
+
     async def settle(
         self, tenant: str, reservation_id: str, usage: Usage, *, now_ms: int | None = None
     ) -> SettleResult:
-        reply = await self._settle(
-            keys=settle_keys(self.keys(tenant)),
-            args=[
-                "usage",
-                _now_arg(now_ms),
-                reservation_id,
-                usage.input_tokens,
-                usage.output_tokens,
-                usage.cache_creation_input_tokens,
-                usage.cache_read_input_tokens,
-            ],
+        return await self._settle_both(
+            tenant,
+            "usage",
+            reservation_id,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_creation_input_tokens,
+            usage.cache_read_input_tokens,
+            now_ms=now_ms,
         )
-        return SettleResult.from_reply(reply)
 
     async def charge_full(
         self, tenant: str, reservation_id: str, *, now_ms: int | None = None
     ) -> SettleResult:
-        reply = await self._settle(
-            keys=settle_keys(self.keys(tenant)), args=["full", _now_arg(now_ms), reservation_id]
-        )
-        return SettleResult.from_reply(reply)
+        return await self._settle_both(tenant, "full", reservation_id, now_ms=now_ms)
 
     async def release(
         self, tenant: str, reservation_id: str, *, now_ms: int | None = None
     ) -> SettleResult:
-        reply = await self._settle(
-            keys=settle_keys(self.keys(tenant)),
-            args=["release", _now_arg(now_ms), reservation_id],
-        )
-        return SettleResult.from_reply(reply)
+        return await self._settle_both(tenant, "release", reservation_id, now_ms=now_ms)
 
     async def reap(
         self, tenant: str, *, limit: int = 1000, now_ms: int | None = None
@@ -248,3 +364,28 @@ class Admission:
             keys=settle_keys(self.keys(tenant)), args=["reap", _now_arg(now_ms), int(limit)]
         )
         return SettleResult.from_reply(reply)
+
+    async def reap_global(self, *, limit: int = 1000, now_ms: int | None = None) -> int:
+        """Reap the account scopes' reservations whose process died (all charged in full:
+        they are marked sent when made). Returns how many were reaped."""
+        if self.global_limits is None:
+            return 0
+        reaped = 0
+        for model in await self.global_limits.models():
+            reply = await self._settle(
+                keys=settle_keys(self.global_limits.keys(model)),
+                args=["reap", _now_arg(now_ms), int(limit)],
+            )
+            reaped += SettleResult.from_reply(reply).settled
+        return reaped
+
+
+def admission_from_settings(redis: Any, settings: Any) -> Admission:
+    """The admission every process builds from its settings: the account's global limits
+    (policy and upstream pauses shared through Redis) and the price table."""
+    return Admission(
+        redis,
+        prefix=settings.key_prefix,
+        global_limits=GlobalLimits(redis, prefix=settings.key_prefix),
+        prices=settings.prices,
+    )

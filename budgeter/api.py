@@ -18,7 +18,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from budgeter.access_log import access_log_middleware
-from budgeter.admission import Admission
+from budgeter.admission import admission_from_settings
 from budgeter.api_errors import REQUEST_ID, ApiError, Handler, errors_middleware
 from budgeter.api_keys import KeyStore, Principal
 from budgeter.api_models import (
@@ -44,7 +44,7 @@ from budgeter.keys import global_policy_key
 from budgeter.metrics import Metrics, refresh_state_metrics
 from budgeter.models import first_error
 from budgeter.openapi import openapi_document
-from budgeter.policy import InvalidTenantError, TenantPolicy, check_tenant_id
+from budgeter.policy import GlobalPolicy, InvalidTenantError, TenantPolicy, check_tenant_id
 from budgeter.proxy import PROXY, ProxyDeps, count_tokens, create_message
 from budgeter.redis_client import redis_from_settings
 from budgeter.settings import Settings
@@ -156,6 +156,16 @@ async def create_batch(request: web.Request) -> web.Response:
                 400, f"requests.{index}.custom_id: duplicate custom_id {item.custom_id!r}"
             )
         seen.add(item.custom_id)
+    policy = await request.app[STORES]["tenants"].get(who.tenant)
+    if policy is None:
+        raise ApiError(403, "this key's tenant has no policy")
+    for index, item in enumerate(body.requests):
+        if not policy.allows(item.params.model):
+            raise ApiError(
+                403,
+                f"requests.{index}.params.model: model {item.params.model!r} is not in this "
+                "tenant's allowed_models",
+            )
     settings = request.app[SETTINGS]
     store: BatchStore = request.app[STORES]["batches"]
     try:
@@ -355,12 +365,14 @@ async def get_global_policy(request: web.Request) -> web.Response:
     raw = await request.app[STORES]["redis"].get(
         global_policy_key(request.app[SETTINGS].key_prefix)
     )
-    policy = TenantPolicy() if raw is None else TenantPolicy.model_validate_json(raw)
-    return ok(GlobalPolicyAnswer(policy=policy))
+    return ok(GlobalPolicyAnswer(policy=GlobalPolicy.from_stored(raw)))
 
 
 async def put_global_policy(request: web.Request) -> web.Response:
-    policy = _policy(await read_json(request))
+    try:
+        policy = GlobalPolicy.model_validate(await read_json(request))
+    except ValidationError as exc:
+        raise ApiError(400, first_error(exc)) from None
     await request.app[STORES]["redis"].set(
         global_policy_key(request.app[SETTINGS].key_prefix),
         policy.model_dump_json(exclude_defaults=True),
@@ -400,7 +412,10 @@ def create_app(
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with _redis_for(settings, redis) as client, aiohttp.ClientSession() as session:
-            upstream, counter = upstream_and_counter(session, client, settings, health.metrics)
+            admission = admission_from_settings(client, settings)
+            upstream, counter = upstream_and_counter(
+                session, client, settings, health.metrics, admission.global_limits
+            )
             stores = app[STORES]
             stores["redis"] = client
             stores["upstream"] = upstream
@@ -417,7 +432,7 @@ def create_app(
                 redis=client,
                 upstream=upstream,
                 counter=counter,
-                admission=Admission(client, prefix=settings.key_prefix),
+                admission=admission,
                 queue=stores["batches"].queue,
                 metrics=health.metrics,
                 prefix=settings.key_prefix,

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from budgeter.admission import format_ms
 from budgeter.batches import BatchStatus
 from budgeter.models import MAX_BATCH_REQUESTS, BatchRequest
-from budgeter.policy import TenantPolicy
+from budgeter.policy import GlobalPolicy, TenantPolicy
 
 
 class ErrorObject(BaseModel):
@@ -142,10 +142,12 @@ class KeyList(BaseModel):
 class BudgetRow(BaseModel):
     period: str
     period_id: str
-    limit: int
-    used: int
-    reserved: int
-    remaining: int
+    unit: Literal["tokens", "usd"] = "tokens"
+    model: str | None = Field(default=None, description="Set for a limit of one model.")
+    limit: int | float
+    used: int | float
+    reserved: int | float
+    remaining: int | float
     resets_at_ms: int
 
 
@@ -166,7 +168,7 @@ class UsageAnswer(BaseModel):
 
 
 class GlobalPolicyAnswer(BaseModel):
-    policy: TenantPolicy
+    policy: GlobalPolicy
 
 
 def dump(model: BaseModel) -> dict[str, Any]:

@@ -440,8 +440,11 @@ async def usage_command(args: argparse.Namespace, settings: Settings) -> int:
     for column in ("period", "limit", "used", "reserved", "remaining", "resets at"):
         budgets.add_column(column, justify="right" if column != "period" else "left")
     for row in report["budgets"]:
+        what = row["period"] + (" USD" if row["unit"] == "usd" else "")
+        if row["model"] is not None:
+            what += f" ({row['model']})"
         budgets.add_row(
-            row["period"],
+            what,
             f"{row['limit']:,}",
             f"{row['used']:,}",
             f"{row['reserved']:,}",
@@ -449,7 +452,7 @@ async def usage_command(args: argparse.Namespace, settings: Settings) -> int:
             format_ms(row["resets_at_ms"]) if row["resets_at_ms"] else "never",
         )
     console.print(budgets)
-    usage = Table(title=f"usage of {args.tenant} (tokens)")
+    usage = Table(title=f"usage of {args.tenant} (tokens and US dollars)")
     for column in (
         "period",
         "model",
@@ -458,6 +461,7 @@ async def usage_command(args: argparse.Namespace, settings: Settings) -> int:
         "output",
         "cache_creation",
         "cache_read",
+        "USD",
     ):
         usage.add_column(column, justify="left" if column in ("period", "model") else "right")
     for row in report["usage"]:
@@ -468,6 +472,7 @@ async def usage_command(args: argparse.Namespace, settings: Settings) -> int:
                 f"{row.get(kind, 0):,}"
                 for kind in ("requests", "input", "output", "cache_creation", "cache_read")
             ),
+            f"{row['usd']:,.6f}" if "usd" in row else "-",
         )
     console.print(usage)
     return 0

@@ -4,6 +4,7 @@ same script as a tenant's keys, so every script is correct on Redis Cluster."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from budgeter.policy import check_tenant_id
@@ -194,6 +195,70 @@ def key_index_key(prefix: str) -> str:
 def auth_failures_key(prefix: str, client: str) -> str:
     """string: failed authentications of one client address in the current window."""
     return f"{prefix}:{{auth}}:failures:{client}"
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalModelKeys:
+    """The upstream account's limits of one model: a scope of its own, ``{g:<digest>}``
+    (the model's name is hashed, so no name can reach into another key or slot). The
+    same names as TenantKeys, so reserve.lua and settle.lua serve both."""
+
+    prefix: str
+    model: str
+
+    def _k(self, name: str) -> str:
+        digest = hashlib.sha256(self.model.encode()).hexdigest()[:16]
+        return f"{self.prefix}:{{g:{digest}}}:{name}"
+
+    @property
+    def policy(self) -> str:
+        """unused (reserve.lua gets the global policy as an argument); names the slot."""
+        return self._k("policy")
+
+    @property
+    def buckets(self) -> str:
+        return self._k("buckets")
+
+    @property
+    def budget(self) -> str:
+        return self._k("budget")
+
+    @property
+    def resv(self) -> str:
+        return self._k("resv")
+
+    @property
+    def resv_deadline(self) -> str:
+        return self._k("resv_deadline")
+
+    @property
+    def resv_sent(self) -> str:
+        return self._k("resv_sent")
+
+    @property
+    def usage(self) -> str:
+        """hash: the account's usage of this model, as a tenant's usage hash."""
+        return self._k("usage")
+
+    @property
+    def state(self) -> str:
+        """hash: waiting_settle; paused_until (ms) after an upstream 429."""
+        return self._k("state")
+
+    @property
+    def recent(self) -> str:
+        """list: the last 20 decisions of this model's global limits."""
+        return self._k("recent")
+
+
+def global_models_key(prefix: str) -> str:
+    """set: models with a global scope in use (the reaper walks them)."""
+    return f"{prefix}:{{global}}:models"
+
+
+def global_pauses_key(prefix: str) -> str:
+    """hash: model -> paused until (ms, Redis time) after an upstream 429."""
+    return f"{prefix}:{{global}}:pauses"
 
 
 def global_policy_key(prefix: str) -> str:

@@ -5,6 +5,7 @@ server_now(arg)       -> ms: tonumber(arg) when a test passes a time, else Redis
 period_of(period, ms) -> id, end_ms: the UTC calendar period containing ms
                          ('total' -> 'total', 0 = never resets)
 fmt(x)                -> x as a decimal string with 3 decimals (keeps sub-ms precision)
+fmt6(x)               -> x with 6 decimals (US dollars to the micro-dollar)
 ]]
 local function server_now(arg)
   if arg ~= nil and arg ~= '' then return tonumber(arg) end
@@ -58,4 +59,8 @@ end
 
 local function fmt(x)
   return string.format('%.3f', x)
+end
+
+local function fmt6(x)
+  return string.format('%.6f', x)
 end

@@ -181,6 +181,8 @@ async def refresh_state_metrics(
                 oldest = max(0.0, (now_ms - int(meta.split(" ")[0])) / 1000)
         age[label] = max(age.get(label, 0.0), oldest)
         for row in report["budgets"]:
+            if row["unit"] != "tokens" or row["model"] is not None:
+                continue  # the gauge is the tenant's own token budgets
             key = (label, row["period"])
             remaining[key] = remaining.get(key, 0) + row["remaining"]
     for gauge, values in (

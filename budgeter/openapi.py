@@ -10,7 +10,7 @@ from pydantic.json_schema import models_json_schema
 
 from budgeter import api_models as m
 from budgeter.models import MessageParams
-from budgeter.policy import TenantPolicy
+from budgeter.policy import GlobalPolicy, TenantPolicy
 
 REF = "#/components/schemas/{model}"
 _MODELS: tuple[type[BaseModel], ...] = (
@@ -30,6 +30,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     m.UsageAnswer,
     m.GlobalPolicyAnswer,
     TenantPolicy,
+    GlobalPolicy,
 )
 
 _ERRORS = {
@@ -265,7 +266,7 @@ def openapi_document() -> dict[str, Any]:
                 m.GlobalPolicyAnswer,
                 tag="admin",
                 security="admin",
-                body=TenantPolicy,
+                body=GlobalPolicy,
             ),
         },
     }

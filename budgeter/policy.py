@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
 TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 PERIODS: tuple[str, ...] = ("minute", "hour", "day", "month", "total")
@@ -36,6 +37,45 @@ class RateLimits(BaseModel):
     otpm: PositiveInt | None = Field(default=None, description="Output tokens per minute.")
 
 
+ModelName = str
+MODEL_NAME_MAX = 200
+USD_DECIMALS = 6
+
+
+def _check_models(names: list[str]) -> None:
+    for name in names:
+        if not name or len(name) > MODEL_NAME_MAX or any(ord(c) < 32 for c in name):
+            raise ValueError(
+                f"invalid model name {name!r}: 1-{MODEL_NAME_MAX} printable characters"
+            )
+
+
+class ModelLimits(BaseModel):
+    """Limits that apply to one model only, on top of the policy's own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budgets: dict[Period, PositiveInt] = Field(
+        default_factory=dict, description="Tokens of this model per UTC calendar period."
+    )
+    usd_budgets: dict[Period, PositiveFloat] = Field(
+        default_factory=dict, description="US dollars spent on this model per period."
+    )
+    rate: RateLimits = Field(default_factory=RateLimits)
+
+    def flat(self, scope: str) -> dict[str, str]:
+        fields: dict[str, str] = {}
+        for period, limit in self.budgets.items():
+            fields[f"{scope}budget:{period}"] = str(limit)
+        for period, usd in self.usd_budgets.items():
+            fields[f"{scope}usd:{period}"] = repr(float(usd))
+        for kind in RATE_KINDS:
+            limit = getattr(self.rate, kind)
+            if limit is not None:
+                fields[f"{scope}rate:{kind}"] = str(limit)
+        return fields
+
+
 class TenantPolicy(BaseModel):
     """What one tenant may spend. Every field may be absent (no limit)."""
 
@@ -46,7 +86,17 @@ class TenantPolicy(BaseModel):
         default_factory=dict,
         description="Total tokens (input + output, cache included) per UTC calendar period.",
     )
+    usd_budgets: dict[Period, PositiveFloat] = Field(
+        default_factory=dict,
+        description="US dollars per UTC calendar period, priced by BUDGETER_PRICES.",
+    )
     rate: RateLimits = Field(default_factory=RateLimits)
+    models: dict[ModelName, ModelLimits] = Field(
+        default_factory=dict, description="Limits of one model, on top of the ones above."
+    )
+    allowed_models: list[ModelName] | None = Field(
+        default=None, description="When set, requests for any other model are refused."
+    )
     max_concurrency: PositiveInt | None = Field(
         default=None, description="Reservations in flight at once."
     )
@@ -62,6 +112,16 @@ class TenantPolicy(BaseModel):
         description="How long a synchronous /v1/messages call may wait for a DEFER to end.",
     )
 
+    @field_validator("models", "allowed_models")
+    @classmethod
+    def _model_names(cls, value: object) -> object:
+        if value:
+            _check_models(list(value))  # type: ignore[arg-type]
+        return value
+
+    def allows(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
+
     def redis_fields(self) -> dict[str, str]:
         """The flat hash the admission script reads (absent field = no limit)."""
         fields = {
@@ -69,12 +129,52 @@ class TenantPolicy(BaseModel):
             "weight": repr(float(self.weight)),
             "on_exhausted": self.on_exhausted,
         }
-        for period, limit in self.budgets.items():
-            fields[f"budget:{period}"] = str(limit)
-        for kind in RATE_KINDS:
-            limit = getattr(self.rate, kind)
-            if limit is not None:
-                fields[f"rate:{kind}"] = str(limit)
+        fields |= ModelLimits(
+            budgets=self.budgets, usd_budgets=self.usd_budgets, rate=self.rate
+        ).flat("")
+        for model, limits in self.models.items():
+            fields |= limits.flat(f"m:{model}:")
+        if self.allowed_models is not None:
+            fields["allowlist"] = "1"
+            for model in self.allowed_models:
+                fields[f"allow:{model}"] = "1"
         if self.max_concurrency is not None:
             fields["max_concurrency"] = str(self.max_concurrency)
         return fields
+
+
+class GlobalPolicy(BaseModel):
+    """The upstream account's own limits. The upstream limits each model on its own, so
+    the top-level limits apply to every model separately (each model has its own buckets
+    and counters); ``models`` replaces them for the models it names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budgets: dict[Period, PositiveInt] = Field(default_factory=dict)
+    usd_budgets: dict[Period, PositiveFloat] = Field(default_factory=dict)
+    rate: RateLimits = Field(default_factory=RateLimits)
+    models: dict[ModelName, ModelLimits] = Field(default_factory=dict)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, ModelLimits]) -> dict[str, ModelLimits]:
+        _check_models(list(value))
+        return value
+
+    @classmethod
+    def from_stored(cls, raw: str | bytes | None) -> GlobalPolicy:
+        """The stored policy; fields this version does not know are dropped, so an older or
+        newer policy never stops admission."""
+        if raw is None:
+            return cls()
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            return cls()
+        return cls.model_validate({k: v for k, v in data.items() if k in cls.model_fields})
+
+    def limits_for(self, model: str) -> dict[str, str]:
+        """The flat fields reserve.lua applies to ``model`` ({} = no global limit)."""
+        limits = self.models.get(model) or ModelLimits(
+            budgets=self.budgets, usd_budgets=self.usd_budgets, rate=self.rate
+        )
+        return limits.flat("")

@@ -31,7 +31,7 @@ from budgeter.keys import TenantKeys
 from budgeter.metrics import Metrics, reason_label
 from budgeter.models import MessageParams, first_error
 from budgeter.ratelimit_headers import tenant_ratelimit_headers
-from budgeter.results import BUDGET_ERROR_TYPE, error_body
+from budgeter.results import BUDGET_ERROR_TYPE, REFUSAL_TYPES, error_body
 from budgeter.token_counter import TokenCounter
 from budgeter.upstream import COUNT_TOKENS_FIELDS, UpstreamClient, UpstreamError
 
@@ -115,16 +115,19 @@ async def create_message(request: web.Request) -> web.StreamResponse:
         wait = retry_after_s(decision.until_ms or decision.now_ms + 1000, decision.now_ms)
         raise ApiError(
             429,
-            f"{decision.describe()}",
+            decision.describe(model),
             error_type="rate_limit_error",
             headers={**headers, "retry-after": str(wait), "x-should-retry": "true"},
         )
     if decision.kind == "REJECT":
         if decision.reason == "unknown_tenant":
             raise ApiError(403, "this key's tenant has no policy", headers=headers)
+        if decision.reason in REFUSAL_TYPES:
+            status, error_type = REFUSAL_TYPES[decision.reason]
+            raise ApiError(status, decision.describe(model), error_type=error_type, headers=headers)
         raise ApiError(
             429,
-            decision.describe(),
+            decision.describe(model),
             error_type=BUDGET_ERROR_TYPE,
             headers={**headers, "x-should-retry": "false"},
         )

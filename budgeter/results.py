@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 BUDGET_ERROR_TYPE = "budget_exhausted_error"
+# refusals that are not about a budget: (HTTP status on the proxy, error type)
+REFUSAL_TYPES: dict[str, tuple[int, str]] = {
+    "model_not_allowed": (403, "permission_error"),
+    "unpriced_model": (400, "invalid_request_error"),
+}
 
 
 def error_body(error_type: str, message: str) -> dict[str, Any]:

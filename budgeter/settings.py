@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from budgeter.pricing import DEFAULT_PRICES, ModelPrice
+
 
 class SettingsError(ValueError):
     """A bad configuration value; the message is one line naming the variable."""
@@ -82,6 +84,10 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(
         default=30.0, ge=0, description="How long SIGTERM waits for in-flight jobs."
     )
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICES),
+        description="USD per million tokens per model (JSON); '*' prices any other model.",
+    )
     auth_failures_per_minute: int = Field(
         default=20,
         ge=1,
@@ -116,6 +122,11 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("prices")
+    @classmethod
+    def _prices_extend_the_defaults(cls, value: dict[str, ModelPrice]) -> dict[str, ModelPrice]:
+        return {**DEFAULT_PRICES, **value}
 
     @field_validator("admin_token", mode="before")
     @classmethod

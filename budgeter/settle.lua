@@ -2,12 +2,13 @@
 -- needs: lua_periods.lua
 A reservation that is no longer in KEYS[3] was settled (or reaped) before: nothing happens.
 
-KEYS[1] buckets        hash  rpm|itpm|otpm -> GCRA theoretical arrival time (ms)
-KEYS[2] budget         hash  <period>:id, <period>:used, <period>:reserved
+KEYS[1] buckets        hash  [m:<model>:]rpm|itpm|otpm -> GCRA theoretical arrival time (ms)
+KEYS[2] budget         hash  <counter>:id, <counter>:used, <counter>:reserved (see reserve.lua;
+                             usd counters are refunded and charged in US dollars)
 KEYS[3] resv           hash  reservation id -> reservation JSON (written by reserve.lua)
 KEYS[4] resv_deadline  zset  reservation id -> deadline (ms)
 KEYS[5] resv_sent      hash  reservation id -> 1 once the upstream may have been called
-KEYS[6] usage          hash  <period>:<period id>:<model>:<kind> -> tokens
+KEYS[6] usage          hash  <period>:<period id>:<model>:<kind> -> tokens (kind usd: dollars)
 KEYS[7] state          hash  waiting_settle flag
 ARGV[1] mode: 'usage'   ARGV[3] id, ARGV[4] input, ARGV[5] output,
                         ARGV[6] cache_creation_input, ARGV[7] cache_read_input tokens
@@ -36,11 +37,22 @@ local function settle_one(id, kind, a_in, a_out, a_cc, a_cr)
   end
   local total_in = a_in + a_cc + a_cr
   local total = total_in + a_out
+  local usd = 0
+  if r.p then
+    local p = {}
+    for x in string.gmatch(r.p, '%S+') do p[#p + 1] = tonumber(x) end
+    if kind == 'full' then
+      usd = r.u
+    else
+      usd = (a_in * p[1] + a_out * p[2] + a_cc * p[3] + a_cr * p[4]) / 1000000
+    end
+  end
 
   for bucket, interval in pairs(r.r) do
     local delta = 0
-    if bucket == 'itpm' then delta = total_in - r.i
-    elseif bucket == 'otpm' then delta = a_out - r.o
+    local what = string.match(bucket, '([^:]+)$')
+    if what == 'itpm' then delta = total_in - r.i
+    elseif what == 'otpm' then delta = a_out - r.o
     elseif kind == 'release' then delta = -1 end
     if delta ~= 0 then
       local tat = tonumber(redis.call('HGET', KEYS[1], bucket))
@@ -58,6 +70,16 @@ local function settle_one(id, kind, a_in, a_out, a_cc, a_cr)
     end
   end
 
+  for per, pid in pairs(r.d or {}) do
+    local cur = redis.call('HMGET', KEYS[2], per .. ':id', per .. ':used', per .. ':reserved')
+    if cur[1] == pid then
+      local reserved = (tonumber(cur[3]) or 0) - r.u
+      if reserved < 0.0000005 then reserved = 0 end
+      redis.call('HSET', KEYS[2], per .. ':used', fmt6((tonumber(cur[2]) or 0) + usd),
+        per .. ':reserved', fmt6(reserved))
+    end
+  end
+
   if kind ~= 'release' then
     local amounts = {input = a_in, output = a_out, cache_creation = a_cc, cache_read = a_cr,
       requests = 1}
@@ -67,6 +89,9 @@ local function settle_one(id, kind, a_in, a_out, a_cc, a_cr)
         if n > 0 then
           redis.call('HINCRBY', KEYS[6], per .. ':' .. pid .. ':' .. r.m .. ':' .. what, n)
         end
+      end
+      if usd > 0 then
+        redis.call('HINCRBYFLOAT', KEYS[6], per .. ':' .. pid .. ':' .. r.m .. ':usd', fmt6(usd))
       end
     end
   end

@@ -54,10 +54,11 @@ class TokenCounter:
 
 
 def upstream_and_counter(
-    session: Any, redis: Any, settings: Any, metrics: Metrics
+    session: Any, redis: Any, settings: Any, metrics: Metrics, global_limits: Any = None
 ) -> tuple[UpstreamClient, TokenCounter]:
     """The upstream client and the cached token counter every process builds the same way
-    from its settings (``budgeter.settings.Settings``)."""
+    from its settings (``budgeter.settings.Settings``). With ``global_limits`` (a
+    budgeter.global_limits.GlobalLimits), an upstream 429 pauses the model everywhere."""
     upstream = UpstreamClient(
         session,
         settings.upstream_url,
@@ -65,6 +66,7 @@ def upstream_and_counter(
         timeout_s=settings.upstream_timeout_seconds,
         max_attempts=settings.upstream_max_attempts,
         observe=metrics.observe_upstream,
+        on_rate_limited=global_limits.pause if global_limits is not None else None,
     )
     counter = TokenCounter(
         redis,

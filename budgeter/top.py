@@ -114,7 +114,11 @@ def render_snapshot(snapshot: dict[str, Any], *, width: int = 200) -> Group:
     table.add_column("last", justify="right", no_wrap=True)
     table.add_column("decision", min_width=24)
     for tenant in tenants:
-        by_period = {b["period"]: b for b in tenant["budgets"]}
+        by_period = {
+            b["period"]: b
+            for b in tenant["budgets"]
+            if b.get("unit", "tokens") == "tokens" and b.get("model") is None
+        }
         name = Text(tenant["tenant"])
         if tenant["tenant"] in parked:
             name.append(" (parked)", style="yellow")

@@ -107,6 +107,7 @@ class UpstreamClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
         observe: Callable[[str, str, float], None] | None = None,
+        on_rate_limited: Callable[[str, float], Awaitable[Any]] | None = None,
     ) -> None:
         self._session = session
         self.base_url = base_url.rstrip("/")
@@ -123,6 +124,7 @@ class UpstreamClient:
         self._sleep = sleep
         self._rand = rand
         self._observe = observe
+        self.on_rate_limited = on_rate_limited  # (model, seconds): the upstream said 429
 
     def __repr__(self) -> str:  # keeps the key out of any repr that reaches a log
         return f"UpstreamClient(base_url={self.base_url!r})"
@@ -182,6 +184,8 @@ class UpstreamClient:
                 if not error.retryable:
                     raise error
                 retry_after = _retry_after_s(response.headers)
+                if response.status == 429:
+                    await self._rate_limited(params, retry_after)
             if attempt == self.max_attempts:
                 raise error
             await self._sleep(self.backoff_s(attempt, retry_after))
@@ -260,6 +264,8 @@ class UpstreamClient:
                     raise error
                 retry_after = _retry_after_s(headers)
                 reason = f"HTTP {status}"
+                if status == 429 and route == "messages":
+                    await self._rate_limited(body, retry_after)
             remaining = self.max_attempts - attempt
             if remaining == 0:
                 log.warning(
@@ -277,6 +283,17 @@ class UpstreamClient:
             )
             await self._sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _rate_limited(self, params: Mapping[str, Any], retry_after: float | None) -> None:
+        """Tell every process that the upstream paused this model (never raises)."""
+        if self.on_rate_limited is None:
+            return
+        try:
+            await self.on_rate_limited(
+                str(params.get("model", "")), retry_after if retry_after is not None else 1.0
+            )
+        except Exception:
+            log.warning("could not record the upstream's pause", exc_info=True)
 
     def _record(self, route: str, status: str, started: float) -> None:
         if self._observe is not None:

@@ -8,7 +8,51 @@ from budgeter.keys import TenantKeys
 from budgeter.periods import period_of
 from budgeter.policy import PERIODS
 
-USAGE_KINDS = ("requests", "input", "output", "cache_creation", "cache_read")
+USAGE_KINDS = ("requests", "input", "output", "cache_creation", "cache_read", "usd")
+
+
+def _scopes(policy: dict[str, str]) -> list[tuple[str, str | None]]:
+    """('', None) for the policy's own limits, ('m:<model>:', model) for each model's."""
+    models = sorted(
+        {f[2:].rsplit(":", 2)[0] for f in policy if f.startswith("m:") and f.count(":") >= 3}
+    )
+    return [("", None)] + [(f"m:{model}:", model) for model in models]
+
+
+def _budget_row(
+    policy: dict[str, str],
+    budget: dict[str, str],
+    scope: str,
+    model: str | None,
+    unit: str,
+    period: str,
+    now_ms: int,
+) -> dict[str, Any] | None:
+    usd = unit == "usd"
+    limit_raw = policy.get(f"{scope}{'usd' if usd else 'budget'}:{period}")
+    if limit_raw is None:
+        return None
+    number = float if usd else int
+    counter = f"{scope}usd:{period}" if usd else f"{scope}{period}"
+    pid, reset = period_of(period, now_ms)
+    current = budget.get(f"{counter}:id") == pid
+    used = number(float(budget.get(f"{counter}:used") or 0)) if current else number(0)
+    reserved = number(float(budget.get(f"{counter}:reserved") or 0)) if current else number(0)
+    limit = number(float(limit_raw))
+    remaining = max(number(0), limit - used - reserved)
+    if usd:
+        used, reserved, remaining = round(used, 6), round(reserved, 6), round(remaining, 6)
+    return {
+        "period": period,
+        "period_id": pid,
+        "unit": unit,
+        "model": model,
+        "limit": limit,
+        "used": used,
+        "reserved": reserved,
+        "remaining": remaining,
+        "resets_at_ms": reset,
+    }
 
 
 async def tenant_usage(
@@ -25,26 +69,13 @@ async def tenant_usage(
         policy, budget, usage, inflight, queued = await pipe.execute()
     if not policy:
         return None
-    budgets = []
-    for period in PERIODS:
-        limit = policy.get(f"budget:{period}")
-        if limit is None:
-            continue
-        pid, reset = period_of(period, now_ms)
-        current = budget.get(f"{period}:id") == pid
-        used = int(budget.get(f"{period}:used") or 0) if current else 0
-        reserved = int(budget.get(f"{period}:reserved") or 0) if current else 0
-        budgets.append(
-            {
-                "period": period,
-                "period_id": pid,
-                "limit": int(limit),
-                "used": used,
-                "reserved": reserved,
-                "remaining": max(0, int(limit) - used - reserved),
-                "resets_at_ms": reset,
-            }
-        )
+    budgets = [
+        row
+        for scope, model in _scopes(policy)
+        for unit in ("tokens", "usd")
+        for period in PERIODS
+        if (row := _budget_row(policy, budget, scope, model, unit, period, now_ms)) is not None
+    ]
     wanted = {period: period_of(period, now_ms)[0] for period in ("day", "month", "total")}
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for field, value in usage.items():
@@ -53,7 +84,7 @@ async def tenant_usage(
         if wanted.get(period) != pid or kind not in USAGE_KINDS:
             continue
         row = rows.setdefault((period, model), {"period": period, "period_id": pid, "model": model})
-        row[kind] = int(value)
+        row[kind] = round(float(value), 6) if kind == "usd" else int(value)
     order = {"day": 0, "month": 1, "total": 2}
     return {
         "tenant": tenant,

@@ -27,6 +27,7 @@ from budgeter.models import MessageParams, first_error
 from budgeter.policy import TENANT_ID_RE
 from budgeter.results import (
     BUDGET_ERROR_TYPE,
+    REFUSAL_TYPES,
     canceled,
     error_body,
     errored,
@@ -68,6 +69,7 @@ class Worker:
         config: WorkerConfig,
         metrics: Metrics,
         counter: TokenCounter | None = None,
+        admission: Admission | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
@@ -76,7 +78,7 @@ class Worker:
         self.metrics = metrics
         self.clock = clock
         self.queue = JobQueue(redis, prefix=config.prefix)
-        self.admission = Admission(redis, prefix=config.prefix)
+        self.admission = admission or Admission(redis, prefix=config.prefix)
         self.tenants = TenantStore(redis, prefix=config.prefix)
         self.batches = BatchStore(redis, prefix=config.prefix)
         self.counter = counter or TokenCounter(redis, upstream, prefix=config.prefix, ttl_s=0)
@@ -185,6 +187,11 @@ class Worker:
                 await self.queue.activate(tenant)
             now = now_ms if now_ms is not None else int(self.clock() * 1000)
             await self.batches.purge_older_than(tenant, now - self.config.results_retention_ms)
+        reaped_globally = await self.admission.reap_global(now_ms=now_ms)
+        if reaped_globally:
+            log.warning(
+                "reaped account reservations of a dead process", extra={"charged": reaped_globally}
+            )
 
     async def _dead_letter_reclaimed(self, tenant: str, jid: str) -> None:
         body = await self.queue.job_body(tenant, jid)
@@ -273,7 +280,7 @@ class Worker:
             await self._defer(job, decision)
             return
         if decision.kind == "REJECT":
-            await self._finish(job, "errored", errored(_refusal(decision)))
+            await self._finish(job, "errored", errored(_refusal(decision, model)))
             return
         self.metrics.admission_wait.labels(label).observe(
             max(0.0, (decision.now_ms - job.enqueued_ms) / 1000)
@@ -364,10 +371,12 @@ class Worker:
         self.metrics.jobs.labels(self.metrics.tenant(tenant), outcome).inc()
 
 
-def _refusal(decision: Decision) -> dict[str, Any]:
+def _refusal(decision: Decision, model: str) -> dict[str, Any]:
     if decision.reason == "unknown_tenant":
         return error_body("not_found_error", "tenant has no policy")
-    return error_body(BUDGET_ERROR_TYPE, decision.describe())
+    if decision.reason in REFUSAL_TYPES:
+        return error_body(REFUSAL_TYPES[decision.reason][1], decision.describe(model))
+    return error_body(BUDGET_ERROR_TYPE, decision.describe(model))
 
 
 def _params_problem(params: dict[str, Any]) -> str | None:

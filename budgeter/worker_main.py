@@ -7,6 +7,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
+from budgeter.admission import admission_from_settings
 from budgeter.health import HealthState, add_health_routes
 from budgeter.metrics import Metrics
 from budgeter.redis_client import redis_from_settings
@@ -38,13 +39,17 @@ async def run_worker(settings: Settings, *, concurrency: int, host: str, port: i
         redis_from_settings(settings) as redis,
         aiohttp.ClientSession() as session,
     ):
-        upstream, counter = upstream_and_counter(session, redis, settings, metrics)
+        admission = admission_from_settings(redis, settings)
+        upstream, counter = upstream_and_counter(
+            session, redis, settings, metrics, admission.global_limits
+        )
         worker = Worker(
             redis=redis,
             upstream=upstream,
             config=worker_config(settings, concurrency),
             metrics=metrics,
             counter=counter,
+            admission=admission,
         )
         app = web.Application()
         add_health_routes(app, HealthState(metrics, redis, upstream))
