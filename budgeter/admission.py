@@ -233,6 +233,7 @@ class Admission:
         self.prices = prices or {}
         self._reserve = register(redis, "reserve.lua")
         self._settle = register(redis, "settle.lua")
+        self._mark_sent = register(redis, "mark_sent.lua")
         self._held_globally: dict[str, str] = {}  # reservation id -> model
 
     def keys(self, tenant: str) -> TenantKeys:
@@ -307,9 +308,14 @@ class Admission:
             account.detail,
         )
 
-    async def mark_sent(self, tenant: str, reservation_id: str) -> None:
-        """Record that the upstream may now be called: a crash from here on charges in full."""
-        await self.redis.hset(self.keys(tenant).resv_sent, reservation_id, "1")
+    async def mark_sent(self, tenant: str, reservation_id: str) -> bool:
+        """Record that the upstream may now be called: a crash from here on charges in full.
+
+        False when the reservation is gone (the reaper released it): the caller must not
+        call the upstream, only release what it still holds (:meth:`release`)."""
+        keys = self.keys(tenant)
+        marked = await self._mark_sent(keys=[keys.resv, keys.resv_sent], args=[reservation_id])
+        return bool(marked)
 
     async def _settle_scope(
         self, keys: Scope, mode: str, reservation_id: str, *extra: int, now_ms: int | None
