@@ -6,6 +6,7 @@ KEYS[2] jstate   hash  job id -> state
 KEYS[3] results  hash  job id -> result line JSON
 KEYS[4] batch    hash  request counts of the job's batch
 KEYS[5] dead     list  dead-lettered job ids
+KEYS[6] outcomes hash  cumulative jobs per terminal state (optional)
 ARGV[1] job id
 ARGV[2] outcome: succeeded | errored | canceled | expired
 ARGV[3] result line JSON ({"custom_id": ..., "result": {...}})
@@ -24,5 +25,6 @@ redis.call('HSET', KEYS[3], id, ARGV[3])
 if ARGV[5] == '1' then redis.call('RPUSH', KEYS[5], id) end
 local left = redis.call('HINCRBY', KEYS[4], 'processing', -1)
 redis.call('HINCRBY', KEYS[4], outcome, 1)
+if KEYS[6] then redis.call('HINCRBY', KEYS[6], outcome, 1) end
 if left <= 0 then redis.call('HSET', KEYS[4], 'ended_ms', server_now(ARGV[4])) end
 return 1

@@ -8,6 +8,7 @@ KEYS[3] jstate      hash  job id -> state
 KEYS[4] results     hash  job id -> result line
 KEYS[5] jobs        hash  (unused: a job id is '<batch id>:<custom_id>')
 KEYS[6] canceled_batches  set  (a job of the batch leased meanwhile is not served)
+KEYS[7] outcomes    hash  cumulative jobs per terminal state (optional)
 ARGV[1] now in ms, or ''
 ARGV[2] batch id
 
@@ -42,6 +43,7 @@ end
 if canceled > 0 then
   local left = redis.call('HINCRBY', KEYS[1], 'processing', -canceled)
   redis.call('HINCRBY', KEYS[1], 'canceled', canceled)
+  if KEYS[7] then redis.call('HINCRBY', KEYS[7], 'canceled', canceled) end
   if left <= 0 then redis.call('HSET', KEYS[1], 'ended_ms', now) end
 end
 return canceled

@@ -152,6 +152,7 @@ class BatchStore:
                 keys.results,
                 keys.jobs,
                 keys.canceled_batches,
+                keys.outcomes,
             ],
             args=["", batch_id],
         )

@@ -157,6 +157,7 @@ class JobQueue:
                         pipe.rpush(keys.batch_jobs(batch_id), *chunk_ids)
                     if fresh:
                         pipe.hincrby(keys.batch(batch_id), "processing", len(fresh))
+                        pipe.hincrby(keys.outcomes, "submitted", len(fresh))
                         pipe.hdel(keys.batch(batch_id), "ended_ms")
                     await pipe.execute()
                 except WatchError:
@@ -302,7 +303,14 @@ class JobQueue:
         keys = self.keys(tenant)
         line = json.dumps({"custom_id": custom_id, "result": result}, separators=(",", ":"))
         done = await self._ack(
-            keys=[keys.leases, keys.jstate, keys.results, keys.batch(batch_id), keys.dead],
+            keys=[
+                keys.leases,
+                keys.jstate,
+                keys.results,
+                keys.batch(batch_id),
+                keys.dead,
+                keys.outcomes,
+            ],
             args=[jid, outcome, line, "", "1" if dead else "0"],
         )
         return bool(done)
