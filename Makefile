@@ -33,8 +33,9 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# every benchmark row, one table (bench/results.md); e.g. make bench BENCH_ARGS="--quick --only admission"
 bench: $(STAMP)
-	$(PY) bench/bench_pipeline.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .budgeter .pytest_cache

@@ -111,6 +111,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.count_estimated = Counter(
+            "budgeter_count_tokens_estimated_total",
+            "Requests admitted on a local token estimate because count_tokens kept failing "
+            "(policy on_count_failure=estimate).",
+            ["tenant"],
+            registry=r,
+        )
         self.dead_lettered = Counter(
             "budgeter_dead_lettered_total",
             "Jobs dead-lettered after their last attempt.",

@@ -105,6 +105,17 @@ class TenantPolicy(BaseModel):
         description="'wait' parks jobs of an exhausted budget until the period resets.",
     )
 
+    on_count_failure: Literal["reject", "estimate"] = Field(
+        default="reject",
+        description="When count_tokens keeps failing: 'reject' waits and retries the job "
+        "(errored after its attempts), 'estimate' admits it on a local estimate.",
+    )
+    estimate_margin: float = Field(
+        default=1.5,
+        ge=1,
+        le=10,
+        description="Safety factor on the local estimate (on_count_failure='estimate').",
+    )
     max_wait_seconds: float = Field(
         default=0.0,
         ge=0,

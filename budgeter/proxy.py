@@ -103,7 +103,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     keys = TenantKeys.of(deps.prefix, tenant)
     params = await _params(request, tenant)
     try:
-        input_tokens = await deps.counter.count(params)
+        input_tokens = await deps.counter.count_for(tenant, params)
     except UpstreamError as exc:
         return _upstream_error(exc, await tenant_ratelimit_headers(deps.redis, keys))
     rid = f"sync:{request[REQUEST_ID]}"
@@ -131,7 +131,13 @@ async def create_message(request: web.Request) -> web.StreamResponse:
             error_type=BUDGET_ERROR_TYPE,
             headers={**headers, "x-should-retry": "false"},
         )
-    await deps.admission.mark_sent(tenant, rid)
+    if not await deps.admission.mark_sent(tenant, rid):  # reaped meanwhile: never sent
+        await deps.admission.release(tenant, rid)
+        raise ApiError(
+            500,
+            "the reservation expired before the upstream call; retry",
+            headers={**headers, "x-should-retry": "true"},
+        )
     reserved = input_tokens + int(params["max_tokens"])
     if params.get("stream"):
         return await _stream(request, deps, tenant, rid, params, headers, input_tokens)

@@ -259,7 +259,7 @@ class Worker:
             )
             return
         try:
-            input_tokens = await self.counter.count(params)
+            input_tokens = await self.counter.count_for(job.tenant, params)
         except UpstreamError as exc:
             await self._upstream_failed(job, exc)
             return
@@ -293,7 +293,9 @@ class Worker:
     ) -> None:
         sent = False
         try:
-            await self.admission.mark_sent(job.tenant, rid)
+            if not await self.admission.mark_sent(job.tenant, rid):
+                await self._reservation_lost(job, rid)
+                return
             sent = True
             message = await self.upstream.create_message(params)
         except UpstreamError as exc:
@@ -315,6 +317,17 @@ class Worker:
         usage.record(self.metrics, job.tenant, model, input_tokens + int(params["max_tokens"]))
         if settled.waiting_settle:
             await self.queue.activate(job.tenant, unpark=True, wake=1)
+
+    async def _reservation_lost(self, job: LeasedJob, rid: str) -> None:
+        """The reaper released the reservation before the upstream call (this worker looked
+        dead): the call is not made; the job's lease is most likely gone too."""
+        log.warning(
+            "reservation reaped before the upstream call; not sent",
+            extra={"tenant": job.tenant, "job": job.id},
+        )
+        await self.admission.release(job.tenant, rid)  # the account scopes' part, if any
+        if await self.queue.retry_later(job) == "canceled":
+            await self._finish(job, "canceled", canceled())
 
     async def _heartbeat(self, job: LeasedJob, lease: dict[str, str]) -> None:
         interval = self.config.lease_ms / 3000

@@ -19,8 +19,10 @@ from budgeter.settings import Settings
 from tests import (
     test_admission,
     test_api_http,
+    test_count_fallback,
     test_hash_slots,
     test_jobqueue,
+    test_policy_depth,
     test_review_fixes,
     test_worker,
 )
@@ -32,6 +34,8 @@ MODULES = (
     test_api_http,
     test_hash_slots,
     test_review_fixes,
+    test_policy_depth,
+    test_count_fallback,
 )
 SUPPORTED = {"redis", "client"}
 
