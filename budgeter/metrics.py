@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
 
-from budgeter.keys import TenantKeys
+from budgeter.keys import SchedKeys, TenantKeys
 
 OTHER = "other"
+TERMINAL_OUTCOMES = ("succeeded", "errored", "canceled", "expired")
 
 
 class BoundedLabel:
@@ -25,6 +28,46 @@ class BoundedLabel:
             self._seen.add(value)
             return value
         return OTHER
+
+
+class DurableJobCounts:
+    """The job counters kept in Redis (``TenantKeys.outcomes``), exported as counters.
+
+    They survive the processes that made them (a SIGKILLed worker's own
+    ``budgeter_jobs_total`` vanishes with it): submit and every terminal transition
+    increment them atomically with the transition. The API process reads them at scrape
+    time (:func:`refresh_state_metrics`); other processes export no samples.
+    """
+
+    def __init__(self) -> None:
+        self.submitted: dict[str, float] = {}
+        self.terminal: dict[tuple[str, str], float] = {}
+
+    def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily]:
+        submitted = CounterMetricFamily(
+            "budgeter_jobs_submitted_durable",
+            "Jobs ever submitted, counted in Redis (cumulative; read by the API process).",
+            labels=["tenant"],
+        )
+        terminal = CounterMetricFamily(
+            "budgeter_jobs_terminal_durable",
+            "Jobs that reached a terminal state, by outcome, counted in Redis atomically "
+            "with the transition (cumulative; read by the API process).",
+            labels=["tenant", "outcome"],
+        )
+        return submitted, terminal
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        submitted, terminal = self._families()
+        for label, value in sorted(self.submitted.items()):
+            submitted.add_metric([label], value)
+        for (label, outcome), value in sorted(self.terminal.items()):
+            terminal.add_metric([label, outcome], value)
+        yield submitted
+        yield terminal
 
 
 def reason_label(reason: str) -> str:
@@ -124,6 +167,8 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        self.durable = DurableJobCounts()
+        r.register(self.durable)
 
     def observe_upstream(self, route: str, status: str, seconds: float) -> None:
         self.upstream_duration.labels(route, status).observe(seconds)
@@ -157,12 +202,15 @@ class Metrics:
 async def refresh_state_metrics(
     redis: Any, metrics: Metrics, tenants: list[str], *, prefix: str = "budgeter"
 ) -> None:
-    """Read the values that live in Redis (queue depth, age, inflight, budget remaining).
+    """Read the values that live in Redis (queue depth, age, inflight, budget remaining,
+    the durable job counters).
 
     Called by the API process's /metrics handler at scrape time; with several API replicas,
     dashboards aggregate these gauges with max(), never sum(). Tenants past the label cap
     are summed into ``other`` (oldest age: the max); series of deleted tenants or removed
     budgets disappear; a period that rolled over counts from zero (Redis server time).
+    The durable job counters cover every tenant that ever had a policy, deleted ones too
+    (their queued jobs still end; the counters never go down).
     """
     from budgeter.usage import tenant_usage  # usage imports nothing of metrics
 
@@ -203,3 +251,26 @@ async def refresh_state_metrics(
     metrics.budget_remaining.clear()
     for (label, period), value in remaining.items():
         metrics.budget_remaining.labels(label, period).set(value)
+    await _refresh_durable(redis, metrics, tenants, prefix=prefix)
+
+
+async def _refresh_durable(
+    redis: Any, metrics: Metrics, tenants: list[str], *, prefix: str
+) -> None:
+    known = sorted(set(tenants) | set(await redis.smembers(SchedKeys(prefix).known)))
+    async with redis.pipeline(transaction=False) as pipe:
+        for tenant in known:
+            pipe.hgetall(TenantKeys.of(prefix, tenant).outcomes)
+        counts = await pipe.execute()
+    submitted: dict[str, float] = {}
+    terminal: dict[tuple[str, str], float] = {}
+    for tenant, raw in zip(known, counts, strict=True):
+        if not raw:
+            continue
+        label = metrics.tenant(tenant)
+        submitted[label] = submitted.get(label, 0) + int(raw.get("submitted", 0))
+        for outcome in TERMINAL_OUTCOMES:
+            key = (label, outcome)
+            terminal[key] = terminal.get(key, 0) + int(raw.get(outcome, 0))
+    metrics.durable.submitted = submitted
+    metrics.durable.terminal = terminal
