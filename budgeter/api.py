@@ -44,7 +44,13 @@ from budgeter.keys import global_policy_key
 from budgeter.metrics import Metrics, refresh_state_metrics
 from budgeter.models import first_error
 from budgeter.openapi import openapi_document
-from budgeter.policy import GlobalPolicy, InvalidTenantError, TenantPolicy, check_tenant_id
+from budgeter.policy import (
+    PRIORITIES,
+    GlobalPolicy,
+    InvalidTenantError,
+    TenantPolicy,
+    check_tenant_id,
+)
 from budgeter.proxy import PROXY, ProxyDeps, count_tokens, create_message
 from budgeter.redis_client import redis_from_settings
 from budgeter.settings import Settings
@@ -167,15 +173,40 @@ async def create_batch(request: web.Request) -> web.Response:
                 "tenant's allowed_models",
             )
     settings = request.app[SETTINGS]
+    priority = _priority_header(request, policy.default_priority)
+    ttl_ms = _deadline_header(request, int(settings.batch_ttl_hours * 3_600_000))
     store: BatchStore = request.app[STORES]["batches"]
     try:
-        batch_id = await store.create(
-            who.tenant, body.requests, ttl_ms=int(settings.batch_ttl_hours * 3_600_000)
-        )
+        batch_id = await store.create(who.tenant, body.requests, ttl_ms=ttl_ms, priority=priority)
     except UnknownTenantError:
         raise ApiError(403, "this key's tenant has no policy") from None
     status = await store.status(batch_id, tenant=who.tenant)
     return ok(MessageBatch.of(status, base_url(request)))
+
+
+PRIORITY_HEADER = "budgeter-priority"
+DEADLINE_HEADER = "budgeter-deadline-seconds"
+MAX_DEADLINE_S = 7 * 86_400
+
+
+def _priority_header(request: web.Request, default: str) -> str:
+    value = request.headers.get(PRIORITY_HEADER, default).strip().lower()
+    if value not in PRIORITIES:
+        raise ApiError(400, f"{PRIORITY_HEADER}: must be one of high, normal, low")
+    return value
+
+
+def _deadline_header(request: web.Request, default_ms: int) -> int:
+    raw = request.headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return default_ms
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 1 <= seconds <= MAX_DEADLINE_S:
+        raise ApiError(400, f"{DEADLINE_HEADER}: a number of seconds from 1 to {MAX_DEADLINE_S}")
+    return int(seconds * 1000)
 
 
 async def get_batch(request: web.Request) -> web.Response:

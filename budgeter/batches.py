@@ -73,14 +73,17 @@ class BatchStore:
         *,
         batch_id: str | None = None,
         ttl_ms: int = DEFAULT_TTL_MS,
+        priority: str = "normal",
     ) -> str:
-        """Queue every request of the batch in one atomic step; returns the batch id."""
+        """Queue every request of the batch in one atomic step; returns the batch id.
+        ``ttl_ms`` is every job's deadline (after it, a job not yet served is expired);
+        ``priority`` (high, normal, low) orders the tenant's own jobs."""
         batch_id = batch_id or new_batch_id()
         index = batch_index_key(self.prefix)
         await self.redis.hset(index, batch_id, tenant)
         jobs = [NewJob(r.custom_id, r.params_dict()) for r in requests]
         try:
-            await self.queue.submit(tenant, batch_id, jobs, ttl_ms=ttl_ms)
+            await self.queue.submit(tenant, batch_id, jobs, ttl_ms=ttl_ms, priority=priority)
         except Exception:
             if not await self.redis.exists(TenantKeys.of(self.prefix, tenant).batch(batch_id)):
                 await self.redis.hdel(index, batch_id)

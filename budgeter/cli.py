@@ -120,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("file", type=Path)
     submit.add_argument("--wait", action="store_true", help="show progress until it ends")
     submit.add_argument("--batch-id", default=None, help="reuse an id to retry a submission")
+    submit.add_argument(
+        "--priority",
+        choices=("high", "normal", "low"),
+        default=None,
+        help="order among the tenant's own jobs (default: the policy's default_priority)",
+    )
+    submit.add_argument(
+        "--deadline-seconds",
+        type=float,
+        default=None,
+        help="jobs not served by then expire (default: BUDGETER_BATCH_TTL_HOURS)",
+    )
 
     results = sub.add_parser("results", help="print a batch's results as JSONL")
     results.add_argument("batch_id")
@@ -366,7 +378,19 @@ async def submit_command(
 ) -> int:
     async with redis_from_settings(settings) as redis:
         store = BatchStore(redis, prefix=settings.key_prefix)
-        batch_id = await store.create(args.tenant, requests, batch_id=args.batch_id)
+        policy = await TenantStore(redis, prefix=settings.key_prefix).get(args.tenant)
+        if policy is None:
+            raise CliError(f"tenant {args.tenant!r} has no policy: set one first")
+        deadline_s = args.deadline_seconds
+        if deadline_s is not None and not 1 <= deadline_s <= 7 * 86_400:
+            raise CliError("--deadline-seconds: a number of seconds from 1 to 604800")
+        batch_id = await store.create(
+            args.tenant,
+            requests,
+            batch_id=args.batch_id,
+            ttl_ms=int((deadline_s or settings.batch_ttl_hours * 3600) * 1000),
+            priority=args.priority or policy.default_priority,
+        )
         print(batch_id)
         sys.stdout.flush()
         if args.wait:

@@ -53,10 +53,24 @@ class LeasedJob:
     leased_at_ms: int
     canceled: bool = False
     orphaned: bool = False  # its tenant was deleted
+    priority: str = "normal"
 
     @property
     def reservation_id(self) -> str:
         return f"{self.id}#{self.attempt}"
+
+
+async def oldest_queued_age_s(redis: Any, keys: TenantKeys, now_ms: int) -> float:
+    """Age of the oldest job waiting at the head of the tenant's queues (0: none)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for queue in keys.queues:
+            pipe.lindex(queue, 0)
+        heads = [h for h in await pipe.execute() if h]
+    if not heads:
+        return 0.0
+    metas = await redis.hmget(keys.jmeta, heads)
+    enqueued = [int(str(m).split(" ")[0]) for m in metas if m]
+    return max(0.0, (now_ms - min(enqueued)) / 1000) if enqueued else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +109,13 @@ class JobQueue:
     # producers ----------------------------------------------------------------------
 
     async def submit(
-        self, tenant: str, batch_id: str, jobs: list[NewJob], *, ttl_ms: int = 86_400_000
+        self,
+        tenant: str,
+        batch_id: str,
+        jobs: list[NewJob],
+        *,
+        ttl_ms: int = 86_400_000,
+        priority: str = "normal",
     ) -> int:
         """Queue a batch in one MULTI/EXEC on the tenant's slot; returns how many jobs were
         new. Idempotent per (batch, custom_id): a retried submission adds only what is
@@ -146,14 +166,14 @@ class JobQueue:
                             },
                         )
                         pipe.zadd(keys.batches, {batch_id: now_ms})
-                    meta = f"{now_ms} {deadline}"
+                    meta = f"{now_ms} {deadline}" + (f" {priority}" if priority != "normal" else "")
                     for start in range(0, len(fresh), SUBMIT_CHUNK):
                         chunk = fresh[start : start + SUBMIT_CHUNK]
                         chunk_ids = [ids[i] for i in chunk]
                         pipe.hset(keys.jobs, mapping={ids[i]: bodies[i] for i in chunk})
                         pipe.hset(keys.jstate, mapping=dict.fromkeys(chunk_ids, "queued"))
                         pipe.hset(keys.jmeta, mapping=dict.fromkeys(chunk_ids, meta))
-                        pipe.rpush(keys.queue, *chunk_ids)
+                        pipe.rpush(keys.queue_for(priority), *chunk_ids)
                         pipe.rpush(keys.batch_jobs(batch_id), *chunk_ids)
                     if fresh:
                         pipe.hincrby(keys.batch(batch_id), "processing", len(fresh))
@@ -222,6 +242,8 @@ class JobQueue:
                 keys.jmeta,
                 keys.canceled_batches,
                 keys.policy,
+                keys.queue_high,
+                keys.queue_low,
             ],
             args=[now_arg, int(lease_ms)],
         )
@@ -231,7 +253,10 @@ class JobQueue:
         if not jid:
             return None
         body = json.loads(raw)
-        enqueued, _, deadline = str(meta).partition(" ")
+        parts = str(meta).split(" ")
+        enqueued = parts[0]
+        deadline = parts[1] if len(parts) > 1 else ""
+        priority = parts[2] if len(parts) > 2 else "normal"
         return LeasedJob(
             tenant=tenant,
             id=jid,
@@ -244,21 +269,38 @@ class JobQueue:
             leased_at_ms=int(now),
             canceled=bool(int(canceled)),
             orphaned=not int(has_policy),
+            priority=priority,
         )
 
     async def _deactivate(self, tenant: str) -> None:
         # Remove first, then look again: a producer pushes before it activates, so a job
         # pushed after this LLEN finds the tenant absent and activates it itself.
         await self.redis.zrem(self.sched.ready, tenant)
-        if await self.redis.llen(self.keys(tenant).queue) > 0:
+        if await self.queued(tenant) > 0:
             await self.activate(tenant)
+
+    async def queued(self, tenant: str) -> int:
+        """Jobs waiting in the tenant's queues (every priority)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for queue in self.keys(tenant).queues:
+                pipe.llen(queue)
+            return sum(int(n) for n in await pipe.execute())
 
     async def requeue(self, job: LeasedJob, *, head: bool, count_attempt: bool) -> str:
         """Give a leased job back: 'requeued', 'lost' (lease not held) or 'canceled' (its
         batch is being canceled: the caller acks it as canceled)."""
         keys = self.keys(job.tenant)
         done = await self._requeue(
-            keys=[keys.queue, keys.leases, keys.jstate, keys.attempts, keys.canceled_batches],
+            keys=[
+                keys.queue,
+                keys.leases,
+                keys.jstate,
+                keys.attempts,
+                keys.canceled_batches,
+                keys.jmeta,
+                keys.queue_high,
+                keys.queue_low,
+            ],
             args=[job.id, "head" if head else "tail", "0" if count_attempt else "1", job.attempt],
         )
         return {0: "lost", 1: "requeued", 2: "canceled"}[int(done)]
@@ -336,7 +378,15 @@ class JobQueue:
         """Requeue jobs whose lease expired; returns (requeued, ids to dead-letter)."""
         keys = self.keys(tenant)
         reply = await self._reclaim(
-            keys=[keys.leases, keys.queue, keys.jstate, keys.attempts],
+            keys=[
+                keys.leases,
+                keys.queue,
+                keys.jstate,
+                keys.attempts,
+                keys.jmeta,
+                keys.queue_high,
+                keys.queue_low,
+            ],
             args=["" if now_ms is None else str(now_ms), int(max_attempts), int(limit)],
         )
         requeued = int(reply[0])

@@ -29,8 +29,26 @@ class TenantKeys:
 
     @property
     def queue(self) -> str:
-        """list: job ids waiting, FIFO (RPUSH to enqueue, LPOP to take)."""
+        """list: job ids waiting at priority 'normal', FIFO (RPUSH to enqueue, LPOP to take)."""
         return self._k("queue")
+
+    @property
+    def queue_high(self) -> str:
+        """list: job ids waiting at priority 'high' (taken before 'normal')."""
+        return self._k("queue:high")
+
+    @property
+    def queue_low(self) -> str:
+        """list: job ids waiting at priority 'low' (taken after 'normal')."""
+        return self._k("queue:low")
+
+    @property
+    def queues(self) -> tuple[str, str, str]:
+        """The tenant's queues in the order they are served: high, normal, low."""
+        return (self.queue_high, self.queue, self.queue_low)
+
+    def queue_for(self, priority: str) -> str:
+        return {"high": self.queue_high, "low": self.queue_low}.get(priority, self.queue)
 
     @property
     def leases(self) -> str:
@@ -49,7 +67,8 @@ class TenantKeys:
 
     @property
     def jmeta(self) -> str:
-        """hash: job id -> '<enqueued ms> <deadline ms>' (Redis server time)."""
+        """hash: job id -> '<enqueued ms> <deadline ms> [priority]' (Redis server time;
+        priority high | normal | low, absent = normal)."""
         return self._k("jmeta")
 
     @property

@@ -12,6 +12,8 @@ TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 PERIODS: tuple[str, ...] = ("minute", "hour", "day", "month", "total")
 Period = Literal["minute", "hour", "day", "month", "total"]
 RATE_KINDS: tuple[str, ...] = ("rpm", "itpm", "otpm")
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
 
 
 class InvalidTenantError(ValueError):
@@ -105,6 +107,11 @@ class TenantPolicy(BaseModel):
         description="'wait' parks jobs of an exhausted budget until the period resets.",
     )
 
+    default_priority: Priority = Field(
+        default="normal",
+        description="Priority of the tenant's batches that do not name one: 'high' jobs are "
+        "served before 'normal' ones and 'low' after, within the tenant's fair share.",
+    )
     on_count_failure: Literal["reject", "estimate"] = Field(
         default="reject",
         description="When count_tokens keeps failing: 'reject' waits and retries the job "

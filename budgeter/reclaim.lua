@@ -2,9 +2,12 @@
 -- needs: lua_periods.lua
 
 KEYS[1] leases    zset  job id -> lease expiry (ms)
-KEYS[2] queue     list
+KEYS[2] queue     list  priority normal
 KEYS[3] jstate    hash
 KEYS[4] attempts  hash
+KEYS[5] jmeta     hash  job id -> '<enqueued ms> <deadline ms> [priority]'
+KEYS[6] queue_high list priority high
+KEYS[7] queue_low  list priority low
 ARGV[1] now in ms, or ''
 ARGV[2] max attempts: a job that used them all is returned for dead-lettering
 ARGV[3] max jobs per call
@@ -24,7 +27,10 @@ for _, id in ipairs(due) do
     redis.call('ZREM', KEYS[1], id)
     if redis.call('HGET', KEYS[3], id) == 'leased' then
       redis.call('HSET', KEYS[3], id, 'queued')
-      redis.call('LPUSH', KEYS[2], id)
+      local prio = string.match(redis.call('HGET', KEYS[5], id) or '', '^%S+ %S+ (%a+)')
+      local queue = KEYS[2]
+      if prio == 'high' then queue = KEYS[6] elseif prio == 'low' then queue = KEYS[7] end
+      redis.call('LPUSH', queue, id)
       out[1] = out[1] + 1
     end
   end

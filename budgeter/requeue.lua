@@ -1,11 +1,14 @@
---[[ requeue.lua — give a leased job back to its tenant's queue.
+--[[ requeue.lua — give a leased job back to its tenant's queue of its priority.
 Only the holder of the lease can: if the lease is gone (reclaimed), nothing happens.
 
-KEYS[1] queue     list
+KEYS[1] queue     list  priority normal
 KEYS[2] leases    zset
 KEYS[3] jstate    hash
 KEYS[4] attempts  hash
 KEYS[5] canceled_batches  set
+KEYS[6] jmeta     hash  job id -> '<enqueued ms> <deadline ms> [priority]'
+KEYS[7] queue_high list priority high
+KEYS[8] queue_low  list priority low
 ARGV[1] job id (job ids are '<batch id>:<custom_id>')
 ARGV[2] 'head' (a deferred job keeps its place) or 'tail' (a failed attempt goes last)
 ARGV[3] '1' to not count this as an attempt (DEFER), '0' otherwise
@@ -22,5 +25,8 @@ if redis.call('SISMEMBER', KEYS[5], string.match(id, '^([^:]*):') or '') == 1 th
 redis.call('ZREM', KEYS[2], id)
 redis.call('HSET', KEYS[3], id, 'queued')
 if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[4], id, -1) end
-if ARGV[2] == 'head' then redis.call('LPUSH', KEYS[1], id) else redis.call('RPUSH', KEYS[1], id) end
+local prio = string.match(redis.call('HGET', KEYS[6], id) or '', '^%S+ %S+ (%a+)')
+local queue = KEYS[1]
+if prio == 'high' then queue = KEYS[7] elseif prio == 'low' then queue = KEYS[8] end
+if ARGV[2] == 'head' then redis.call('LPUSH', queue, id) else redis.call('RPUSH', queue, id) end
 return 1

@@ -30,5 +30,6 @@ def canceled() -> dict[str, Any]:
     return {"type": "canceled"}
 
 
-def expired() -> dict[str, Any]:
-    return {"type": "expired"}
+def expired(reason: str = "") -> dict[str, Any]:
+    """Anthropic's expired result; budgeter adds why (an extra field the SDKs keep)."""
+    return {"type": "expired", "reason": reason} if reason else {"type": "expired"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from budgeter.jobqueue import oldest_queued_age_s
 from budgeter.keys import SchedKeys, TenantKeys
 from budgeter.tenants import TenantStore
 from budgeter.usage import tenant_usage
@@ -29,15 +30,10 @@ async def status_snapshot(redis: Any, *, prefix: str = "budgeter", now_ms: int) 
         if report is None:
             continue
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.lindex(keys.queue, 0)
             pipe.lrange(keys.recent, 0, 9)
             pipe.hget(keys.policy, "json")
-            head, recent, policy = await pipe.execute()
-        oldest_age_s = 0.0
-        if head:
-            meta = await redis.hget(keys.jmeta, head)
-            if meta:
-                oldest_age_s = max(0.0, (now_ms - int(meta.split(" ")[0])) / 1000)
+            recent, policy = await pipe.execute()
+        oldest_age_s = await oldest_queued_age_s(redis, keys, now_ms)
         rows.append(
             {
                 "tenant": tenant,

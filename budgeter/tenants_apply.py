@@ -29,7 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
-from budgeter.keys import TenantKeys
+from budgeter.jobqueue import JobQueue
 from budgeter.policy import InvalidTenantError, TenantPolicy, check_tenant_id
 from budgeter.tenants import TenantStore
 
@@ -289,7 +289,7 @@ async def load_current(store: TenantStore) -> dict[str, TenantPolicy]:
 async def queued_jobs(store: TenantStore, tenants: Iterable[str]) -> dict[str, int]:
     """Jobs waiting in each tenant's queue (they end errored once its policy is deleted)."""
     return {
-        tenant: int(await store.redis.llen(TenantKeys.of(store.prefix, tenant).queue))
+        tenant: await JobQueue(store.redis, prefix=store.prefix).queued(tenant)
         for tenant in tenants
     }
 

@@ -65,8 +65,10 @@ async def tenant_usage(
         pipe.hgetall(keys.budget)
         pipe.hgetall(keys.usage)
         pipe.hlen(keys.resv)
-        pipe.llen(keys.queue)
-        policy, budget, usage, inflight, queued = await pipe.execute()
+        for queue in keys.queues:
+            pipe.llen(queue)
+        policy, budget, usage, inflight, *depths = await pipe.execute()
+    queued = sum(int(n) for n in depths)
     if not policy:
         return None
     budgets = [

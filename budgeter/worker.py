@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from budgeter.admission import Admission, Decision, Usage
+from budgeter.admission import Admission, Decision, Usage, format_ms
 from budgeter.batches import BatchStore
 from budgeter.jobqueue import JobQueue, LeasedJob
 from budgeter.metrics import Metrics, reason_label
@@ -183,7 +183,7 @@ class Worker:
                 )
             if reaped.waiting_settle:
                 await self.queue.activate(tenant, unpark=True, wake=1)
-            if await self.redis.llen(self.queue.keys(tenant).queue):
+            if await self.queue.queued(tenant):
                 await self.queue.activate(tenant)
             now = now_ms if now_ms is not None else int(self.clock() * 1000)
             await self.batches.purge_older_than(tenant, now - self.config.results_retention_ms)
@@ -249,7 +249,9 @@ class Worker:
             )
             return
         if job.deadline_ms and now_ms >= job.deadline_ms:
-            await self._finish(job, "expired", expired())
+            await self._finish(
+                job, "expired", expired(f"its deadline {format_ms(job.deadline_ms)} passed")
+            )
             return
         params = {k: v for k, v in job.params.items() if k != "stream"}
         problem = _params_problem(params)
@@ -277,7 +279,7 @@ class Worker:
         label = self.metrics.tenant(job.tenant)
         self.metrics.decisions.labels(label, decision.kind, reason_label(decision.reason)).inc()
         if decision.kind == "DEFER":
-            await self._defer(job, decision)
+            await self._defer(job, decision, model)
             return
         if decision.kind == "REJECT":
             await self._finish(job, "errored", errored(_refusal(decision, model)))
@@ -347,17 +349,23 @@ class Worker:
                 log.warning("lease lost while the upstream call runs", extra={"job": job.id})
                 return
 
-    async def _defer(self, job: LeasedJob, decision: Decision) -> None:
+    async def _defer(self, job: LeasedJob, decision: Decision, model: str) -> None:
         until = decision.until_ms
-        if decision.reason.startswith("exhausted:") and job.deadline_ms and until > job.deadline_ms:
+        if job.deadline_ms and until > job.deadline_ms:
+            reason = (
+                f"cannot be admitted before its deadline {format_ms(job.deadline_ms)}: "
+                f"{decision.describe(model)}"
+            )
             log.info(
-                "expired: budget resets after the job's deadline",
+                "expired: cannot be admitted before its deadline",
                 extra={"tenant": job.tenant, "job": job.id, "reason": decision.reason},
             )
-            await self._finish(job, "expired", expired())
+            await self._finish(job, "expired", expired(reason))
             return
         if until == 0:
             until = decision.now_ms + self.config.settle_wait_fallback_ms
+            if job.deadline_ms:  # look again at the deadline, to expire it then
+                until = min(until, job.deadline_ms)
         if await self.queue.defer(job, until) == "canceled":
             await self._finish(job, "canceled", canceled())
 

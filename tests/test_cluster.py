@@ -23,6 +23,7 @@ from tests import (
     test_hash_slots,
     test_jobqueue,
     test_policy_depth,
+    test_priorities_and_deadlines,
     test_review_fixes,
     test_worker,
 )
@@ -36,6 +37,7 @@ MODULES = (
     test_review_fixes,
     test_policy_depth,
     test_count_fallback,
+    test_priorities_and_deadlines,
 )
 SUPPORTED = {"redis", "client"}
 
