@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from budgeter.api_keys import KeyStore
 from budgeter.keys import SchedKeys, TenantKeys
 from budgeter.policy import TenantPolicy, check_tenant_id
 
@@ -43,9 +44,11 @@ class TenantStore:
         return sorted(await self.redis.smembers(self.sched.known))
 
     async def delete(self, tenant: str) -> bool:
-        """Remove the policy; queued work of the tenant is refused from then on."""
+        """Remove the policy and revoke the tenant's API keys (a tenant created again later
+        never inherits them); queued work of the tenant is refused from then on."""
         check_tenant_id(tenant)
         removed = await self.redis.delete(TenantKeys.of(self.prefix, tenant).policy)
+        await KeyStore(self.redis, prefix=self.prefix).revoke_all(tenant)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.srem(self.sched.tenants, tenant)
             pipe.hdel(self.sched.weight, tenant)

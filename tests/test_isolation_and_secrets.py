@@ -355,3 +355,23 @@ async def test_secrets_never_appear_in_logs_metrics_answers_results_or_redis(
         for name, secret in secrets.items():
             assert secret not in text, f"the {name} appears in the {where}"
             assert secret[-12:] not in text, f"a tail of the {name} appears in the {where}"
+
+
+async def test_a_deleted_tenants_keys_never_work_again_even_if_it_is_recreated(
+    client: TestClient, redis: Redis
+) -> None:
+    from budgeter.policy import TenantPolicy
+    from budgeter.tenants import TenantStore
+
+    key = await new_tenant(client, "tenant-a")
+    assert (await client.get("/v1/messages/batches", headers=_auth(key))).status == 200
+    store = TenantStore(redis)
+    assert await store.delete("tenant-a")  # what `budgeter tenants delete` and apply --prune do
+    await store.put("tenant-a", TenantPolicy())
+    await expect_error(
+        await client.get(
+            "/v1/messages/batches", headers={**_auth(key), "x-forwarded-for": "192.0.2.99"}
+        ),
+        401,
+        "authentication_error",
+    )
