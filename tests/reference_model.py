@@ -357,7 +357,8 @@ def release(state: State, rid: str, now_ms: int) -> SettleResult:
 
 
 def mark_sent(state: State, rid: str) -> None:
-    """Admission.mark_sent: HSET resv_sent <id> 1 (whether or not the reservation exists)."""
+    """The harness's raw HSET resv_sent <id> 1, whether or not the reservation exists
+    (Admission.mark_sent itself marks only a reservation still held: mark_sent.lua)."""
     state.sent.add(rid)
 
 
