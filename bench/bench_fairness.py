@@ -23,6 +23,7 @@ import asyncio
 import time
 from typing import Any
 
+import aiohttp
 from common import (
     Options,
     Row,
@@ -34,13 +35,13 @@ from common import (
     start_mock,
     start_worker,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from budgeter.batches import BatchStore
 from budgeter.jobqueue import JobQueue
 from budgeter.models import BatchRequest
 from budgeter.policy import TenantPolicy
 from budgeter.tenants import TenantStore
-from budgeter.usage import tenant_usage
 
 PREFIX = "fair"
 CONCURRENCY = 32
@@ -67,8 +68,9 @@ def requests(tag: str, n: int, size: int = 1) -> list[BatchRequest]:
 
 
 class Harness:
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, metrics_url: str) -> None:
         self.redis = redis
+        self.metrics_url = metrics_url
         self.tenants = TenantStore(redis, prefix=PREFIX)
         self.store = BatchStore(redis, prefix=PREFIX)
         self.queue = JobQueue(redis, prefix=PREFIX)
@@ -91,14 +93,20 @@ class Harness:
                 await asyncio.sleep(0.05)
 
     async def served_tokens(self, tenant: str) -> int:
-        usage = await tenant_usage(
-            self.redis, tenant, prefix=PREFIX, now_ms=int(time.time() * 1000)
-        )
-        total = 0
-        for row in (usage or {}).get("usage", []):
-            if row["period"] == "total":
-                total += sum(int(row.get(k, 0)) for k in ("input", "output"))
-        return total
+        """Input + output tokens the worker settled for ``tenant``, read from its /metrics
+        (``budgeter_tokens_total{tenant,model,kind}``, the catalogue in DESIGN.md)."""
+        async with aiohttp.ClientSession() as http, http.get(self.metrics_url) as resp:
+            text = await resp.text()
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if (
+                    sample.name == "budgeter_tokens_total"
+                    and sample.labels.get("tenant") == tenant
+                    and sample.labels.get("kind") in ("input", "output")
+                ):
+                    total += sample.value
+        return int(total)
 
     async def window(
         self, specs: list[tuple[str, float, int]], jobs_each: int, warm_s: float, window_s: float
@@ -149,10 +157,12 @@ async def run(opts: Options) -> list[Row]:
         with procs() as started:
             mock, mock_url = await start_mock(LATENCY_MS, base_env(server.url))
             started.append(mock)
-            env = base_env(server.url, mock_url, BUDGETER_KEY_PREFIX=PREFIX)
-            worker, _ = await start_worker(env, CONCURRENCY)
+            env = base_env(
+                server.url, mock_url, BUDGETER_KEY_PREFIX=PREFIX, BUDGETER_METRICS_MAX_TENANTS="500"
+            )
+            worker, metrics_port = await start_worker(env, CONCURRENCY)
             started.append(worker)
-            h = Harness(redis)
+            h = Harness(redis, f"http://127.0.0.1:{metrics_port}/metrics")
             out = profile_path(opts, "fairness-worker")
             if out is not None:
                 worker.start_profile(out)
