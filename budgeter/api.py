@@ -334,8 +334,9 @@ async def list_tenants(request: web.Request) -> web.Response:
 async def delete_tenant(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     tenants: TenantStore = request.app[STORES]["tenants"]
-    if not await tenants.delete(tenant):  # (revokes its keys too)
+    if not await tenants.delete(tenant):
         raise ApiError(404, f"tenant {tenant!r} not found")
+    await request.app[STORES]["keys"].revoke_all(tenant)
     return web.json_response({"tenant": tenant, "deleted": True})
 
 
@@ -493,13 +494,15 @@ def create_app(
     r.add_get("/v1/messages/batches/{batch_id}/results", batch_results)
     r.add_get("/v1/usage", get_own_usage)
     r.add_get("/admin/tenants", list_tenants)
-    r.add_put("/admin/tenants/{tenant}", put_tenant)
-    r.add_get("/admin/tenants/{tenant}", get_tenant)
-    r.add_delete("/admin/tenants/{tenant}", delete_tenant)
-    r.add_post("/admin/tenants/{tenant}/keys", create_key)
-    r.add_get("/admin/tenants/{tenant}/keys", list_keys)
-    r.add_delete("/admin/tenants/{tenant}/keys/{key_id}", revoke_key)
-    r.add_get("/admin/tenants/{tenant}/usage", get_usage)
+    # {tenant:[^/]+}: braces too reach tenant_param, which refuses them with a clear 400
+    tenant = "/admin/tenants/{tenant:[^/]+}"
+    r.add_put(tenant, put_tenant)
+    r.add_get(tenant, get_tenant)
+    r.add_delete(tenant, delete_tenant)
+    r.add_post(f"{tenant}/keys", create_key)
+    r.add_get(f"{tenant}/keys", list_keys)
+    r.add_delete(f"{tenant}/keys/{{key_id}}", revoke_key)
+    r.add_get(f"{tenant}/usage", get_usage)
     r.add_get("/admin/status", get_status)
     r.add_get("/admin/global-policy", get_global_policy)
     r.add_put("/admin/global-policy", put_global_policy)

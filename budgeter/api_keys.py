@@ -15,7 +15,8 @@ KEY_PREFIX = "sk-bgt-"
 
 
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    # a header value that was not UTF-8 reaches us with its bytes as lone surrogates
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
 from budgeter.api_errors import ApiError
 from budgeter.api_keys import Principal
+from budgeter.models import JsonInputError, parse_json
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 
@@ -18,6 +18,6 @@ async def read_json(request: web.Request) -> Any:
         raise ApiError(400, "request body is empty: send a JSON object")
     raw = await request.read()
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return parse_json(raw)
+    except JsonInputError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None

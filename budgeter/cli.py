@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,14 @@ from budgeter.embedded_redis import EmbeddedRedisError
 from budgeter.jobqueue import UnknownTenantError
 from budgeter.logs import setup_logging
 from budgeter.mock_main import MockArgsError
-from budgeter.models import CUSTOM_ID_RE, MAX_BATCH_REQUESTS, BatchRequest, first_error
+from budgeter.models import (
+    CUSTOM_ID_RE,
+    MAX_BATCH_REQUESTS,
+    BatchRequest,
+    JsonInputError,
+    first_error,
+    parse_json,
+)
 from budgeter.policy import InvalidTenantError, TenantPolicy, check_tenant_id
 from budgeter.redis_client import redis_from_settings
 from budgeter.settings import Settings, SettingsError, load_settings
@@ -249,11 +257,15 @@ async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
 def parse_policy(text: str) -> TenantPolicy:
     if text.startswith("@"):
         try:
-            text = Path(text[1:]).read_text(encoding="utf-8")
+            raw = Path(text[1:]).read_bytes()
         except OSError as exc:
             raise CliError(f"cannot read policy file {text[1:]!r}: {exc.strerror}") from None
+    else:
+        raw = text.encode("utf-8", "surrogateescape")  # argv bytes as they were given
     try:
-        return TenantPolicy.model_validate_json(text)
+        return TenantPolicy.model_validate(parse_json(raw))
+    except JsonInputError as exc:
+        raise CliError(f"invalid policy: invalid JSON: {exc}") from None
     except ValidationError as exc:
         raise CliError(f"invalid policy: {first_error(exc)}") from None
 
@@ -332,20 +344,20 @@ async def tenants_apply_command(args: argparse.Namespace, settings: Settings) ->
 def read_batch_file(path: Path) -> list[BatchRequest]:
     """Every line a Message Batches request; all problems reported, one line each."""
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except OSError as exc:
         raise CliError(f"cannot read {str(path)!r}: {exc.strerror}") from None
     requests: list[BatchRequest] = []
     problems: list[str] = []
     seen: dict[str, int] = {}
     with handle:
-        for number, line in enumerate(handle, start=1):
+        for number, line in _numbered_lines(handle):
             if not line.strip():
                 continue
             try:
-                request = BatchRequest.model_validate_json(line)
-            except ValidationError as exc:
-                problems.append(f"{path}:{number}: {_line_error(exc)}")
+                request = _batch_request(line)
+            except _BadLine as exc:
+                problems.append(f"{path}:{number}: {exc}")
                 continue
             if request.custom_id in seen:
                 problems.append(
@@ -366,11 +378,30 @@ def read_batch_file(path: Path) -> list[BatchRequest]:
     return requests
 
 
-def _line_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    if err["type"] == "json_invalid":
-        return f"invalid JSON ({err['msg'].removeprefix('Invalid JSON: ')})"
-    return first_error(exc)
+def _numbered_lines(handle: Any) -> Iterator[tuple[int, bytes]]:
+    """(number, line) of a binary file; CR, LF and CRLF end a line, as in text mode."""
+    number = 0
+    for chunk in handle:
+        for line in chunk.replace(b"\r\n", b"\n").split(b"\r"):
+            number += 1
+            yield number, line
+
+
+class _BadLine(ValueError):
+    """One bad line of a batch file (the message names what is wrong)."""
+
+
+def _batch_request(line: bytes) -> BatchRequest:
+    try:
+        value = parse_json(line)
+    except JsonInputError as exc:
+        raise _BadLine(f"invalid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise _BadLine("a request must be a JSON object")
+    try:
+        return BatchRequest.model_validate(value)
+    except ValidationError as exc:
+        raise _BadLine(first_error(exc)) from None
 
 
 async def submit_command(

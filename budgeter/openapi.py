@@ -10,7 +10,7 @@ from pydantic.json_schema import models_json_schema
 
 from budgeter import api_models as m
 from budgeter.models import MessageParams
-from budgeter.policy import GlobalPolicy, TenantPolicy
+from budgeter.policy import TENANT_ID_RE, GlobalPolicy, TenantPolicy
 
 REF = "#/components/schemas/{model}"
 _MODELS: tuple[type[BaseModel], ...] = (
@@ -44,13 +44,45 @@ _ERRORS = {
 }
 
 
+# path parameters whose format the API checks (anything else is refused with 400)
+_PATH_SCHEMAS: dict[str, dict[str, Any]] = {
+    "tenant": {"type": "string", "pattern": TENANT_ID_RE.pattern},
+}
+_QUERY_SCHEMAS: dict[str, dict[str, Any]] = {
+    "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
+}
+
+
+# one event of a streamed Message (stream: true), as the upstream sends it
+_SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "description": "message_start, content_block_delta, ..."},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "type": "object",
+                "required": ["type"],
+                "properties": {"type": {"type": "string"}},
+            },
+        },
+    },
+}
+
+
 def _ref(model: type[BaseModel]) -> dict[str, Any]:
     return {"$ref": REF.format(model=model.__name__)}
 
 
+def _object(**properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": sorted(properties)}
+
+
 def _op(
     summary: str,
-    answer: type[BaseModel] | None,
+    answer: type[BaseModel] | dict[str, Any] | None,
     *,
     tag: str,
     security: str,
@@ -58,7 +90,9 @@ def _op(
     params: list[str] = (),  # type: ignore[assignment]
     query: list[tuple[str, str]] = (),  # type: ignore[assignment]
     status: str = "200",
+    also: tuple[str, ...] = (),
     content_type: str = "application/json",
+    alternatives: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     responses: dict[str, Any] = {
         code: {
@@ -73,21 +107,34 @@ def _op(
             "content": {content_type: {"schema": {"type": "string"}}},
         }
     else:
+        schema = answer if isinstance(answer, dict) else _ref(answer)
         responses[status] = {
             "description": "OK",
-            "content": {content_type: {"schema": _ref(answer)}},
+            "content": {content_type: {"schema": schema}, **(alternatives or {})},
         }
+    for code in also:
+        responses[code] = responses[status]
     op: dict[str, Any] = {
         "summary": summary,
         "tags": [tag],
         "security": [{security: []}] if security != "admin" else [{"adminToken": []}],
         "responses": responses,
         "parameters": [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": _PATH_SCHEMAS.get(name, {"type": "string"}),
+            }
             for name in params
         ]
         + [
-            {"name": name, "in": "query", "required": False, "schema": {"type": kind}}
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "schema": _QUERY_SCHEMAS.get(name, {"type": kind}),
+            }
             for name, kind in query
         ],
     }
@@ -114,6 +161,7 @@ def openapi_document() -> dict[str, Any]:
                 tag="messages",
                 security="tenant",
                 body=MessageParams,
+                alternatives={"text/event-stream": {"schema": _SSE_EVENT}},
             ),
         },
         "/v1/messages/count_tokens": {
@@ -185,6 +233,7 @@ def openapi_document() -> dict[str, Any]:
                 security="admin",
                 params=tenant,
                 body=TenantPolicy,
+                also=("201",),
             ),
             "get": _op(
                 "Read a tenant's policy",
@@ -195,11 +244,10 @@ def openapi_document() -> dict[str, Any]:
             ),
             "delete": _op(
                 "Delete a tenant (and revoke its keys)",
-                None,
+                _object(tenant={"type": "string"}, deleted={"type": "boolean"}),
                 tag="admin",
                 security="admin",
                 params=tenant,
-                content_type="application/json",
             ),
         },
         "/admin/tenants/{tenant}/keys": {
@@ -222,11 +270,10 @@ def openapi_document() -> dict[str, Any]:
         "/admin/tenants/{tenant}/keys/{key_id}": {
             "delete": _op(
                 "Revoke a key",
-                None,
+                _object(id={"type": "string"}, revoked={"type": "boolean"}),
                 tag="admin",
                 security="admin",
                 params=["tenant", "key_id"],
-                content_type="application/json",
             ),
         },
         "/v1/usage": {
@@ -247,12 +294,12 @@ def openapi_document() -> dict[str, Any]:
             ),
         },
         "/admin/status": {
-            "get": {
-                "summary": "Every tenant's budgets, queue, inflight and recent decisions",
-                "tags": ["admin"],
-                "security": [{"adminToken": []}],
-                "responses": {"200": {"description": "status snapshot (JSON)"}},
-            }
+            "get": _op(
+                "Every tenant's budgets, queue, inflight and recent decisions",
+                {"type": "object"},
+                tag="admin",
+                security="admin",
+            ),
         },
         "/admin/global-policy": {
             "get": _op(
@@ -279,6 +326,10 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": {"description": "OK"}},
             }
         }
+    paths["/readyz"]["get"]["responses"]["503"] = {
+        "description": "Redis or the upstream is not reachable",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
     paths["/"] = {
         "get": {
             "summary": "Status page (HTML; asks for the admin token in the browser)",
