@@ -334,9 +334,8 @@ async def list_tenants(request: web.Request) -> web.Response:
 async def delete_tenant(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     tenants: TenantStore = request.app[STORES]["tenants"]
-    if not await tenants.delete(tenant):
+    if not await tenants.delete(tenant):  # (revokes its keys too)
         raise ApiError(404, f"tenant {tenant!r} not found")
-    await request.app[STORES]["keys"].revoke_all(tenant)
     return web.json_response({"tenant": tenant, "deleted": True})
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from budgeter.jobqueue import oldest_queued_age_s
 from budgeter.keys import SchedKeys, TenantKeys
 
 OTHER = "other"
@@ -227,13 +228,7 @@ async def refresh_state_metrics(
         label = metrics.tenant(tenant)
         depth[label] = depth.get(label, 0) + report["queued"]
         inflight[label] = inflight.get(label, 0) + report["inflight"]
-        oldest = 0.0
-        keys = TenantKeys.of(prefix, tenant)
-        head = await redis.lindex(keys.queue, 0)
-        if head:
-            meta = await redis.hget(keys.jmeta, head)
-            if meta:
-                oldest = max(0.0, (now_ms - int(meta.split(" ")[0])) / 1000)
+        oldest = await oldest_queued_age_s(redis, TenantKeys.of(prefix, tenant), now_ms)
         age[label] = max(age.get(label, 0.0), oldest)
         for row in report["budgets"]:
             if row["unit"] != "tokens" or row["model"] is not None:
