@@ -316,6 +316,23 @@ def test_schemathesis_without_credentials(live_api: LiveApi, path: str, method: 
         probe()
 
 
+async def test_admin_routes_answer_403_when_the_admin_api_is_disabled(
+    redis: Redis, redis_url: str
+) -> None:
+    """Without BUDGETER_ADMIN_TOKEN every documented admin operation answers 403, whatever
+    token is sent."""
+    settings_ = Settings(redis_url=redis_url, upstream_url="http://127.0.0.1:9")
+    async with TestClient(TestServer(create_app(settings_, redis=redis))) as client:
+        for path, method in OPERATIONS:
+            if not path.startswith("/admin"):
+                continue
+            url = path.replace("{tenant}", "acme").replace("{key_id}", "key_0")
+            for headers in ({}, ADMIN, {"authorization": "Bearer "}):
+                resp = await client.request(method, url, json={}, headers=headers)
+                await expect_refused(resp, 403, "permission_error", f"{method} {url}")
+    assert await redis.dbsize() == 0
+
+
 # helpers for the in-process API (aiohttp test client) ----------------------------------------
 
 
