@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
 TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 PERIODS: tuple[str, ...] = ("minute", "hour", "day", "month", "total")
@@ -14,6 +14,13 @@ Period = Literal["minute", "hour", "day", "month", "total"]
 RATE_KINDS: tuple[str, ...] = ("rpm", "itpm", "otpm")
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
+
+
+# Limits are exact integers in Lua (doubles): at most 2**53. Policies are strict (no "600"
+# for 600) and refuse NaN and infinities, however they are parsed.
+MAX_LIMIT = 2**53
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_LIMIT)]
+POLICY_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class InvalidTenantError(ValueError):
@@ -32,7 +39,7 @@ def check_tenant_id(tenant: str) -> str:
 class RateLimits(BaseModel):
     """Per-minute token buckets that refill continuously, as the upstream's own limits do."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = POLICY_CONFIG
 
     rpm: PositiveInt | None = Field(default=None, description="Requests per minute.")
     itpm: PositiveInt | None = Field(default=None, description="Input tokens per minute.")
@@ -55,7 +62,7 @@ def _check_models(names: list[str]) -> None:
 class ModelLimits(BaseModel):
     """Limits that apply to one model only, on top of the policy's own."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = POLICY_CONFIG
 
     budgets: dict[Period, PositiveInt] = Field(
         default_factory=dict, description="Tokens of this model per UTC calendar period."
@@ -81,7 +88,7 @@ class ModelLimits(BaseModel):
 class TenantPolicy(BaseModel):
     """What one tenant may spend. Every field may be absent (no limit)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = POLICY_CONFIG
 
     weight: PositiveFloat = Field(default=1.0, description="Share in the fair scheduler.")
     budgets: dict[Period, PositiveInt] = Field(
@@ -166,7 +173,7 @@ class GlobalPolicy(BaseModel):
     the top-level limits apply to every model separately (each model has its own buckets
     and counters); ``models`` replaces them for the models it names."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = POLICY_CONFIG
 
     budgets: dict[Period, PositiveInt] = Field(default_factory=dict)
     usd_budgets: dict[Period, PositiveFloat] = Field(default_factory=dict)
