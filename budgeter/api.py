@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -53,6 +52,7 @@ from budgeter.policy import (
 )
 from budgeter.proxy import PROXY, ProxyDeps, count_tokens, create_message
 from budgeter.redis_client import redis_from_settings
+from budgeter.serving import upstream_session
 from budgeter.settings import Settings
 from budgeter.status import status_snapshot
 from budgeter.status_page import add_status_page
@@ -441,7 +441,7 @@ def create_app(
     add_health_routes(app, health)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        async with _redis_for(settings, redis) as client, aiohttp.ClientSession() as session:
+        async with _redis_for(settings, redis) as client, upstream_session(settings) as session:
             admission = admission_from_settings(client, settings)
             upstream, counter = upstream_and_counter(
                 session, client, settings, health.metrics, admission.global_limits

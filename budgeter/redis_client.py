@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -18,9 +18,12 @@ from budgeter.embedded_redis import EmbeddedRedis, running_embedded_url
 from budgeter.settings import Settings
 
 
-def make_redis(url: str, *, cluster: bool = False) -> Any:
+def make_redis(url: str, *, cluster: bool = False, max_connections: int = 512) -> Any:
     """An asyncio client (hiredis parser when installed) that retries dropped connections;
-    a RedisCluster client for ``cluster`` or a ``redis+cluster://`` URL."""
+    a RedisCluster client for ``cluster`` or a ``redis+cluster://`` URL.
+
+    The pool blocks when all ``max_connections`` are busy (redis-py's default pool raises
+    "Too many connections" past 100, which would fail jobs under high concurrency)."""
     if cluster or url.startswith("redis+cluster://"):
         return RedisCluster.from_url(
             url.replace("redis+cluster://", "redis://", 1),
@@ -28,8 +31,10 @@ def make_redis(url: str, *, cluster: bool = False) -> Any:
             socket_timeout=60,
             socket_connect_timeout=5,
         )
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=60,  # wait this long for a free connection
         decode_responses=True,
         health_check_interval=30,
         socket_timeout=60,  # a 100,000-request batch is one large MULTI/EXEC
@@ -37,6 +42,7 @@ def make_redis(url: str, *, cluster: bool = False) -> Any:
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=6),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    return Redis.from_pool(pool)
 
 
 @asynccontextmanager
@@ -49,7 +55,9 @@ async def redis_from_settings(settings: Settings) -> AsyncIterator[Any]:
     if url is None:
         embedded = EmbeddedRedis(settings.data_dir)
         url = await asyncio.to_thread(embedded.start)
-    client = make_redis(url, cluster=settings.cluster_mode)
+    client = make_redis(
+        url, cluster=settings.cluster_mode, max_connections=settings.redis_max_connections
+    )
     try:
         yield client
     finally:

@@ -6,7 +6,9 @@ import asyncio
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 
@@ -19,12 +21,19 @@ def stop_event_on_signals() -> asyncio.Event:
     return stop
 
 
+def upstream_session(settings: Any) -> aiohttp.ClientSession:
+    """The process's one HTTP session, sized for ``settings.upstream_max_connections``
+    calls in flight (aiohttp's default connector allows 100)."""
+    limit = settings.upstream_max_connections
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, limit_per_host=limit))
+
+
 @asynccontextmanager
 async def serve_app(app: web.Application, host: str, port: int) -> AsyncIterator[int]:
     """Serve ``app`` on host:port (0 = a free port); yields the bound port."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
     bound = port
     server = site._server  # the only way aiohttp exposes the bound port

@@ -88,6 +88,16 @@ class Settings(BaseSettings):
         default_factory=lambda: dict(DEFAULT_PRICES),
         description="USD per million tokens per model (JSON); '*' prices any other model.",
     )
+    redis_max_connections: int = Field(
+        default=512,
+        ge=1,
+        description="Redis connections per process; callers wait for a free one.",
+    )
+    upstream_max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="HTTP connections to the upstream per process (calls in flight).",
+    )
     auth_failures_per_minute: int = Field(
         default=20,
         ge=1,

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 
-import aiohttp
 from aiohttp import web
 
 from budgeter.admission import admission_from_settings
 from budgeter.health import HealthState, add_health_routes
 from budgeter.metrics import Metrics
 from budgeter.redis_client import redis_from_settings
-from budgeter.serving import serve_app, stop_event_on_signals
+from budgeter.serving import serve_app, stop_event_on_signals, upstream_session
 from budgeter.settings import Settings
 from budgeter.token_counter import upstream_and_counter
 from budgeter.worker import Worker, WorkerConfig
@@ -37,7 +36,7 @@ async def run_worker(settings: Settings, *, concurrency: int, host: str, port: i
     metrics = Metrics(max_tenants=settings.metrics_max_tenants)
     async with (
         redis_from_settings(settings) as redis,
-        aiohttp.ClientSession() as session,
+        upstream_session(settings) as session,
     ):
         admission = admission_from_settings(redis, settings)
         upstream, counter = upstream_and_counter(
