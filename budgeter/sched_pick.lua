@@ -5,7 +5,8 @@ lowest virtual time is chosen and its time advances by 1 / weight.
 
 KEYS[1] ready   zset  tenant -> virtual time
 KEYS[2] parked  zset  tenant -> ms its DEFER ends
-KEYS[3] vtime   hash  tenant -> last virtual time
+KEYS[3] vtime   hash  tenant -> last virtual time; '_v': the virtual clock (see
+                      sched_activate.lua), set to the chosen tenant's time before it advances
 KEYS[4] weight  hash  tenant -> weight
 ARGV[1] now in ms, or ''
 ARGV[2] max parked tenants to promote per call
@@ -20,6 +21,8 @@ for _, tenant in ipairs(due) do
   redis.call('ZREM', KEYS[2], tenant)
   if not redis.call('ZSCORE', KEYS[1], tenant) then
     local v = tonumber(redis.call('HGET', KEYS[3], tenant)) or 0
+    local clock = tonumber(redis.call('HGET', KEYS[3], '_v')) or 0
+    if clock > v then v = clock end
     local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
     if first[2] and tonumber(first[2]) > v then v = tonumber(first[2]) end
     redis.call('ZADD', KEYS[1], v, tenant)
@@ -34,5 +37,5 @@ local tenant = top[1]
 local w = tonumber(redis.call('HGET', KEYS[4], tenant)) or 1
 local v = tonumber(top[2]) + 1 / w
 redis.call('ZADD', KEYS[1], v, tenant)
-redis.call('HSET', KEYS[3], tenant, v)
+redis.call('HSET', KEYS[3], tenant, v, '_v', top[2])
 return {tenant, next_parked, now}

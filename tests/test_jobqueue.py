@@ -168,3 +168,20 @@ async def test_a_job_leased_while_its_batch_is_canceled_is_not_requeued(redis: R
     status = await store.status(batch_id)
     assert (status.canceled, status.processing, status.processing_status) == (3, 0, "ended")
     assert await redis.zcard(store.queue.sched.parked) == 0
+
+
+async def test_a_tenant_with_history_is_not_starved_by_a_newcomer(redis: Redis) -> None:
+    queue = await setup(redis, old=1, new=1)
+    await queue.submit("old", "b1", jobs(300, "o"))
+    for _ in range(300):  # 'old' is served alone for a long time
+        pick = await queue.pick(lease_ms=LEASE, now_ms=NOW)
+        assert pick.job is not None and pick.job.tenant == "old"
+    assert (await queue.pick(lease_ms=LEASE, now_ms=NOW)).job is None  # all idle now
+    await queue.submit("new", "b2", jobs(100, "n"))  # a newcomer enters at the clock,
+    await queue.submit("old", "b3", jobs(10, "p"))  # not at 0: 'old' is not made to wait
+    served = Counter()
+    for _ in range(20):
+        pick = await queue.pick(lease_ms=LEASE, now_ms=NOW)
+        assert pick.job is not None
+        served[pick.job.tenant] += 1
+    assert served["old"] >= 9 and served["new"] >= 9  # before the clock: 0 for "old"
