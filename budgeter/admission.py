@@ -253,7 +253,11 @@ class Admission:
         model: str = "unknown",
         hold_ms: int = 90_000,
         now_ms: int | None = None,
+        sent_at_once: bool = False,
     ) -> Decision:
+        """``sent_at_once``: the caller calls the upstream right after an ADMIT, so the
+        reservation is marked sent in the same call (one round trip fewer than
+        :meth:`mark_sent`; a crash in between is charged in full, never under-counted)."""
         limits = self.global_limits
         if limits is not None:
             paused = await limits.paused_until_ms(model)
@@ -270,7 +274,7 @@ class Admission:
                 int(hold_ms),
                 model,
                 "",
-                "",
+                "1" if sent_at_once else "",
                 prices,
             ],
         )

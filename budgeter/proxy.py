@@ -109,7 +109,12 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     rid = f"sync:{request[REQUEST_ID]}"
     model = str(params["model"])
     decision = await _admit(deps, tenant, rid, input_tokens, params, model)
-    headers = await tenant_ratelimit_headers(deps.redis, keys, now_ms=decision.now_ms)
+    try:
+        headers = await tenant_ratelimit_headers(deps.redis, keys, now_ms=decision.now_ms)
+    except BaseException:  # the client left (or Redis failed) before the upstream call
+        if decision.kind == "ADMIT":
+            await deps.admission.release(tenant, rid)
+        raise
     label = deps.metrics.tenant(tenant)
     if decision.kind == "DEFER":
         wait = retry_after_s(decision.until_ms or decision.now_ms + 1000, decision.now_ms)
@@ -131,13 +136,8 @@ async def create_message(request: web.Request) -> web.StreamResponse:
             error_type=BUDGET_ERROR_TYPE,
             headers={**headers, "x-should-retry": "false"},
         )
-    if not await deps.admission.mark_sent(tenant, rid):  # reaped meanwhile: never sent
-        await deps.admission.release(tenant, rid)
-        raise ApiError(
-            500,
-            "the reservation expired before the upstream call; retry",
-            headers={**headers, "x-should-retry": "true"},
-        )
+    # the reservation is marked sent by reserve itself (sent_at_once): a refusal below
+    # releases it explicitly; a crash or a client gone mid-call charges it in full
     reserved = input_tokens + int(params["max_tokens"])
     if params.get("stream"):
         return await _stream(request, deps, tenant, rid, params, headers, input_tokens)
@@ -181,6 +181,7 @@ async def _admit(
             int(params["max_tokens"]),
             model=model,
             hold_ms=deps.hold_ms,
+            sent_at_once=True,
         )
         deps.metrics.decisions.labels(label, decision.kind, reason_label(decision.reason)).inc()
         if decision.kind != "DEFER" or decision.reason.startswith("exhausted:"):

@@ -275,6 +275,7 @@ class Worker:
             int(params["max_tokens"]),
             model=model,
             hold_ms=self.config.hold_ms,
+            sent_at_once=True,  # _forward calls the upstream next, with no wait between
         )
         label = self.metrics.tenant(job.tenant)
         self.metrics.decisions.labels(label, decision.kind, reason_label(decision.reason)).inc()
@@ -293,12 +294,9 @@ class Worker:
     async def _forward(
         self, job: LeasedJob, params: dict[str, Any], rid: str, model: str, input_tokens: int
     ) -> None:
-        sent = False
+        # The reservation was marked sent when it was made (sent_at_once): from here on a
+        # crash, a reap or a cancel charges it in full, never under-counts.
         try:
-            if not await self.admission.mark_sent(job.tenant, rid):
-                await self._reservation_lost(job, rid)
-                return
-            sent = True
             message = await self.upstream.create_message(params)
         except UpstreamError as exc:
             if exc.maybe_served:  # sent, then no answer: it may have been billed
@@ -308,10 +306,7 @@ class Worker:
             await self._upstream_failed(job, exc)
             return
         except asyncio.CancelledError:
-            if sent:  # it may have been served: charge in full, never under-count
-                await self.admission.charge_full(job.tenant, rid)
-            else:
-                await self.admission.release(job.tenant, rid)
+            await self.admission.charge_full(job.tenant, rid)
             raise
         usage = Usage.from_message(message)
         settled = await self.admission.settle(job.tenant, rid, usage)
@@ -319,17 +314,6 @@ class Worker:
         usage.record(self.metrics, job.tenant, model, input_tokens + int(params["max_tokens"]))
         if settled.waiting_settle:
             await self.queue.activate(job.tenant, unpark=True, wake=1)
-
-    async def _reservation_lost(self, job: LeasedJob, rid: str) -> None:
-        """The reaper released the reservation before the upstream call (this worker looked
-        dead): the call is not made; the job's lease is most likely gone too."""
-        log.warning(
-            "reservation reaped before the upstream call; not sent",
-            extra={"tenant": job.tenant, "job": job.id},
-        )
-        await self.admission.release(job.tenant, rid)  # the account scopes' part, if any
-        if await self.queue.retry_later(job) == "canceled":
-            await self._finish(job, "canceled", canceled())
 
     async def _heartbeat(self, job: LeasedJob, lease: dict[str, str]) -> None:
         interval = self.config.lease_ms / 3000

@@ -149,15 +149,17 @@ async def test_mark_sent_refuses_a_reservation_that_was_reaped(redis: Redis) -> 
     assert await redis.hlen(keys.resv_sent) == 0  # no mark outlives its reservation
 
 
-async def test_worker_never_calls_the_upstream_once_its_reservation_was_reaped(
+async def test_a_reservation_reaped_while_its_worker_stalls_is_charged_in_full(
     redis: Redis,
 ) -> None:
-    """A worker stalled between reserve and send (Redis away, CPU starved) finds its
-    reservation released by the reaper: before the fix it sent anyway, and the upstream
-    served tokens no budget was charged for (and a resv_sent mark leaked)."""
+    """A worker stalled between reserve and send (Redis away, CPU starved) has its
+    reservation reaped. The worker marks a reservation sent in the reserve call itself, so
+    the reaper charges it in full rather than releasing it: whatever the upstream then
+    serves is covered by a charge, never free (before, the reaper released it and the
+    upstream served tokens no budget was charged for), and no resv_sent mark leaks."""
     await TenantStore(redis).put("acme", TenantPolicy(budgets={"day": 10_000}))
     store = BatchStore(redis)
-    await store.create("acme", requests_for("x", 1))
+    batch_id = await store.create("acme", requests_for("x", 1, max_tokens=64))
     job = (await store.queue.pick(lease_ms=60_000)).job
     assert job is not None
     async with mock_upstream() as (url, app), aiohttp.ClientSession() as session:
@@ -170,21 +172,25 @@ async def test_worker_never_calls_the_upstream_once_its_reservation_was_reaped(
             counter=TokenCounter(redis, upstream, ttl_s=0),
         )
         reserve = worker.admission.reserve
+        reaped = []
 
         async def reserve_then_stall(tenant: str, rid: str, *args: Any, **kw: Any) -> Any:
             decision = await reserve(tenant, rid, *args, **kw)
-            await worker.admission.reap(tenant, now_ms=decision.now_ms + 10**8)
+            reaped.append(await worker.admission.reap(tenant, now_ms=decision.now_ms + 10**8))
             return decision
 
         worker.admission.reserve = reserve_then_stall  # type: ignore[method-assign]
         await worker._handle(job)
-        assert app[STATE_KEY].stats.requests["messages"] == 0
+        stats = app[STATE_KEY].stats
+        served = stats.input_tokens + stats.output_tokens
+    assert [(r.charged_full, r.released) for r in reaped] == [(1, 0)]
     keys = TenantKeys.of("budgeter", "acme")
-    assert await redis.hlen(keys.resv_sent) == 0
-    assert await redis.hget(keys.jstate, job.id) == "queued"  # given back for a new attempt
+    assert await redis.hlen(keys.resv_sent) == 0 and await redis.hlen(keys.resv) == 0
     report = await tenant_usage(redis, "acme", now_ms=int(time.time() * 1000))
     assert report is not None
-    assert [(b["used"], b["reserved"]) for b in report["budgets"]] == [(0, 0)]
+    [(used, reserved)] = [(b["used"], b["reserved"]) for b in report["budgets"]]
+    assert reserved == 0 and used >= served > 0  # charged in full: at least what was served
+    assert (await store.status(batch_id)).succeeded == 1
 
 
 # the chaos run --------------------------------------------------------------------------
