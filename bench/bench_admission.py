@@ -24,7 +24,7 @@ from budgeter.tenants import TenantStore
 
 GENEROUS = TenantPolicy.model_validate(
     {
-        "budgets": {"day": 10**15, "month": 10**16},
+        "budgets": {"day": 10**15, "month": 10**15},
         "rate": {"rpm": 10**9, "itpm": 10**12, "otpm": 10**12},
         "max_concurrency": 10**9,
     }

@@ -2,16 +2,27 @@
 
 A script whose text contains ``-- needs: <file>.lua`` gets that helper file prepended, so
 shared Lua functions (calendar periods, server time) are written once.
+
+Calls of one script from many coroutines are pipelined: the calls made while the event
+loop runs one round go to Redis together, as one non-transactional pipeline of EVALSHAs
+(one write and one read instead of one round trip each). Each call is still its own
+atomic script; only the network trips are shared. (On Redis Cluster every call goes
+alone: redis-py's cluster pipeline would split the batch per node anyway.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from functools import cache
 from importlib import resources
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+MAX_BATCH = 512
 
 _NEEDS = re.compile(r"^-- needs: (\S+\.lua)$", re.MULTILINE)
 
@@ -24,7 +35,72 @@ def lua_source(name: str) -> str:
     return "\n".join([*helpers, text])
 
 
-def register(redis: Any, name: str) -> AsyncScript:
-    """Register a script with an async Redis (or RedisCluster) client."""
+class PipelinedScript:
+    """An AsyncScript whose concurrent calls share pipelines (same call signature)."""
+
+    def __init__(self, redis: Any, script: AsyncScript) -> None:
+        self.redis = redis
+        self.script = script
+        self.sha = script.sha
+        self._pending: list[tuple[list[Any], list[Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def __call__(self, keys: Any = (), args: Any = ()) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((list(keys), list(args), future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                try:
+                    await self._run(batch)
+                except BaseException as exc:  # never leave a caller waiting forever
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+        finally:
+            self._flusher = None
+
+    async def _run(self, batch: list[tuple[list[Any], list[Any], asyncio.Future[Any]]]) -> None:
+        if len(batch) == 1:
+            keys, args, future = batch[0]
+            replies: list[Any] = [await _settled(self.script(keys=keys, args=args))]
+        else:
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for keys, args, _ in batch:
+                        pipe.evalsha(self.sha, len(keys), *keys, *args)
+                    replies = await pipe.execute(raise_on_error=False)
+            except Exception as exc:  # the connection failed even after its retries
+                replies = [exc] * len(batch)
+        for (keys, args, future), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, NoScriptError):  # Redis restarted: load it, call again
+                reply = await _settled(self.script(keys=keys, args=args))
+            if future.done():  # its caller was cancelled
+                continue
+            if isinstance(reply, BaseException):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+
+async def _settled(call: Any) -> Any:
+    try:
+        return await call
+    except Exception as exc:
+        return exc
+
+
+def register(redis: Any, name: str) -> Any:
+    """Register a script with an async Redis (or RedisCluster) client: an AsyncScript-like
+    callable ``await script(keys=[...], args=[...])`` with a ``sha``."""
     script: AsyncScript = redis.register_script(lua_source(name))
-    return script
+    if isinstance(redis, RedisCluster):
+        return script
+    return PipelinedScript(redis, script)

@@ -4,6 +4,7 @@ instead of failing, and the upstream session allows the configured calls in flig
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from budgeter.redis_client import make_redis
 from budgeter.serving import upstream_session
@@ -33,3 +34,35 @@ async def test_the_upstream_session_allows_the_configured_calls_in_flight() -> N
         assert session.connector is not None
         assert session.connector.limit == 2500
         assert session.connector.limit_per_host == 2500
+
+
+async def test_concurrent_script_calls_share_pipelines_and_keep_their_own_answers(
+    redis: Any,
+) -> None:
+    from redis.exceptions import ResponseError
+
+    from budgeter.scripts import PipelinedScript
+
+    script = PipelinedScript(redis, redis.register_script("return tonumber(ARGV[1]) * 2"))
+    pipelines = 0
+    real_pipeline = redis.pipeline
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        nonlocal pipelines
+        pipelines += 1
+        return real_pipeline(*args, **kwargs)
+
+    redis.pipeline = counting_pipeline
+    await script(keys=[], args=[0])  # loads it (a lone call goes on its own)
+    answers = await asyncio.gather(*(script(keys=[], args=[i]) for i in range(200)))
+    assert answers == [2 * i for i in range(200)]
+    assert 1 <= pipelines <= 3  # 200 calls, a few round trips
+    # after a SCRIPT FLUSH (a Redis restart), every call still gets its answer
+    await redis.script_flush()
+    answers = await asyncio.gather(*(script(keys=[], args=[i]) for i in range(20)))
+    assert answers == [2 * i for i in range(20)]
+    # an error is its caller's alone
+    results = await asyncio.gather(
+        script(keys=[], args=[1]), script(keys=[], args=["x"]), return_exceptions=True
+    )
+    assert results[0] == 2 and isinstance(results[1], ResponseError)
