@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from budgeter.global_limits import GlobalLimits
-from budgeter.keys import GlobalModelKeys, TenantKeys
+from budgeter.keys import AdmissionKeys, TenantKeys
 from budgeter.pricing import ModelPrice, price_of
 from budgeter.scripts import register
 
@@ -178,7 +178,7 @@ class SettleResult:
         return cls(settled, bool(waiting), full, released, actual, reserved)
 
 
-Scope = TenantKeys | GlobalModelKeys
+Scope = AdmissionKeys
 
 
 def reserve_keys(keys: Scope) -> list[str]:
@@ -264,19 +264,10 @@ class Admission:
             if paused:
                 return Decision("DEFER", paused, "global:paused", int(limits.wall() * 1000))
         prices = self.price_arg(model)
+        args = [reservation_id, int(input_tokens), int(max_tokens), _now_arg(now_ms), int(hold_ms)]
         reply = await self._reserve(
             keys=reserve_keys(self.keys(tenant)),
-            args=[
-                reservation_id,
-                int(input_tokens),
-                int(max_tokens),
-                _now_arg(now_ms),
-                int(hold_ms),
-                model,
-                "",
-                "1" if sent_at_once else "",
-                prices,
-            ],
+            args=[*args, model, "", "1" if sent_at_once else "", prices],
         )
         decision = Decision.from_reply(reply)
         if decision.kind != "ADMIT" or limits is None:
@@ -285,19 +276,9 @@ class Admission:
         if not policy:
             return decision
         await limits.remember(model)
+        # the account's scope: its policy passed in, always marked sent (reaped in full)
         reply = await self._reserve(
-            keys=reserve_keys(limits.keys(model)),
-            args=[
-                reservation_id,
-                int(input_tokens),
-                int(max_tokens),
-                _now_arg(now_ms),
-                int(hold_ms),
-                model,
-                policy,
-                "1",
-                prices,
-            ],
+            keys=reserve_keys(limits.keys(model)), args=[*args, model, policy, "1", prices]
         )
         account = Decision.from_reply(reply)
         if account.kind == "ADMIT":

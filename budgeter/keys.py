@@ -10,8 +10,60 @@ from dataclasses import dataclass
 from budgeter.policy import check_tenant_id
 
 
+class AdmissionKeys:
+    """The keys of one admission scope, shared by reserve.lua and settle.lua: a tenant's
+    (TenantKeys) or one model's of the upstream account (GlobalModelKeys). Subclasses say
+    where they live with ``_k``."""
+
+    __slots__ = ()
+
+    def _k(self, name: str) -> str:
+        raise NotImplementedError
+
+    @property
+    def buckets(self) -> str:
+        """hash: [m:<model>:]rpm|itpm|otpm -> theoretical arrival time (ms) of a GCRA bucket."""
+        return self._k("buckets")
+
+    @property
+    def budget(self) -> str:
+        """hash: <counter>:id, <counter>:used, <counter>:reserved, where a counter is
+        [m:<model>:][usd:]<period> (usd counters in US dollars)."""
+        return self._k("budget")
+
+    @property
+    def resv(self) -> str:
+        """hash: reservation id -> reservation JSON."""
+        return self._k("resv")
+
+    @property
+    def resv_deadline(self) -> str:
+        """zset: reservation id -> deadline (ms) after which the reaper acts."""
+        return self._k("resv_deadline")
+
+    @property
+    def resv_sent(self) -> str:
+        """hash: reservation id -> 1 once the upstream call may have started."""
+        return self._k("resv_sent")
+
+    @property
+    def usage(self) -> str:
+        """hash: <period>:<period id>:<model>:<kind> -> tokens settled."""
+        return self._k("usage")
+
+    @property
+    def recent(self) -> str:
+        """list: the last 20 admission decisions, newest first."""
+        return self._k("recent")
+
+    @property
+    def state(self) -> str:
+        """hash: flags: waiting_settle; paused_until (ms): DEFER everything until then."""
+        return self._k("state")
+
+
 @dataclass(frozen=True, slots=True)
-class TenantKeys:
+class TenantKeys(AdmissionKeys):
     prefix: str
     tenant: str
 
@@ -92,46 +144,6 @@ class TenantKeys:
         Incremented in the same MULTI/script as the transition it counts (submit, ack.lua,
         batch_cancel.lua); never decremented (deleting a batch or the tenant keeps it)."""
         return self._k("outcomes")
-
-    @property
-    def buckets(self) -> str:
-        """hash: rpm|itpm|otpm -> theoretical arrival time (ms) of the GCRA bucket."""
-        return self._k("buckets")
-
-    @property
-    def budget(self) -> str:
-        """hash: <period>:id, <period>:used, <period>:reserved."""
-        return self._k("budget")
-
-    @property
-    def resv(self) -> str:
-        """hash: reservation id -> reservation JSON."""
-        return self._k("resv")
-
-    @property
-    def resv_deadline(self) -> str:
-        """zset: reservation id -> deadline (ms) after which the reaper acts."""
-        return self._k("resv_deadline")
-
-    @property
-    def resv_sent(self) -> str:
-        """hash: reservation id -> 1 once the upstream call may have started."""
-        return self._k("resv_sent")
-
-    @property
-    def usage(self) -> str:
-        """hash: <period>:<period id>:<model>:<kind> -> tokens settled."""
-        return self._k("usage")
-
-    @property
-    def recent(self) -> str:
-        """list: the last 20 admission decisions, newest first."""
-        return self._k("recent")
-
-    @property
-    def state(self) -> str:
-        """hash: misc flags (waiting_settle)."""
-        return self._k("state")
 
     @property
     def api_keys(self) -> str:
@@ -217,10 +229,12 @@ def auth_failures_key(prefix: str, client: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class GlobalModelKeys:
+class GlobalModelKeys(AdmissionKeys):
     """The upstream account's limits of one model: a scope of its own, ``{g:<digest>}``
     (the model's name is hashed, so no name can reach into another key or slot). The
-    same names as TenantKeys, so reserve.lua and settle.lua serve both."""
+    same names as a tenant's admission keys, so reserve.lua and settle.lua serve both;
+    ``usage`` is the account's usage of the model, ``state`` holds ``paused_until`` (ms)
+    after an upstream 429."""
 
     prefix: str
     model: str
@@ -233,41 +247,6 @@ class GlobalModelKeys:
     def policy(self) -> str:
         """unused (reserve.lua gets the global policy as an argument); names the slot."""
         return self._k("policy")
-
-    @property
-    def buckets(self) -> str:
-        return self._k("buckets")
-
-    @property
-    def budget(self) -> str:
-        return self._k("budget")
-
-    @property
-    def resv(self) -> str:
-        return self._k("resv")
-
-    @property
-    def resv_deadline(self) -> str:
-        return self._k("resv_deadline")
-
-    @property
-    def resv_sent(self) -> str:
-        return self._k("resv_sent")
-
-    @property
-    def usage(self) -> str:
-        """hash: the account's usage of this model, as a tenant's usage hash."""
-        return self._k("usage")
-
-    @property
-    def state(self) -> str:
-        """hash: waiting_settle; paused_until (ms) after an upstream 429."""
-        return self._k("state")
-
-    @property
-    def recent(self) -> str:
-        """list: the last 20 decisions of this model's global limits."""
-        return self._k("recent")
 
 
 def global_models_key(prefix: str) -> str:
