@@ -186,6 +186,8 @@ class BatchStore:
                 raise BatchNotEndedError(
                     f"batch {batch_id!r} is still processing; cancel it or wait until it ends"
                 ) from None
+            if "not_found" in str(exc):  # deleted meanwhile (the client, another worker)
+                raise BatchNotFoundError(f"batch {batch_id!r} not found") from None
             raise
         await self.redis.hdel(batch_index_key(self.prefix), batch_id)
 

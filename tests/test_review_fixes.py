@@ -114,3 +114,20 @@ async def test_a_deleted_tenants_leased_jobs_still_end(redis: Redis) -> None:
     lines = [line async for line in store.results(batch_id)]
     assert lines[0]["result"]["type"] == "errored"
     assert lines[0]["result"]["error"]["error"]["type"] == "not_found_error"
+
+
+async def test_two_deleters_of_one_batch_race_without_an_error(redis: Redis) -> None:
+    """Two workers purge the same old batch (or the client deletes it while a worker
+    purges it): the loser sees 'not found', never a raw script error in its log."""
+    from budgeter.batches import BatchNotFoundError, BatchStore
+
+    await TenantStore(redis).put("race", TenantPolicy())
+    store = BatchStore(redis)
+    batch_id = await store.create("race", [])
+    results = await asyncio.gather(
+        *(store.delete(batch_id, tenant="race") for _ in range(5)), return_exceptions=True
+    )
+    assert results.count(None) == 1
+    assert all(isinstance(r, BatchNotFoundError) for r in results if r is not None)
+    purged = await asyncio.gather(*(store.purge_older_than("race", 2**62) for _ in range(3)))
+    assert purged == [0, 0, 0]
