@@ -222,8 +222,9 @@ async def run(opts: Options) -> list[Row]:
             shipped["rate"] / ideal,
             "≥ 1,800 jobs/s",
             shipped["rate"] >= 1800,
-            note=f"{detail(shipped)}. aiohttp.ClientSession() in budgeter/worker_main.py has "
-            "the default TCPConnector(limit=100): at most 100 upstream calls in flight",
+            note=f"{detail(shipped)}. The worker's pools allow BUDGETER_UPSTREAM_MAX_CONNECTIONS "
+            "(1000) upstream calls and BUDGETER_REDIS_MAX_CONNECTIONS (512, blocking) Redis "
+            "connections: the limit is the worker's CPU per job",
         ),
         Row(
             "concurrency",

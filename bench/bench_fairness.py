@@ -218,8 +218,9 @@ async def run(opts: Options) -> list[Row]:
             hist_ratio,
             "≤ 2x",
             hist_ratio <= 2.0,
-            note="1 round. B re-enters at max(own virtual time, lowest ready); A, new, "
-            "entered at 0 (sched_activate.lua), so B waits until A has caught up",
+            note="1 round. A newcomer enters at the scheduler's virtual clock and B re-enters "
+            "at max(own virtual time, clock) (sched_activate.lua): B's share is a fair half "
+            "once both are backlogged; the rest over 2x is not explained yet",
         ),
         Row(
             "fairness",
