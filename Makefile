@@ -37,5 +37,12 @@ test: lint
 bench: $(STAMP)
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
+# the soak run (issue 7): a steady load for 10 minutes against real processes, then checks
+# RSS, Redis memory and connections; writes bench/soak-results.md. Not part of `make test`.
+# e.g. make soak SOAK_ARGS="--minutes 1"
+.PHONY: soak
+soak: $(STAMP)
+	$(PY) bench/soak.py $(SOAK_ARGS)
+
 clean:
 	rm -rf $(VENV) .budgeter .pytest_cache
