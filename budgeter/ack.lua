@@ -5,7 +5,7 @@ KEYS[1] leases   zset
 KEYS[2] jstate   hash  job id -> state
 KEYS[3] results  hash  job id -> result line JSON
 KEYS[4] batch    hash  request counts of the job's batch
-KEYS[5] dead     list  dead-lettered job ids
+KEYS[5] dead     list  the last 10,000 dead-lettered job ids (newest last)
 KEYS[6] outcomes hash  cumulative jobs per terminal state (optional)
 ARGV[1] job id
 ARGV[2] outcome: succeeded | errored | canceled | expired
@@ -22,7 +22,10 @@ redis.call('ZREM', KEYS[1], id)
 if state ~= 'queued' and state ~= 'leased' then return 0 end
 redis.call('HSET', KEYS[2], id, outcome)
 redis.call('HSET', KEYS[3], id, ARGV[3])
-if ARGV[5] == '1' then redis.call('RPUSH', KEYS[5], id) end
+if ARGV[5] == '1' then
+  redis.call('RPUSH', KEYS[5], id)
+  redis.call('LTRIM', KEYS[5], -10000, -1)
+end
 local left = redis.call('HINCRBY', KEYS[4], 'processing', -1)
 redis.call('HINCRBY', KEYS[4], outcome, 1)
 if KEYS[6] then redis.call('HINCRBY', KEYS[6], outcome, 1) end

@@ -161,37 +161,44 @@ class Worker:
         the API process at scrape time, once per deployment, not by every worker.)"""
         tenants = await self.tenants.known()
         for tenant in tenants:
-            _, dead = await self.queue.reclaim(
-                tenant, max_attempts=self.config.max_attempts, now_ms=now_ms
-            )
-            for jid in dead:
-                await self._dead_letter_reclaimed(tenant, jid)
-            reaped = await self.admission.reap(tenant, now_ms=now_ms)
-            label = self.metrics.tenant(tenant)
-            if reaped.charged_full:
-                self.metrics.reaped.labels(label, "charged").inc(reaped.charged_full)
-            if reaped.released:
-                self.metrics.reaped.labels(label, "released").inc(reaped.released)
-            if reaped.settled:
-                log.warning(
-                    "reaped reservations of a dead worker",
-                    extra={
-                        "tenant": tenant,
-                        "charged": reaped.charged_full,
-                        "released": reaped.released,
-                    },
-                )
-            if reaped.waiting_settle:
-                await self.queue.activate(tenant, unpark=True, wake=1)
-            if await self.queue.queued(tenant):
-                await self.queue.activate(tenant)
-            now = now_ms if now_ms is not None else int(self.clock() * 1000)
-            await self.batches.purge_older_than(tenant, now - self.config.results_retention_ms)
+            try:
+                await self._maintain_tenant(tenant, now_ms)
+            except Exception:  # one tenant's trouble must not skip the others' upkeep
+                log.exception("maintenance of a tenant failed", extra={"tenant": tenant})
         reaped_globally = await self.admission.reap_global(now_ms=now_ms)
         if reaped_globally:
             log.warning(
                 "reaped account reservations of a dead process", extra={"charged": reaped_globally}
             )
+
+    async def _maintain_tenant(self, tenant: str, now_ms: int | None) -> None:
+        """Reclaim, reap, re-activate and purge one tenant."""
+        _, dead = await self.queue.reclaim(
+            tenant, max_attempts=self.config.max_attempts, now_ms=now_ms
+        )
+        for jid in dead:
+            await self._dead_letter_reclaimed(tenant, jid)
+        reaped = await self.admission.reap(tenant, now_ms=now_ms)
+        label = self.metrics.tenant(tenant)
+        if reaped.charged_full:
+            self.metrics.reaped.labels(label, "charged").inc(reaped.charged_full)
+        if reaped.released:
+            self.metrics.reaped.labels(label, "released").inc(reaped.released)
+        if reaped.settled:
+            log.warning(
+                "reaped reservations of a dead worker",
+                extra={
+                    "tenant": tenant,
+                    "charged": reaped.charged_full,
+                    "released": reaped.released,
+                },
+            )
+        if reaped.waiting_settle:
+            await self.queue.activate(tenant, unpark=True, wake=1)
+        if await self.queue.queued(tenant):
+            await self.queue.activate(tenant)
+        now = now_ms if now_ms is not None else int(self.clock() * 1000)
+        await self.batches.purge_older_than(tenant, now - self.config.results_retention_ms)
 
     async def _dead_letter_reclaimed(self, tenant: str, jid: str) -> None:
         body = await self.queue.job_body(tenant, jid)
