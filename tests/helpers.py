@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import aiohttp
 from aiohttp import web
 
 from budgeter.batches import BatchStore
@@ -48,4 +49,17 @@ async def wait_ended(store: BatchStore, batch_ids: list[str], *, timeout_s: floa
             statuses = [await store.status(b) for b in batch_ids]
             if all(s.ended for s in statuses):
                 return
+            await asyncio.sleep(0.05)
+
+
+async def wait_http(url: str, timeout_s: float = 30) -> None:
+    """Wait (bounded) until ``url`` answers 200: a process started by a test is serving."""
+    async with aiohttp.ClientSession() as session, asyncio.timeout(timeout_s):
+        while True:
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
             await asyncio.sleep(0.05)

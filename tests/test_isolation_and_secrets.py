@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from budgeter.api import create_app
 from budgeter.embedded_redis import free_port
 from budgeter.settings import Settings
+from tests.helpers import wait_http
 from tests.test_api_http import ADMIN, expect_error, new_tenant, request_line
 
 
@@ -182,18 +183,6 @@ UPSTREAM_KEY = "sk-upstream-SECRET-4f9a0c1e"
 ADMIN_TOKEN = "admin-SECRET-7d2b9e"
 
 
-async def _wait_ok(http: aiohttp.ClientSession, url: str) -> None:
-    async with asyncio.timeout(30):
-        while True:
-            try:
-                async with http.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-
-
 async def test_secrets_never_appear_in_logs_metrics_answers_results_or_redis(
     redis: Redis, redis_url: str, tmp_path: Path
 ) -> None:
@@ -247,8 +236,8 @@ async def test_secrets_never_appear_in_logs_metrics_answers_results_or_redis(
 
     try:
         async with aiohttp.ClientSession() as http:
-            await _wait_ok(http, f"{mock}/healthz")
-            await _wait_ok(http, f"{api}/healthz")
+            await wait_http(f"{mock}/healthz")
+            await wait_http(f"{api}/healthz")
             async with http.post(f"{mock}/mock/config", json={"api_key": UPSTREAM_KEY}) as r:
                 assert r.status == 200
             keys = {}

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from budgeter.embedded_redis import free_port
+from tests.helpers import wait_http
 
 
 async def run(*args: str, env: dict[str, str], limit_s: float = 120) -> tuple[int, str, str]:
@@ -29,18 +30,6 @@ async def run(*args: str, env: dict[str, str], limit_s: float = 120) -> tuple[in
     out, err = await asyncio.wait_for(proc.communicate(), limit_s)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
-
-
-async def wait_http(url: str, timeout_s: float = 30) -> None:
-    async with aiohttp.ClientSession() as session, asyncio.timeout(timeout_s):
-        while True:
-            try:
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
 
 
 @pytest.fixture
