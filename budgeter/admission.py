@@ -79,9 +79,8 @@ class Decision:
         if what == "concurrency":
             return "max_concurrency reached; waiting for in-flight requests"
         if what == "paused":
-            return f"the upstream rate-limited model {model or ''} (429); paused{when}".replace(
-                "model  ", "the model "
-            )
+            which = f"model {model}" if model else "this model"
+            return f"the upstream rate-limited {which} (429); paused{when}"
         if what == "model_not_allowed":
             return f"model {model or self.detail!r} is not in this tenant's allowed_models"
         if what == "unpriced_model":
