@@ -97,3 +97,27 @@ async def test_a_job_admitted_on_an_estimate_is_settled_at_its_real_usage(redis:
         )
         == 5
     )
+
+
+async def test_identical_payloads_are_counted_once_with_a_hit_ratio_metric(
+    redis: Redis,
+) -> None:
+    from budgeter.mock_upstream import STATE_KEY
+
+    metrics = Metrics()
+    async with mock_upstream() as (url, app), aiohttp.ClientSession() as session:
+        counter = TokenCounter(redis, UpstreamClient(session, url, "k"), ttl_s=60, metrics=metrics)
+        first = await counter.count(PARAMS)
+        # the same content, keys in another order and with fields count_tokens ignores
+        same = {"max_tokens": 999, **dict(reversed(list(PARAMS.items())))}
+        assert await counter.count(same) == first
+        other = {**PARAMS, "messages": [{"role": "user", "content": "something else"}]}
+        await counter.count(other)
+        assert app[STATE_KEY].stats.requests["count_tokens"] == 2
+    hits = metrics.registry.get_sample_value("budgeter_count_tokens_cache_total", {"result": "hit"})
+    misses = metrics.registry.get_sample_value(
+        "budgeter_count_tokens_cache_total", {"result": "miss"}
+    )
+    assert (hits, misses) == (1, 2)
+    ttls = [await redis.ttl(key) async for key in redis.scan_iter(match="*ct:*")]
+    assert len(ttls) == 2 and all(0 < ttl <= 60 for ttl in ttls)
