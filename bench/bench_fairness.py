@@ -245,7 +245,8 @@ async def run(opts: Options) -> list[Row]:
             "≥ 0.95",
             jain([float(x) for x in mixed]) >= 0.95,
             note=f"{window_s:g} s window; tokens {mixed}. sched_pick.lua advances a tenant's "
-            "virtual time by 1/weight per job, whatever its tokens" + backlog_note(mixed_ok),
+            "virtual time by its mean job size (reported by the worker) / weight"
+            + backlog_note(mixed_ok),
         ),
         Row(
             "fairness",

@@ -212,14 +212,30 @@ class JobQueue:
 
     # workers ------------------------------------------------------------------------
 
-    async def pick(self, *, lease_ms: int, now_ms: int | None = None) -> Pick:
-        """Choose a tenant fairly and lease the job at the head of its queue."""
+    async def pick(
+        self,
+        *,
+        lease_ms: int,
+        now_ms: int | None = None,
+        served: dict[str, tuple[int, int]] | None = None,
+    ) -> Pick:
+        """Choose a tenant fairly and lease the job at the head of its queue. ``served``
+        (tenant -> (tokens, jobs) settled since the last pick) teaches the scheduler each
+        tenant's job size, so that tenants share tokens rather than job counts."""
         now_arg = "" if now_ms is None else str(now_ms)
+        report = [x for t, (tokens, jobs) in (served or {}).items() for x in (t, tokens, jobs)]
         for _ in range(8):
             tenant, next_parked, now = await self._pick(
-                keys=[self.sched.ready, self.sched.parked, self.sched.vtime, self.sched.weight],
-                args=[now_arg, 100],
+                keys=[
+                    self.sched.ready,
+                    self.sched.parked,
+                    self.sched.vtime,
+                    self.sched.weight,
+                    self.sched.cost,
+                ],
+                args=[now_arg, 100, *report],
             )
+            report = []
             if not tenant:
                 return Pick(None, int(next_parked), int(now))
             if not TENANT_ID_RE.fullmatch(tenant):  # written by a foreign producer: drop it

@@ -197,6 +197,12 @@ class SchedKeys:
         return self._k("weight")
 
     @property
+    def cost(self) -> str:
+        """hash: tenant -> its jobs' mean size in thousands of tokens (a moving average fed
+        by the workers): what one of its jobs advances its virtual time by, times 1/weight."""
+        return self._k("cost")
+
+    @property
     def wake(self) -> str:
         """list: tenant names pushed by producers; idle workers block on it."""
         return self._k("wake")

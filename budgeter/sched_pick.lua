@@ -1,21 +1,34 @@
 --[[ sched_pick.lua — choose the tenant to serve next (weighted fair queueing).
 -- needs: lua_periods.lua
 Parked tenants whose time has come go back to ready first; then the ready tenant with the
-lowest virtual time is chosen and its time advances by 1 / weight.
+lowest virtual time is chosen and its time advances by cost / weight, where cost is the
+mean size of its jobs in thousands of tokens (1 until workers have reported any), so
+that tenants share tokens, not job counts.
 
 KEYS[1] ready   zset  tenant -> virtual time
 KEYS[2] parked  zset  tenant -> ms its DEFER ends
 KEYS[3] vtime   hash  tenant -> last virtual time; '_v': the virtual clock (see
                       sched_activate.lua), set to the chosen tenant's time before it advances
 KEYS[4] weight  hash  tenant -> weight
+KEYS[5] cost    hash  tenant -> mean job size in thousands of tokens (moving average)
 ARGV[1] now in ms, or ''
 ARGV[2] max parked tenants to promote per call
+ARGV[3..] triples tenant, tokens, jobs: work the caller served since its last pick, folded
+        into each tenant's cost (weight 0.2 per report)
 
 Returns {tenant, next parked ms, now}: tenant '' when none is ready; next parked ms is
 the earliest park end (-1 when nobody is parked), so an idle worker knows how long to
 sleep.
 ]]
 local now = server_now(ARGV[1])
+for i = 3, #ARGV - 2, 3 do
+  local jobs = tonumber(ARGV[i + 2])
+  if jobs and jobs > 0 then
+    local size = math.max(tonumber(ARGV[i + 1]) / jobs / 1000, 0.001)
+    local old = tonumber(redis.call('HGET', KEYS[5], ARGV[i]))
+    redis.call('HSET', KEYS[5], ARGV[i], old and (old * 0.8 + size * 0.2) or size)
+  end
+end
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 for _, tenant in ipairs(due) do
   redis.call('ZREM', KEYS[2], tenant)
@@ -35,7 +48,8 @@ local top = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if not top[1] then return {'', next_parked, now} end
 local tenant = top[1]
 local w = tonumber(redis.call('HGET', KEYS[4], tenant)) or 1
-local v = tonumber(top[2]) + 1 / w
+local cost = tonumber(redis.call('HGET', KEYS[5], tenant)) or 1
+local v = tonumber(top[2]) + cost / w
 redis.call('ZADD', KEYS[1], v, tenant)
 redis.call('HSET', KEYS[3], tenant, v, '_v', top[2])
 return {tenant, next_parked, now}

@@ -52,5 +52,6 @@ class TenantStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.srem(self.sched.tenants, tenant)
             pipe.hdel(self.sched.weight, tenant)
+            pipe.hdel(self.sched.cost, tenant)
             await pipe.execute()
         return bool(removed)

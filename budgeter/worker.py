@@ -83,6 +83,7 @@ class Worker:
         self.batches = BatchStore(redis, prefix=config.prefix)
         self.counter = counter or TokenCounter(redis, upstream, prefix=config.prefix, ttl_s=0)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._served: dict[str, tuple[int, int]] = {}  # tenant -> (tokens, jobs) since a pick
         self.processed = 0
 
     # main loops ---------------------------------------------------------------------
@@ -96,7 +97,8 @@ class Worker:
                 if not await _acquire_or_stop(slots, stop):
                     break
                 try:
-                    pick = await self.queue.pick(lease_ms=self.config.lease_ms)
+                    served, self._served = self._served, {}
+                    pick = await self.queue.pick(lease_ms=self.config.lease_ms, served=served)
                 except Exception:
                     slots.release()
                     log.exception("pick failed; retrying")
@@ -317,6 +319,8 @@ class Worker:
             raise
         usage = Usage.from_message(message)
         settled = await self.admission.settle(job.tenant, rid, usage)
+        tokens, jobs = self._served.get(job.tenant, (0, 0))
+        self._served[job.tenant] = (tokens + usage.total, jobs + 1)
         await self._finish(job, "succeeded", succeeded(message))
         usage.record(self.metrics, job.tenant, model, input_tokens + int(params["max_tokens"]))
         if settled.waiting_settle:

@@ -185,3 +185,23 @@ async def test_a_tenant_with_history_is_not_starved_by_a_newcomer(redis: Redis) 
         assert pick.job is not None
         served[pick.job.tenant] += 1
     assert served["old"] >= 9 and served["new"] >= 9  # before the clock: 0 for "old"
+
+
+async def test_tenants_share_tokens_not_job_counts_once_their_job_sizes_are_known(
+    redis: Redis,
+) -> None:
+    queue = await setup(redis, big=1, small=1)
+    await queue.submit("big", "b1", jobs(200, "b"))
+    await queue.submit("small", "s1", jobs(200, "s"))
+    # workers report what they served: big's jobs are 8,000 tokens, small's 1,000
+    first = await queue.pick(
+        lease_ms=LEASE, now_ms=NOW, served={"big": (80_000, 10), "small": (10_000, 10)}
+    )
+    assert first.job is not None
+    served = Counter([first.job.tenant])
+    for _ in range(89):
+        pick = await queue.pick(lease_ms=LEASE, now_ms=NOW)
+        assert pick.job is not None
+        served[pick.job.tenant] += 1
+    # equal token shares: small gets about 8 jobs for each of big's
+    assert 7 <= served["small"] / served["big"] <= 9, served
