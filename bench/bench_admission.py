@@ -11,12 +11,11 @@ Every reserve is an ADMIT under a generous policy that still has every kind of l
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 from typing import Any
 
-from common import CpuMeter, Options, Row, profiled, redis_pid, redis_server
+from common import CpuMeter, Options, Row, profiled, redis_pid, redis_server, run_standalone
 
 from budgeter.admission import Admission, Usage
 from budgeter.policy import TenantPolicy
@@ -176,9 +175,4 @@ async def run(opts: Options) -> list[Row]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--concurrency", type=int, default=64)
-    args = parser.parse_args()
-    for row in asyncio.run(run(Options(quick=args.quick, extra=vars(args)))):
-        print(row)
+    run_standalone(run, concurrency=int)

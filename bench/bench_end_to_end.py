@@ -12,7 +12,6 @@ client does one count_tokens per job.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 from typing import Any
@@ -29,6 +28,7 @@ from common import (
     profile_path,
     redis_pid,
     redis_server,
+    run_standalone,
     start_mock,
     start_worker,
 )
@@ -167,9 +167,4 @@ async def run(opts: Options) -> list[Row]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--concurrency", type=int, default=64)
-    args = parser.parse_args()
-    for row in asyncio.run(run(Options(quick=args.quick, extra=vars(args)))):
-        print(row)
+    run_standalone(run, concurrency=int)

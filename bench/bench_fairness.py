@@ -18,7 +18,6 @@ scenario; each scenario uses fresh tenant names.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 from typing import Any
@@ -32,6 +31,7 @@ from common import (
     procs,
     profile_path,
     redis_server,
+    run_standalone,
     start_mock,
     start_worker,
 )
@@ -268,8 +268,4 @@ async def run(opts: Options) -> list[Row]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    for row in asyncio.run(run(Options(quick=args.quick, extra=vars(args)))):
-        print(row)
+    run_standalone(run)

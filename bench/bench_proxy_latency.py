@@ -12,7 +12,6 @@ the difference. The count_tokens cache is warm (50 distinct payloads, warmed fir
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import time
@@ -29,6 +28,7 @@ from common import (
     procs,
     profile_path,
     redis_server,
+    run_standalone,
     start_mock,
     wait_http,
 )
@@ -141,11 +141,4 @@ async def run(opts: Options) -> list[Row]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rate", type=float, default=50.0)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--latency-ms", type=float, default=20.0)
-    args = parser.parse_args()
-    for row in asyncio.run(run(Options(quick=args.quick, extra=vars(args)))):
-        print(row)
+    run_standalone(run, rate=float, seconds=float, latency_ms=float)

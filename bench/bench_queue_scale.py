@@ -23,7 +23,7 @@ import json
 import time
 from typing import Any
 
-from common import CpuMeter, Options, Row, profiled, redis_pid, redis_server
+from common import CpuMeter, Options, Row, profiled, redis_pid, redis_server, run_standalone
 
 from budgeter.batches import new_batch_id
 from budgeter.jobqueue import JobQueue, NewJob
@@ -209,13 +209,4 @@ async def run(opts: Options) -> list[Row]:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--jobs", type=int)
-    parser.add_argument("--tenants", type=int)
-    args = parser.parse_args()
-    extra = {k: v for k, v in vars(args).items() if v is not None}
-    for row in asyncio.run(run(Options(quick=args.quick, extra=extra))):
-        print(row)
+    run_standalone(run, jobs=int, tenants=int)

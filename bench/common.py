@@ -7,6 +7,7 @@ is meaningful on a shared machine.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -54,6 +55,20 @@ class Options:
     quick: bool = False
     profile_dir: Path | None = None  # set: attach py-spy / pyinstrument and write profiles
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_standalone(run: Any, **options: type) -> None:
+    """``python bench/bench_<row>.py [--quick] [--<option> VALUE ...]``: one row module on
+    its own, printing its rows (``options``: name -> type; unset ones keep the row's
+    defaults)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    for name, kind in options.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind)
+    args = parser.parse_args()
+    extra = {k: v for k, v in vars(args).items() if k != "quick" and v is not None}
+    for row in asyncio.run(run(Options(quick=args.quick, extra=extra))):
+        print(row)
 
 
 def fmt(value: float | None, unit: str = "") -> str:
