@@ -86,9 +86,26 @@ async def _refuse(request: web.Request, status: int, message: str) -> ApiError:
     return ApiError(status, message)
 
 
+def _undecodable_credentials(request: web.Request) -> str | None:
+    """The credential header whose value is not UTF-8 (aiohttp hands its bytes over as lone
+    surrogates, which no key or token comparison can encode), if any."""
+    for name in ("authorization", "x-api-key"):
+        value = request.headers.get(name)
+        if value is not None and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return name
+    return None
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path
+    if path.startswith(("/v1/", "/admin")):
+        bad_header = _undecodable_credentials(request)
+        if bad_header is not None:
+            raise ApiError(401, f"invalid credentials: the {bad_header} header is not UTF-8")
     if path.startswith("/v1/"):
         key = request.headers.get("x-api-key") or _bearer(request)
         if not key:
