@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from budgeter.access_log import access_log_middleware
 from budgeter.admission import admission_from_settings
 from budgeter.api_errors import REQUEST_ID, ApiError, Handler, errors_middleware
-from budgeter.api_keys import KeyStore, Principal
+from budgeter.api_keys import KEY_CACHE_SECONDS, KeyStore, Principal
 from budgeter.api_models import (
     CreateBatchBody,
     DeletedMessageBatch,
@@ -50,7 +50,7 @@ from budgeter.policy import (
     TenantPolicy,
     check_tenant_id,
 )
-from budgeter.proxy import PROXY, ProxyDeps, count_tokens, create_message
+from budgeter.proxy import PROXY, LocalCountCache, ProxyDeps, count_tokens, create_message
 from budgeter.redis_client import redis_from_settings
 from budgeter.serving import upstream_session
 from budgeter.settings import Settings
@@ -468,7 +468,7 @@ def create_app(
             stores["upstream"] = upstream
             stores["batches"] = BatchStore(client, prefix=settings.key_prefix)
             stores["tenants"] = TenantStore(client, prefix=settings.key_prefix)
-            stores["keys"] = KeyStore(client, prefix=settings.key_prefix)
+            stores["keys"] = KeyStore(client, prefix=settings.key_prefix, cache_s=KEY_CACHE_SECONDS)
             stores["auth_throttle"] = AuthThrottle(
                 client,
                 settings.key_prefix,
@@ -478,7 +478,7 @@ def create_app(
             app[PROXY]["deps"] = ProxyDeps(
                 redis=client,
                 upstream=upstream,
-                counter=counter,
+                counter=LocalCountCache.over(counter),
                 admission=admission,
                 queue=stores["batches"].queue,
                 metrics=health.metrics,

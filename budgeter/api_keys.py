@@ -1,4 +1,11 @@
-"""Tenant API keys: created by the admin, shown once, stored only as SHA-256 hashes."""
+"""Tenant API keys: created by the admin, shown once, stored only as SHA-256 hashes.
+
+A key found valid is remembered in-process for ``KEY_CACHE_SECONDS`` (the API then
+authenticates without a Redis round trip). Revoking a key or deleting its tenant drops it
+from this process's cache at once; other processes stop accepting it within
+``KEY_CACHE_SECONDS``. Unknown keys are never cached: a new key works at once, and every
+failure still reaches Redis (and the failed-authentication throttle).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ from typing import Any
 from budgeter.keys import TenantKeys, key_index_key
 
 KEY_PREFIX = "sk-bgt-"
+KEY_CACHE_SECONDS = 1.0  # the bound on how long a revoked key still works elsewhere
+KEY_CACHE_MAX = 10_000
 
 
 def hash_key(key: str) -> str:
@@ -25,11 +34,60 @@ class Principal:
     key_id: str
 
 
+def _clock() -> float:
+    return time.monotonic()
+
+
+class _PrincipalCache:
+    """Valid keys of this process: (prefix, key hash) -> (principal, expiry on the
+    monotonic clock). One per process, so a revocation through any KeyStore (the admin
+    API, TenantStore.delete) drops the entry for every KeyStore of the process."""
+
+    def __init__(self, max_entries: int = KEY_CACHE_MAX) -> None:
+        self.max_entries = max_entries
+        self.entries: dict[tuple[str, str], tuple[Principal, float]] = {}
+        self.generation = 0  # bumped by every drop: a lookup racing a revocation stores nothing
+
+    def get(self, prefix: str, digest: str, now: float) -> Principal | None:
+        found = self.entries.get((prefix, digest))
+        if found is None:
+            return None
+        if found[1] <= now:
+            del self.entries[(prefix, digest)]
+            return None
+        return found[0]
+
+    def put(self, prefix: str, digest: str, principal: Principal, expires: float) -> None:
+        if len(self.entries) >= self.max_entries:
+            now = _clock()
+            self.entries = {k: v for k, v in self.entries.items() if v[1] > now}
+            while len(self.entries) >= self.max_entries:  # all fresh: drop the oldest
+                del self.entries[next(iter(self.entries))]
+        self.entries[(prefix, digest)] = (principal, expires)
+
+    def drop(self, prefix: str, digests: list[str], tenant: str | None = None) -> None:
+        self.generation += 1
+        for digest in digests:
+            self.entries.pop((prefix, digest), None)
+        if tenant is not None:
+            stale = [
+                k for k, (who, _) in self.entries.items() if k[0] == prefix and who.tenant == tenant
+            ]
+            for k in stale:
+                del self.entries[k]
+
+
+_CACHE = _PrincipalCache()
+
+
 class KeyStore:
-    def __init__(self, redis: Any, *, prefix: str = "budgeter") -> None:
+    """``cache_s`` > 0 (the API): valid keys are remembered that long (see the module)."""
+
+    def __init__(self, redis: Any, *, prefix: str = "budgeter", cache_s: float = 0.0) -> None:
         self.redis = redis
         self.prefix = prefix
         self.index = key_index_key(prefix)
+        self.cache_s = cache_s
 
     async def create(self, tenant: str) -> tuple[str, str]:
         """A new key for ``tenant``: returns (key id, key). The key is not kept."""
@@ -55,20 +113,43 @@ class KeyStore:
         raw = await self.redis.hget(keys.api_keys, key_id)
         if raw is None:
             return False
-        await self.redis.hdel(self.index, json.loads(raw)["hash"])
-        await self.redis.hdel(keys.api_keys, key_id)
+        digest = json.loads(raw)["hash"]
+        _CACHE.drop(self.prefix, [digest])
+        try:
+            await self.redis.hdel(self.index, digest)
+            await self.redis.hdel(keys.api_keys, key_id)
+        finally:
+            _CACHE.drop(self.prefix, [digest])  # and what a racing lookup may have stored
         return True
 
     async def revoke_all(self, tenant: str) -> None:
         keys = TenantKeys.of(self.prefix, tenant)
-        for raw in await self.redis.hvals(keys.api_keys):
-            await self.redis.hdel(self.index, json.loads(raw)["hash"])
-        await self.redis.delete(keys.api_keys)
+        _CACHE.drop(self.prefix, [], tenant)
+        try:
+            for raw in await self.redis.hvals(keys.api_keys):
+                await self.redis.hdel(self.index, json.loads(raw)["hash"])
+            await self.redis.delete(keys.api_keys)
+        finally:
+            _CACHE.drop(self.prefix, [], tenant)
 
     async def authenticate(self, key: str) -> Principal | None:
         if not key:
             return None
-        found = await self.redis.hget(self.index, hash_key(key))
+        digest = hash_key(key)
+        if self.cache_s <= 0:
+            return await self._lookup(digest)
+        now = _clock()
+        cached = _CACHE.get(self.prefix, digest, now)
+        if cached is not None:
+            return cached
+        generation = _CACHE.generation
+        principal = await self._lookup(digest)
+        if principal is not None and _CACHE.generation == generation:
+            _CACHE.put(self.prefix, digest, principal, now + self.cache_s)
+        return principal
+
+    async def _lookup(self, digest: str) -> Principal | None:
+        found = await self.redis.hget(self.index, digest)
         if found is None:
             return None
         tenant, _, key_id = str(found).partition(" ")

@@ -16,6 +16,8 @@ import json
 import logging
 import math
 import time
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +34,13 @@ from budgeter.metrics import Metrics, reason_label
 from budgeter.models import MessageParams, first_error
 from budgeter.ratelimit_headers import tenant_ratelimit_headers
 from budgeter.results import BUDGET_ERROR_TYPE, REFUSAL_TYPES, error_body
-from budgeter.token_counter import TokenCounter
-from budgeter.upstream import COUNT_TOKENS_FIELDS, UpstreamClient, UpstreamError
+from budgeter.token_counter import TokenCounter, payload_digest
+from budgeter.upstream import (
+    COUNT_TOKENS_FIELDS,
+    UpstreamClient,
+    UpstreamError,
+    count_tokens_body,
+)
 
 log = logging.getLogger("budgeter.proxy")
 
@@ -55,6 +62,50 @@ class ProxyDeps:
 
 PROXY = web.AppKey("proxy", dict)  # {"deps": ProxyDeps}, filled at start-up
 
+LOCAL_COUNT_ENTRIES = 4096
+LOCAL_COUNT_MAX_S = 600.0
+
+
+class LocalCountCache(TokenCounter):
+    """The API's token counter: in front of the shared Redis cache, the counts of this
+    process's recent payloads (at most ``LOCAL_COUNT_ENTRIES``, least recently used
+    first out), so a repeated payload costs no Redis round trip. A count only depends on
+    the content hashed, so a local copy is never wrong; it is kept no longer than the
+    Redis cache's TTL (and at most ``LOCAL_COUNT_MAX_S``). Local estimates (the
+    ``on_count_failure: estimate`` fallback of :meth:`count_for`) are never cached."""
+
+    @classmethod
+    def over(cls, counter: TokenCounter) -> LocalCountCache:
+        return cls(
+            counter.redis,
+            counter.upstream,
+            prefix=counter.prefix,
+            ttl_s=counter.ttl_s,
+            metrics=counter.metrics,
+        )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._local: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    async def count(self, params: Mapping[str, Any]) -> int:
+        if self.ttl_s <= 0:
+            return await super().count(params)
+        digest = payload_digest(count_tokens_body(params))
+        now = time.monotonic()
+        found = self._local.get(digest)
+        if found is not None and found[1] > now:
+            self._local.move_to_end(digest)
+            if self.metrics is not None:
+                self.metrics.count_cache.labels("hit").inc()
+            return found[0]
+        tokens = await super().count(params)
+        self._local[digest] = (tokens, now + min(float(self.ttl_s), LOCAL_COUNT_MAX_S))
+        self._local.move_to_end(digest)
+        while len(self._local) > LOCAL_COUNT_ENTRIES:
+            self._local.popitem(last=False)
+        return tokens
+
 
 def _deps(request: web.Request) -> ProxyDeps:
     deps: ProxyDeps = request.app[PROXY]["deps"]
@@ -75,6 +126,14 @@ async def _params(request: web.Request, tenant: str) -> dict[str, Any]:
     return dict(body)
 
 
+def _discard(task: asyncio.Future[Any]) -> None:
+    """Leave a side task unawaited: cancel it, or take its exception (no warning later)."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
+
+
 def _upstream_error(exc: UpstreamError, headers: dict[str, str]) -> web.Response:
     status = exc.status if exc.status >= 400 else 502
     return web.json_response(exc.body, status=status, headers=headers)
@@ -89,12 +148,18 @@ async def count_tokens(request: web.Request) -> web.Response:
     extra = sorted(set(body) - COUNT_TOKENS_FIELDS)
     if extra:
         raise ApiError(400, f"{extra[0]}: Extra inputs are not permitted")
-    headers = await tenant_ratelimit_headers(deps.redis, TenantKeys.of(deps.prefix, tenant))
+    # the headers are read while the upstream counts
+    reading = asyncio.ensure_future(
+        tenant_ratelimit_headers(deps.redis, TenantKeys.of(deps.prefix, tenant))
+    )
     try:
         tokens = await deps.upstream.count_tokens(body)
     except UpstreamError as exc:
-        return _upstream_error(exc, headers)
-    return web.json_response({"input_tokens": tokens}, headers=headers)
+        return _upstream_error(exc, await reading)
+    except BaseException:
+        _discard(reading)
+        raise
+    return web.json_response({"input_tokens": tokens}, headers=await reading)
 
 
 async def create_message(request: web.Request) -> web.StreamResponse:
@@ -109,38 +174,67 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     rid = f"sync:{request[REQUEST_ID]}"
     model = str(params["model"])
     decision = await _admit(deps, tenant, rid, input_tokens, params, model)
-    try:
+    if decision.kind != "ADMIT":
         headers = await tenant_ratelimit_headers(deps.redis, keys, now_ms=decision.now_ms)
-    except BaseException:  # the client left (or Redis failed) before the upstream call
-        if decision.kind == "ADMIT":
-            await deps.admission.release(tenant, rid)
-        raise
-    label = deps.metrics.tenant(tenant)
+        raise _refusal(decision, model, headers)
+    # the reservation is marked sent by reserve itself (sent_at_once): a refusal below
+    # releases it explicitly; a crash or a client gone mid-call charges it in full.
+    # The rate-limit headers (the buckets just after this reservation) are read while the
+    # upstream works: no round trip of their own on the way.
+    reading = asyncio.ensure_future(
+        tenant_ratelimit_headers(deps.redis, keys, now_ms=decision.now_ms)
+    )
+    try:
+        if params.get("stream"):
+            return await _stream(request, deps, tenant, rid, params, reading, input_tokens)
+        return await _forward(deps, tenant, rid, params, reading, input_tokens)
+    finally:
+        _discard(reading)
+
+
+def _refusal(decision: Decision, model: str, headers: dict[str, str]) -> ApiError:
+    """The answer to a DEFER (after waiting as long as the policy allows) or a REJECT."""
     if decision.kind == "DEFER":
         wait = retry_after_s(decision.until_ms or decision.now_ms + 1000, decision.now_ms)
-        raise ApiError(
+        return ApiError(
             429,
             decision.describe(model),
             error_type="rate_limit_error",
             headers={**headers, "retry-after": str(wait), "x-should-retry": "true"},
         )
-    if decision.kind == "REJECT":
-        if decision.reason == "unknown_tenant":
-            raise ApiError(403, "this key's tenant has no policy", headers=headers)
-        if decision.reason in REFUSAL_TYPES:
-            status, error_type = REFUSAL_TYPES[decision.reason]
-            raise ApiError(status, decision.describe(model), error_type=error_type, headers=headers)
-        raise ApiError(
-            429,
-            decision.describe(model),
-            error_type=BUDGET_ERROR_TYPE,
-            headers={**headers, "x-should-retry": "false"},
-        )
-    # the reservation is marked sent by reserve itself (sent_at_once): a refusal below
-    # releases it explicitly; a crash or a client gone mid-call charges it in full
+    if decision.reason == "unknown_tenant":
+        return ApiError(403, "this key's tenant has no policy", headers=headers)
+    if decision.reason in REFUSAL_TYPES:
+        status, error_type = REFUSAL_TYPES[decision.reason]
+        return ApiError(status, decision.describe(model), error_type=error_type, headers=headers)
+    return ApiError(
+        429,
+        decision.describe(model),
+        error_type=BUDGET_ERROR_TYPE,
+        headers={**headers, "x-should-retry": "false"},
+    )
+
+
+async def _headers(reading: asyncio.Future[dict[str, str]]) -> dict[str, str]:
+    """The rate-limit headers read beside the upstream call. The upstream has been called
+    by now, so a failed read costs only the headers, not the answer."""
+    try:
+        return await reading
+    except Exception as exc:
+        log.warning("rate-limit headers unavailable: %s", type(exc).__name__)
+        return {}
+
+
+async def _forward(
+    deps: ProxyDeps,
+    tenant: str,
+    rid: str,
+    params: dict[str, Any],
+    reading: asyncio.Future[dict[str, str]],
+    input_tokens: int,
+) -> web.Response:
+    model = str(params["model"])
     reserved = input_tokens + int(params["max_tokens"])
-    if params.get("stream"):
-        return await _stream(request, deps, tenant, rid, params, headers, input_tokens)
     try:
         message = await deps.upstream.create_message(params)
     except UpstreamError as exc:
@@ -148,13 +242,14 @@ async def create_message(request: web.Request) -> web.StreamResponse:
             await deps.admission.charge_full(tenant, rid)
         else:
             await deps.admission.release(tenant, rid)
-        return _upstream_error(exc, headers)
+        return _upstream_error(exc, await _headers(reading))
     except BaseException:
         await deps.admission.charge_full(tenant, rid)
         raise
+    headers = await _headers(reading)  # before the settle: the state the decision left
     usage = Usage.from_message(message)
     await _settle(deps, tenant, rid, model, usage, reserved)
-    deps.metrics.jobs.labels(label, "succeeded").inc()
+    deps.metrics.jobs.labels(deps.metrics.tenant(tenant), "succeeded").inc()
     return web.json_response(message, headers=headers)
 
 
@@ -257,7 +352,7 @@ async def _stream(
     tenant: str,
     rid: str,
     params: dict[str, Any],
-    headers: dict[str, str],
+    reading: asyncio.Future[dict[str, str]],
     input_tokens: int,
 ) -> web.StreamResponse:
     model = str(params["model"])
@@ -266,6 +361,7 @@ async def _stream(
     settled = False
     try:
         async with deps.upstream.open_stream(params) as upstream:
+            headers = await _headers(reading)
             response = web.StreamResponse(
                 headers={
                     **headers,
@@ -305,6 +401,6 @@ async def _stream(
             return response
     except UpstreamError as exc:
         await deps.admission.release(tenant, rid)
-        return _upstream_error(exc, headers)
+        return _upstream_error(exc, await _headers(reading))
     except ConnectionResetError:
         return web.Response(status=499)

@@ -1,0 +1,130 @@
+"""The proxy's fast path: what it remembers in-process (valid keys for at most
+``KEY_CACHE_SECONDS``, token counts) and the rate-limit headers read beside the upstream
+call, with every refusal still exactly as strict as Redis says."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from budgeter import api_keys
+from budgeter import proxy as proxy_module
+from budgeter.api_keys import KEY_CACHE_SECONDS, KeyStore, hash_key
+from budgeter.keys import key_index_key
+from budgeter.policy import TenantPolicy
+from budgeter.proxy import LocalCountCache
+from budgeter.results import error_body
+from budgeter.tenants import TenantStore
+from budgeter.token_counter import TokenCounter
+from budgeter.upstream import UpstreamError
+from tests.test_proxy import Proxy, ask, budget, proxy  # noqa: F401 - the fixture
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The key cache's clock, moved by hand (never the event loop's)."""
+    now = [1_000.0]
+    monkeypatch.setattr(api_keys, "_clock", lambda: now[0])
+    return now
+
+
+async def test_a_valid_key_is_remembered_at_most_the_cache_bound(
+    redis: Redis, clock: list[float]
+) -> None:
+    await TenantStore(redis).put("acme", TenantPolicy())
+    key_id, key = await KeyStore(redis).create("acme")
+    cached = KeyStore(redis, cache_s=KEY_CACHE_SECONDS)
+    principal = await cached.authenticate(key)
+    assert principal is not None and (principal.tenant, principal.key_id) == ("acme", key_id)
+    # another process revokes it (this process's cache is not told)
+    await redis.hdel(key_index_key("budgeter"), hash_key(key))
+    clock[0] += KEY_CACHE_SECONDS * 0.9
+    assert await cached.authenticate(key) == principal
+    clock[0] += KEY_CACHE_SECONDS * 0.2
+    assert await cached.authenticate(key) is None
+    assert await KeyStore(redis).authenticate(key) is None  # uncached stores: Redis only
+
+
+async def test_revoking_or_deleting_the_tenant_drops_the_key_in_this_process_at_once(
+    redis: Redis, clock: list[float]
+) -> None:
+    tenants = TenantStore(redis)
+    await tenants.put("acme", TenantPolicy())
+    cached = KeyStore(redis, cache_s=KEY_CACHE_SECONDS)
+    first_id, first = await cached.create("acme")
+    _, second = await cached.create("acme")
+    assert await cached.authenticate(first) is not None
+    assert await cached.authenticate(second) is not None
+    assert await KeyStore(redis).revoke("acme", first_id)  # through another KeyStore
+    assert await cached.authenticate(first) is None
+    assert await cached.authenticate(second) is not None
+    assert await tenants.delete("acme")
+    assert await cached.authenticate(second) is None
+
+
+async def test_unknown_keys_are_never_remembered(redis: Redis, clock: list[float]) -> None:
+    cached = KeyStore(redis, cache_s=KEY_CACHE_SECONDS)
+    assert await cached.authenticate("sk-bgt-nope") is None
+    assert not [k for k in api_keys._CACHE.entries if k[1] == hash_key("sk-bgt-nope")]
+    await TenantStore(redis).put("acme", TenantPolicy())
+    _, key = await cached.create("acme")
+    assert await cached.authenticate(key) is not None  # a new key works at once
+
+
+class CountingUpstream:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.failing = False
+
+    async def count_tokens(self, body: Any) -> int:
+        self.calls += 1
+        if self.failing:
+            raise UpstreamError(503, error_body("api_error", "down"), retryable=True)
+        return 4242
+
+
+async def test_local_counts_spare_redis_and_the_upstream_but_never_keep_estimates(
+    redis: Redis,
+) -> None:
+    upstream = CountingUpstream()
+    counter = LocalCountCache.over(TokenCounter(redis, upstream, ttl_s=3600))  # type: ignore[arg-type]
+    params = ask(1)
+    assert await counter.count_for("acme", params) == 4242
+    await redis.flushall()  # the shared cache is gone: this process still knows the count
+    assert await counter.count_for("acme", params) == 4242
+    assert upstream.calls == 1
+    # a failing count with the estimate fallback: the estimate is not remembered
+    await TenantStore(redis).put("acme", TenantPolicy(on_count_failure="estimate"))
+    upstream.failing = True
+    other = ask(2)
+    estimate = await counter.count_for("acme", other)
+    assert estimate != 4242
+    upstream.failing = False
+    assert await counter.count_for("acme", other) == 4242
+    # with the shared cache off, nothing is remembered locally either
+    uncached = LocalCountCache.over(TokenCounter(redis, upstream, ttl_s=0))  # type: ignore[arg-type]
+    before = upstream.calls
+    await uncached.count(params)
+    await uncached.count(params)
+    assert upstream.calls == before + 2
+
+
+async def test_headers_that_cannot_be_read_cost_only_the_headers(
+    proxy: Proxy,  # noqa: F811
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key = await proxy.tenant("px", {"budgets": {"day": 100_000}, "rate": {"rpm": 50}})
+
+    async def broken(*_args: Any, **_kwargs: Any) -> dict[str, str]:
+        raise ConnectionError("redis went away for this read")
+
+    monkeypatch.setattr(proxy_module, "tenant_ratelimit_headers", broken)
+    raw = await proxy.client(key).messages.with_raw_response.create(**ask())
+    message = await raw.parse()
+    assert raw.http_response.status_code == 200
+    assert "anthropic-ratelimit-requests-limit" not in raw.headers
+    used = int((await budget(redis, "px")).get("day:used", 0))
+    assert used == message.usage.input_tokens + message.usage.output_tokens
