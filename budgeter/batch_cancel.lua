@@ -3,8 +3,8 @@ jobs already leased finish as they are. Idempotent.
 -- needs: lua_periods.lua
 
 KEYS[1] batch       hash  batch meta and counts
-KEYS[2] batch_jobs  list  the batch's job ids
-KEYS[3] jstate      hash  job id -> state
+KEYS[2] batch_cids  list  the batch's custom ids, each element a JSON array of up to 1,000
+KEYS[3] jstate      hash  job id -> state (a job of the batch without one is queued)
 KEYS[4] results     hash  job id -> result line
 KEYS[5] jobs        hash  (unused: a job id is '<batch id>:<custom_id>')
 KEYS[6] canceled_batches  set  (a job of the batch leased meanwhile is not served)
@@ -20,26 +20,36 @@ if not redis.call('HGET', KEYS[1], 'cancel_initiated_ms') then
   redis.call('HSET', KEYS[1], 'cancel_initiated_ms', now)
 end
 redis.call('SADD', KEYS[6], ARGV[2])
+local prefix = ARGV[2] .. ':'
 local canceled = 0
 local n = redis.call('LLEN', KEYS[2])
-local chunk = 1000
-for start = 0, n - 1, chunk do
-  local ids = redis.call('LRANGE', KEYS[2], start, start + chunk - 1)
-  local states = redis.call('HMGET', KEYS[3], unpack(ids))
-  local new_states, lines = {}, {}
-  for k, id in ipairs(ids) do
-    if states[k] == 'queued' then
-      table.insert(new_states, id); table.insert(new_states, 'canceled')
-      table.insert(lines, id)
-      table.insert(lines, cjson.encode({custom_id = string.match(id, '^[^:]*:(.*)$'), result = {type = 'canceled'}}))
-      canceled = canceled + 1
+local function each_chunk(fn)
+  for start = 0, n - 1, 100 do
+    for _, packed in ipairs(redis.call('LRANGE', KEYS[2], start, start + 99)) do
+      fn(cjson.decode(packed))
     end
   end
-  if #new_states > 0 then
-    redis.call('HSET', KEYS[3], unpack(new_states))
-    redis.call('HSET', KEYS[4], unpack(lines))
-  end
 end
+each_chunk(function(cids)
+  if #cids > 0 then
+    local ids = {}
+    for k, cid in ipairs(cids) do ids[k] = prefix .. cid end
+    local states = redis.call('HMGET', KEYS[3], unpack(ids))
+    local new_states, lines = {}, {}
+    for k, id in ipairs(ids) do
+      if not states[k] or states[k] == 'queued' then
+        table.insert(new_states, id); table.insert(new_states, 'canceled')
+        table.insert(lines, id)
+        table.insert(lines, cjson.encode({custom_id = cids[k], result = {type = 'canceled'}}))
+        canceled = canceled + 1
+      end
+    end
+    if #new_states > 0 then
+      redis.call('HSET', KEYS[3], unpack(new_states))
+      redis.call('HSET', KEYS[4], unpack(lines))
+    end
+  end
+end)
 if canceled > 0 then
   local left = redis.call('HINCRBY', KEYS[1], 'processing', -canceled)
   redis.call('HINCRBY', KEYS[1], 'canceled', canceled)

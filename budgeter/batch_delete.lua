@@ -1,9 +1,10 @@
 --[[ batch_delete.lua — delete an ended batch and every trace of its jobs.
 
 KEYS[1] batch       hash
-KEYS[2] batch_jobs  list
+KEYS[2] batch_cids  list  the batch's custom ids, each element a JSON array of up to 1,000
 KEYS[3] batches     zset  batch id -> created ms
-KEYS[4] jobs  KEYS[5] jstate  KEYS[6] jmeta  KEYS[7] attempts  KEYS[8] results   (hashes by job id)
+KEYS[4] jobs  KEYS[5] jstate  KEYS[6] attempts  KEYS[7] results   (hashes by job id)
+KEYS[8] bmeta       hash  batch id -> '<enqueued ms> <deadline ms> [priority]'
 KEYS[9] canceled_batches  set
 ARGV[1] batch id
 
@@ -14,13 +15,24 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('not_found')
 if (tonumber(redis.call('HGET', KEYS[1], 'processing')) or 0) > 0 then
   return redis.error_reply('not_ended')
 end
+local prefix = ARGV[1] .. ':'
 local n = redis.call('LLEN', KEYS[2])
-local chunk = 1000
-for start = 0, n - 1, chunk do
-  local ids = redis.call('LRANGE', KEYS[2], start, start + chunk - 1)
-  for k = 4, 8 do redis.call('HDEL', KEYS[k], unpack(ids)) end
+local function each_chunk(fn)
+  for start = 0, n - 1, 100 do
+    for _, packed in ipairs(redis.call('LRANGE', KEYS[2], start, start + 99)) do
+      fn(cjson.decode(packed))
+    end
+  end
 end
+each_chunk(function(cids)
+  if #cids > 0 then
+    local ids = {}
+    for k, cid in ipairs(cids) do ids[k] = prefix .. cid end
+    for k = 4, 7 do redis.call('HDEL', KEYS[k], unpack(ids)) end
+  end
+end)
 redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HDEL', KEYS[8], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('SREM', KEYS[9], ARGV[1])
 return 1

@@ -174,9 +174,9 @@ class BatchStore:
                     keys.batches,
                     keys.jobs,
                     keys.jstate,
-                    keys.jmeta,
                     keys.attempts,
                     keys.results,
+                    keys.bmeta,
                     keys.canceled_batches,
                 ],
                 args=[batch_id],
@@ -216,15 +216,19 @@ class BatchStore:
         """Result lines as stored (JSON text), in submission order, chunk by chunk."""
         tenant = (await self.status(batch_id, tenant=tenant)).tenant
         keys = TenantKeys.of(self.prefix, tenant)
-        start = 0
-        while True:
-            ids = await self.redis.lrange(keys.batch_jobs(batch_id), start, start + chunk - 1)
-            if not ids:
+        prefix = batch_id + ":"
+        index = 0
+        while True:  # each element: a JSON array of up to 1,000 custom ids
+            block = await self.redis.lrange(keys.batch_jobs(batch_id), index, index + 15)
+            if not block:
                 return
-            for line in await self.redis.hmget(keys.results, ids):
-                if line is not None:
-                    yield line
-            start += chunk
+            for packed in block:
+                ids = [prefix + cid for cid in json.loads(packed)]
+                for start in range(0, len(ids), chunk):
+                    for line in await self.redis.hmget(keys.results, ids[start : start + chunk]):
+                        if line is not None:
+                            yield line
+            index += len(block)
 
 
 def _status(batch_id: str, tenant: str, raw: dict[str, str]) -> BatchStatus:

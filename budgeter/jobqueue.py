@@ -28,8 +28,23 @@ class UnknownTenantError(LookupError):
     """Work submitted for a tenant without a policy."""
 
 
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def job_id(batch_id: str, custom_id: str) -> str:
     return f"{batch_id}:{custom_id}"
+
+
+def split_job_id(jid: str) -> tuple[str, str]:
+    """(batch id, custom id): batch ids never contain ':'."""
+    batch_id, _, custom_id = jid.partition(":")
+    return batch_id, custom_id
+
+
+def _meta_priority(meta: str) -> str:
+    """The priority in a bmeta value '<enqueued ms> <deadline ms> [priority]'."""
+    parts = str(meta).split(" ")
+    return parts[2] if len(parts) > 2 else "normal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +83,7 @@ async def oldest_queued_age_s(redis: Any, keys: TenantKeys, now_ms: int) -> floa
         heads = [h for h in await pipe.execute() if h]
     if not heads:
         return 0.0
-    metas = await redis.hmget(keys.jmeta, heads)
+    metas = await redis.hmget(keys.bmeta, [split_job_id(h)[0] for h in heads])
     enqueued = [int(str(m).split(" ")[0]) for m in metas if m]
     return max(0.0, (now_ms - min(enqueued)) / 1000) if enqueued else 0.0
 
@@ -122,38 +137,43 @@ class JobQueue:
         missing. WATCH on the policy and the batch makes concurrent submits of the same
         batch (and a policy deleted meanwhile) retry instead of interleaving.
 
+        Per job, Redis gets one ``jobs`` hash entry (id -> params JSON) and one queue
+        entry; the batch's order is one packed list element per 1,000 jobs, and what the
+        jobs share (enqueued time, deadline, priority) one ``bmeta`` entry per batch. A
+        retried submission keeps the batch's first deadline and priority.
+
         No Lua here on purpose: Lua 5.1 interns every argument string, and its hash samples
         only some characters of long strings, so 100,000 job bodies that differ in a few
         characters (templated prompts) collide and make a script quadratic.
         """
         keys = self.keys(tenant)
-        ids = [job_id(batch_id, job.custom_id) for job in jobs]
-        bodies = [
-            json.dumps(
-                {"batch_id": batch_id, "custom_id": job.custom_id, "params": job.params},
-                separators=(",", ":"),
-            )
-            for job in jobs
-        ]
+        cids = [job.custom_id for job in jobs]
+        prefix = batch_id + ":"
+        ids = [prefix + cid for cid in cids]
+        bodies = [_dumps(job.params) for job in jobs]
+        batch_key = keys.batch(batch_id)
         for _ in range(20):
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
-                    await pipe.watch(keys.policy, keys.batch(batch_id))
+                    await pipe.watch(keys.policy, batch_key)
                     # (HGET, not EXISTS: redis-py's cluster pipeline mishandles EXISTS
                     # in immediate mode after WATCH)
                     if await pipe.hget(keys.policy, "json") is None:
                         raise UnknownTenantError(f"tenant {tenant!r} has no policy")
                     now_ms = await self.server_time_ms()
-                    expires = await pipe.hget(keys.batch(batch_id), "expires_ms")
+                    expires = await pipe.hget(batch_key, "expires_ms")
                     fresh = list(range(len(ids)))
+                    prio = priority
                     if expires is not None:  # a retried submission: skip what is there
-                        present = await self._present(pipe, keys, ids)
-                        fresh = [i for i in fresh if i not in present]
+                        present = await self._present(pipe, keys, batch_id)
+                        fresh = [i for i in fresh if cids[i] not in present]
+                        meta = await pipe.hget(keys.bmeta, batch_id)
+                        prio = _meta_priority(meta) if meta is not None else priority
                     deadline = int(expires) if expires is not None else now_ms + int(ttl_ms)
                     pipe.multi()
                     if expires is None:
                         pipe.hset(
-                            keys.batch(batch_id),
+                            batch_key,
                             mapping={
                                 "id": batch_id,
                                 "created_ms": now_ms,
@@ -166,19 +186,30 @@ class JobQueue:
                             },
                         )
                         pipe.zadd(keys.batches, {batch_id: now_ms})
-                    meta = f"{now_ms} {deadline}" + (f" {priority}" if priority != "normal" else "")
+                        meta = f"{now_ms} {deadline}" + (f" {prio}" if prio != "normal" else "")
+                        pipe.hset(keys.bmeta, batch_id, meta)
+                    queue = keys.queue_for(prio)
+                    order = keys.batch_jobs(batch_id)
                     for start in range(0, len(fresh), SUBMIT_CHUNK):
                         chunk = fresh[start : start + SUBMIT_CHUNK]
-                        chunk_ids = [ids[i] for i in chunk]
-                        pipe.hset(keys.jobs, mapping={ids[i]: bodies[i] for i in chunk})
-                        pipe.hset(keys.jstate, mapping=dict.fromkeys(chunk_ids, "queued"))
-                        pipe.hset(keys.jmeta, mapping=dict.fromkeys(chunk_ids, meta))
-                        pipe.rpush(keys.queue_for(priority), *chunk_ids)
-                        pipe.rpush(keys.batch_jobs(batch_id), *chunk_ids)
+                        if len(fresh) == len(ids):  # the common case: every job is new
+                            end = start + SUBMIT_CHUNK
+                            chunk_ids, chunk_bodies = ids[start:end], bodies[start:end]
+                            chunk_cids = cids[start:end]
+                        else:
+                            chunk_ids = [ids[i] for i in chunk]
+                            chunk_bodies = [bodies[i] for i in chunk]
+                            chunk_cids = [cids[i] for i in chunk]
+                        flat: list[str] = [""] * (2 * len(chunk_ids))
+                        flat[::2] = chunk_ids
+                        flat[1::2] = chunk_bodies
+                        pipe.execute_command("HSET", keys.jobs, *flat)
+                        pipe.execute_command("RPUSH", queue, *chunk_ids)
+                        pipe.execute_command("RPUSH", order, _dumps(chunk_cids))
                     if fresh:
-                        pipe.hincrby(keys.batch(batch_id), "processing", len(fresh))
+                        pipe.hincrby(batch_key, "processing", len(fresh))
                         pipe.hincrby(keys.outcomes, "submitted", len(fresh))
-                        pipe.hdel(keys.batch(batch_id), "ended_ms")
+                        pipe.hdel(batch_key, "ended_ms")
                     await pipe.execute()
                 except WatchError:
                     continue
@@ -191,11 +222,11 @@ class JobQueue:
         seconds, micros = await self.redis.time()
         return int(seconds) * 1000 + int(micros) // 1000
 
-    async def _present(self, pipe: Any, keys: TenantKeys, ids: list[str]) -> set[int]:
-        present: set[int] = set()
-        for start in range(0, len(ids), SUBMIT_CHUNK):
-            states = await pipe.hmget(keys.jstate, ids[start : start + SUBMIT_CHUNK])
-            present.update(start + k for k, state in enumerate(states) if state is not None)
+    async def _present(self, pipe: Any, keys: TenantKeys, batch_id: str) -> set[str]:
+        """The custom ids the batch already has (from its packed order list)."""
+        present: set[str] = set()
+        for packed in await pipe.lrange(keys.batch_jobs(batch_id), 0, -1):
+            present.update(json.loads(packed))
         return present
 
     async def activate(self, tenant: str, *, wake: int = 0, unpark: bool = False) -> None:
@@ -255,7 +286,7 @@ class JobQueue:
                 keys.jobs,
                 keys.jstate,
                 keys.attempts,
-                keys.jmeta,
+                keys.bmeta,
                 keys.canceled_batches,
                 keys.policy,
                 keys.queue_high,
@@ -268,7 +299,7 @@ class JobQueue:
             await self._deactivate(tenant)
         if not jid:
             return None
-        body = json.loads(raw)
+        batch_id, custom_id = split_job_id(jid)
         parts = str(meta).split(" ")
         enqueued = parts[0]
         deadline = parts[1] if len(parts) > 1 else ""
@@ -276,9 +307,9 @@ class JobQueue:
         return LeasedJob(
             tenant=tenant,
             id=jid,
-            batch_id=body["batch_id"],
-            custom_id=body["custom_id"],
-            params=body["params"],
+            batch_id=batch_id,
+            custom_id=custom_id,
+            params=json.loads(raw),
             attempt=int(attempt),
             enqueued_ms=_int(enqueued, int(now)),
             deadline_ms=_int(deadline, 0),
@@ -313,7 +344,7 @@ class JobQueue:
                 keys.jstate,
                 keys.attempts,
                 keys.canceled_batches,
-                keys.jmeta,
+                keys.bmeta,
                 keys.queue_high,
                 keys.queue_low,
             ],
@@ -368,6 +399,7 @@ class JobQueue:
                 keys.batch(batch_id),
                 keys.dead,
                 keys.outcomes,
+                keys.jobs,
             ],
             args=[jid, outcome, line, "", "1" if dead else "0"],
         )
@@ -399,7 +431,7 @@ class JobQueue:
                 keys.queue,
                 keys.jstate,
                 keys.attempts,
-                keys.jmeta,
+                keys.bmeta,
                 keys.queue_high,
                 keys.queue_low,
             ],
@@ -411,8 +443,12 @@ class JobQueue:
         return requeued, [str(x) for x in reply[1:]]
 
     async def job_body(self, tenant: str, jid: str) -> dict[str, Any] | None:
+        """``{"batch_id", "custom_id", "params"}`` of a job, None when it is unknown."""
         raw = await self.redis.hget(self.keys(tenant).jobs, jid)
-        return None if raw is None else dict(json.loads(raw))
+        if raw is None:
+            return None
+        batch_id, custom_id = split_job_id(jid)
+        return {"batch_id": batch_id, "custom_id": custom_id, "params": json.loads(raw)}
 
     async def wait_for_work(self, timeout_s: float) -> str | None:
         """Block until a producer signals work (or the timeout); returns the tenant named."""

@@ -109,19 +109,24 @@ class TenantKeys(AdmissionKeys):
 
     @property
     def jobs(self) -> str:
-        """hash: job id -> job JSON (immutable after submit)."""
+        """hash: job id -> the job's ``params`` JSON as the client sent it (immutable after
+        submit; a job id is '<batch id>:<custom_id>', so batch and custom id are not
+        repeated in the value)."""
         return self._k("jobs")
 
     @property
     def jstate(self) -> str:
-        """hash: job id -> queued | leased | succeeded | errored | canceled | expired."""
+        """hash: job id -> queued | leased | succeeded | errored | canceled | expired. A job
+        in ``jobs`` without an entry here is queued (submit writes no state: one hash entry
+        less per waiting job)."""
         return self._k("jstate")
 
     @property
-    def jmeta(self) -> str:
-        """hash: job id -> '<enqueued ms> <deadline ms> [priority]' (Redis server time;
-        priority high | normal | low, absent = normal)."""
-        return self._k("jmeta")
+    def bmeta(self) -> str:
+        """hash: batch id -> '<enqueued ms> <deadline ms> [priority]' (Redis server time;
+        priority high | normal | low, absent = normal): what every job of the batch shares,
+        stored once per batch."""
+        return self._k("bmeta")
 
     @property
     def attempts(self) -> str:
@@ -165,8 +170,10 @@ class TenantKeys(AdmissionKeys):
         return self._k(f"batch:{batch_id}")
 
     def batch_jobs(self, batch_id: str) -> str:
-        """list: job ids of a batch in submission order."""
-        return self._k(f"batch:{batch_id}:jobs")
+        """list: the batch's custom ids in submission order, packed: each element is a JSON
+        array of up to 1,000 custom ids (one element per submitted chunk; a job id is
+        '<batch id>:<custom_id>')."""
+        return self._k(f"batch:{batch_id}:cids")
 
 
 @dataclass(frozen=True, slots=True)

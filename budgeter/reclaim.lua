@@ -5,7 +5,7 @@ KEYS[1] leases    zset  job id -> lease expiry (ms)
 KEYS[2] queue     list  priority normal
 KEYS[3] jstate    hash
 KEYS[4] attempts  hash
-KEYS[5] jmeta     hash  job id -> '<enqueued ms> <deadline ms> [priority]'
+KEYS[5] bmeta     hash  batch id -> '<enqueued ms> <deadline ms> [priority]'
 KEYS[6] queue_high list priority high
 KEYS[7] queue_low  list priority low
 ARGV[1] now in ms, or ''
@@ -27,7 +27,8 @@ for _, id in ipairs(due) do
     redis.call('ZREM', KEYS[1], id)
     if redis.call('HGET', KEYS[3], id) == 'leased' then
       redis.call('HSET', KEYS[3], id, 'queued')
-      local prio = string.match(redis.call('HGET', KEYS[5], id) or '', '^%S+ %S+ (%a+)')
+      local meta = redis.call('HGET', KEYS[5], string.match(id, '^([^:]*):') or '') or ''
+      local prio = string.match(meta, '^%S+ %S+ (%a+)')
       local queue = KEYS[2]
       if prio == 'high' then queue = KEYS[6] elseif prio == 'low' then queue = KEYS[7] end
       redis.call('LPUSH', queue, id)

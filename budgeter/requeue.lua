@@ -6,7 +6,7 @@ KEYS[2] leases    zset
 KEYS[3] jstate    hash
 KEYS[4] attempts  hash
 KEYS[5] canceled_batches  set
-KEYS[6] jmeta     hash  job id -> '<enqueued ms> <deadline ms> [priority]'
+KEYS[6] bmeta     hash  batch id -> '<enqueued ms> <deadline ms> [priority]'
 KEYS[7] queue_high list priority high
 KEYS[8] queue_low  list priority low
 ARGV[1] job id (job ids are '<batch id>:<custom_id>')
@@ -25,7 +25,8 @@ if redis.call('SISMEMBER', KEYS[5], string.match(id, '^([^:]*):') or '') == 1 th
 redis.call('ZREM', KEYS[2], id)
 redis.call('HSET', KEYS[3], id, 'queued')
 if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[4], id, -1) end
-local prio = string.match(redis.call('HGET', KEYS[6], id) or '', '^%S+ %S+ (%a+)')
+local meta = redis.call('HGET', KEYS[6], string.match(id, '^([^:]*):') or '') or ''
+local prio = string.match(meta, '^%S+ %S+ (%a+)')
 local queue = KEYS[1]
 if prio == 'high' then queue = KEYS[7] elseif prio == 'low' then queue = KEYS[8] end
 if ARGV[2] == 'head' then redis.call('LPUSH', queue, id) else redis.call('RPUSH', queue, id) end

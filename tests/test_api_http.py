@@ -79,7 +79,7 @@ async def test_create_retrieve_list_cancel_delete(client: TestClient, redis: Red
     assert batch["created_at"].endswith("Z") and batch["expires_at"] > batch["created_at"]
     # unknown params fields pass through unchanged
     stored = json.loads(await redis.hget("budgeter:{t:acme}:jobs", f"{batch['id']}:a"))
-    assert stored["params"]["cache_control"] == {"type": "ephemeral"}
+    assert stored["cache_control"] == {"type": "ephemeral"}  # the jobs hash holds params
 
     bearer = {"authorization": f"Bearer {key}", "anthropic-version": "2025-01-01"}
     got = await (await client.get(f"/v1/messages/batches/{batch['id']}", headers=bearer)).json()
