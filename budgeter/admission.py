@@ -1,9 +1,13 @@
-"""Atomic token admission: reserve, settle, reap. One Lua call per decision.
+"""Atomic token admission: reserve, settle, reap.
 
 ``reserve.lua`` checks and reserves every budget, bucket and the concurrency limit of a
 tenant at once and answers ADMIT, DEFER(until) or REJECT(reason); ``settle.lua`` replaces
 a reservation by the real usage exactly once, and the reaper charges or releases
 reservations whose worker died.
+
+Both scripts decide many requests per call: the decisions asked for by concurrent
+coroutines for one tenant while the event loop runs one round go to Redis as one script
+call (``BatchedScript``), each decided in turn exactly as if it had been called alone.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any, Literal
 from budgeter.global_limits import GlobalLimits
 from budgeter.keys import AdmissionKeys, TenantKeys
 from budgeter.pricing import ModelPrice, price_of
-from budgeter.scripts import register
+from budgeter.scripts import BatchedScript, register
 
 DecisionKind = Literal["ADMIT", "DEFER", "REJECT"]
 
@@ -180,8 +184,8 @@ class SettleResult:
 Scope = AdmissionKeys
 
 
-def reserve_keys(keys: Scope) -> list[str]:
-    return [
+def reserve_keys(keys: Scope) -> tuple[str, ...]:
+    return (
         keys.policy,
         keys.buckets,
         keys.budget,
@@ -190,11 +194,11 @@ def reserve_keys(keys: Scope) -> list[str]:
         keys.state,
         keys.recent,
         keys.resv_sent,
-    ]
+    )
 
 
-def settle_keys(keys: Scope) -> list[str]:
-    return [
+def settle_keys(keys: Scope) -> tuple[str, ...]:
+    return (
         keys.buckets,
         keys.budget,
         keys.resv,
@@ -202,7 +206,7 @@ def settle_keys(keys: Scope) -> list[str]:
         keys.resv_sent,
         keys.usage,
         keys.state,
-    ]
+    )
 
 
 def _now_arg(now_ms: int | None) -> str:
@@ -230,17 +234,36 @@ class Admission:
         self.prefix = prefix
         self.global_limits = global_limits
         self.prices = prices or {}
-        self._reserve = register(redis, "reserve.lua")
-        self._settle = register(redis, "settle.lua")
+        self._reserve = BatchedScript(redis, "reserve.lua", width=5)
+        self._settle = BatchedScript(redis, "settle.lua", width=6)
+        self._reap = self._settle.script
         self._mark_sent = register(redis, "mark_sent.lua")
         self._held_globally: dict[str, str] = {}  # reservation id -> model
+        # per-call work done once: a tenant's key names, a model's price argument
+        self._key_names: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._price_args: dict[str, str] = {}
 
     def keys(self, tenant: str) -> TenantKeys:
         return TenantKeys.of(self.prefix, tenant)
 
+    def _names(self, tenant: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(reserve keys, settle keys) of ``tenant``, remembered (at most 10,000 tenants)."""
+        names = self._key_names.get(tenant)
+        if names is None:
+            if len(self._key_names) >= 10_000:
+                self._key_names.clear()
+            keys = self.keys(tenant)
+            names = self._key_names[tenant] = (reserve_keys(keys), settle_keys(keys))
+        return names
+
     def price_arg(self, model: str) -> str:
-        price = price_of(self.prices, model)
-        return "" if price is None else price.lua_arg()
+        arg = self._price_args.get(model)
+        if arg is None:
+            if len(self._price_args) >= 1_000:
+                self._price_args.clear()
+            price = price_of(self.prices, model)
+            arg = self._price_args[model] = "" if price is None else price.lua_arg()
+        return arg
 
     async def reserve(
         self,
@@ -263,10 +286,10 @@ class Admission:
             if paused:
                 return Decision("DEFER", paused, "global:paused", int(limits.wall() * 1000))
         prices = self.price_arg(model)
-        args = [reservation_id, int(input_tokens), int(max_tokens), _now_arg(now_ms), int(hold_ms)]
+        now = _now_arg(now_ms)
+        item = [reservation_id, int(input_tokens), int(max_tokens), int(hold_ms), model]
         reply = await self._reserve(
-            keys=reserve_keys(self.keys(tenant)),
-            args=[*args, model, "", "1" if sent_at_once else "", prices],
+            self._names(tenant)[0], (now, ""), [*item, "1" if sent_at_once else "", prices]
         )
         decision = Decision.from_reply(reply)
         if decision.kind != "ADMIT" or limits is None:
@@ -277,13 +300,13 @@ class Admission:
         await limits.remember(model)
         # the account's scope: its policy passed in, always marked sent (reaped in full)
         reply = await self._reserve(
-            keys=reserve_keys(limits.keys(model)), args=[*args, model, policy, "1", prices]
+            reserve_keys(limits.keys(model)), (now, policy), [*item, "1", prices]
         )
         account = Decision.from_reply(reply)
         if account.kind == "ADMIT":
             self._held_globally[reservation_id] = model
             return decision
-        await self._settle_scope(self.keys(tenant), "release", reservation_id, now_ms=now_ms)
+        await self._settle_scope(self._names(tenant)[1], "release", reservation_id, now_ms=now_ms)
         return Decision(
             account.kind,
             account.until_ms,
@@ -302,24 +325,28 @@ class Admission:
         return bool(marked)
 
     async def _settle_scope(
-        self, keys: Scope, mode: str, reservation_id: str, *extra: int, now_ms: int | None
+        self,
+        names: tuple[str, ...],
+        mode: str,
+        reservation_id: str,
+        *usage: int,
+        now_ms: int | None,
     ) -> SettleResult:
-        reply = await self._settle(
-            keys=settle_keys(keys), args=[mode, _now_arg(now_ms), reservation_id, *extra]
-        )
+        """Settle in one scope (``names``: its settle_keys)."""
+        amounts = list(usage) if usage else [0, 0, 0, 0]
+        reply = await self._settle(names, (_now_arg(now_ms),), [mode, reservation_id, *amounts])
         return SettleResult.from_reply(reply)
 
     async def _settle_both(
-        self, tenant: str, mode: str, reservation_id: str, *extra: int, now_ms: int | None
+        self, tenant: str, mode: str, reservation_id: str, *usage: int, now_ms: int | None
     ) -> SettleResult:
         result = await self._settle_scope(
-            self.keys(tenant), mode, reservation_id, *extra, now_ms=now_ms
+            self._names(tenant)[1], mode, reservation_id, *usage, now_ms=now_ms
         )
         model = self._held_globally.pop(reservation_id, None)
         if model is not None and self.global_limits is not None:
-            await self._settle_scope(
-                self.global_limits.keys(model), mode, reservation_id, *extra, now_ms=now_ms
-            )
+            names = settle_keys(self.global_limits.keys(model))
+            await self._settle_scope(names, mode, reservation_id, *usage, now_ms=now_ms)
         return result
 
     async def settle(
@@ -350,8 +377,8 @@ class Admission:
         self, tenant: str, *, limit: int = 1000, now_ms: int | None = None
     ) -> SettleResult:
         """Settle every reservation past its deadline: sent -> charged in full, else released."""
-        reply = await self._settle(
-            keys=settle_keys(self.keys(tenant)), args=["reap", _now_arg(now_ms), int(limit)]
+        reply = await self._reap(
+            keys=settle_keys(self.keys(tenant)), args=[_now_arg(now_ms), "reap", int(limit)]
         )
         return SettleResult.from_reply(reply)
 
@@ -362,9 +389,9 @@ class Admission:
             return 0
         reaped = 0
         for model in await self.global_limits.models():
-            reply = await self._settle(
+            reply = await self._reap(
                 keys=settle_keys(self.global_limits.keys(model)),
-                args=["reap", _now_arg(now_ms), int(limit)],
+                args=[_now_arg(now_ms), "reap", int(limit)],
             )
             reaped += SettleResult.from_reply(reply).settled
         return reaped

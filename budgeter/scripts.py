@@ -13,6 +13,7 @@ alone: redis-py's cluster pipeline would split the batch per node anyway.)
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from functools import cache
 from importlib import resources
@@ -104,3 +105,61 @@ def register(redis: Any, name: str) -> Any:
     if isinstance(redis, RedisCluster):
         return script
     return PipelinedScript(redis, script)
+
+
+class BatchedScript:
+    """A script that decides many requests in one call: ``ARGV = head + [items]`` where
+    the last argument is a JSON array of the items (each a JSON array: one argument
+    instead of several per item, since redis-py packs every argument in Python), answered
+    by one flat list of ``width`` values per item.
+
+    Calls made while the event loop runs one round, with the same keys and head, become
+    one script call (up to ``max_items`` items; all keys of one call share a hash tag, so
+    this holds on Redis Cluster too). Calls with other keys go in the same pipeline.
+    Each item's answer is what a call for that item alone, in that order, would give.
+    """
+
+    def __init__(self, redis: Any, name: str, *, width: int, max_items: int = 256) -> None:
+        self.script = register(redis, name)
+        self.width = width
+        self.sha = self.script.sha
+        self.max_items = max_items
+        self._groups: dict[tuple[tuple[str, ...], tuple[Any, ...]], list[Any]] = {}
+        self._scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, keys: tuple[str, ...], head: tuple[Any, ...], item: list[Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._groups.setdefault((keys, head), []).append((item, future))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        groups, self._groups = self._groups, {}
+        for (keys, head), calls in groups.items():
+            for start in range(0, len(calls), self.max_items):
+                chunk = calls[start : start + self.max_items]
+                task = asyncio.ensure_future(self._send(keys, head, chunk))
+                self._sending.add(task)
+                task.add_done_callback(self._sending.discard)
+
+    async def _send(self, keys: tuple[str, ...], head: tuple[Any, ...], calls: list[Any]) -> None:
+        args = [*head, json.dumps([item for item, _ in calls], separators=(",", ":"))]
+        try:
+            flat = await self.script(keys=keys, args=args)
+            if len(flat) != len(calls) * self.width:
+                raise RuntimeError(f"{len(flat)} values for {len(calls)} items")
+        except BaseException as exc:
+            for _, future in calls:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        width = self.width
+        for n, (_, future) in enumerate(calls):
+            if not future.done():  # its caller was cancelled
+                future.set_result(flat[n * width : (n + 1) * width])

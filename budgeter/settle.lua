@@ -1,5 +1,7 @@
---[[ settle.lua — replace reservations by what was really spent, exactly once.
+--[[ settle.lua — replace reservations by what was really spent, exactly once: one or many
+per call (each settled in turn, as if called once per reservation in that order).
 -- needs: lua_periods.lua
+-- needs: lua_hash_cache.lua
 A reservation that is no longer in KEYS[3] was settled (or reaped) before: nothing happens.
 
 KEYS[1] buckets        hash  [m:<model>:]rpm|itpm|otpm -> GCRA theoretical arrival time (ms)
@@ -10,23 +12,55 @@ KEYS[4] resv_deadline  zset  reservation id -> deadline (ms)
 KEYS[5] resv_sent      hash  reservation id -> 1 once the upstream may have been called
 KEYS[6] usage          hash  <period>:<period id>:<model>:<kind> -> tokens (kind usd: dollars)
 KEYS[7] state          hash  waiting_settle flag
-ARGV[1] mode: 'usage'   ARGV[3] id, ARGV[4] input, ARGV[5] output,
-                        ARGV[6] cache_creation_input, ARGV[7] cache_read_input tokens
-              'full'    ARGV[3] id: charge the whole reservation (upstream may have served it)
-              'release' ARGV[3] id: charge nothing (the upstream was never called)
-              'reap'    ARGV[3] max reservations: every reservation past its deadline is
-                        charged in full if marked sent, else released
-ARGV[2] now in ms, or '' to use Redis server TIME
+ARGV[1] now in ms, or '' to use Redis server TIME
+ARGV[2] 'reap', ARGV[3] max reservations: every reservation past its deadline is charged
+        in full if marked sent, else released. Returns one
+        {settled, waiting_settle, charged_full, released, actual_tokens, reserved_tokens}
+ARGV[2] otherwise the reservations, a JSON array of arrays, one per reservation:
+  [1] mode: 'usage'   charge what the upstream reported ([3]..[6])
+            'full'    charge the whole reservation (upstream may have served it)
+            'release' charge nothing (the upstream was never called)
+  [2] reservation id
+  [3] input, [4] output, [5] cache_creation_input, [6] cache_read_input tokens ('usage'
+      only; anything for the other modes)
+  Returns settled, waiting_settle, charged_full, released, actual_tokens, reserved_tokens
+  for each reservation in order, one flat list of 6 per reservation.
 
-Returns {settled, waiting_settle, charged_full, released, actual_tokens, reserved_tokens}
-  settled: reservations settled by this call (0: already settled)
-  waiting_settle: 1 when a DEFER was waiting for in-flight work to settle (flag cleared)
+  settled: reservations settled (0: already settled)
+  waiting_settle: 1 when a DEFER was waiting for in-flight work to settle (flag cleared;
+                  reported once, by the first reservation that settles)
 ]]
-local mode = ARGV[1]
-local now = server_now(ARGV[2])
+local now = server_now(ARGV[1])
+local gone = {}
+-- usage increments, summed per hash field and written once: prefix -> what -> amount
+local incr = {}
+local USAGE_PERIODS = {'day', 'month', 'total'}
+
+local prefixes = {}  -- period -> day number -> model -> '<period>:<period id>:<model>:'
+local function usage_prefix(per, t, model)
+  local day = math.floor(t / 86400000)
+  local by_day = prefixes[per]
+  if not by_day then by_day = {}; prefixes[per] = by_day end
+  local by_model = by_day[day]
+  if not by_model then by_model = {}; by_day[day] = by_model end
+  local prefix = by_model[model]
+  if not prefix then
+    prefix = per .. ':' .. period_of(per, t) .. ':' .. model .. ':'
+    by_model[model] = prefix
+  end
+  return prefix
+end
+
+local function add(prefix, what, n)
+  local fields = incr[prefix]
+  if not fields then fields = {}; incr[prefix] = fields end
+  fields[what] = (fields[what] or 0) + n
+end
+
+local prices_of, kinds = {}, {}
 
 local function settle_one(id, kind, a_in, a_out, a_cc, a_cr)
-  local raw = redis.call('HGET', KEYS[3], id)
+  local raw = hget(KEYS[3], id)
   if not raw then return false, 0, 0 end
   local r = cjson.decode(raw)
   local est = r.i + r.o
@@ -39,8 +73,12 @@ local function settle_one(id, kind, a_in, a_out, a_cc, a_cr)
   local total = total_in + a_out
   local usd = 0
   if r.p then
-    local p = {}
-    for x in string.gmatch(r.p, '%S+') do p[#p + 1] = tonumber(x) end
+    local p = prices_of[r.p]
+    if not p then
+      p = {}
+      for x in string.gmatch(r.p, '%S+') do p[#p + 1] = tonumber(x) end
+      prices_of[r.p] = p
+    end
     if kind == 'full' then
       usd = r.u
     else
@@ -49,89 +87,120 @@ local function settle_one(id, kind, a_in, a_out, a_cc, a_cr)
   end
 
   for bucket, interval in pairs(r.r) do
+    local what = kinds[bucket]
+    if not what then
+      what = string.match(bucket, '([^:]+)$')
+      kinds[bucket] = what
+    end
     local delta = 0
-    local what = string.match(bucket, '([^:]+)$')
     if what == 'itpm' then delta = total_in - r.i
     elseif what == 'otpm' then delta = a_out - r.o
     elseif kind == 'release' then delta = -1 end
     if delta ~= 0 then
-      local tat = tonumber(redis.call('HGET', KEYS[1], bucket))
-      if tat then redis.call('HSET', KEYS[1], bucket, fmt(tat + delta * interval)) end
+      local tat = tonumber(hget(KEYS[1], bucket))
+      if tat then hset(KEYS[1], bucket, fmt(tat + delta * interval)) end
     end
   end
 
   for per, pid in pairs(r.b) do
-    local cur = redis.call('HMGET', KEYS[2], per .. ':id', per .. ':used', per .. ':reserved')
-    if cur[1] == pid then
-      local reserved = (tonumber(cur[3]) or 0) - est
+    if hget(KEYS[2], per .. ':id') == pid then
+      local reserved = (tonumber(hget(KEYS[2], per .. ':reserved')) or 0) - est
       if reserved < 0 then reserved = 0 end
-      redis.call('HSET', KEYS[2], per .. ':used', (tonumber(cur[2]) or 0) + total,
-        per .. ':reserved', reserved)
+      hset(KEYS[2], per .. ':used', (tonumber(hget(KEYS[2], per .. ':used')) or 0) + total)
+      hset(KEYS[2], per .. ':reserved', reserved)
     end
   end
 
   for per, pid in pairs(r.d or {}) do
-    local cur = redis.call('HMGET', KEYS[2], per .. ':id', per .. ':used', per .. ':reserved')
-    if cur[1] == pid then
-      local reserved = (tonumber(cur[3]) or 0) - r.u
+    if hget(KEYS[2], per .. ':id') == pid then
+      local reserved = (tonumber(hget(KEYS[2], per .. ':reserved')) or 0) - r.u
       if reserved < 0.0000005 then reserved = 0 end
-      redis.call('HSET', KEYS[2], per .. ':used', fmt6((tonumber(cur[2]) or 0) + usd),
-        per .. ':reserved', fmt6(reserved))
+      hset(KEYS[2], per .. ':used', fmt6((tonumber(hget(KEYS[2], per .. ':used')) or 0) + usd))
+      hset(KEYS[2], per .. ':reserved', fmt6(reserved))
     end
   end
 
   if kind ~= 'release' then
-    local amounts = {input = a_in, output = a_out, cache_creation = a_cc, cache_read = a_cr,
-      requests = 1}
-    for _, per in ipairs({'day', 'month', 'total'}) do
-      local pid = period_of(per, r.t)
-      for what, n in pairs(amounts) do
-        if n > 0 then
-          redis.call('HINCRBY', KEYS[6], per .. ':' .. pid .. ':' .. r.m .. ':' .. what, n)
-        end
-      end
-      if usd > 0 then
-        redis.call('HINCRBYFLOAT', KEYS[6], per .. ':' .. pid .. ':' .. r.m .. ':usd', fmt6(usd))
-      end
+    for _, per in ipairs(USAGE_PERIODS) do
+      local prefix = usage_prefix(per, r.t, r.m)
+      if a_in > 0 then add(prefix, 'input', a_in) end
+      if a_out > 0 then add(prefix, 'output', a_out) end
+      if a_cc > 0 then add(prefix, 'cache_creation', a_cc) end
+      if a_cr > 0 then add(prefix, 'cache_read', a_cr) end
+      add(prefix, 'requests', 1)
+      if usd > 0 then add(prefix, 'usd', tonumber(fmt6(usd))) end
     end
   end
 
-  redis.call('HDEL', KEYS[3], id)
-  redis.call('ZREM', KEYS[4], id)
-  redis.call('HDEL', KEYS[5], id)
+  hdel(KEYS[3], id)
+  gone[#gone + 1] = id
+  hdel(KEYS[5], id)
   return true, total, est
 end
 
-local settled, full, released, actual, reserved = 0, 0, 0, 0, 0
-local function tally(kind, ok, a, e)
-  if ok then
-    settled = settled + 1
-    actual = actual + a
-    reserved = reserved + e
-    if kind == 'full' then full = full + 1 elseif kind == 'release' then released = released + 1 end
+local function finish()
+  flush()
+  for i = 1, #gone, 1000 do
+    redis.call('ZREM', KEYS[4], unpack(gone, i, math.min(i + 999, #gone)))
+  end
+  for prefix, fields in pairs(incr) do
+    for what, n in pairs(fields) do
+      if what == 'usd' then
+        redis.call('HINCRBYFLOAT', KEYS[6], prefix .. what, fmt6(n))
+      else
+        redis.call('HINCRBY', KEYS[6], prefix .. what, n)
+      end
+    end
   end
 end
 
-if mode == 'usage' then
-  local ok, a, e = settle_one(ARGV[3], 'usage', tonumber(ARGV[4]), tonumber(ARGV[5]),
-    tonumber(ARGV[6]), tonumber(ARGV[7]))
-  tally('usage', ok, a, e)
-elseif mode == 'full' or mode == 'release' then
-  local ok, a, e = settle_one(ARGV[3], mode)
-  tally(mode, ok, a, e)
-elseif mode == 'reap' then
+local function waiting_flag(settled)
+  if settled > 0 and redis.call('HDEL', KEYS[7], 'waiting_settle') == 1 then return 1 end
+  return 0
+end
+
+if ARGV[2] == 'reap' then
+  local settled, full, released, actual, reserved = 0, 0, 0, 0, 0
   local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
   for _, id in ipairs(due) do
     local kind = 'release'
-    if redis.call('HEXISTS', KEYS[5], id) == 1 then kind = 'full' end
+    if hget(KEYS[5], id) then kind = 'full' end
     local ok, a, e = settle_one(id, kind)
-    if not ok then redis.call('ZREM', KEYS[4], id) end
-    tally(kind, ok, a, e)
+    if ok then
+      settled = settled + 1
+      actual = actual + a
+      reserved = reserved + e
+      if kind == 'full' then full = full + 1 else released = released + 1 end
+    else
+      gone[#gone + 1] = id
+    end
   end
-else
-  return redis.error_reply('settle.lua: unknown mode ' .. tostring(mode))
+  finish()
+  return {settled, waiting_flag(settled), full, released, actual, reserved}
 end
 
-local waiting = 0
-if settled > 0 and redis.call('HDEL', KEYS[7], 'waiting_settle') == 1 then waiting = 1 end
-return {settled, waiting, full, released, actual, reserved}
+local items = cjson.decode(ARGV[2])
+for _, q in ipairs(items) do
+  if q[1] ~= 'usage' and q[1] ~= 'full' and q[1] ~= 'release' then
+    return redis.error_reply('settle.lua: unknown mode ' .. tostring(q[1]))
+  end
+end
+local replies, first_settled = {}, nil
+for n, q in ipairs(items) do
+  local kind = q[1]
+  local ok, actual, est = settle_one(tostring(q[2]), kind, tonumber(q[3]) or 0,
+    tonumber(q[4]) or 0, tonumber(q[5]) or 0, tonumber(q[6]) or 0)
+  local r = (n - 1) * 6
+  if ok then
+    first_settled = first_settled or r
+    replies[r + 1], replies[r + 2] = 1, 0
+    replies[r + 3] = kind == 'full' and 1 or 0
+    replies[r + 4] = kind == 'release' and 1 or 0
+    replies[r + 5], replies[r + 6] = actual, est
+  else
+    for i = 1, 6 do replies[r + i] = 0 end
+  end
+end
+finish()
+if first_settled and waiting_flag(1) == 1 then replies[first_settled + 2] = 1 end
+return replies

@@ -97,7 +97,24 @@ settle_op = st.tuples(
     st.just(0) | st.integers(0, 30),  # cache creation
     st.just(0) | st.integers(0, 30),  # cache read
 )
+# several requests decided (or settled) by one script call, as concurrent callers batch them
+reserve_batch_op = st.tuples(st.just("reserve_batch"), st.lists(reserve_op, min_size=2, max_size=6))
+settle_batch_op = st.tuples(
+    st.just("settle_batch"),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["usage", "usage", "full", "release"]),
+            targets,
+            st.integers(-3, 12),  # input counting error
+            st.integers(0, 120),  # output used, % of max_tokens
+        ),
+        min_size=2,
+        max_size=6,
+    ),
+)
 ops = st.one_of(
+    reserve_batch_op,
+    settle_batch_op,
     reserve_op,
     reserve_op,
     reserve_op,
@@ -180,33 +197,53 @@ class Harness:
     # -- script calls, each mirrored on the model
 
     def reserve(self, rid: str, inp: int, out: int, hold: int, model: str) -> ref.ReserveResult:
-        reply = self.reserve_script(
-            keys=reserve_keys(self.keys), args=[rid, inp, out, self.now, hold, model]
-        )
-        got = ref.ReserveResult(reply[0], int(reply[1]), reply[2], reply[4])
-        assert int(reply[3]) == self.now
-        want = ref.reserve(self.model, rid, inp, out, self.now, hold, model)
-        assert got == want, f"reserve({rid}, {inp}, {out}) at {self.now}"
-        self.count(f"{got.decision}:{got.reason.split(':')[0]}")
-        if rid not in self.ids:
-            self.ids.append(rid)
-        return got
+        return self.reserve_many([(rid, inp, out, hold, model)])[0]
+
+    def reserve_many(self, items: list[tuple[str, int, int, int, str]]) -> list[ref.ReserveResult]:
+        """One script call deciding every item: each answer must be the model's answer to
+        that item alone, after the items before it."""
+        requests = [[rid, inp, out, hold, model, "", ""] for rid, inp, out, hold, model in items]
+        args: list[Any] = [self.now, "", json.dumps(requests)]
+        flat = self.reserve_script(keys=reserve_keys(self.keys), args=args)
+        assert len(flat) == 5 * len(items)
+        replies = [flat[i : i + 5] for i in range(0, len(flat), 5)]
+        results = []
+        for (rid, inp, out, hold, model), reply in zip(items, replies, strict=True):
+            got = ref.ReserveResult(reply[0], int(reply[1]), reply[2], reply[4])
+            assert int(reply[3]) == self.now
+            want = ref.reserve(self.model, rid, inp, out, self.now, hold, model)
+            assert got == want, f"reserve({rid}, {inp}, {out}) at {self.now}"
+            self.count(f"{got.decision}:{got.reason.split(':')[0]}")
+            if rid not in self.ids:
+                self.ids.append(rid)
+            results.append(got)
+        if len(items) > 1:
+            self.count("reserve:batch")
+        return results
 
     def settle(self, mode: str, rid: str, usage: tuple[int, int, int, int] = (0, 0, 0, 0)):
-        args: list[Any] = [mode, self.now, rid]
-        if mode == "usage":
-            args += list(usage)
-            want = ref.settle(self.model, rid, *usage, self.now)
-        elif mode == "full":
-            want = ref.charge_full(self.model, rid, self.now)
-        else:
-            want = ref.release(self.model, rid, self.now)
-        got = ref.SettleResult(*(int(x) for x in self.settle_script(settle_keys(self.keys), args)))
-        assert got == want, f"settle {mode} {rid} {usage}"
+        return self.settle_many([(mode, rid, usage)])[0]
+
+    def settle_many(self, items: list[tuple[str, str, tuple[int, int, int, int]]]):
+        """One script call settling every item, each checked against the model in turn."""
+        args: list[Any] = [self.now, json.dumps([[m, rid, *usage] for m, rid, usage in items])]
+        wants = []
+        for mode, rid, usage in items:
+            if mode == "usage":
+                wants.append(ref.settle(self.model, rid, *usage, self.now))
+            elif mode == "full":
+                wants.append(ref.charge_full(self.model, rid, self.now))
+            else:
+                wants.append(ref.release(self.model, rid, self.now))
+        flat = self.settle_script(settle_keys(self.keys), args)
+        got = [ref.SettleResult(*(int(x) for x in flat[i : i + 6])) for i in range(0, len(flat), 6)]
+        assert got == wants, f"settle {items}"
+        if len(items) > 1:
+            self.count("settle:batch")
         return got
 
     def reap(self, limit: int) -> ref.SettleResult:
-        reply = self.settle_script(settle_keys(self.keys), ["reap", self.now, limit])
+        reply = self.settle_script(settle_keys(self.keys), [self.now, "reap", limit])
         got = ref.SettleResult(*(int(x) for x in reply))
         want = ref.reap(self.model, self.now, limit)
         assert got == want, f"reap({limit}) at {self.now}"
@@ -391,6 +428,36 @@ def test_lua_admission_matches_the_reference_model(sync_redis, policy, start, st
             out_used = r["o"] * out_pct // 100 if out_pct < 100 else r["o"] + out_over
             usage = (max(0, r["i"] + in_err - cc - cr), out_used, cc, cr)
             h.after_settle("usage", rid, h.settle("usage", rid, usage), usage)
+        elif kind == "reserve_batch":
+            items = []
+            for _, reuse, inp, out, hold, model in op[1]:
+                known = h.ids + [item[0] for item in items]
+                rid = f"r{len(known)}" if reuse is None or not known else known[reuse % len(known)]
+                items.append((rid, inp * unit // 1000, out * unit // 1000, hold, model))
+            h.reserve_many(items)
+            h.snap = h.check_state()
+        elif kind == "settle_batch":
+            batch, open_before = [], dict(h.snap["resv"])
+            for mode, target, in_err, out_pct in op[1]:
+                rid = h.pick(target)
+                if rid is None:
+                    continue
+                r = open_before.get(rid) or {"i": 10, "o": 10}
+                usage = (max(0, r["i"] + in_err), r["o"] * out_pct // 100, 0, 0)
+                batch.append((mode, rid, usage if mode == "usage" else (0, 0, 0, 0)))
+            if not batch:
+                continue
+            got = h.settle_many(batch)
+            for (mode, rid, usage), result in zip(batch, got, strict=True):
+                before = open_before.pop(rid, None)
+                assert result.settled == (1 if before is not None else 0)
+                if before is not None and mode == "usage":
+                    est = before["i"] + before["o"]
+                    for per, pid in before["b"].items():
+                        extra = max(0, sum(usage) - est)
+                        self_excess = h.excess.get((per, pid), 0)
+                        h.excess[(per, pid)] = self_excess + extra
+            h.snap = h.check_state()
         elif kind in ("full", "release"):
             rid = h.pick(op[1])
             if rid is not None:
@@ -439,6 +506,8 @@ def test_the_property_exercised_every_outcome() -> None:
         "settle:release",
         "settle:noop",
         "reap:due",
+        "reserve:batch",
+        "settle:batch",
     ]
     missing = [w for w in wanted if not STATS.get(w)]
     assert not missing, f"never reached: {missing} (seen {STATS})"
