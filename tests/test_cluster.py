@@ -21,6 +21,7 @@ from tests import (
     test_api_http,
     test_count_fallback,
     test_hash_slots,
+    test_job_layout,
     test_jobqueue,
     test_policy_depth,
     test_priorities_and_deadlines,
@@ -31,6 +32,7 @@ from tests import (
 MODULES = (
     test_admission,
     test_jobqueue,
+    test_job_layout,
     test_worker,
     test_api_http,
     test_hash_slots,
