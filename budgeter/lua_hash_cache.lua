@@ -6,6 +6,7 @@ writes in the cache, so the next request of the same call sees it, and writes ev
 changed field back with one HSET per hash at the end. The result is exactly what one
 call per request, one after the other, would have stored.
 
+hprefetch(key, fields)     read many fields with one HMGET
 hget(key, field)        -> the value (a string, or a number set by hset), or nil when absent
 hset(key, field, value)    set in the cache (written by flush; a number is written as
                            redis.call would write it, '%.17g', which reads back exactly)
@@ -27,6 +28,22 @@ local function hget(key, field)
   end
   if value == false then return nil end
   return value
+end
+
+local function hprefetch(key, fields)
+  if #fields == 0 then return end
+  local values = hc_values[key]
+  if not values then
+    values = {}
+    hc_values[key] = values
+  end
+  for i = 1, #fields, 1000 do
+    local got = redis.call('HMGET', key, unpack(fields, i, math.min(i + 999, #fields)))
+    for j = 1, #got do
+      local field = fields[i + j - 1]
+      if values[field] == nil then values[field] = got[j] end
+    end
+  end
 end
 
 local function hset(key, field, value)

@@ -256,6 +256,9 @@ local function reserve_one(n, id, input, output, hold, model, sent, price_arg)
   return answer(n, 'ADMIT', 0, '', '', est)
 end
 
+local ids = {}
+for n, q in ipairs(requests) do ids[n] = tostring(q[1]) end
+hprefetch(KEYS[4], ids)
 for n, q in ipairs(requests) do
   reserve_one(n, tostring(q[1]), tonumber(q[2]), tonumber(q[3]), tonumber(q[4]), tostring(q[5]),
     tostring(q[6]), tostring(q[7]))

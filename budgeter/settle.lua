@@ -185,6 +185,9 @@ for _, q in ipairs(items) do
     return redis.error_reply('settle.lua: unknown mode ' .. tostring(q[1]))
   end
 end
+local ids = {}
+for n, q in ipairs(items) do ids[n] = tostring(q[2]) end
+hprefetch(KEYS[3], ids)
 local replies, first_settled = {}, nil
 for n, q in ipairs(items) do
   local kind = q[1]
