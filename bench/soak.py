@@ -237,7 +237,7 @@ TRANSIENT = ("<batch>", ":ct:<digest>")
 PER_JOB_HASHES = (
     ":jobs",
     ":jstate",
-    ":jmeta",
+    ":bmeta",
     ":attempts",
     ":results",
     ":leases",
