@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
+
+from redis.asyncio.cluster import RedisCluster
 
 from budgeter.keys import count_cache_key
 from budgeter.metrics import Metrics
@@ -46,6 +50,77 @@ def local_estimate(params: Mapping[str, Any], margin: float) -> int:
     return math.ceil(tokens * margin) + 8
 
 
+log = logging.getLogger(__name__)
+
+
+class CountCacheIO:
+    """The count cache's reads and writes, shared by concurrent callers: the GETs and SETs
+    asked for while the event loop runs one round go to Redis as one pipeline (the SETs
+    first, then one MGET), so a job costs no round trip of its own here. A SET is not
+    waited for: the cache is only an optimisation, and a lost write costs one more
+    count_tokens call. (On Redis Cluster, where keys live on different nodes, each call
+    goes alone.)"""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self.alone = isinstance(redis, RedisCluster)
+        self._gets: dict[str, list[asyncio.Future[Any]]] = {}
+        self._sets: list[tuple[str, int, int]] = []
+        self._scheduled = False
+        self._flushing: set[asyncio.Task[None]] = set()
+
+    async def get(self, key: str) -> Any:
+        if self.alone:
+            return await self.redis.get(key)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._gets.setdefault(key, []).append(future)
+        self._schedule()
+        return await future
+
+    async def set(self, key: str, value: int, ttl_s: int) -> None:
+        if self.alone:
+            await self.redis.set(key, value, ex=ttl_s)
+            return
+        self._sets.append((key, value, ttl_s))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        gets, self._gets = self._gets, {}
+        sets, self._sets = self._sets, []
+        task = asyncio.ensure_future(self._send(gets, sets))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _send(self, gets: dict[str, list[asyncio.Future[Any]]], sets: list[Any]) -> None:
+        keys = list(gets)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key, value, ttl_s in sets:
+                    pipe.set(key, value, ex=ttl_s)
+                if keys:
+                    pipe.mget(keys)
+                replies = await pipe.execute()
+        except Exception as exc:
+            if sets:
+                log.warning("count cache write failed", exc_info=True)
+            for futures in gets.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(exc)
+            return
+        values = replies[-1] if keys else []
+        for key, value in zip(keys, values, strict=True):
+            for future in gets[key]:
+                if not future.done():
+                    future.set_result(value)
+
+
 class TokenCounter:
     def __init__(
         self,
@@ -62,6 +137,7 @@ class TokenCounter:
         self.ttl_s = ttl_s
         self.metrics = metrics
         self.tenants = TenantStore(redis, prefix=prefix)
+        self.cache = CountCacheIO(redis)
 
     async def count_for(self, tenant: str, params: Mapping[str, Any]) -> int:
         """Like :meth:`count`; when count_tokens keeps failing (after the client's own
@@ -85,13 +161,13 @@ class TokenCounter:
         if self.ttl_s <= 0:
             return await self.upstream.count_tokens(body)
         key = count_cache_key(self.prefix, payload_digest(body))
-        cached = await self.redis.get(key)
+        cached = await self.cache.get(key)
         if cached is not None:
             self._hit("hit")
             return int(cached)
         self._hit("miss")
         tokens = await self.upstream.count_tokens(body)
-        await self.redis.set(key, tokens, ex=self.ttl_s)
+        await self.cache.set(key, tokens, self.ttl_s)
         return tokens
 
     def _hit(self, result: str) -> None:

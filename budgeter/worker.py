@@ -83,6 +83,9 @@ class Worker:
         self.batches = BatchStore(redis, prefix=config.prefix)
         self.counter = counter or TokenCounter(redis, upstream, prefix=config.prefix, ttl_s=0)
         self._tasks: set[asyncio.Task[None]] = set()
+        # the jobs in flight, for the one heartbeat loop: job id -> (job, lease, since)
+        self._beating: dict[str, tuple[LeasedJob, dict[str, str], float]] = {}
+        self._beater: asyncio.Task[None] | None = None
         self._served: dict[str, tuple[int, int]] = {}  # tenant -> (tokens, jobs) since a pick
         self.processed = 0
 
@@ -120,6 +123,8 @@ class Worker:
             maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await maintenance
+            if self._beater is not None:
+                self._beater.cancel()
 
     async def _wait_for_work(self, stop: asyncio.Event, wait_s: float) -> None:
         waiter = asyncio.create_task(self.queue.wait_for_work(wait_s))
@@ -241,11 +246,13 @@ class Worker:
 
     async def _handle(self, job: LeasedJob) -> None:
         lease = {"rid": ""}  # the heartbeat extends the reservation too, once there is one
-        beat = asyncio.create_task(self._heartbeat(job, lease))
+        self._beating[job.id] = (job, lease, asyncio.get_running_loop().time())
+        if self._beater is None:
+            self._beater = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         try:
             await self._handle_leased(job, lease)
         finally:
-            beat.cancel()
+            self._beating.pop(job.id, None)
 
     async def _handle_leased(self, job: LeasedJob, lease: dict[str, str]) -> None:
         now_ms = int(self.clock() * 1000)
@@ -326,23 +333,44 @@ class Worker:
         if settled.waiting_settle:
             await self.queue.activate(job.tenant, unpark=True, wake=1)
 
-    async def _heartbeat(self, job: LeasedJob, lease: dict[str, str]) -> None:
+    async def _heartbeat_loop(self) -> None:
+        """One loop for every job in flight (not a task per job): every third of a lease,
+        extend the lease (and reservation) of each job that has run that long."""
         interval = self.config.lease_ms / 3000
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                held = await self.queue.heartbeat(
-                    job,
-                    lease_ms=self.config.lease_ms,
-                    reservation_id=lease["rid"] or None,
-                    hold_ms=self.config.hold_ms,
+        loop = asyncio.get_running_loop()
+        try:
+            while self._beating:
+                await asyncio.sleep(interval)
+                now = loop.time()
+                due = [
+                    (job, lease)
+                    for job, lease, since in list(self._beating.values())
+                    if now - since >= interval
+                ]
+                held = await asyncio.gather(
+                    *(self._heartbeat(job, lease) for job, lease in due), return_exceptions=True
                 )
-            except Exception:
-                log.warning("heartbeat failed", extra={"job": job.id}, exc_info=True)
-                continue
-            if not held:
-                log.warning("lease lost while the upstream call runs", extra={"job": job.id})
-                return
+                for (job, _), ok in zip(due, held, strict=True):
+                    if ok is False:
+                        log.warning(
+                            "lease lost while the upstream call runs", extra={"job": job.id}
+                        )
+                        self._beating.pop(job.id, None)
+        finally:
+            self._beater = None
+
+    async def _heartbeat(self, job: LeasedJob, lease: dict[str, str]) -> bool | None:
+        """False when the lease is lost; None when Redis could not be asked."""
+        try:
+            return await self.queue.heartbeat(
+                job,
+                lease_ms=self.config.lease_ms,
+                reservation_id=lease["rid"] or None,
+                hold_ms=self.config.hold_ms,
+            )
+        except Exception:
+            log.warning("heartbeat failed", extra={"job": job.id}, exc_info=True)
+            return None
 
     async def _defer(self, job: LeasedJob, decision: Decision, model: str) -> None:
         until = decision.until_ms

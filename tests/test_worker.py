@@ -214,3 +214,21 @@ async def test_batches_past_retention_are_deleted_by_maintenance(redis: Redis) -
         await worker.maintain(now_ms=created + worker.config.results_retention_ms + 1)
     assert await redis.zcard("budgeter:{t:old}:batches") == 0
     assert await redis.hlen("budgeter:{t:old}:results") == 0
+
+
+async def test_one_heartbeat_loop_keeps_long_calls_leased(redis: Redis) -> None:
+    """Upstream calls that outlast several leases keep their jobs: the worker's single
+    heartbeat loop extends every lease in flight, so maintenance reclaims none of them and
+    the upstream is called once per job."""
+    await TenantStore(redis).put("slow", TenantPolicy(budgets={"day": 10_000_000}))
+    store = BatchStore(redis)
+    mock = MockConfig(latency_ms=4000)
+    async with running_worker(redis, mock, lease_ms=1500) as (worker, url):
+        batch_id = await store.create("slow", requests_for("slow", 4))
+        await wait_ended(store, [batch_id], timeout_s=60)
+        assert worker._beater is None or not worker._beating
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/mock/stats") as resp:
+            stats = await resp.json()
+    assert (await store.status(batch_id)).succeeded == 4
+    assert stats["requests"]["messages"] == 4
+    assert await redis.zcard("budgeter:{t:slow}:leases") == 0
