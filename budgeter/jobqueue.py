@@ -140,7 +140,8 @@ class JobQueue:
         Per job, Redis gets one ``jobs`` hash entry (id -> params JSON) and one queue
         entry; the batch's order is one packed list element per 1,000 jobs, and what the
         jobs share (enqueued time, deadline, priority) one ``bmeta`` entry per batch. A
-        retried submission keeps the batch's first deadline and priority.
+        retried submission keeps the batch's first enqueued time, deadline and priority
+        for the jobs it adds.
 
         No Lua here on purpose: Lua 5.1 interns every argument string, and its hash samples
         only some characters of long strings, so 100,000 job bodies that differ in a few
