@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from budgeter.admission import Admission, Decision, Usage, format_ms
 from budgeter.batches import BatchStore
-from budgeter.jobqueue import JobQueue, LeasedJob
+from budgeter.jobqueue import JobQueue, LeasedJob, Pick
 from budgeter.metrics import Metrics, reason_label
 from budgeter.models import MessageParams, first_error
 from budgeter.policy import TENANT_ID_RE
@@ -39,6 +39,8 @@ from budgeter.token_counter import TokenCounter
 from budgeter.upstream import UpstreamClient, UpstreamError
 
 log = logging.getLogger("budgeter.worker")
+
+MAX_PICKS_AT_ONCE = 64  # leases asked for together by the dispatcher (free slots allowing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,23 +101,42 @@ class Worker:
             while not stop.is_set():
                 if not await _acquire_or_stop(slots, stop):
                     break
-                try:
-                    served, self._served = self._served, {}
-                    pick = await self.queue.pick(lease_ms=self.config.lease_ms, served=served)
-                except Exception:
-                    slots.release()
-                    log.exception("pick failed; retrying")
-                    await _sleep_or_stop(stop, 1.0)
-                    continue
-                if pick.job is not None:
-                    task = asyncio.create_task(self._process(pick.job))
+                # every free slot picks at once: the picks share pipelines, and the jobs
+                # they lease move through counting, admission and settling together, so
+                # those calls share pipelines and script calls too
+                wanted = 1
+                while wanted < MAX_PICKS_AT_ONCE and not slots.locked():
+                    await slots.acquire()  # not locked: returns at once
+                    wanted += 1
+                served, self._served = self._served, {}
+                picks = await asyncio.gather(
+                    *(
+                        self.queue.pick(
+                            lease_ms=self.config.lease_ms, served=served if i == 0 else None
+                        )
+                        for i in range(wanted)
+                    ),
+                    return_exceptions=True,
+                )
+                leased = [p.job for p in picks if isinstance(p, Pick) and p.job is not None]
+                for job in leased:
+                    task = asyncio.create_task(self._process(job))
                     self._tasks.add(task)
                     task.add_done_callback(lambda t: (self._tasks.discard(t), slots.release()))
+                for _ in range(wanted - len(leased)):
+                    slots.release()
+                failed = [p for p in picks if isinstance(p, BaseException)]
+                if failed:
+                    log.error("pick failed; retrying", exc_info=failed[0])
+                    if not leased:
+                        await _sleep_or_stop(stop, 1.0)
                     continue
-                slots.release()
+                if leased:
+                    continue
                 timeout = self.config.idle_max_s
-                if pick.next_parked_ms >= 0:
-                    due_s = (pick.next_parked_ms - pick.now_ms) / 1000
+                nexts = [p for p in picks if isinstance(p, Pick) and p.next_parked_ms >= 0]
+                if nexts:
+                    due_s = min((p.next_parked_ms - p.now_ms) / 1000 for p in nexts)
                     timeout = min(timeout, max(due_s, 0.01))
                 await self._wait_for_work(stop, timeout)
         finally:
