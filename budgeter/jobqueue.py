@@ -117,6 +117,7 @@ class JobQueue:
         self._activate = register(redis, "sched_activate.lua")
         self._pick = register(redis, "sched_pick.lua")
         self._park = register(redis, "sched_park.lua")
+        self._deactivating: set[str] = set()  # tenants whose _deactivate is running
 
     def keys(self, tenant: str) -> TenantKeys:
         return TenantKeys.of(self.prefix, tenant)
@@ -323,9 +324,18 @@ class JobQueue:
     async def _deactivate(self, tenant: str) -> None:
         # Remove first, then look again: a producer pushes before it activates, so a job
         # pushed after this LLEN finds the tenant absent and activates it itself.
-        await self.redis.zrem(self.sched.ready, tenant)
-        if await self.queued(tenant) > 0:
-            await self.activate(tenant)
+        # Concurrent picks that all find the queue empty leave it to the first one: one
+        # skipped can at worst leave the tenant ready with nothing queued, which the next
+        # pick finds and removes; it can never leave queued jobs unready.
+        if tenant in self._deactivating:
+            return
+        self._deactivating.add(tenant)
+        try:
+            await self.redis.zrem(self.sched.ready, tenant)
+            if await self.queued(tenant) > 0:
+                await self.activate(tenant)
+        finally:
+            self._deactivating.discard(tenant)
 
     async def queued(self, tenant: str) -> int:
         """Jobs waiting in the tenant's queues (every priority)."""
