@@ -496,7 +496,10 @@ def create_app(
                 )
 
             health.refresh = refresh
-            yield
+            try:
+                yield
+            finally:
+                await stores["keys"].aclose()
 
     app.cleanup_ctx.append(resources)
     r = app.router

@@ -236,7 +236,7 @@ async def _forward(
     model = str(params["model"])
     reserved = input_tokens + int(params["max_tokens"])
     try:
-        message = await deps.upstream.create_message(params)
+        message, raw = await deps.upstream.create_message_raw(params)
     except UpstreamError as exc:
         if exc.maybe_served:  # sent, then no answer: it may have been billed
             await deps.admission.charge_full(tenant, rid)
@@ -250,7 +250,8 @@ async def _forward(
     usage = Usage.from_message(message)
     await _settle(deps, tenant, rid, model, usage, reserved)
     deps.metrics.jobs.labels(deps.metrics.tenant(tenant), "succeeded").inc()
-    return web.json_response(message, headers=headers)
+    # the upstream's own bytes: no second encoding of the message
+    return web.Response(body=raw, content_type="application/json", headers=headers)
 
 
 async def _admit(

@@ -144,7 +144,12 @@ class UpstreamClient:
         return tokens
 
     async def create_message(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        return await self._post("messages", "/v1/messages", params, self.timeout_s)
+        return (await self.create_message_raw(params))[0]
+
+    async def create_message_raw(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], bytes]:
+        """The answer parsed and as the upstream sent it (a proxy forwards those bytes
+        rather than encoding the message again)."""
+        return await self._post_raw("messages", "/v1/messages", params, self.timeout_s)
 
     @asynccontextmanager
     async def open_stream(self, params: Mapping[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
@@ -210,6 +215,11 @@ class UpstreamClient:
     async def _post(
         self, route: str, path: str, body: Mapping[str, Any], timeout_s: float
     ) -> dict[str, Any]:
+        return (await self._post_raw(route, path, body, timeout_s))[0]
+
+    async def _post_raw(
+        self, route: str, path: str, body: Mapping[str, Any], timeout_s: float
+    ) -> tuple[dict[str, Any], bytes]:
         url = self.base_url + path
         data = json.dumps(body).encode()
         timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -252,7 +262,7 @@ class UpstreamClient:
                 payload = _parse_json(raw)
                 if 200 <= status < 300:
                     if isinstance(payload, dict):
-                        return payload
+                        return payload, raw
                     raise UpstreamError(
                         status,
                         anthropic_error("api_error", "upstream answered non-JSON"),

@@ -128,3 +128,23 @@ async def test_headers_that_cannot_be_read_cost_only_the_headers(
     assert "anthropic-ratelimit-requests-limit" not in raw.headers
     used = int((await budget(redis, "px")).get("day:used", 0))
     assert used == message.usage.input_tokens + message.usage.output_tokens
+
+
+async def test_a_key_in_use_is_confirmed_in_the_background_and_a_revocation_found_there_counts(
+    redis: Redis, clock: list[float]
+) -> None:
+    await TenantStore(redis).put("acme", TenantPolicy())
+    _, key = await KeyStore(redis).create("acme")
+    cached = KeyStore(redis, cache_s=KEY_CACHE_SECONDS)
+    principal = await cached.authenticate(key)
+    clock[0] += KEY_CACHE_SECONDS * 0.6  # past half its age: served, and confirmed again
+    assert await cached.authenticate(key) == principal
+    confirming = list(cached._confirming.values())
+    assert len(confirming) == 1
+    await confirming[0]
+    clock[0] += KEY_CACHE_SECONDS * 0.6  # past the first expiry: the confirmation extended it
+    await redis.hdel(key_index_key("budgeter"), hash_key(key))  # revoked by another process
+    assert await cached.authenticate(key) == principal  # still within 1 s of the last read
+    await next(iter(cached._confirming.values()))  # this confirmation finds it revoked
+    assert await cached.authenticate(key) is None  # before its expiry
+    await cached.aclose()
