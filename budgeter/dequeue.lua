@@ -1,4 +1,5 @@
---[[ dequeue.lua — take the job at the head of one tenant's queues under a lease.
+--[[ dequeue.lua — take the jobs at the head of one tenant's queues under a lease (one, or
+up to ARGV[3]).
 -- needs: lua_periods.lua
 The queue of priority 'high' is served first, then 'normal', then 'low'. Entries whose
 state is no longer 'queued' (canceled, duplicate, deleted) are dropped. A job in `jobs`
@@ -16,34 +17,43 @@ KEYS[9] queue_high list job ids of priority high
 KEYS[10] queue_low list job ids of priority low
 ARGV[1] now in ms, or '' for Redis server TIME
 ARGV[2] lease in ms
+ARGV[3] how many jobs to take at most ('' = 1)
 
-Returns {job id, params JSON, attempt, jobs left in the queues, batch meta, now, canceled,
-has_policy}; job id '' when empty. canceled is 1 when the job's batch is being canceled:
-the caller acks it as canceled instead of serving it. Job ids are '<batch id>:<custom_id>'.
+Returns {jobs left in the queues, now, has_policy, then for each job taken: job id,
+params JSON, attempt, batch meta, canceled}; no job when the queues are empty. canceled is
+1 when the job's batch is being canceled: the caller acks it as canceled instead of
+serving it. Job ids are '<batch id>:<custom_id>'.
 ]]
 local now = server_now(ARGV[1])
 local lease = tonumber(ARGV[2])
-local function left()
-  return redis.call('LLEN', KEYS[9]) + redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[10])
-end
-local budget = 1000
+local wanted = tonumber(ARGV[3]) or 1
+local has_policy = redis.call('EXISTS', KEYS[8])
+local reply = {0, now, has_policy}
+local metas, canceled = {}, {}
+local taken = 0
+local budget = 1000 + wanted
 for _, queue in ipairs({KEYS[9], KEYS[1], KEYS[10]}) do
-  while budget > 0 do
+  while budget > 0 and taken < wanted do
     budget = budget - 1
     local id = redis.call('LPOP', queue)
     if not id then break end
     local state = redis.call('HGET', KEYS[4], id)
     local job = (not state or state == 'queued') and redis.call('HGET', KEYS[3], id)
     if job then
+      taken = taken + 1
       redis.call('ZADD', KEYS[2], now + lease, id)
       redis.call('HSET', KEYS[4], id, 'leased')
       local attempt = redis.call('HINCRBY', KEYS[5], id, 1)
       local batch_id = string.match(id, '^([^:]*):') or ''
-      local meta = redis.call('HGET', KEYS[6], batch_id) or ''
-      local canceled = redis.call('SISMEMBER', KEYS[7], batch_id)
-      local has_policy = redis.call('EXISTS', KEYS[8])
-      return {id, job, attempt, left(), meta, now, canceled, has_policy}
+      if metas[batch_id] == nil then
+        metas[batch_id] = redis.call('HGET', KEYS[6], batch_id) or ''
+        canceled[batch_id] = redis.call('SISMEMBER', KEYS[7], batch_id)
+      end
+      local n = #reply
+      reply[n + 1], reply[n + 2], reply[n + 3] = id, job, attempt
+      reply[n + 4], reply[n + 5] = metas[batch_id], canceled[batch_id]
     end
   end
 end
-return {'', '', 0, left(), '', now, 0, 0}
+reply[1] = redis.call('LLEN', KEYS[9]) + redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[10])
+return reply

@@ -9,6 +9,7 @@ keys. A worker therefore takes a job in two calls: ``sched_pick`` chooses the te
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,15 @@ class Pick:
     """What a worker got from the scheduler."""
 
     job: LeasedJob | None
+    next_parked_ms: int
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Picks:
+    """What a worker got from the scheduler for several free slots (maybe none)."""
+
+    jobs: list[LeasedJob]
     next_parked_ms: int
     now_ms: int
 
@@ -255,10 +265,25 @@ class JobQueue:
         """Choose a tenant fairly and lease the job at the head of its queue. ``served``
         (tenant -> (tokens, jobs) settled since the last pick) teaches the scheduler each
         tenant's job size, so that tenants share tokens rather than job counts."""
+        picks = await self.pick_many(1, lease_ms=lease_ms, now_ms=now_ms, served=served)
+        return Pick(picks.jobs[0] if picks.jobs else None, picks.next_parked_ms, picks.now_ms)
+
+    async def pick_many(
+        self,
+        slots: int,
+        *,
+        lease_ms: int,
+        now_ms: int | None = None,
+        served: dict[str, tuple[int, int]] | None = None,
+    ) -> Picks:
+        """Lease up to ``slots`` jobs at once: the scheduler chooses a tenant per slot (the
+        same fair order as one pick at a time), then each chosen tenant's jobs are leased
+        with one call. Two script calls in all, however many jobs."""
         now_arg = "" if now_ms is None else str(now_ms)
         report = [x for t, (tokens, jobs) in (served or {}).items() for x in (t, tokens, jobs)]
+        next_parked = now = -1
         for _ in range(8):
-            tenant, next_parked, now = await self._pick(
+            reply = await self._pick(
                 keys=[
                     self.sched.ready,
                     self.sched.parked,
@@ -266,20 +291,29 @@ class JobQueue:
                     self.sched.weight,
                     self.sched.cost,
                 ],
-                args=[now_arg, 100, *report],
+                args=[now_arg, 100, int(slots), *report],
             )
             report = []
-            if not tenant:
-                return Pick(None, int(next_parked), int(now))
-            if not TENANT_ID_RE.fullmatch(tenant):  # written by a foreign producer: drop it
+            next_parked, now = int(reply[0]), int(reply[1])
+            wanted: dict[str, int] = {}
+            for tenant in reply[2:]:
+                wanted[tenant] = wanted.get(tenant, 0) + 1
+            if not wanted:
+                return Picks([], next_parked, now)
+            for tenant in [t for t in wanted if not TENANT_ID_RE.fullmatch(t)]:
+                del wanted[tenant]  # written by a foreign producer: drop it
                 await self.redis.zrem(self.sched.ready, tenant)
-                continue
-            job = await self._take(tenant, lease_ms=lease_ms, now_arg=now_arg)
-            if job is not None:
-                return Pick(job, int(next_parked), int(now))
-        return Pick(None, -1, int(now))
+            taken = await asyncio.gather(
+                *(self._take(t, n, lease_ms=lease_ms, now_arg=now_arg) for t, n in wanted.items())
+            )
+            jobs = [job for some in taken for job in some]
+            if jobs:
+                return Picks(jobs, next_parked, now)
+        return Picks([], -1, now)
 
-    async def _take(self, tenant: str, *, lease_ms: int, now_arg: str) -> LeasedJob | None:
+    async def _take(
+        self, tenant: str, count: int, *, lease_ms: int, now_arg: str
+    ) -> list[LeasedJob]:
         keys = self.keys(tenant)
         reply = await self._dequeue(
             keys=[
@@ -294,32 +328,36 @@ class JobQueue:
                 keys.queue_high,
                 keys.queue_low,
             ],
-            args=[now_arg, int(lease_ms)],
+            args=[now_arg, int(lease_ms), int(count)],
         )
-        jid, raw, attempt, left, meta, now, canceled, has_policy = reply
-        if int(left) == 0:
+        left, now, has_policy = int(reply[0]), int(reply[1]), bool(int(reply[2]))
+        if left == 0:
             await self._deactivate(tenant)
-        if not jid:
-            return None
-        batch_id, custom_id = split_job_id(jid)
-        parts = str(meta).split(" ")
-        enqueued = parts[0]
-        deadline = parts[1] if len(parts) > 1 else ""
-        priority = parts[2] if len(parts) > 2 else "normal"
-        return LeasedJob(
-            tenant=tenant,
-            id=jid,
-            batch_id=batch_id,
-            custom_id=custom_id,
-            params=json.loads(raw),
-            attempt=int(attempt),
-            enqueued_ms=_int(enqueued, int(now)),
-            deadline_ms=_int(deadline, 0),
-            leased_at_ms=int(now),
-            canceled=bool(int(canceled)),
-            orphaned=not int(has_policy),
-            priority=priority,
-        )
+        jobs = []
+        for i in range(3, len(reply), 5):
+            jid, raw, attempt, meta, canceled = reply[i : i + 5]
+            batch_id, custom_id = split_job_id(jid)
+            parts = str(meta).split(" ")
+            enqueued = parts[0]
+            deadline = parts[1] if len(parts) > 1 else ""
+            priority = parts[2] if len(parts) > 2 else "normal"
+            jobs.append(
+                LeasedJob(
+                    tenant=tenant,
+                    id=jid,
+                    batch_id=batch_id,
+                    custom_id=custom_id,
+                    params=json.loads(raw),
+                    attempt=int(attempt),
+                    enqueued_ms=_int(enqueued, now),
+                    deadline_ms=_int(deadline, 0),
+                    leased_at_ms=now,
+                    canceled=bool(int(canceled)),
+                    orphaned=not has_policy,
+                    priority=priority,
+                )
+            )
+        return jobs
 
     async def _deactivate(self, tenant: str) -> None:
         # Remove first, then look again: a producer pushes before it activates, so a job

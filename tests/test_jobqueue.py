@@ -53,6 +53,29 @@ async def test_weighted_fair_share_between_backlogged_tenants(redis: Redis) -> N
     assert served["big"] == 150 and served["small"] == 50
 
 
+async def test_pick_many_leases_in_the_same_fair_order_as_single_picks(redis: Redis) -> None:
+    """One pick_many call for 40 slots gives each backlogged tenant its weighted share,
+    every job leased once and in FIFO order per tenant; a tenant whose queue runs out
+    gets what it has, and nothing is leased twice."""
+    queue = await setup(redis, big=3, small=1, tiny=1)
+    await queue.submit("big", "b1", jobs(300))
+    await queue.submit("small", "b2", jobs(300))
+    await queue.submit("tiny", "b3", jobs(2))
+    picks = await queue.pick_many(40, lease_ms=LEASE, now_ms=NOW)
+    served = Counter(job.tenant for job in picks.jobs)
+    assert served["tiny"] == 2  # its share is 8 of 40, but it has 2 jobs
+    assert served["big"] + served["small"] <= 38 and served["big"] == 3 * served["small"]
+    ids = [job.id for job in picks.jobs]
+    assert len(set(ids)) == len(ids)
+    for tenant in ("big", "small"):
+        mine = [job.custom_id for job in picks.jobs if job.tenant == tenant]
+        assert mine == [f"r{i}" for i in range(len(mine))]
+    assert all(job.leased_at_ms == NOW and job.attempt == 1 for job in picks.jobs)
+    again = await queue.pick_many(40, lease_ms=LEASE, now_ms=NOW)
+    assert not {job.id for job in again.jobs} & set(ids)
+    assert "tiny" not in {job.tenant for job in again.jobs}
+
+
 async def test_small_tenant_is_not_stuck_behind_a_big_one(redis: Redis) -> None:
     queue = await setup(redis, big=1, small=1)
     await queue.submit("big", "b1", jobs(1000))
