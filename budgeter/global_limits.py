@@ -8,6 +8,7 @@ model's own scope ``{g:<digest>}`` after the tenant's reservation succeeded.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ class GlobalLimits:
         self._flat: dict[str, str] = {}  # model -> JSON of its flat limits ('' = none)
         self._pauses: dict[str, int] = {}
         self._known: set[str] = set()
+        self._loading: asyncio.Task[None] | None = None  # the one refresh in flight
 
     def keys(self, model: str) -> GlobalModelKeys:
         return GlobalModelKeys(self.prefix, model)
@@ -47,6 +49,13 @@ class GlobalLimits:
         now = self.clock()
         if self._loaded_at is not None and now - self._loaded_at < self.refresh_s:
             return
+        # one read for every caller that finds the view stale at the same time (a caller
+        # that asks for no staleness at all, refresh_s 0, always reads)
+        if self._loading is None or self._loading.done() or self.refresh_s <= 0:
+            self._loading = asyncio.ensure_future(self._load(now))
+        await asyncio.shield(self._loading)
+
+    async def _load(self, now: float) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(global_policy_key(self.prefix))
             pipe.hgetall(global_pauses_key(self.prefix))

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from budgeter.admission import Admission, Decision, Usage, format_ms
 from budgeter.batches import BatchStore
-from budgeter.jobqueue import JobQueue, LeasedJob, Pick
+from budgeter.jobqueue import JobQueue, LeasedJob
 from budgeter.metrics import Metrics, reason_label
 from budgeter.models import MessageParams, first_error
 from budgeter.policy import TENANT_ID_RE
@@ -40,7 +40,7 @@ from budgeter.upstream import UpstreamClient, UpstreamError
 
 log = logging.getLogger("budgeter.worker")
 
-MAX_PICKS_AT_ONCE = 64  # leases asked for together by the dispatcher (free slots allowing)
+_RETRY = object()  # a lane's lease answer: no job for you this round, but there is work
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,56 +89,31 @@ class Worker:
         self._beating: dict[str, tuple[LeasedJob, dict[str, str], float]] = {}
         self._beater: asyncio.Task[None] | None = None
         self._served: dict[str, tuple[int, int]] = {}  # tenant -> (tokens, jobs) since a pick
+        self._lease_waiters: list[asyncio.Future[Any]] = []  # lanes asking for a job
+        self._picking: set[asyncio.Task[None]] = set()
+        self._idler: asyncio.Task[None] | None = None
+        self._idle_wait_s = config.idle_max_s
+        self._busy = 0  # lanes processing a job
         self.processed = 0
 
     # main loops ---------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Work until ``stop`` is set, then drain in-flight jobs (see :meth:`drain`)."""
+        """Work until ``stop`` is set, then drain in-flight jobs (see :meth:`drain`).
+
+        ``concurrency`` lanes each lease a job and process it, again and again. The leases
+        the lanes ask for while the event loop runs one round are taken together, by one
+        :meth:`JobQueue.pick_many` (two script calls, however many jobs), and jobs leased
+        together move through counting, admission and settling together, so those calls
+        share pipelines and script calls too."""
         maintenance = asyncio.create_task(self._maintenance_loop(stop), name="maintenance")
-        slots = asyncio.Semaphore(self.config.concurrency)
+        lanes = [
+            asyncio.create_task(self._lane(stop), name=f"lane-{i}")
+            for i in range(self.config.concurrency)
+        ]
+        self._tasks.update(lanes)
         try:
-            while not stop.is_set():
-                if not await _acquire_or_stop(slots, stop):
-                    break
-                # every free slot picks at once: the picks share pipelines, and the jobs
-                # they lease move through counting, admission and settling together, so
-                # those calls share pipelines and script calls too
-                wanted = 1
-                while wanted < MAX_PICKS_AT_ONCE and not slots.locked():
-                    await slots.acquire()  # not locked: returns at once
-                    wanted += 1
-                served, self._served = self._served, {}
-                picks = await asyncio.gather(
-                    *(
-                        self.queue.pick(
-                            lease_ms=self.config.lease_ms, served=served if i == 0 else None
-                        )
-                        for i in range(wanted)
-                    ),
-                    return_exceptions=True,
-                )
-                leased = [p.job for p in picks if isinstance(p, Pick) and p.job is not None]
-                for job in leased:
-                    task = asyncio.create_task(self._process(job))
-                    self._tasks.add(task)
-                    task.add_done_callback(lambda t: (self._tasks.discard(t), slots.release()))
-                for _ in range(wanted - len(leased)):
-                    slots.release()
-                failed = [p for p in picks if isinstance(p, BaseException)]
-                if failed:
-                    log.error("pick failed; retrying", exc_info=failed[0])
-                    if not leased:
-                        await _sleep_or_stop(stop, 1.0)
-                    continue
-                if leased:
-                    continue
-                timeout = self.config.idle_max_s
-                nexts = [p for p in picks if isinstance(p, Pick) and p.next_parked_ms >= 0]
-                if nexts:
-                    due_s = min((p.next_parked_ms - p.now_ms) / 1000 for p in nexts)
-                    timeout = min(timeout, max(due_s, 0.01))
-                await self._wait_for_work(stop, timeout)
+            await stop.wait()
         finally:
             await self.drain()
             maintenance.cancel()
@@ -146,6 +121,80 @@ class Worker:
                 await maintenance
             if self._beater is not None:
                 self._beater.cancel()
+
+    async def _lane(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                job = await self._lease()
+                if job is _RETRY:
+                    continue
+                if job is None:
+                    await self._idle(stop)
+                    continue
+            except Exception:  # never lose a lane
+                log.exception("lane failed; retrying")
+                await _sleep_or_stop(stop, 1.0)
+                continue
+            self._busy += 1
+            try:
+                await self._process(job)
+            finally:
+                self._busy -= 1
+
+    async def _lease(self) -> Any:
+        """A leased job; ``_RETRY`` when others of the same round got the jobs there were;
+        None when there was none (then wait for work)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._lease_waiters.append(future)
+        if len(self._lease_waiters) == 1:
+            asyncio.get_running_loop().call_soon(self._start_pick)
+        return await future
+
+    def _start_pick(self) -> None:
+        waiters, self._lease_waiters = self._lease_waiters, []
+        task = asyncio.create_task(self._pick_for(waiters))
+        self._picking.add(task)
+        task.add_done_callback(self._picking.discard)
+
+    async def _pick_for(self, waiters: list[asyncio.Future[Any]]) -> None:
+        served, self._served = self._served, {}
+        self._idle_wait_s = self.config.idle_max_s
+        try:
+            picks = await self.queue.pick_many(
+                len(waiters), lease_ms=self.config.lease_ms, served=served
+            )
+        except Exception:
+            log.exception("pick failed; retrying")
+            self._idle_wait_s = -1.0  # sleep, not wait for work
+            jobs: list[LeasedJob] = []
+        else:
+            jobs = picks.jobs
+            if not jobs and picks.next_parked_ms >= 0:
+                due_s = (picks.next_parked_ms - picks.now_ms) / 1000
+                self._idle_wait_s = min(self._idle_wait_s, max(due_s, 0.01))
+        orphans = []
+        for i, future in enumerate(waiters):
+            job = jobs[i] if i < len(jobs) else (_RETRY if jobs else None)
+            if not future.done():
+                future.set_result(job)
+            elif isinstance(job, LeasedJob):  # its lane was cancelled (drain)
+                orphans.append(job)
+        for job in orphans:  # give them back (else their leases expire and are reclaimed)
+            try:
+                await self.queue.requeue(job, head=True, count_attempt=True)
+                await self.queue.activate(job.tenant, wake=1)
+            except Exception:
+                log.warning("could not give a job back", extra={"job": job.id}, exc_info=True)
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        """Every lane with nothing to do waits on one shared wait for work."""
+        if self._idler is None or self._idler.done():
+            wait_s = self._idle_wait_s
+            if wait_s < 0:
+                self._idler = asyncio.create_task(_sleep_or_stop(stop, 1.0))
+            else:
+                self._idler = asyncio.create_task(self._wait_for_work(stop, wait_s))
+        await asyncio.shield(self._idler)
 
     async def _wait_for_work(self, stop: asyncio.Event, wait_s: float) -> None:
         waiter = asyncio.create_task(self.queue.wait_for_work(wait_s))
@@ -167,7 +216,7 @@ class Worker:
         """Let in-flight jobs finish for ``drain_s``; give the rest back to their queues."""
         if not self._tasks:
             return
-        log.info("draining", extra={"inflight": len(self._tasks)})
+        log.info("draining", extra={"inflight": self._busy})
         _, pending = await asyncio.wait(set(self._tasks), timeout=self.config.drain_s)
         for task in pending:
             task.cancel()
@@ -452,24 +501,6 @@ def _params_problem(params: dict[str, Any]) -> str | None:
     except ValidationError as exc:
         return first_error(exc)
     return None
-
-
-async def _acquire_or_stop(slots: asyncio.Semaphore, stop: asyncio.Event) -> bool:
-    if not slots.locked():
-        await slots.acquire()
-        return True
-    acquire = asyncio.create_task(slots.acquire())
-    stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({acquire, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if acquire in done:
-        stopper.cancel()
-        return True
-    acquire.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await acquire
-    if not acquire.cancelled():  # acquired at the same moment: give it back
-        slots.release()
-    return False
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
