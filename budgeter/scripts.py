@@ -3,18 +3,20 @@
 A script whose text contains ``-- needs: <file>.lua`` gets that helper file prepended, so
 shared Lua functions (calendar periods, server time) are written once.
 
-Calls of one script from many coroutines are pipelined: the calls made while the event
-loop runs one round go to Redis together, as one non-transactional pipeline of EVALSHAs
-(one write and one read instead of one round trip each). Each call is still its own
-atomic script; only the network trips are shared. (On Redis Cluster every call goes
-alone: redis-py's cluster pipeline would split the batch per node anyway.)
+Script calls from many coroutines are pipelined: the calls made while the event loop
+runs one round, of every script on one client, go to Redis together, as one
+non-transactional pipeline (one write and one read instead of one round trip each). Each
+call is still its own atomic script; only the network trips are shared. (On Redis Cluster
+every call goes alone: redis-py's cluster pipeline would split the batch per node anyway.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
+import weakref
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -36,59 +38,98 @@ def lua_source(name: str) -> str:
     return "\n".join([*helpers, text])
 
 
-class PipelinedScript:
-    """An AsyncScript whose concurrent calls share pipelines (same call signature)."""
+class RoundPipeline:
+    """The calls made on one Redis client while the event loop runs one round (script
+    calls of every script, and the commands given to :meth:`command`) go to Redis
+    together, as one non-transactional pipeline: one write and one read for all of them.
+    Each call keeps its own answer or error."""
 
-    def __init__(self, redis: Any, script: AsyncScript) -> None:
+    def __init__(self, redis: Any) -> None:
         self.redis = redis
-        self.script = script
-        self.sha = script.sha
-        self._pending: list[tuple[list[Any], list[Any], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._pending: list[tuple[tuple[Any, ...], Any, asyncio.Future[Any]]] = []
+        self._scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, keys: Any = (), args: Any = ()) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((list(keys), list(args), future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
+    def command(self, *args: Any, fallback: Any = None) -> asyncio.Future[Any]:
+        """Queue ``args`` (a command with its arguments) for this round's pipeline; the
+        future gets its reply. ``fallback``: a coroutine function that answers instead
+        when the reply is NoScriptError (the script is loaded again)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((args, fallback, future))
+        if not self._scheduled:
+            self._scheduled = True
+            # one round later than the callers': the batchers that gather calls for one
+            # round (BatchedScript) add theirs to the same pipeline first
+            loop.call_soon(loop.call_soon, self._flush)
+        return future
 
-    async def _flush(self) -> None:
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), MAX_BATCH):
+            task = asyncio.ensure_future(self._send(pending[start : start + MAX_BATCH]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], Any, asyncio.Future[Any]]]) -> None:
         try:
-            while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                try:
-                    await self._run(batch)
-                except BaseException as exc:  # never leave a caller waiting forever
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-        finally:
-            self._flusher = None
-
-    async def _run(self, batch: list[tuple[list[Any], list[Any], asyncio.Future[Any]]]) -> None:
-        if len(batch) == 1:
-            keys, args, future = batch[0]
-            replies: list[Any] = [await _settled(self.script(keys=keys, args=args))]
-        else:
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for keys, args, _ in batch:
-                        pipe.evalsha(self.sha, len(keys), *keys, *args)
-                    replies = await pipe.execute(raise_on_error=False)
-            except Exception as exc:  # the connection failed even after its retries
-                replies = [exc] * len(batch)
-        for (keys, args, future), reply in zip(batch, replies, strict=True):
-            if isinstance(reply, NoScriptError):  # Redis restarted: load it, call again
-                reply = await _settled(self.script(keys=keys, args=args))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for args, _, _ in batch:
+                    pipe.execute_command(*args)
+                replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:  # the connection failed even after its retries
+            replies = [exc] * len(batch)
+            if not isinstance(exc, Exception):
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                raise
+        for (_, fallback, future), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, NoScriptError) and fallback is not None:
+                reply = await _settled(fallback())  # Redis restarted: load it, call again
             if future.done():  # its caller was cancelled
                 continue
             if isinstance(reply, BaseException):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+
+_ROUNDS: weakref.WeakKeyDictionary[Any, RoundPipeline] = weakref.WeakKeyDictionary()
+
+
+def round_pipeline(redis: Any) -> RoundPipeline:
+    """The one RoundPipeline of ``redis`` (a plain client, not a cluster client)."""
+    found = _ROUNDS.get(redis)
+    if found is None:
+        found = _ROUNDS[redis] = RoundPipeline(redis)
+    return found
+
+
+class PipelinedScript:
+    """An AsyncScript whose calls go in the client's round pipeline (same call signature)."""
+
+    def __init__(self, redis: Any, script: AsyncScript) -> None:
+        self.redis = redis
+        self.script = script
+        self.sha = script.sha
+        self.round = round_pipeline(redis)
+
+    async def __call__(self, keys: Any = (), args: Any = ()) -> Any:
+        return await self.submit(keys, args)
+
+    def submit(self, keys: Any, args: Any) -> asyncio.Future[Any]:
+        """Queue the call in this round's pipeline at once (no task): the future answers."""
+        keys, args = list(keys), list(args)
+        return self.round.command(
+            "EVALSHA",
+            self.sha,
+            len(keys),
+            *keys,
+            *args,
+            fallback=lambda: self.script(keys=keys, args=args),
+        )
 
 
 async def _settled(call: Any) -> Any:
@@ -142,22 +183,35 @@ class BatchedScript:
         for (keys, head), calls in groups.items():
             for start in range(0, len(calls), self.max_items):
                 chunk = calls[start : start + self.max_items]
-                task = asyncio.ensure_future(self._send(keys, head, chunk))
-                self._sending.add(task)
-                task.add_done_callback(self._sending.discard)
+                args = [*head, json.dumps([item for item, _ in chunk], separators=(",", ":"))]
+                if isinstance(self.script, PipelinedScript):  # into this round's pipeline
+                    sent = self.script.submit(keys, args)
+                    sent.add_done_callback(functools.partial(self._answered, chunk))
+                else:
+                    task = asyncio.ensure_future(self._send(keys, args, chunk))
+                    self._sending.add(task)
+                    task.add_done_callback(self._sending.discard)
 
-    async def _send(self, keys: tuple[str, ...], head: tuple[Any, ...], calls: list[Any]) -> None:
-        args = [*head, json.dumps([item for item, _ in calls], separators=(",", ":"))]
+    async def _send(self, keys: tuple[str, ...], args: list[Any], calls: list[Any]) -> None:
         try:
             flat = await self.script(keys=keys, args=args)
-            if len(flat) != len(calls) * self.width:
-                raise RuntimeError(f"{len(flat)} values for {len(calls)} items")
-        except BaseException as exc:
+        except Exception as exc:
+            flat = exc
+        self._deliver(calls, flat)
+
+    def _answered(self, calls: list[Any], sent: asyncio.Future[Any]) -> None:
+        if sent.cancelled():
+            self._deliver(calls, asyncio.CancelledError())
+        else:
+            self._deliver(calls, sent.exception() or sent.result())
+
+    def _deliver(self, calls: list[Any], flat: Any) -> None:
+        if not isinstance(flat, BaseException) and len(flat) != len(calls) * self.width:
+            flat = RuntimeError(f"{len(flat)} values for {len(calls)} items")
+        if isinstance(flat, BaseException):
             for _, future in calls:
                 if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
+                    future.set_exception(flat)
             return
         width = self.width
         for n, (_, future) in enumerate(calls):

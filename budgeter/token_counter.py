@@ -14,6 +14,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from budgeter.keys import count_cache_key
 from budgeter.metrics import Metrics
+from budgeter.scripts import round_pipeline
 from budgeter.tenants import TenantStore
 from budgeter.upstream import UpstreamClient, UpstreamError, count_tokens_body
 
@@ -54,71 +55,31 @@ log = logging.getLogger(__name__)
 
 
 class CountCacheIO:
-    """The count cache's reads and writes, shared by concurrent callers: the GETs and SETs
-    asked for while the event loop runs one round go to Redis as one pipeline (the SETs
-    first, then one MGET), so a job costs no round trip of its own here. A SET is not
-    waited for: the cache is only an optimisation, and a lost write costs one more
-    count_tokens call. (On Redis Cluster, where keys live on different nodes, each call
-    goes alone.)"""
+    """The count cache's reads and writes go in the client's round pipeline, with the
+    other calls of the same event-loop round (scripts of the jobs moving with them), so a
+    job costs no round trip of its own here. A SET is not waited for: the cache is only an
+    optimisation, and a lost write costs one more count_tokens call. (On Redis Cluster,
+    where keys live on different nodes, each call goes alone.)"""
 
     def __init__(self, redis: Any) -> None:
         self.redis = redis
-        self.alone = isinstance(redis, RedisCluster)
-        self._gets: dict[str, list[asyncio.Future[Any]]] = {}
-        self._sets: list[tuple[str, int, int]] = []
-        self._scheduled = False
-        self._flushing: set[asyncio.Task[None]] = set()
+        self.round = None if isinstance(redis, RedisCluster) else round_pipeline(redis)
 
     async def get(self, key: str) -> Any:
-        if self.alone:
+        if self.round is None:
             return await self.redis.get(key)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._gets.setdefault(key, []).append(future)
-        self._schedule()
-        return await future
+        return await self.round.command("GET", key)
 
     async def set(self, key: str, value: int, ttl_s: int) -> None:
-        if self.alone:
+        if self.round is None:
             await self.redis.set(key, value, ex=ttl_s)
             return
-        self._sets.append((key, value, ttl_s))
-        self._schedule()
+        self.round.command("SET", key, value, "EX", ttl_s).add_done_callback(_log_failed_write)
 
-    def _schedule(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        gets, self._gets = self._gets, {}
-        sets, self._sets = self._sets, []
-        task = asyncio.ensure_future(self._send(gets, sets))
-        self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
-
-    async def _send(self, gets: dict[str, list[asyncio.Future[Any]]], sets: list[Any]) -> None:
-        keys = list(gets)
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key, value, ttl_s in sets:
-                    pipe.set(key, value, ex=ttl_s)
-                if keys:
-                    pipe.mget(keys)
-                replies = await pipe.execute()
-        except Exception as exc:
-            if sets:
-                log.warning("count cache write failed", exc_info=True)
-            for futures in gets.values():
-                for future in futures:
-                    if not future.done():
-                        future.set_exception(exc)
-            return
-        values = replies[-1] if keys else []
-        for key, value in zip(keys, values, strict=True):
-            for future in gets[key]:
-                if not future.done():
-                    future.set_result(value)
+def _log_failed_write(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("count cache write failed: %s", future.exception())
 
 
 class TokenCounter:

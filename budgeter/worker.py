@@ -395,10 +395,14 @@ class Worker:
             await self.admission.charge_full(job.tenant, rid)
             raise
         usage = Usage.from_message(message)
-        settled = await self.admission.settle(job.tenant, rid, usage)
+        # settle and record the result together (one round trip): a crash between the two
+        # can only charge in full (the reaper) or serve again, never under-count
+        settled, _ = await asyncio.gather(
+            self.admission.settle(job.tenant, rid, usage),
+            self._finish(job, "succeeded", succeeded(message)),
+        )
         tokens, jobs = self._served.get(job.tenant, (0, 0))
         self._served[job.tenant] = (tokens + usage.total, jobs + 1)
-        await self._finish(job, "succeeded", succeeded(message))
         usage.record(self.metrics, job.tenant, model, input_tokens + int(params["max_tokens"]))
         if settled.waiting_settle:
             await self.queue.activate(job.tenant, unpark=True, wake=1)
