@@ -373,19 +373,26 @@ async def _stream(
             )
             await response.prepare(request)
             pending: list[str] = []
+            lines: list[bytes] = []  # of the event being read: written in one piece at its end
             try:
                 async for raw_line in upstream.content:
-                    await response.write(raw_line)
+                    lines.append(raw_line)
                     line = raw_line.decode("utf-8", errors="replace").rstrip("\r\n")
                     if line.startswith("data:"):
                         pending.append(line[5:].strip())
-                    elif not line and pending:
+                    elif not line:
+                        await response.write(b"".join(lines))
+                        lines.clear()
+                        if not pending:
+                            continue
                         with contextlib.suppress(ValueError):
                             seen.feed(json.loads("\n".join(pending)))
                         pending.clear()
                         if seen.stopped or seen.errored:
                             await _settle(deps, tenant, rid, model, seen.usage(), reserved)
                             settled = True
+                if lines:  # the upstream ended without closing its last event
+                    await response.write(b"".join(lines))
             except (ConnectionResetError, asyncio.CancelledError):
                 log.info("client left mid-stream", extra={"tenant": tenant, "reservation": rid})
                 raise
@@ -393,7 +400,8 @@ async def _stream(
                 # the upstream went away mid-stream: tell the client in the stream itself
                 log.warning("upstream stream broke: %s", type(exc).__name__)
                 event = error_body("api_error", "upstream connection lost mid-stream")
-                await response.write(f"event: error\ndata: {json.dumps(event)}\n\n".encode())
+                tail = b"".join(lines)  # what came of the broken event, as before
+                await response.write(tail + f"event: error\ndata: {json.dumps(event)}\n\n".encode())
             finally:
                 if not settled:  # client gone or upstream cut: charge what was generated
                     await _settle(deps, tenant, rid, model, seen.usage(), reserved)

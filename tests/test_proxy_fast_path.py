@@ -1,21 +1,29 @@
 """The proxy's fast path: what it remembers in-process (valid keys for at most
-``KEY_CACHE_SECONDS``, token counts) and the rate-limit headers read beside the upstream
-call, with every refusal still exactly as strict as Redis says."""
+``KEY_CACHE_SECONDS``, token counts), the rate-limit headers read beside the upstream
+call, and streams forwarded an event at a time, with every refusal still exactly as
+strict as Redis says."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from redis.asyncio import Redis
 
 from budgeter import api_keys
 from budgeter import proxy as proxy_module
+from budgeter.api import create_app
 from budgeter.api_keys import KEY_CACHE_SECONDS, KeyStore, hash_key
 from budgeter.keys import key_index_key
 from budgeter.policy import TenantPolicy
 from budgeter.proxy import LocalCountCache
 from budgeter.results import error_body
+from budgeter.serving import serve_app
+from budgeter.settings import Settings
 from budgeter.tenants import TenantStore
 from budgeter.token_counter import TokenCounter
 from budgeter.upstream import UpstreamError
@@ -148,3 +156,92 @@ async def test_a_key_in_use_is_confirmed_in_the_background_and_a_revocation_foun
     await next(iter(cached._confirming.values()))  # this confirmation finds it revoked
     assert await cached.authenticate(key) is None  # before its expiry
     await cached.aclose()
+
+
+def _sse(kind: str, data: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+START = _sse(
+    "message_start",
+    {"type": "message_start", "message": {"usage": {"input_tokens": 10, "output_tokens": 1}}},
+)
+DELTA = _sse(
+    "content_block_delta",
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+)
+STOP = _sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 7}}) + _sse(
+    "message_stop", {"type": "message_stop"}
+)
+
+
+async def _stream_through(redis: Redis, redis_url: str, chunks: list[bytes], *, cut: bool) -> bytes:
+    """POST a stream through the API to an upstream that sends ``chunks`` (split anywhere,
+    not at event ends) and then ends, or cuts the connection."""
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for chunk in chunks:
+            await response.write(chunk)
+            await asyncio.sleep(0.01)
+        if cut:
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        await response.write_eof()
+        return response
+
+    async def count(_request: web.Request) -> web.Response:
+        return web.json_response({"input_tokens": 10})
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/messages", messages)
+    upstream.router.add_post("/v1/messages/count_tokens", count)
+    async with serve_app(upstream, "127.0.0.1", 0) as upstream_port:
+        settings = Settings(
+            redis_url=redis_url,
+            admin_token="admin-secret",  # type: ignore[arg-type]
+            upstream_url=f"http://127.0.0.1:{upstream_port}",
+            upstream_api_key="k",  # type: ignore[arg-type]
+            upstream_max_attempts=1,
+        )
+        async with (
+            serve_app(create_app(settings, redis=redis), "127.0.0.1", 0) as port,
+            aiohttp.ClientSession() as http,
+        ):
+            base = f"http://127.0.0.1:{port}"
+            admin = {"authorization": "Bearer admin-secret"}
+            policy = {"budgets": {"day": 100_000}}
+            async with http.put(f"{base}/admin/tenants/sse", json=policy, headers=admin):
+                pass
+            async with http.post(f"{base}/admin/tenants/sse/keys", headers=admin) as r:
+                key = (await r.json())["key"]
+            async with http.post(
+                f"{base}/v1/messages", json={**ask(), "stream": True}, headers={"x-api-key": key}
+            ) as r:
+                assert r.status == 200
+                return await r.read()
+
+
+async def test_a_stream_reaches_the_client_byte_for_byte_and_settles_at_message_stop(
+    redis: Redis, redis_url: str
+) -> None:
+    sent = START + DELTA + DELTA + STOP
+    chunks = [sent[i : i + 37] for i in range(0, len(sent), 37)]  # events split anywhere
+    assert await _stream_through(redis, redis_url, chunks, cut=False) == sent
+    state = await budget(redis, "sse")
+    assert (state["day:used"], state["day:reserved"]) == ("17", "0")  # 10 in, 7 out
+
+
+async def test_an_upstream_cut_mid_event_forwards_what_came_then_an_error_event(
+    redis: Redis, redis_url: str
+) -> None:
+    partial = DELTA[: len(DELTA) // 2]  # its first line whole, its data line cut
+    received = await _stream_through(redis, redis_url, [START, DELTA, partial], cut=True)
+    came = START + DELTA + partial.split(b"\n")[0] + b"\n"  # whole lines only, as ever
+    assert received.startswith(came)
+    tail = received[len(came) :]
+    assert b"event: error" in tail and b"upstream connection lost mid-stream" in tail
+    state = await budget(redis, "sse")  # charged what was generated: 10 in, 1 out
+    assert (state["day:used"], state["day:reserved"]) == ("11", "0")
