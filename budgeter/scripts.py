@@ -16,7 +16,6 @@ import asyncio
 import functools
 import json
 import re
-import weakref
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -96,14 +95,13 @@ class RoundPipeline:
                 future.set_result(reply)
 
 
-_ROUNDS: weakref.WeakKeyDictionary[Any, RoundPipeline] = weakref.WeakKeyDictionary()
-
-
 def round_pipeline(redis: Any) -> RoundPipeline:
-    """The one RoundPipeline of ``redis`` (a plain client, not a cluster client)."""
-    found = _ROUNDS.get(redis)
+    """The one RoundPipeline of ``redis`` (a plain client, not a cluster client), kept on
+    the client itself so that it lives and dies with it."""
+    found = getattr(redis, "_budgeter_round_pipeline", None)
     if found is None:
-        found = _ROUNDS[redis] = RoundPipeline(redis)
+        found = RoundPipeline(redis)
+        redis._budgeter_round_pipeline = found
     return found
 
 
