@@ -224,7 +224,8 @@ async def run(opts: Options) -> list[Row]:
             note=f"mean of {rounds} rounds. A newcomer enters at the scheduler's virtual clock "
             "and B re-enters at max(own virtual time, clock) (sched_activate.lua), so B's share "
             "is a fair half once both are backlogged (at the queue level, pick_many gives "
-            "exactly half: tests/test_jobqueue.py); like (a), the exact fair share is 2.0x",
+            "exactly half: tests/test_jobqueue.py, the returning tenant's test); like (a), "
+            "the exact fair share is 2.0x",
         ),
         Row(
             "fairness",

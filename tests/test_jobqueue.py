@@ -210,6 +210,34 @@ async def test_a_tenant_with_history_is_not_starved_by_a_newcomer(redis: Redis) 
     assert served["old"] >= 9 and served["new"] >= 9  # before the clock: 0 for "old"
 
 
+async def test_a_returning_tenant_gets_half_of_waves_while_a_newcomer_floods(
+    redis: Redis,
+) -> None:
+    """Benchmark row (a'): B was served alone, then A arrived and was served alone, then B
+    returns. Leasing in waves (pick_many, sizes reported), B gets exactly half."""
+    queue = await setup(redis, a=1, b=1)
+    served: dict[str, tuple[int, int]] = {}
+
+    async def wave(n: int) -> Counter[str]:
+        nonlocal served
+        picks = await queue.pick_many(n, lease_ms=LEASE, now_ms=NOW, served=served)
+        got = Counter(job.tenant for job in picks.jobs)
+        served = {t: (110 * k, k) for t, k in got.items()}  # every job 110 tokens
+        return got
+
+    await queue.submit("b", "history", jobs(500, "h"))
+    while await wave(32):
+        pass
+    await queue.submit("a", "flood", jobs(5000, "a"))
+    for _ in range(20):
+        assert await wave(32) == Counter(a=32)
+    await queue.submit("b", "small", jobs(200, "s"))
+    total: Counter[str] = Counter()
+    for _ in range(10):
+        total += await wave(32)
+    assert total == Counter(a=160, b=160)
+
+
 async def test_tenants_share_tokens_not_job_counts_once_their_job_sizes_are_known(
     redis: Redis,
 ) -> None:
