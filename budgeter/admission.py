@@ -40,6 +40,8 @@ class Decision:
 
     @classmethod
     def from_reply(cls, reply: list[Any]) -> Decision:
+        if reply[0] == b"ADMIT" and not reply[2]:  # the common answer, without decoding
+            return cls("ADMIT", 0, "", int(reply[3]))
         kind = _text(reply[0])
         if kind not in ("ADMIT", "DEFER", "REJECT"):
             raise ValueError(f"unexpected reserve.lua reply {reply!r}")
