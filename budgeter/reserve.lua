@@ -233,12 +233,13 @@ local function reserve_one(n, id, input, output, hold, model, sent, price_arg)
   -- ADMIT: apply every limit (the values the checks above worked out for this request)
   for _, b in ipairs(plan.rates) do hset(KEYS[2], b.bucket, fmt(b.new_tat)) end
   for _, b in ipairs(plan.budgets) do
-    hset(KEYS[3], b.id, b.pid)
+    if hget(KEYS[3], b.id) ~= b.pid then  -- a new period: it starts from nothing used
+      hset(KEYS[3], b.id, b.pid)
+      hset(KEYS[3], b.used, b.usd and fmt6(0) or 0)
+    end
     if b.usd then
-      hset(KEYS[3], b.used, fmt6(b.cur_used))
       hset(KEYS[3], b.reserved, fmt6(b.cur_reserved + usd_est))
     else
-      hset(KEYS[3], b.used, b.cur_used)
       hset(KEYS[3], b.reserved, b.cur_reserved + est)
     end
   end

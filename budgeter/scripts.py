@@ -46,6 +46,7 @@ class RoundPipeline:
     def __init__(self, redis: Any) -> None:
         self.redis = redis
         self._pending: list[tuple[tuple[Any, ...], Any, asyncio.Future[Any]]] = []
+        self._batchers: list[Any] = []  # BatchedScripts with calls gathered this round
         self._scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -53,17 +54,26 @@ class RoundPipeline:
         """Queue ``args`` (a command with its arguments) for this round's pipeline; the
         future gets its reply. ``fallback``: a coroutine function that answers instead
         when the reply is NoScriptError (the script is loaded again)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((args, fallback, future))
-        if not self._scheduled:
-            self._scheduled = True
-            # one round later than the callers': the batchers that gather calls for one
-            # round (BatchedScript) add theirs to the same pipeline first
-            loop.call_soon(loop.call_soon, self._flush)
+        self._schedule()
         return future
 
+    def join(self, batcher: Any) -> None:
+        """``batcher.emit()`` adds its gathered calls just before this round's pipeline
+        is sent."""
+        self._batchers.append(batcher)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
+        batchers, self._batchers = self._batchers, []
+        for batcher in batchers:  # their commands join this pipeline (still scheduled)
+            batcher.emit()
         self._scheduled = False
         pending, self._pending = self._pending, []
         for start in range(0, len(pending), MAX_BATCH):
@@ -172,10 +182,14 @@ class BatchedScript:
         self._groups.setdefault((keys, head), []).append((item, future))
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            if isinstance(self.script, PipelinedScript):  # emitted into the round pipeline
+                self.script.round.join(self)
+            else:
+                asyncio.get_running_loop().call_soon(self.emit)
         return await future
 
-    def _flush(self) -> None:
+    def emit(self) -> None:
+        """Send the calls gathered this round: one script call per keys, head and chunk."""
         self._scheduled = False
         groups, self._groups = self._groups, {}
         for (keys, head), calls in groups.items():
