@@ -16,7 +16,6 @@ import asyncio
 import functools
 import json
 import re
-from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -29,7 +28,7 @@ MAX_BATCH = 512
 _NEEDS = re.compile(r"^-- needs: (\S+\.lua)$", re.MULTILINE)
 
 
-@cache
+@functools.cache
 def lua_source(name: str) -> str:
     """The full text of script ``name`` with its helpers prepended."""
     text = resources.files("budgeter").joinpath(name).read_text(encoding="utf-8")
@@ -168,9 +167,12 @@ class BatchedScript:
     Each item's answer is what a call for that item alone, in that order, would give.
     """
 
-    def __init__(self, redis: Any, name: str, *, width: int, max_items: int = 256) -> None:
+    def __init__(
+        self, redis: Any, name: str, *, width: int, max_items: int = 256, stagger_at: int = 48
+    ) -> None:
         self.script = register(redis, name)
         self.width = width
+        self.stagger_at = stagger_at
         self.sha = self.script.sha
         self.max_items = max_items
         self._groups: dict[tuple[tuple[str, ...], tuple[Any, ...]], list[Any]] = {}
@@ -189,13 +191,37 @@ class BatchedScript:
         return await future
 
     def emit(self) -> None:
-        """Send the calls gathered this round: one script call per keys, head and chunk."""
+        """Send the calls gathered this round: one script call per keys, head and chunk.
+
+        A group of ``stagger_at`` calls or more sends half now and half one round later:
+        Redis decides the first half while this process packs the second, and from then
+        on the two halves come back, and are asked again, at different moments, so this
+        process and Redis work at the same time instead of in turn."""
         self._scheduled = False
         groups, self._groups = self._groups, {}
+        later: dict[tuple[tuple[str, ...], tuple[Any, ...]], list[Any]] = {}
+        for group, calls in groups.items():
+            if len(calls) >= self.stagger_at:
+                half = len(calls) // 2
+                groups[group], later[group] = calls[:half], calls[half:]
+        if later:
+            for group, calls in later.items():
+                self._groups.setdefault(group, []).extend(calls)
+            self._scheduled = True
+            loop = asyncio.get_running_loop()
+            if isinstance(self.script, PipelinedScript):
+                loop.call_soon(self.script.round.join, self)
+            else:
+                loop.call_soon(loop.call_soon, self.emit)
         for (keys, head), calls in groups.items():
             for start in range(0, len(calls), self.max_items):
                 chunk = calls[start : start + self.max_items]
-                args = [*head, json.dumps([item for item, _ in chunk], separators=(",", ":"))]
+                try:
+                    items = json.dumps([item for item, _ in chunk], separators=(",", ":"))
+                except (TypeError, ValueError) as exc:  # never leave a caller waiting
+                    self._deliver(chunk, exc)
+                    continue
+                args = [*head, items]
                 if isinstance(self.script, PipelinedScript):  # into this round's pipeline
                     sent = self.script.submit(keys, args)
                     sent.add_done_callback(functools.partial(self._answered, chunk))

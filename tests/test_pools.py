@@ -66,3 +66,57 @@ async def test_concurrent_script_calls_share_pipelines_and_keep_their_own_answer
         script(keys=[], args=[1]), script(keys=[], args=["x"]), return_exceptions=True
     )
     assert results[0] == 2 and isinstance(results[1], ResponseError)
+
+
+async def test_concurrent_decisions_of_a_tenant_share_one_script_call_and_one_pipeline(
+    redis: Any,
+) -> None:
+    """40 coroutines reserving for one tenant and 40 for another, in the same event-loop
+    round: one reserve.lua call per tenant, both in one pipeline, every answer its own;
+    then 80 settles the same way, and the counters are those of 80 separate calls. A
+    group of 48 or more goes in two halves, one round apart (the two overlap with Redis)."""
+    from budgeter.admission import Admission, Usage
+    from budgeter.policy import TenantPolicy
+    from budgeter.tenants import TenantStore
+
+    for tenant in ("ta", "tb"):
+        await TenantStore(redis).put(tenant, TenantPolicy(budgets={"day": 10**9}))
+    admission = Admission(redis)
+    script_calls = 0
+    real = admission._reserve.script.submit
+
+    def counting_submit(keys: Any, args: Any) -> Any:
+        nonlocal script_calls
+        script_calls += 1
+        return real(keys, args)
+
+    admission._reserve.script.submit = counting_submit  # type: ignore[method-assign]
+    pipelines = 0
+    real_pipeline = redis.pipeline
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        nonlocal pipelines
+        pipelines += 1
+        return real_pipeline(*args, **kwargs)
+
+    redis.pipeline = counting_pipeline
+    asks = [(t, f"{t}-{i}") for t in ("ta", "tb") for i in range(40)]
+    decisions = await asyncio.gather(
+        *(admission.reserve(t, rid, 100, 10, model="m", now_ms=10**12) for t, rid in asks)
+    )
+    assert [d.kind for d in decisions] == ["ADMIT"] * 80
+    assert (script_calls, pipelines) == (2, 1)
+    results = await asyncio.gather(
+        *(admission.settle(t, rid, Usage(100, 5), now_ms=10**12) for t, rid in asks)
+    )
+    assert [r.settled for r in results] == [1] * 80
+    assert sum(r.waiting_settle for r in results) == 0
+    for tenant in ("ta", "tb"):
+        budget = await redis.hgetall(f"budgeter:{{t:{tenant}}}:budget")
+        assert (budget["day:used"], budget["day:reserved"]) == ("4200", "0")
+    script_calls = pipelines = 0
+    decisions = await asyncio.gather(
+        *(admission.reserve("ta", f"big-{i}", 1, 1, model="m", now_ms=10**12) for i in range(60))
+    )
+    assert [d.kind for d in decisions] == ["ADMIT"] * 60
+    assert (script_calls, pipelines) == (2, 2)  # 30 now, 30 a round later
