@@ -40,7 +40,7 @@ class Decision:
 
     @classmethod
     def from_reply(cls, reply: list[Any]) -> Decision:
-        if reply[0] == b"ADMIT" and not reply[2]:  # the common answer, without decoding
+        if not reply[2] and reply[0] in ("ADMIT", b"ADMIT"):  # the common answer, at once
             return cls("ADMIT", 0, "", int(reply[3]))
         kind = _text(reply[0])
         if kind not in ("ADMIT", "DEFER", "REJECT"):

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -16,6 +17,26 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budgeter.embedded_redis import EmbeddedRedis, running_embedded_url
 from budgeter.settings import Settings
+
+
+class HiredisPacking:
+    """Packs commands with hiredis (C) instead of redis-py's Python packer, which costs
+    several microseconds per argument. Anything hiredis does not take (a command name
+    with a space, None, bool, ...) goes to redis-py's packer, which accepts it or raises
+    its usual error; the bytes sent are the same."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if not (isinstance(args[0], str) and " " in args[0]):
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError:
+                pass
+        return super().pack_command(*args)  # type: ignore[misc]
+
+
+def _hiredis_packing(connection_class: type) -> type:
+    name = f"HiredisPacking{connection_class.__name__}"
+    return type(name, (HiredisPacking, connection_class), {})
 
 
 def make_redis(url: str, *, cluster: bool = False, max_connections: int = 512) -> Any:
@@ -42,6 +63,7 @@ def make_redis(url: str, *, cluster: bool = False, max_connections: int = 512) -
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=6),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    pool.connection_class = _hiredis_packing(pool.connection_class)
     return Redis.from_pool(pool)
 
 
