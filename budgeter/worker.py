@@ -179,9 +179,9 @@ class Worker:
                 future.set_result(job)
             elif isinstance(job, LeasedJob):  # its lane was cancelled (drain)
                 orphans.append(job)
-        for job in orphans:  # give them back (else their leases expire and are reclaimed)
+        for job in orphans:  # never started: give them back, not counted as an attempt
             try:
-                await self.queue.requeue(job, head=True, count_attempt=True)
+                await self.queue.requeue(job, head=True, count_attempt=False)
                 await self.queue.activate(job.tenant, wake=1)
             except Exception:
                 log.warning("could not give a job back", extra={"job": job.id}, exc_info=True)

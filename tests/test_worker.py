@@ -232,3 +232,23 @@ async def test_one_heartbeat_loop_keeps_long_calls_leased(redis: Redis) -> None:
     assert (await store.status(batch_id)).succeeded == 4
     assert stats["requests"]["messages"] == 4
     assert await redis.zcard("budgeter:{t:slow}:leases") == 0
+
+
+async def test_a_job_leased_for_a_lane_that_was_cancelled_goes_back_uncounted(
+    redis: Redis,
+) -> None:
+    """A lane cancelled (drain) while its lease was being taken: the job it would have
+    got is given back at the head of its queue, and the lease does not count as an
+    attempt (it never started)."""
+    await TenantStore(redis).put("lane", TenantPolicy(budgets={"day": 10_000}))
+    store = BatchStore(redis)
+    await store.create("lane", requests_for("lane", 1))
+    async with mock_upstream() as (url, _app), aiohttp.ClientSession() as session:
+        upstream = UpstreamClient(session, url, "test-key")
+        worker = Worker(redis=redis, upstream=upstream, config=WorkerConfig(), metrics=Metrics())
+        gone = asyncio.get_running_loop().create_future()
+        gone.cancel()
+        await worker._pick_for([gone])
+    pick = await store.queue.pick(lease_ms=60_000)
+    assert pick.job is not None and pick.job.custom_id == "lane-0"
+    assert pick.job.attempt == 1
