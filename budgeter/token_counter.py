@@ -18,6 +18,8 @@ from budgeter.scripts import round_pipeline
 from budgeter.tenants import TenantStore
 from budgeter.upstream import UpstreamClient, UpstreamError, count_tokens_body
 
+log = logging.getLogger(__name__)
+
 # An image or document block counts as this many tokens in the local estimate (its base64
 # data would otherwise count as text); Anthropic's images cost at most about 1,600 tokens.
 ATTACHMENT_TOKENS = 1600
@@ -49,9 +51,6 @@ def local_estimate(params: Mapping[str, Any], margin: float) -> int:
     text = json.dumps(strip(body), ensure_ascii=False, separators=(",", ":"))
     tokens = len(text.encode()) / 3 + attachments * ATTACHMENT_TOKENS
     return math.ceil(tokens * margin) + 8
-
-
-log = logging.getLogger(__name__)
 
 
 class CountCacheIO:
