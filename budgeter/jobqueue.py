@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from budgeter.scripts import register
 TERMINAL_STATES = ("succeeded", "errored", "canceled", "expired")
 WAKE_TOKENS_MAX = 32
 SUBMIT_CHUNK = 1000
+
+log = logging.getLogger("budgeter.jobqueue")
 
 
 class UnknownTenantError(LookupError):
@@ -276,9 +279,10 @@ class JobQueue:
         now_ms: int | None = None,
         served: dict[str, tuple[int, int]] | None = None,
     ) -> Picks:
-        """Lease up to ``slots`` jobs at once: the scheduler chooses a tenant per slot (the
-        same fair order as one pick at a time), then each chosen tenant's jobs are leased
-        with one call. Two script calls in all, however many jobs."""
+        """Lease up to ``slots`` jobs at once: one scheduler call chooses a tenant per slot
+        (the same fair order as one pick at a time), then one call per chosen tenant
+        leases its jobs. Jobs leased before a failure of another tenant's call are
+        returned (the failure is raised only when nothing was leased)."""
         now_arg = "" if now_ms is None else str(now_ms)
         report = [x for t, (tokens, jobs) in (served or {}).items() for x in (t, tokens, jobs)]
         next_parked = now = -1
@@ -304,9 +308,15 @@ class JobQueue:
                 del wanted[tenant]  # written by a foreign producer: drop it
                 await self.redis.zrem(self.sched.ready, tenant)
             taken = await asyncio.gather(
-                *(self._take(t, n, lease_ms=lease_ms, now_arg=now_arg) for t, n in wanted.items())
+                *(self._take(t, n, lease_ms=lease_ms, now_arg=now_arg) for t, n in wanted.items()),
+                return_exceptions=True,
             )
-            jobs = [job for some in taken for job in some]
+            jobs = [job for some in taken if isinstance(some, list) for job in some]
+            failed = [exc for exc in taken if isinstance(exc, BaseException)]
+            if failed and not jobs:
+                raise failed[0]
+            for exc in failed:
+                log.warning("leasing a tenant's jobs failed: %s", exc)
             if jobs:
                 return Picks(jobs, next_parked, now)
         return Picks([], -1, now)

@@ -103,7 +103,7 @@ class Worker:
 
         ``concurrency`` lanes each lease a job and process it, again and again. The leases
         the lanes ask for while the event loop runs one round are taken together, by one
-        :meth:`JobQueue.pick_many` (two script calls, however many jobs), and jobs leased
+        :meth:`JobQueue.pick_many` (one scheduler call, one dequeue per tenant), and jobs leased
         together move through counting, admission and settling together, so those calls
         share pipelines and script calls too."""
         maintenance = asyncio.create_task(self._maintenance_loop(stop), name="maintenance")

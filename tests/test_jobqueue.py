@@ -256,3 +256,26 @@ async def test_tenants_share_tokens_not_job_counts_once_their_job_sizes_are_know
         served[pick.job.tenant] += 1
     # equal token shares: small gets about 8 jobs for each of big's
     assert 7 <= served["small"] / served["big"] <= 9, served
+
+
+async def test_pick_many_returns_what_it_leased_when_one_tenant_call_fails(
+    redis: Redis,
+) -> None:
+    """One tenant's dequeue failing does not lose the jobs leased for the others; with
+    nothing leased at all, the failure is raised."""
+    queue = await setup(redis, ok=1, bad=1)
+    await queue.submit("ok", "b1", jobs(5))
+    await queue.submit("bad", "b2", jobs(5))
+    real_take = queue._take
+
+    async def take(tenant: str, count: int, **kw: object) -> list:
+        if tenant == "bad":
+            raise ConnectionError("lost")
+        return await real_take(tenant, count, **kw)  # type: ignore[arg-type]
+
+    queue._take = take  # type: ignore[method-assign]
+    picks = await queue.pick_many(4, lease_ms=LEASE, now_ms=NOW)
+    assert [job.tenant for job in picks.jobs] == ["ok", "ok"]
+    queue._take = lambda *a, **kw: take("bad", 1)  # type: ignore[method-assign, assignment]
+    with pytest.raises(ConnectionError):
+        await queue.pick_many(4, lease_ms=LEASE, now_ms=NOW)
