@@ -346,6 +346,14 @@ class JobQueue:
         jobs = []
         for i in range(3, len(reply), 5):
             jid, raw, attempt, meta, canceled = reply[i : i + 5]
+            try:
+                params = json.loads(raw)
+            except ValueError:
+                params = None
+            if not isinstance(params, dict):  # a foreign producer's body: the worker ends
+                # the job as errored (empty params fail validation); the others go on
+                log.warning("job %s has a body that is not a JSON object", jid)
+                params = {}
             batch_id, custom_id = split_job_id(jid)
             parts = str(meta).split(" ")
             enqueued = parts[0]
@@ -357,7 +365,7 @@ class JobQueue:
                     id=jid,
                     batch_id=batch_id,
                     custom_id=custom_id,
-                    params=json.loads(raw),
+                    params=params,
                     attempt=int(attempt),
                     enqueued_ms=_int(enqueued, now),
                     deadline_ms=_int(deadline, 0),

@@ -279,3 +279,17 @@ async def test_pick_many_returns_what_it_leased_when_one_tenant_call_fails(
     queue._take = lambda *a, **kw: take("bad", 1)  # type: ignore[method-assign, assignment]
     with pytest.raises(ConnectionError):
         await queue.pick_many(4, lease_ms=LEASE, now_ms=NOW)
+
+
+async def test_a_job_body_that_is_not_json_strands_none_of_the_jobs_leased_with_it(
+    redis: Redis,
+) -> None:
+    """A foreign producer's body no JSON reader takes: the job is leased with empty
+    params (the worker ends it as errored), and the jobs leased in the same call are
+    served as usual."""
+    queue = await setup(redis, acme=1)
+    await queue.submit("acme", "b1", jobs(5))
+    await redis.hset(queue.keys("acme").jobs, "b1:r0", "{not json")
+    picks = await queue.pick_many(5, lease_ms=LEASE, now_ms=NOW)
+    assert [job.custom_id for job in picks.jobs] == ["r0", "r1", "r2", "r3", "r4"]
+    assert picks.jobs[0].params == {} and picks.jobs[1].params["model"] == "m"
