@@ -66,7 +66,7 @@ class GlobalLimits:
         self._loaded_at = now
 
     async def limits_json(self, model: str) -> str:
-        """The model's global limits as reserve.lua's ARGV[7] ('' when there are none)."""
+        """The model's global limits as reserve.lua's ARGV[2] ('' when there are none)."""
         await self._refresh()
         found = self._flat.get(model)
         if found is None:

@@ -51,10 +51,13 @@ if ARGV[2] ~= '' then
   pol = cjson.decode(ARGV[2])
 else
   local flat = redis.call('HGETALL', KEYS[1])
-  if #flat == 0 then
-    for n = 1, count do
+  if #flat == 0 then  -- a reservation made before the policy went is still idempotent
+    for n, q in ipairs(requests) do
       local r = (n - 1) * 5
       replies[r + 1], replies[r + 2], replies[r + 3] = 'REJECT', 0, 'unknown_tenant'
+      if redis.call('HEXISTS', KEYS[4], tostring(q[1])) == 1 then
+        replies[r + 1], replies[r + 3] = 'ADMIT', 'already_reserved'
+      end
       replies[r + 4], replies[r + 5] = now, ''
     end
     return replies

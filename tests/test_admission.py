@@ -110,6 +110,12 @@ async def test_reserve_is_idempotent_by_id(redis: Redis) -> None:
     again = await adm.reserve("acme", "a", 100, 100, now_ms=NOW)
     assert again.kind == "ADMIT" and again.reason == "already_reserved"
     assert (await redis.hgetall(adm.keys("acme").budget))["total:reserved"] == "200"
+    # a retried reserve still answers so once the tenant's policy is gone (it stays held)
+    await redis.delete(adm.keys("acme").policy)
+    retried = await adm.reserve("acme", "a", 100, 100, now_ms=NOW)
+    assert retried.kind == "ADMIT" and retried.reason == "already_reserved"
+    other = await adm.reserve("acme", "b", 100, 100, now_ms=NOW)
+    assert other.kind == "REJECT" and other.reason == "unknown_tenant"
 
 
 async def test_reaper_charges_sent_and_releases_unsent(redis: Redis) -> None:
