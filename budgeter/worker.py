@@ -85,8 +85,9 @@ class Worker:
         self.batches = BatchStore(redis, prefix=config.prefix)
         self.counter = counter or TokenCounter(redis, upstream, prefix=config.prefix, ttl_s=0)
         self._tasks: set[asyncio.Task[None]] = set()
-        # the jobs in flight, for the one heartbeat loop: job id -> (job, lease, since)
-        self._beating: dict[str, tuple[LeasedJob, dict[str, str], float]] = {}
+        # the jobs in flight, for the one heartbeat loop: (job id, attempt) -> (job, lease,
+        # last beat or start)
+        self._beating: dict[tuple[str, int], tuple[LeasedJob, dict[str, str], float]] = {}
         self._beater: asyncio.Task[None] | None = None
         self._served: dict[str, tuple[int, int]] = {}  # tenant -> (tokens, jobs) since a pick
         self._lease_waiters: list[asyncio.Future[Any]] = []  # lanes asking for a job
@@ -148,13 +149,24 @@ class Worker:
         self._lease_waiters.append(future)
         if len(self._lease_waiters) == 1:
             asyncio.get_running_loop().call_soon(self._start_pick)
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:  # cancelled (drain) just after its job was set
+            if future.done() and not future.cancelled():
+                job = future.result()
+                if isinstance(job, LeasedJob):
+                    self._spawn(self._give_back([job]))
+            raise
+
+    def _spawn(self, work: Any) -> None:
+        """Run ``work`` beside the lanes (drain waits for it)."""
+        task = asyncio.ensure_future(work)
+        self._picking.add(task)
+        task.add_done_callback(self._picking.discard)
 
     def _start_pick(self) -> None:
         waiters, self._lease_waiters = self._lease_waiters, []
-        task = asyncio.create_task(self._pick_for(waiters))
-        self._picking.add(task)
-        task.add_done_callback(self._picking.discard)
+        self._spawn(self._pick_for(waiters))
 
     async def _pick_for(self, waiters: list[asyncio.Future[Any]]) -> None:
         served, self._served = self._served, {}
@@ -179,7 +191,12 @@ class Worker:
                 future.set_result(job)
             elif isinstance(job, LeasedJob):  # its lane was cancelled (drain)
                 orphans.append(job)
-        for job in orphans:  # never started: give them back, not counted as an attempt
+        await self._give_back(orphans)
+
+    async def _give_back(self, jobs: list[LeasedJob]) -> None:
+        """Jobs leased for lanes that were cancelled: never started, so they go back at
+        the head of their queues without counting an attempt."""
+        for job in jobs:
             try:
                 await self.queue.requeue(job, head=True, count_attempt=False)
                 await self.queue.activate(job.tenant, wake=1)
@@ -187,14 +204,16 @@ class Worker:
                 log.warning("could not give a job back", extra={"job": job.id}, exc_info=True)
 
     async def _idle(self, stop: asyncio.Event) -> None:
-        """Every lane with nothing to do waits on one shared wait for work."""
+        """Every lane with nothing to do waits on one shared wait for work, each no longer
+        than its own pick said (a tenant parked until sooner, or 1 s after an error)."""
+        wait_s = self._idle_wait_s
         if self._idler is None or self._idler.done():
-            wait_s = self._idle_wait_s
             if wait_s < 0:
                 self._idler = asyncio.create_task(_sleep_or_stop(stop, 1.0))
             else:
                 self._idler = asyncio.create_task(self._wait_for_work(stop, wait_s))
-        await asyncio.shield(self._idler)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._idler), timeout=max(wait_s, 0.01))
 
     async def _wait_for_work(self, stop: asyncio.Event, wait_s: float) -> None:
         waiter = asyncio.create_task(self.queue.wait_for_work(wait_s))
@@ -222,6 +241,8 @@ class Worker:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
+        if self._picking:  # leases being taken or given back for lanes that are gone
+            await asyncio.wait(set(self._picking), timeout=10)
 
     async def _maintenance_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -316,13 +337,14 @@ class Worker:
 
     async def _handle(self, job: LeasedJob) -> None:
         lease = {"rid": ""}  # the heartbeat extends the reservation too, once there is one
-        self._beating[job.id] = (job, lease, asyncio.get_running_loop().time())
+        beat_key = (job.id, job.attempt)
+        self._beating[beat_key] = (job, lease, asyncio.get_running_loop().time())
         if self._beater is None:
             self._beater = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         try:
             await self._handle_leased(job, lease)
         finally:
-            self._beating.pop(job.id, None)
+            self._beating.pop(beat_key, None)
 
     async def _handle_leased(self, job: LeasedJob, lease: dict[str, str]) -> None:
         now_ms = int(self.clock() * 1000)
@@ -408,28 +430,33 @@ class Worker:
             await self.queue.activate(job.tenant, unpark=True, wake=1)
 
     async def _heartbeat_loop(self) -> None:
-        """One loop for every job in flight (not a task per job): every third of a lease,
-        extend the lease (and reservation) of each job that has run that long."""
+        """One loop for every job in flight (not a task per job): each job's lease (and
+        reservation) is extended once a third of a lease has passed since its start or
+        its last beat, looked at every sixth of a lease."""
         interval = self.config.lease_ms / 3000
         loop = asyncio.get_running_loop()
         try:
             while self._beating:
-                await asyncio.sleep(interval)
+                await asyncio.sleep(interval / 2)
                 now = loop.time()
                 due = [
-                    (job, lease)
-                    for job, lease, since in list(self._beating.values())
-                    if now - since >= interval
+                    (key, job, lease)
+                    for key, (job, lease, last) in list(self._beating.items())
+                    if now - last >= interval
                 ]
+                for key, job, lease in due:
+                    if key in self._beating:
+                        self._beating[key] = (job, lease, now)
                 held = await asyncio.gather(
-                    *(self._heartbeat(job, lease) for job, lease in due), return_exceptions=True
+                    *(self._heartbeat(job, lease) for _, job, lease in due),
+                    return_exceptions=True,
                 )
-                for (job, _), ok in zip(due, held, strict=True):
+                for (key, job, _), ok in zip(due, held, strict=True):
                     if ok is False:
                         log.warning(
                             "lease lost while the upstream call runs", extra={"job": job.id}
                         )
-                        self._beating.pop(job.id, None)
+                        self._beating.pop(key, None)
         finally:
             self._beater = None
 
