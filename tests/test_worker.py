@@ -252,3 +252,28 @@ async def test_a_job_leased_for_a_lane_that_was_cancelled_goes_back_uncounted(
     pick = await store.queue.pick(lease_ms=60_000)
     assert pick.job is not None and pick.job.custom_id == "lane-0"
     assert pick.job.attempt == 1
+
+
+async def test_a_parked_tenant_is_served_when_its_park_ends_not_at_the_idle_timeout(
+    redis: Redis,
+) -> None:
+    """Lanes with nothing to do share one wait for work, but each waits no longer than
+    its own pick said: with idle waits of 60 s, a job parked by the rate window for about
+    3.5 s (as in the test above) is served when the window allows (30 s allowed here)."""
+    await TenantStore(redis).put("park", TenantPolicy(rate={"itpm": 1000}))
+    store = BatchStore(redis)
+    big, small = requests_for("park", 2, max_tokens=8)
+    big.params.messages[0].content = "a" * 3800
+    small.params.messages[0].content = "b" * 400
+    async with running_worker(redis, idle_max_s=60.0) as (worker, _):
+        await asyncio.sleep(0.3)  # every lane idle, in a 60 s wait for work
+        batch_id = await store.create("park", [big, small])
+        await wait_ended(store, [batch_id], timeout_s=30)
+    assert (await store.status(batch_id)).succeeded == 2
+    assert sample(
+        worker.metrics,
+        "budgeter_admission_decisions_total",
+        tenant="park",
+        decision="DEFER",
+        reason="rate:itpm",
+    )
