@@ -503,8 +503,10 @@ class Prom:
     def __init__(self, client: httpx.AsyncClient, base: str) -> None:
         self.client, self.base = client, base
 
-    async def query(self, expr: str) -> list[dict[str, Any]]:
-        response = await self.client.post(f"{self.base}/api/v1/query", data={"query": expr})
+    async def query(self, expr: str, *, at: float | None = None) -> list[dict[str, Any]]:
+        """Instant query, now or ``at`` (Unix seconds)."""
+        data = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        response = await self.client.post(f"{self.base}/api/v1/query", data=data)
         body = response.json()
         assert response.status_code == 200 and body["status"] == "success", (expr, body)
         return body["data"]["result"]
@@ -804,6 +806,10 @@ async def test_every_dashboard_panel_and_alert_returns_data_from_real_prometheus
             return len(targets) == 3 and len(fresh) == 3
 
         await _until("every target scraped after the workload", scraped_after_end, procs, 30)
+        # panels are evaluated at this moment: their rate() windows end just after the
+        # workload, whatever the waits below take (a fast workload could otherwise have
+        # slid out of a 1m window by then)
+        evaluated_at = time.time()
 
         async def real_rare_events() -> bool:
             reaped = await prom.query("budgeter_reaped_reservations_total")
@@ -845,7 +851,7 @@ async def test_every_dashboard_panel_and_alert_returns_data_from_real_prometheus
                     shown = ""
                     for tenant in policies if name == "tenant" else ["alpha"]:
                         expr = _substitute(target["expr"], {**GRAFANA_VARS, "tenant": tenant})
-                        result = await prom.query(expr)
+                        result = await prom.query(expr, at=evaluated_at)
                         checked += 1
                         # data, and a number (a ratio of rates that did not move is NaN)
                         if not any(not math.isnan(v) for v in _values(result)):
