@@ -1,6 +1,7 @@
 --[[ batch_cancel.lua — cancel a batch: every job still queued ends as canceled at once;
 jobs already leased finish as they are. Idempotent.
 -- needs: lua_periods.lua
+-- needs: lua_batch_jobs.lua
 
 KEYS[1] batch       hash  batch meta and counts
 KEYS[2] batch_cids  list  the batch's custom ids, each element a JSON array of up to 1,000
@@ -20,34 +21,21 @@ if not redis.call('HGET', KEYS[1], 'cancel_initiated_ms') then
   redis.call('HSET', KEYS[1], 'cancel_initiated_ms', now)
 end
 redis.call('SADD', KEYS[6], ARGV[2])
-local prefix = ARGV[2] .. ':'
 local canceled = 0
-local n = redis.call('LLEN', KEYS[2])
-local function each_chunk(fn)
-  for start = 0, n - 1, 100 do
-    for _, packed in ipairs(redis.call('LRANGE', KEYS[2], start, start + 99)) do
-      fn(cjson.decode(packed))
+for_each_job_chunk(KEYS[2], ARGV[2], function(ids, cids)
+  local states = redis.call('HMGET', KEYS[3], unpack(ids))
+  local new_states, lines = {}, {}
+  for k, id in ipairs(ids) do
+    if not states[k] or states[k] == 'queued' then
+      table.insert(new_states, id); table.insert(new_states, 'canceled')
+      table.insert(lines, id)
+      table.insert(lines, cjson.encode({custom_id = cids[k], result = {type = 'canceled'}}))
+      canceled = canceled + 1
     end
   end
-end
-each_chunk(function(cids)
-  if #cids > 0 then
-    local ids = {}
-    for k, cid in ipairs(cids) do ids[k] = prefix .. cid end
-    local states = redis.call('HMGET', KEYS[3], unpack(ids))
-    local new_states, lines = {}, {}
-    for k, id in ipairs(ids) do
-      if not states[k] or states[k] == 'queued' then
-        table.insert(new_states, id); table.insert(new_states, 'canceled')
-        table.insert(lines, id)
-        table.insert(lines, cjson.encode({custom_id = cids[k], result = {type = 'canceled'}}))
-        canceled = canceled + 1
-      end
-    end
-    if #new_states > 0 then
-      redis.call('HSET', KEYS[3], unpack(new_states))
-      redis.call('HSET', KEYS[4], unpack(lines))
-    end
+  if #new_states > 0 then
+    redis.call('HSET', KEYS[3], unpack(new_states))
+    redis.call('HSET', KEYS[4], unpack(lines))
   end
 end)
 if canceled > 0 then

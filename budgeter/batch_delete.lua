@@ -1,4 +1,5 @@
 --[[ batch_delete.lua — delete an ended batch and every trace of its jobs.
+-- needs: lua_batch_jobs.lua
 
 KEYS[1] batch       hash
 KEYS[2] batch_cids  list  the batch's custom ids, each element a JSON array of up to 1,000
@@ -15,21 +16,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('not_found')
 if (tonumber(redis.call('HGET', KEYS[1], 'processing')) or 0) > 0 then
   return redis.error_reply('not_ended')
 end
-local prefix = ARGV[1] .. ':'
-local n = redis.call('LLEN', KEYS[2])
-local function each_chunk(fn)
-  for start = 0, n - 1, 100 do
-    for _, packed in ipairs(redis.call('LRANGE', KEYS[2], start, start + 99)) do
-      fn(cjson.decode(packed))
-    end
-  end
-end
-each_chunk(function(cids)
-  if #cids > 0 then
-    local ids = {}
-    for k, cid in ipairs(cids) do ids[k] = prefix .. cid end
-    for k = 4, 7 do redis.call('HDEL', KEYS[k], unpack(ids)) end
-  end
+for_each_job_chunk(KEYS[2], ARGV[1], function(ids)
+  for k = 4, 7 do redis.call('HDEL', KEYS[k], unpack(ids)) end
 end)
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HDEL', KEYS[8], ARGV[1])
