@@ -4,7 +4,7 @@ EVALSHA of a trivial script (``return 1``).
 
 Rounds alternate (ceiling, reserve, settle, ceiling, ...) so both see the same machine.
 Every reserve is an ADMIT under a generous policy that still has every kind of limit
-(two budgets, three rate buckets, max_concurrency), so reserve.lua does its full work.
+(two budgets, three rate buckets, max_concurrency), so admission/reserve.lua does its full work.
 
     .venv/bin/python bench/bench_admission.py [--quick] [--concurrency 64]
 """
@@ -17,9 +17,9 @@ from typing import Any
 
 from common import CpuMeter, Options, Row, profiled, redis_pid, redis_server, run_standalone
 
-from budgeter.admission import Admission, Usage
-from budgeter.policy import TenantPolicy
-from budgeter.tenants import TenantStore
+from budgeter.admission.admission import Admission, Usage
+from budgeter.domain.policy import TenantPolicy
+from budgeter.tenants.store import TenantStore
 
 GENEROUS = TenantPolicy.model_validate(
     {

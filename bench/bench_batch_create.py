@@ -18,11 +18,11 @@ import time
 
 import aiohttp
 
-from budgeter.api import create_app
-from budgeter.embedded_redis import EmbeddedRedis
-from budgeter.redis_client import make_redis
+from budgeter.api.app import create_app
 from budgeter.serving import serve_app
 from budgeter.settings import Settings
+from budgeter.store.client import make_redis
+from budgeter.store.embedded import EmbeddedRedis
 
 PROMPT = (
     "Summarise the following support ticket in two sentences and classify its urgency "

@@ -34,10 +34,10 @@ from common import (
     start_worker,
 )
 
-from budgeter.batches import BatchStore
-from budgeter.models import BatchRequest
-from budgeter.policy import TenantPolicy
-from budgeter.tenants import TenantStore
+from budgeter.domain.messages import BatchRequest
+from budgeter.domain.policy import TenantPolicy
+from budgeter.queue.batches import BatchStore
+from budgeter.tenants.store import TenantStore
 
 IN_FLIGHT = 2000
 LATENCY_MS = 1000

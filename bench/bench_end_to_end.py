@@ -33,11 +33,11 @@ from common import (
     start_worker,
 )
 
-from budgeter.batches import BatchStore
-from budgeter.models import BatchRequest
-from budgeter.policy import TenantPolicy
-from budgeter.redis_client import make_redis
-from budgeter.tenants import TenantStore
+from budgeter.domain.messages import BatchRequest
+from budgeter.domain.policy import TenantPolicy
+from budgeter.queue.batches import BatchStore
+from budgeter.store.client import make_redis
+from budgeter.tenants.store import TenantStore
 
 POLICY = TenantPolicy.model_validate(
     {"budgets": {"day": 10**15}, "rate": {"rpm": 10**9, "itpm": 10**12, "otpm": 10**12}}

@@ -37,11 +37,11 @@ from common import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from budgeter.batches import BatchStore
-from budgeter.jobqueue import JobQueue
-from budgeter.models import BatchRequest
-from budgeter.policy import TenantPolicy
-from budgeter.tenants import TenantStore
+from budgeter.domain.messages import BatchRequest
+from budgeter.domain.policy import TenantPolicy
+from budgeter.queue.batches import BatchStore
+from budgeter.queue.jobqueue import JobQueue
+from budgeter.tenants.store import TenantStore
 
 PREFIX = "fair"
 CONCURRENCY = 32
@@ -222,7 +222,7 @@ async def run(opts: Options) -> list[Row]:
             "≤ 2x",
             hist_ratio <= 2.0,
             note=f"mean of {rounds} rounds. A newcomer enters at the scheduler's virtual clock "
-            "and B re-enters at max(own virtual time, clock) (sched_activate.lua), so B's share "
+            "and B re-enters at max(own virtual time, clock) (sched/activate.lua), so B's share "
             "is a fair half once both are backlogged (at the queue level, pick_many gives "
             "exactly half: tests/test_jobqueue.py, the returning tenant's test); like (a), "
             "the exact fair share is 2.0x",
@@ -249,7 +249,7 @@ async def run(opts: Options) -> list[Row]:
             jain([float(x) for x in mixed]),
             "≥ 0.95",
             jain([float(x) for x in mixed]) >= 0.95,
-            note=f"{window_s:g} s window; tokens {mixed}. sched_pick.lua advances a tenant's "
+            note=f"{window_s:g} s window; tokens {mixed}. sched/pick.lua advances a tenant's "
             "virtual time by its mean job size (reported by the worker) / weight"
             + backlog_note(mixed_ok),
         ),

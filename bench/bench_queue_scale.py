@@ -7,7 +7,7 @@
 2. Redis memory per queued job with the payload excluded: (INFO used_memory delta -
    payload bytes) / N, next to the same figure for the raw RPUSH floor. The payload is
    the job's ``params`` JSON as the client sent it.
-3. Dequeue cost: ``JobQueue.pick`` (sched_pick.lua + dequeue.lua) with 10,000 backlogged
+3. Dequeue cost: ``JobQueue.pick`` (sched/pick.lua + queue/dequeue.lua) with 10,000 backlogged
    tenants vs with 1 backlogged tenant, in alternating blocks on the same Redis.
 
 Halves alternate (submit, raw, submit, raw) so both see the same machine; every phase
@@ -25,10 +25,10 @@ from typing import Any
 
 from common import CpuMeter, Options, Row, profiled, redis_pid, redis_server, run_standalone
 
-from budgeter.batches import new_batch_id
-from budgeter.jobqueue import JobQueue, NewJob
-from budgeter.policy import TenantPolicy
-from budgeter.tenants import TenantStore
+from budgeter.domain.policy import TenantPolicy
+from budgeter.queue.batches import new_batch_id
+from budgeter.queue.jobqueue import JobQueue, NewJob
+from budgeter.tenants.store import TenantStore
 
 BATCH = 10_000
 RAW_CHUNK = 1000  # values per RPUSH

@@ -20,12 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from budgeter.batches import BatchStore
-from budgeter.embedded_redis import EmbeddedRedis, EmbeddedRedisCluster, free_port
-from budgeter.models import BatchRequest
-from budgeter.policy import TenantPolicy
-from budgeter.redis_client import make_redis
-from budgeter.tenants import TenantStore
+from budgeter.domain.messages import BatchRequest
+from budgeter.domain.policy import TenantPolicy
+from budgeter.queue.batches import BatchStore
+from budgeter.store.client import make_redis
+from budgeter.store.embedded import EmbeddedRedis, EmbeddedRedisCluster, free_port
+from budgeter.tenants.store import TenantStore
 
 TENANTS = ("t1", "t2", "t3", "t4")
 

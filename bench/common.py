@@ -26,8 +26,8 @@ from typing import Any
 import aiohttp
 import psutil
 
-from budgeter.embedded_redis import EmbeddedRedis, free_port
-from budgeter.redis_client import make_redis
+from budgeter.store.client import make_redis
+from budgeter.store.embedded import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

@@ -70,8 +70,8 @@ from common import ROOT, Proc, base_env, budgeter_proc, wait_http
 from rich.console import Console
 from rich.table import Table
 
-from budgeter.embedded_redis import EmbeddedRedis, free_port
-from budgeter.redis_client import make_redis
+from budgeter.store.client import make_redis
+from budgeter.store.embedded import EmbeddedRedis, free_port
 
 ADMIN = "soak-admin"
 TENANTS = {

@@ -43,6 +43,6 @@ if "redis" in UNLIMITED:
     redis_connection.ConnectionPool.__init__ = _pool  # type: ignore[method-assign]
 
 if __name__ == "__main__":
-    from budgeter.cli import main
+    from budgeter.cli.commands import main
 
     sys.exit(main(["worker", *sys.argv[1:]]))

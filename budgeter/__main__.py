@@ -1,5 +1,5 @@
 import sys
 
-from budgeter.cli import main
+from budgeter.cli.commands import main
 
 sys.exit(main())

@@ -8,8 +8,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from budgeter.jobqueue import oldest_queued_age_s
-from budgeter.keys import SchedKeys, TenantKeys
+from budgeter.queue.jobqueue import oldest_queued_age_s
+from budgeter.store.keys import SchedKeys, TenantKeys
 
 OTHER = "other"
 TERMINAL_OUTCOMES = ("succeeded", "errored", "canceled", "expired")
@@ -213,7 +213,7 @@ async def refresh_state_metrics(
     The durable job counters cover every tenant that ever had a policy, deleted ones too
     (their queued jobs still end; the counters never go down).
     """
-    from budgeter.usage import tenant_usage  # usage imports nothing of metrics
+    from budgeter.tenants.usage import tenant_usage  # usage imports nothing of metrics
 
     seconds, micros = await redis.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000

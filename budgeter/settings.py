@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from budgeter.pricing import DEFAULT_PRICES, ModelPrice
+from budgeter.domain.pricing import DEFAULT_PRICES, ModelPrice
 
 
 class SettingsError(ValueError):

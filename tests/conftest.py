@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from budgeter.embedded_redis import EmbeddedRedis, EmbeddedRedisCluster
-from budgeter.redis_client import make_redis
+from budgeter.store.client import make_redis
+from budgeter.store.embedded import EmbeddedRedis, EmbeddedRedisCluster
 
 
 @pytest.fixture(scope="session")

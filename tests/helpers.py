@@ -9,10 +9,10 @@ from contextlib import asynccontextmanager
 import aiohttp
 from aiohttp import web
 
-from budgeter.batches import BatchStore
-from budgeter.mock_upstream import MockConfig, create_app
-from budgeter.models import BatchRequest
+from budgeter.domain.messages import BatchRequest
+from budgeter.queue.batches import BatchStore
 from budgeter.serving import serve_app
+from budgeter.upstream.mock import MockConfig, create_app
 
 
 @asynccontextmanager

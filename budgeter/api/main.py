@@ -1,0 +1,20 @@
+"""``budgeter api``: serve the HTTP API until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+
+from budgeter.api.app import create_app
+from budgeter.serving import serve_app, stop_event_on_signals
+from budgeter.settings import Settings
+
+log = logging.getLogger("budgeter.api")
+
+
+async def run_api(settings: Settings, *, host: str, port: int) -> int:
+    stop = stop_event_on_signals()
+    async with serve_app(create_app(settings), host, port) as bound:
+        log.info("api listening", extra={"url": f"http://{host}:{bound}"})
+        await stop.wait()
+    log.info("api stopped")
+    return 0

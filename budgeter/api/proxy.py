@@ -1,0 +1,415 @@
+"""The synchronous proxy: ``POST /v1/messages`` (also ``stream: true``) and
+``POST /v1/messages/count_tokens``, under the same admission as the queue.
+
+One reservation per call: ADMIT forwards; DEFER waits up to the tenant's
+``max_wait_seconds`` and otherwise answers 429 ``rate_limit_error`` with ``retry-after``;
+REJECT answers 429 ``budget_exhausted_error`` with ``x-should-retry: false``. The
+reservation is settled exactly once: by the usage of the answer, at ``message_stop`` of
+a stream, on an upstream error, or with what was generated when the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from pydantic import ValidationError
+
+from budgeter.admission.admission import Admission, Decision, Usage
+from budgeter.api.errors import REQUEST_ID, ApiError
+from budgeter.api.ratelimit_headers import tenant_ratelimit_headers
+from budgeter.api.request import PRINCIPAL, read_json
+from budgeter.domain.messages import MessageParams, first_error
+from budgeter.domain.results import BUDGET_ERROR_TYPE, REFUSAL_TYPES, error_body
+from budgeter.metrics import Metrics, reason_label
+from budgeter.queue.jobqueue import JobQueue
+from budgeter.store.keys import TenantKeys
+from budgeter.upstream.client import (
+    COUNT_TOKENS_FIELDS,
+    UpstreamClient,
+    UpstreamError,
+    count_tokens_body,
+)
+from budgeter.upstream.token_counter import TokenCounter, payload_digest
+
+log = logging.getLogger("budgeter.proxy")
+
+MAX_RETRY_AFTER_S = 60
+SETTLE_WAIT_POLL_S = 0.25
+
+
+@dataclass
+class ProxyDeps:
+    redis: Any
+    upstream: UpstreamClient
+    counter: TokenCounter
+    admission: Admission
+    queue: JobQueue
+    metrics: Metrics
+    prefix: str
+    hold_ms: int
+
+
+PROXY = web.AppKey("proxy", dict)  # {"deps": ProxyDeps}, filled at start-up
+
+LOCAL_COUNT_ENTRIES = 4096
+LOCAL_COUNT_MAX_S = 600.0
+
+
+class LocalCountCache(TokenCounter):
+    """The API's token counter: in front of the shared Redis cache, the counts of this
+    process's recent payloads (at most ``LOCAL_COUNT_ENTRIES``, least recently used
+    first out), so a repeated payload costs no Redis round trip. A count only depends on
+    the content hashed, so a local copy is never wrong; it is kept no longer than the
+    Redis cache's TTL (and at most ``LOCAL_COUNT_MAX_S``). Local estimates (the
+    ``on_count_failure: estimate`` fallback of :meth:`count_for`) are never cached."""
+
+    @classmethod
+    def over(cls, counter: TokenCounter) -> LocalCountCache:
+        return cls(
+            counter.redis,
+            counter.upstream,
+            prefix=counter.prefix,
+            ttl_s=counter.ttl_s,
+            metrics=counter.metrics,
+        )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._local: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    async def count(self, params: Mapping[str, Any]) -> int:
+        if self.ttl_s <= 0:
+            return await super().count(params)
+        digest = payload_digest(count_tokens_body(params))
+        now = time.monotonic()
+        found = self._local.get(digest)
+        if found is not None and found[1] > now:
+            self._local.move_to_end(digest)
+            if self.metrics is not None:
+                self.metrics.count_cache.labels("hit").inc()
+            return found[0]
+        tokens = await super().count(params)
+        self._local[digest] = (tokens, now + min(float(self.ttl_s), LOCAL_COUNT_MAX_S))
+        self._local.move_to_end(digest)
+        while len(self._local) > LOCAL_COUNT_ENTRIES:
+            self._local.popitem(last=False)
+        return tokens
+
+
+def _deps(request: web.Request) -> ProxyDeps:
+    deps: ProxyDeps = request.app[PROXY]["deps"]
+    return deps
+
+
+def retry_after_s(until_ms: int, now_ms: int) -> int:
+    """Whole seconds, at least 1 and at most 60 (SDKs ignore larger values)."""
+    return max(1, min(MAX_RETRY_AFTER_S, math.ceil((until_ms - now_ms) / 1000)))
+
+
+async def _params(request: web.Request, tenant: str) -> dict[str, Any]:
+    body = await read_json(request)
+    try:
+        MessageParams.model_validate(body)
+    except ValidationError as exc:
+        raise ApiError(400, first_error(exc)) from None
+    return dict(body)
+
+
+def _discard(task: asyncio.Future[Any]) -> None:
+    """Leave a side task unawaited: cancel it, or take its exception (no warning later)."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
+
+
+def _upstream_error(exc: UpstreamError, headers: dict[str, str]) -> web.Response:
+    status = exc.status if exc.status >= 400 else 502
+    return web.json_response(exc.body, status=status, headers=headers)
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    deps = _deps(request)
+    tenant = request[PRINCIPAL].tenant
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    extra = sorted(set(body) - COUNT_TOKENS_FIELDS)
+    if extra:
+        raise ApiError(400, f"{extra[0]}: Extra inputs are not permitted")
+    # the headers are read while the upstream counts
+    reading = asyncio.ensure_future(
+        tenant_ratelimit_headers(deps.redis, TenantKeys.of(deps.prefix, tenant))
+    )
+    try:
+        tokens = await deps.upstream.count_tokens(body)
+    except UpstreamError as exc:
+        return _upstream_error(exc, await reading)
+    except BaseException:
+        _discard(reading)
+        raise
+    return web.json_response({"input_tokens": tokens}, headers=await reading)
+
+
+async def create_message(request: web.Request) -> web.StreamResponse:
+    deps = _deps(request)
+    tenant = request[PRINCIPAL].tenant
+    keys = TenantKeys.of(deps.prefix, tenant)
+    params = await _params(request, tenant)
+    try:
+        input_tokens = await deps.counter.count_for(tenant, params)
+    except UpstreamError as exc:
+        return _upstream_error(exc, await tenant_ratelimit_headers(deps.redis, keys))
+    rid = f"sync:{request[REQUEST_ID]}"
+    model = str(params["model"])
+    decision = await _admit(deps, tenant, rid, input_tokens, params, model)
+    if decision.kind != "ADMIT":
+        headers = await tenant_ratelimit_headers(deps.redis, keys, now_ms=decision.now_ms)
+        raise _refusal(decision, model, headers)
+    # the reservation is marked sent by reserve itself (sent_at_once): a refusal below
+    # releases it explicitly; a crash or a client gone mid-call charges it in full.
+    # The rate-limit headers (the buckets just after this reservation) are read while the
+    # upstream works: no round trip of their own on the way.
+    reading = asyncio.ensure_future(
+        tenant_ratelimit_headers(deps.redis, keys, now_ms=decision.now_ms)
+    )
+    try:
+        if params.get("stream"):
+            return await _stream(request, deps, tenant, rid, params, reading, input_tokens)
+        return await _forward(deps, tenant, rid, params, reading, input_tokens)
+    finally:
+        _discard(reading)
+
+
+def _refusal(decision: Decision, model: str, headers: dict[str, str]) -> ApiError:
+    """The answer to a DEFER (after waiting as long as the policy allows) or a REJECT."""
+    if decision.kind == "DEFER":
+        wait = retry_after_s(decision.until_ms or decision.now_ms + 1000, decision.now_ms)
+        return ApiError(
+            429,
+            decision.describe(model),
+            error_type="rate_limit_error",
+            headers={**headers, "retry-after": str(wait), "x-should-retry": "true"},
+        )
+    if decision.reason == "unknown_tenant":
+        return ApiError(403, "this key's tenant has no policy", headers=headers)
+    if decision.reason in REFUSAL_TYPES:
+        status, error_type = REFUSAL_TYPES[decision.reason]
+        return ApiError(status, decision.describe(model), error_type=error_type, headers=headers)
+    return ApiError(
+        429,
+        decision.describe(model),
+        error_type=BUDGET_ERROR_TYPE,
+        headers={**headers, "x-should-retry": "false"},
+    )
+
+
+async def _headers(reading: asyncio.Future[dict[str, str]]) -> dict[str, str]:
+    """The rate-limit headers read beside the upstream call. The upstream has been called
+    by now, so a failed read costs only the headers, not the answer."""
+    try:
+        return await reading
+    except Exception as exc:
+        log.warning("rate-limit headers unavailable: %s", type(exc).__name__)
+        return {}
+
+
+async def _forward(
+    deps: ProxyDeps,
+    tenant: str,
+    rid: str,
+    params: dict[str, Any],
+    reading: asyncio.Future[dict[str, str]],
+    input_tokens: int,
+) -> web.Response:
+    model = str(params["model"])
+    reserved = input_tokens + int(params["max_tokens"])
+    try:
+        message, raw = await deps.upstream.create_message_raw(params)
+    except UpstreamError as exc:
+        if exc.maybe_served:  # sent, then no answer: it may have been billed
+            await deps.admission.charge_full(tenant, rid)
+        else:
+            await deps.admission.release(tenant, rid)
+        return _upstream_error(exc, await _headers(reading))
+    except BaseException:
+        await deps.admission.charge_full(tenant, rid)
+        raise
+    headers = await _headers(reading)  # before the settle: the state the decision left
+    usage = Usage.from_message(message)
+    await _settle(deps, tenant, rid, model, usage, reserved)
+    deps.metrics.jobs.labels(deps.metrics.tenant(tenant), "succeeded").inc()
+    # the upstream's own bytes: no second encoding of the message
+    return web.Response(body=raw, content_type="application/json", headers=headers)
+
+
+async def _admit(
+    deps: ProxyDeps,
+    tenant: str,
+    rid: str,
+    input_tokens: int,
+    params: dict[str, Any],
+    model: str,
+) -> Decision:
+    """Reserve; while DEFER and the tenant's max_wait allows, wait and try again.
+
+    The policy's ``max_wait_seconds`` is read only at the first DEFER, so an admitted call
+    costs one Redis round trip here."""
+    label = deps.metrics.tenant(tenant)
+    started = time.monotonic()
+    give_up: float | None = None
+    while True:
+        decision = await deps.admission.reserve(
+            tenant,
+            rid,
+            input_tokens,
+            int(params["max_tokens"]),
+            model=model,
+            hold_ms=deps.hold_ms,
+            sent_at_once=True,
+        )
+        deps.metrics.decisions.labels(label, decision.kind, reason_label(decision.reason)).inc()
+        if decision.kind != "DEFER" or decision.reason.startswith("exhausted:"):
+            break
+        pause = (
+            SETTLE_WAIT_POLL_S
+            if decision.waits_for_settle
+            else (decision.until_ms - decision.now_ms) / 1000
+        )
+        if give_up is None:
+            raw = await deps.redis.hget(TenantKeys.of(deps.prefix, tenant).policy, "json")
+            give_up = started + (json.loads(raw).get("max_wait_seconds", 0.0) if raw else 0.0)
+        if time.monotonic() + pause > give_up:
+            break
+        await asyncio.sleep(max(pause, 0.001))
+    if decision.kind == "ADMIT":
+        deps.metrics.admission_wait.labels(label).observe(time.monotonic() - started)
+    return decision
+
+
+async def _settle(
+    deps: ProxyDeps, tenant: str, rid: str, model: str, usage: Usage, reserved: int
+) -> None:
+    settled = await deps.admission.settle(tenant, rid, usage)
+    usage.record(deps.metrics, tenant, model, reserved)
+    if settled.waiting_settle:  # batch jobs of this tenant waited for this settle
+        await deps.queue.activate(tenant, unpark=True, wake=1)
+
+
+class StreamUsage:
+    """Usage read from the events of a stream as they pass. Until ``message_start`` tells
+    the real input, the counted input is assumed: the upstream bills it once it has the
+    request, even if the client leaves before the first event."""
+
+    def __init__(self, counted_input: int = 0) -> None:
+        self.input = counted_input
+        self.output = self.cache_creation = self.cache_read = 0
+        self.text_bytes = 0
+        self.stopped = False
+        self.errored = False
+
+    def feed(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "message_start":
+            usage = (event.get("message") or {}).get("usage") or {}
+            self.input = int(usage.get("input_tokens") or 0)
+            self.cache_creation = int(usage.get("cache_creation_input_tokens") or 0)
+            self.cache_read = int(usage.get("cache_read_input_tokens") or 0)
+            self.output = int(usage.get("output_tokens") or 0)
+        elif kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            for field in ("text", "partial_json", "thinking"):
+                if isinstance(delta.get(field), str):
+                    self.text_bytes += len(delta[field].encode())
+        elif kind == "message_delta":
+            usage = event.get("usage") or {}
+            if usage.get("output_tokens") is not None:
+                self.output = int(usage["output_tokens"])
+        elif kind == "message_stop":
+            self.stopped = True
+        elif kind == "error":
+            self.errored = True
+
+    def usage(self) -> Usage:
+        """What was generated: the reported output, or an estimate from the text seen."""
+        output = self.output if self.stopped else max(self.output, math.ceil(self.text_bytes / 3))
+        return Usage(self.input, output, self.cache_creation, self.cache_read)
+
+
+async def _stream(
+    request: web.Request,
+    deps: ProxyDeps,
+    tenant: str,
+    rid: str,
+    params: dict[str, Any],
+    reading: asyncio.Future[dict[str, str]],
+    input_tokens: int,
+) -> web.StreamResponse:
+    model = str(params["model"])
+    reserved = input_tokens + int(params["max_tokens"])
+    seen = StreamUsage(input_tokens)
+    settled = False
+    try:
+        async with deps.upstream.open_stream(params) as upstream:
+            headers = await _headers(reading)
+            response = web.StreamResponse(
+                headers={
+                    **headers,
+                    "content-type": "text/event-stream; charset=utf-8",
+                    "cache-control": "no-cache",
+                    "request-id": request[REQUEST_ID],
+                }
+            )
+            await response.prepare(request)
+            pending: list[str] = []
+            lines: list[bytes] = []  # of the event being read: written in one piece at its end
+            try:
+                async for raw_line in upstream.content:
+                    lines.append(raw_line)
+                    line = raw_line.decode("utf-8", errors="replace").rstrip("\r\n")
+                    if line.startswith("data:"):
+                        pending.append(line[5:].strip())
+                    elif not line:
+                        await response.write(b"".join(lines))
+                        lines.clear()
+                        if not pending:
+                            continue
+                        with contextlib.suppress(ValueError):
+                            seen.feed(json.loads("\n".join(pending)))
+                        pending.clear()
+                        if seen.stopped or seen.errored:
+                            await _settle(deps, tenant, rid, model, seen.usage(), reserved)
+                            settled = True
+                if lines:  # the upstream ended without closing its last event
+                    await response.write(b"".join(lines))
+            except (ConnectionResetError, asyncio.CancelledError):
+                log.info("client left mid-stream", extra={"tenant": tenant, "reservation": rid})
+                raise
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # the upstream went away mid-stream: tell the client in the stream itself
+                log.warning("upstream stream broke: %s", type(exc).__name__)
+                event = error_body("api_error", "upstream connection lost mid-stream")
+                tail = b"".join(lines)  # what came of the broken event, as before
+                await response.write(tail + f"event: error\ndata: {json.dumps(event)}\n\n".encode())
+            finally:
+                if not settled:  # client gone or upstream cut: charge what was generated
+                    await _settle(deps, tenant, rid, model, seen.usage(), reserved)
+                    settled = True
+            await response.write_eof()
+            return response
+    except UpstreamError as exc:
+        await deps.admission.release(tenant, rid)
+        return _upstream_error(exc, await _headers(reading))
+    except ConnectionResetError:
+        return web.Response(status=499)

@@ -1,0 +1,537 @@
+"""The ``budgeter`` command: processes (worker, mock-upstream, demo) and operator commands.
+
+Bad input gets a one-line message on stderr and a non-zero exit; nothing half-done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from budgeter.admission.admission import format_ms
+from budgeter.domain.messages import (
+    CUSTOM_ID_RE,
+    MAX_BATCH_REQUESTS,
+    BatchRequest,
+    JsonInputError,
+    first_error,
+    parse_json,
+)
+from budgeter.domain.policy import InvalidTenantError, TenantPolicy, check_tenant_id
+from budgeter.logs import setup_logging
+from budgeter.queue.batches import BatchNotFoundError, BatchStore
+from budgeter.queue.jobqueue import UnknownTenantError
+from budgeter.settings import Settings, SettingsError, load_settings
+from budgeter.store.client import redis_from_settings
+from budgeter.store.embedded import EmbeddedRedisError
+from budgeter.tenants.store import TenantStore
+from budgeter.tenants.usage import tenant_usage
+from budgeter.upstream.mock_main import MockArgsError
+
+log = logging.getLogger("budgeter.cli")
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+class InputFileError(Exception):
+    """A bad input file: one line per bad input line, exit status 1."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(f"{len(problems)} bad line(s)")
+        self.problems = problems
+
+
+# argument parsing -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="budgeter",
+        description="Token budgets and fair admission in front of an Anthropic-compatible API.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    api = sub.add_parser("api", help="run the HTTP API (Message Batches, admin, metrics)")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=_port, default=8080)
+
+    worker = sub.add_parser("worker", help="run a worker process")
+    worker.add_argument("--concurrency", type=_positive_int, default=16)
+    worker.add_argument("--host", default="127.0.0.1", help="where /metrics listens")
+    worker.add_argument("--metrics-port", "--port", type=_port, default=9108, dest="port")
+
+    mock = sub.add_parser("mock-upstream", help="run the built-in mock Messages API")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=_port, default=8788)
+    mock.add_argument("--latency-ms", type=float, default=0.0)
+    mock.add_argument("--fault-rate", type=float, default=0.0)
+    mock.add_argument("--fault-kinds", default="429,500,529", help="comma list of 429,500,529,slow")
+    mock.add_argument("--retry-after", type=float, default=1.0)
+    mock.add_argument("--seed", type=int, default=0)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on embedded defaults")
+    demo.add_argument("--requests", type=_positive_int, default=500)
+    demo.add_argument("--workers", type=_positive_int, default=2)
+    demo.add_argument("--latency-ms", type=float, default=40.0)
+    demo.add_argument("--no-progress", action="store_true")
+
+    top = sub.add_parser("top", help="live view of tenants: budgets, queues, decisions")
+    top.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes"
+    )
+    top.add_argument("--once", action="store_true", help="print one table and exit")
+
+    tenants = sub.add_parser("tenants", help="manage tenant policies")
+    tsub = tenants.add_subparsers(dest="tenants_command", required=True, metavar="ACTION")
+    tset = tsub.add_parser("set", help="create or replace a tenant's policy")
+    tset.add_argument("tenant")
+    tset.add_argument("--policy", required=True, help="policy JSON, or @FILE")
+    tsub.add_parser("list", help="list tenants and their policies")
+    tget = tsub.add_parser("get", help="show a tenant's policy")
+    tget.add_argument("tenant")
+    tdel = tsub.add_parser("delete", help="delete a tenant's policy")
+    tdel.add_argument("tenant")
+    tapply = tsub.add_parser(
+        "apply",
+        help="make Redis match a YAML file of tenant policies",
+        description="Create, update and (with prune) delete tenants so that Redis matches "
+        "FILE ({tenants: {ID: POLICY}, prune: BOOL}). Idempotent; prints the plan.",
+    )
+    tapply.add_argument("file", metavar="FILE", help="tenants YAML file, or - for stdin")
+    tapply.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    tapply.add_argument(
+        "--prune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="delete tenants absent from the file (default: the file's 'prune', else no)",
+    )
+    tapply.add_argument(
+        "--exit-code",
+        action="store_true",
+        help="exit 1 when the plan has changes (errors always exit 2)",
+    )
+
+    submit = sub.add_parser("submit", help="submit a JSONL file of batch requests")
+    submit.add_argument("--tenant", required=True)
+    submit.add_argument("file", type=Path)
+    submit.add_argument("--wait", action="store_true", help="show progress until it ends")
+    submit.add_argument("--batch-id", default=None, help="reuse an id to retry a submission")
+    submit.add_argument(
+        "--priority",
+        choices=("high", "normal", "low"),
+        default=None,
+        help="order among the tenant's own jobs (default: the policy's default_priority)",
+    )
+    submit.add_argument(
+        "--deadline-seconds",
+        type=float,
+        default=None,
+        help="jobs not served by then expire (default: BUDGETER_BATCH_TTL_HOURS)",
+    )
+
+    results = sub.add_parser("results", help="print a batch's results as JSONL")
+    results.add_argument("batch_id")
+
+    usage = sub.add_parser("usage", help="a tenant's budgets and usage")
+    usage.add_argument("--tenant", required=True)
+    usage.add_argument("--json", action="store_true")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {text}")
+    return value
+
+
+# entry point --------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        setup_logging(settings.log_level, settings.log_format)
+        return asyncio.run(dispatch(args, settings))
+    except InputFileError as exc:
+        for problem in exc.problems:
+            print(f"budgeter: {problem}", file=sys.stderr)
+        print(f"budgeter: error: {exc}; nothing was submitted", file=sys.stderr)
+        return 1
+    except (
+        CliError,
+        SettingsError,
+        InvalidTenantError,
+        UnknownTenantError,
+        BatchNotFoundError,
+        EmbeddedRedisError,
+        MockArgsError,
+    ) as exc:
+        print(f"budgeter: error: {exc}", file=sys.stderr)
+        return 2
+    except RedisError as exc:
+        print(f"budgeter: error: Redis: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    command = args.command
+    if command == "api":
+        from budgeter.api.main import run_api
+
+        return await run_api(settings, host=args.host, port=args.port)
+    if command == "worker":
+        from budgeter.worker.main import run_worker
+
+        return await run_worker(
+            settings, concurrency=args.concurrency, host=args.host, port=args.port
+        )
+    if command == "mock-upstream":
+        from budgeter.upstream.mock_main import run_mock_upstream
+
+        return await run_mock_upstream(args)
+    if command == "demo":
+        from budgeter.cli.demo import run_demo
+
+        return await run_demo(
+            settings,
+            requests=args.requests,
+            workers=args.workers,
+            latency_ms=args.latency_ms,
+            progress=not args.no_progress,
+        )
+    if command == "top":
+        if args.interval <= 0:
+            raise CliError("--interval: must be > 0")
+        from budgeter.cli.top import run_top
+
+        return await run_top(settings, interval_s=args.interval, once=args.once)
+    # operator commands: validate input before touching Redis
+    if command == "tenants":
+        return await tenants_command(args, settings)
+    if command == "submit":
+        check_tenant_id(args.tenant)
+        if args.batch_id is not None and not CUSTOM_ID_RE.fullmatch(args.batch_id):
+            raise CliError("--batch-id: use 1-64 characters a-z, A-Z, 0-9, '_' or '-'")
+        requests = read_batch_file(args.file)
+        return await submit_command(args, settings, requests)
+    if command == "results":
+        return await results_command(args.batch_id, settings)
+    if command == "usage":
+        check_tenant_id(args.tenant)
+        return await usage_command(args, settings)
+    raise CliError(f"unknown command {command}")
+
+
+# tenants ------------------------------------------------------------------------------
+
+
+def parse_policy(text: str) -> TenantPolicy:
+    if text.startswith("@"):
+        try:
+            raw = Path(text[1:]).read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read policy file {text[1:]!r}: {exc.strerror}") from None
+    else:
+        raw = text.encode("utf-8", "surrogateescape")  # argv bytes as they were given
+    try:
+        return TenantPolicy.model_validate(parse_json(raw))
+    except JsonInputError as exc:
+        raise CliError(f"invalid policy: invalid JSON: {exc}") from None
+    except ValidationError as exc:
+        raise CliError(f"invalid policy: {first_error(exc)}") from None
+
+
+async def tenants_command(args: argparse.Namespace, settings: Settings) -> int:
+    action = args.tenants_command
+    if action == "apply":
+        return await tenants_apply_command(args, settings)
+    policy = None
+    if action in ("set", "get", "delete"):
+        check_tenant_id(args.tenant)
+    if action == "set":
+        policy = parse_policy(args.policy)
+    async with redis_from_settings(settings) as redis:
+        store = TenantStore(redis, prefix=settings.key_prefix)
+        if action == "set":
+            assert policy is not None
+            await store.put(args.tenant, policy)
+            print(
+                json.dumps(
+                    {"tenant": args.tenant, "policy": policy.model_dump(exclude_defaults=True)}
+                )
+            )
+        elif action == "get":
+            found = await store.get(args.tenant)
+            if found is None:
+                raise CliError(f"tenant {args.tenant!r} not found")
+            print(found.model_dump_json(exclude_defaults=True))
+        elif action == "delete":
+            if not await store.delete(args.tenant):
+                raise CliError(f"tenant {args.tenant!r} not found")
+            print(json.dumps({"tenant": args.tenant, "deleted": True}))
+        else:
+            for tenant in await store.list():
+                found = await store.get(tenant)
+                policy_json = found.model_dump(exclude_defaults=True) if found else None
+                print(json.dumps({"tenant": tenant, "policy": policy_json}))
+    return 0
+
+
+async def tenants_apply_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``tenants apply FILE``: the whole file is validated before Redis is touched."""
+    from rich.console import Console
+
+    from budgeter.tenants import apply as ta
+
+    try:
+        desired = ta.load_file(args.file)
+    except ta.TenantsFileError as exc:
+        for problem in exc.problems:
+            print(f"budgeter: error: {problem}", file=sys.stderr)
+        return 2
+    prune = desired.prune if args.prune is None else args.prune
+    async with redis_from_settings(settings) as redis:
+        store = TenantStore(redis, prefix=settings.key_prefix)
+        try:
+            current = await ta.load_current(store)
+        except ta.StoredPolicyError as exc:
+            raise CliError(str(exc)) from None
+        changes = ta.plan(current, desired.tenants, prune=prune)
+        deleted = [c.tenant for c in changes if c.action == "delete"]
+        queued = await ta.queued_jobs(store, deleted)
+        console = Console(soft_wrap=True, highlight=False, emoji=False)
+        for text, style in ta.plan_lines(changes, queued):
+            console.print(text, style=style, markup=False)
+        if not args.dry_run:
+            await ta.apply(store, changes)
+        console.print(ta.summary_line(changes, dry_run=args.dry_run), markup=False)
+    has_changes = any(c.is_change for c in changes)
+    return 1 if args.exit_code and has_changes else 0
+
+
+# submit / results / usage -----------------------------------------------------------------
+
+
+def read_batch_file(path: Path) -> list[BatchRequest]:
+    """Every line a Message Batches request; all problems reported, one line each."""
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise CliError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+    requests: list[BatchRequest] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    with handle:
+        for number, line in _numbered_lines(handle):
+            if not line.strip():
+                continue
+            try:
+                request = _batch_request(line)
+            except _BadLine as exc:
+                problems.append(f"{path}:{number}: {exc}")
+                continue
+            if request.custom_id in seen:
+                problems.append(
+                    f"{path}:{number}: custom_id {request.custom_id!r} already used on line "
+                    f"{seen[request.custom_id]}"
+                )
+                continue
+            seen[request.custom_id] = number
+            requests.append(request)
+    if problems:
+        raise InputFileError(problems)
+    if not requests:
+        raise CliError(f"{path}: no requests in file")
+    if len(requests) > MAX_BATCH_REQUESTS:
+        raise CliError(
+            f"{path}: {len(requests)} requests; a batch holds at most {MAX_BATCH_REQUESTS}"
+        )
+    return requests
+
+
+def _numbered_lines(handle: Any) -> Iterator[tuple[int, bytes]]:
+    """(number, line) of a binary file; CR, LF and CRLF end a line, as in text mode."""
+    number = 0
+    for chunk in handle:
+        for line in chunk.replace(b"\r\n", b"\n").split(b"\r"):
+            number += 1
+            yield number, line
+
+
+class _BadLine(ValueError):
+    """One bad line of a batch file (the message names what is wrong)."""
+
+
+def _batch_request(line: bytes) -> BatchRequest:
+    try:
+        value = parse_json(line)
+    except JsonInputError as exc:
+        raise _BadLine(f"invalid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise _BadLine("a request must be a JSON object")
+    try:
+        return BatchRequest.model_validate(value)
+    except ValidationError as exc:
+        raise _BadLine(first_error(exc)) from None
+
+
+async def submit_command(
+    args: argparse.Namespace, settings: Settings, requests: list[BatchRequest]
+) -> int:
+    async with redis_from_settings(settings) as redis:
+        store = BatchStore(redis, prefix=settings.key_prefix)
+        policy = await TenantStore(redis, prefix=settings.key_prefix).get(args.tenant)
+        if policy is None:
+            raise CliError(f"tenant {args.tenant!r} has no policy: set one first")
+        deadline_s = args.deadline_seconds
+        if deadline_s is not None and not 1 <= deadline_s <= 7 * 86_400:
+            raise CliError("--deadline-seconds: a number of seconds from 1 to 604800")
+        batch_id = await store.create(
+            args.tenant,
+            requests,
+            batch_id=args.batch_id,
+            ttl_ms=int((deadline_s or settings.batch_ttl_hours * 3600) * 1000),
+            priority=args.priority or policy.default_priority,
+        )
+        print(batch_id)
+        sys.stdout.flush()
+        if args.wait:
+            await wait_with_progress(store, batch_id)
+    return 0
+
+
+async def wait_with_progress(store: BatchStore, batch_id: str, poll_s: float = 0.5) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    status = await store.status(batch_id)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=_stderr_console(),
+    ) as progress:
+        task = progress.add_task(batch_id, total=status.total, detail="")
+        while True:
+            status = await store.status(batch_id)
+            done = status.total - status.processing
+            detail = (
+                f"ok {status.succeeded}  err {status.errored}  "
+                f"exp {status.expired}  cxl {status.canceled}"
+            )
+            progress.update(task, completed=done, total=status.total, detail=detail)
+            if status.ended:
+                break
+            await asyncio.sleep(poll_s)
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+async def results_command(batch_id: str, settings: Settings) -> int:
+    async with redis_from_settings(settings) as redis:
+        store = BatchStore(redis, prefix=settings.key_prefix)
+        status = await store.status(batch_id)
+        out = sys.stdout
+        async for line in store.results(batch_id):
+            out.write(json.dumps(line, separators=(",", ":")) + "\n")
+        if not status.ended:
+            print(
+                f"budgeter: batch {batch_id} is still processing ({status.processing} left); "
+                "results so far shown",
+                file=sys.stderr,
+            )
+    return 0
+
+
+async def usage_command(args: argparse.Namespace, settings: Settings) -> int:
+    async with redis_from_settings(settings) as redis:
+        report = await tenant_usage(
+            redis, args.tenant, prefix=settings.key_prefix, now_ms=int(time.time() * 1000)
+        )
+    if report is None:
+        raise CliError(f"tenant {args.tenant!r} not found")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    budgets = Table(title=f"budgets of {args.tenant}")
+    for column in ("period", "limit", "used", "reserved", "remaining", "resets at"):
+        budgets.add_column(column, justify="right" if column != "period" else "left")
+    for row in report["budgets"]:
+        what = row["period"] + (" USD" if row["unit"] == "usd" else "")
+        if row["model"] is not None:
+            what += f" ({row['model']})"
+        budgets.add_row(
+            what,
+            f"{row['limit']:,}",
+            f"{row['used']:,}",
+            f"{row['reserved']:,}",
+            f"{row['remaining']:,}",
+            format_ms(row["resets_at_ms"]) if row["resets_at_ms"] else "never",
+        )
+    console.print(budgets)
+    usage = Table(title=f"usage of {args.tenant} (tokens and US dollars)")
+    for column in (
+        "period",
+        "model",
+        "requests",
+        "input",
+        "output",
+        "cache_creation",
+        "cache_read",
+        "USD",
+    ):
+        usage.add_column(column, justify="left" if column in ("period", "model") else "right")
+    for row in report["usage"]:
+        usage.add_row(
+            f"{row['period']} {row['period_id']}",
+            row["model"],
+            *(
+                f"{row.get(kind, 0):,}"
+                for kind in ("requests", "input", "output", "cache_creation", "cache_read")
+            ),
+            f"{row['usd']:,.6f}" if "usd" in row else "-",
+        )
+    console.print(usage)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

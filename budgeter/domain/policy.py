@@ -1,0 +1,205 @@
+"""Tenant ids and tenant policies: the pydantic models at the edge, flattened for Lua."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
+
+TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+PERIODS: tuple[str, ...] = ("minute", "hour", "day", "month", "total")
+Period = Literal["minute", "hour", "day", "month", "total"]
+RATE_KINDS: tuple[str, ...] = ("rpm", "itpm", "otpm")
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
+
+
+# Limits are exact integers in Lua (doubles): at most 2**53. Policies are strict (no "600"
+# for 600) and refuse NaN and infinities, however they are parsed.
+MAX_LIMIT = 2**53
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_LIMIT)]
+POLICY_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class InvalidTenantError(ValueError):
+    """A tenant id outside ``^[a-z0-9][a-z0-9_-]{0,62}$``."""
+
+
+def check_tenant_id(tenant: str) -> str:
+    if not isinstance(tenant, str) or not TENANT_ID_RE.fullmatch(tenant):
+        raise InvalidTenantError(
+            f"invalid tenant id {tenant!r}: use 1-63 characters a-z, 0-9, '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return tenant
+
+
+class RateLimits(BaseModel):
+    """Per-minute token buckets that refill continuously, as the upstream's own limits do."""
+
+    model_config = POLICY_CONFIG
+
+    rpm: PositiveInt | None = Field(default=None, description="Requests per minute.")
+    itpm: PositiveInt | None = Field(default=None, description="Input tokens per minute.")
+    otpm: PositiveInt | None = Field(default=None, description="Output tokens per minute.")
+
+
+ModelName = str
+MODEL_NAME_MAX = 200
+USD_DECIMALS = 6
+
+
+def _check_models(names: list[str]) -> None:
+    for name in names:
+        if not name or len(name) > MODEL_NAME_MAX or any(ord(c) < 32 for c in name):
+            raise ValueError(
+                f"invalid model name {name!r}: 1-{MODEL_NAME_MAX} printable characters"
+            )
+
+
+class ModelLimits(BaseModel):
+    """Limits that apply to one model only, on top of the policy's own."""
+
+    model_config = POLICY_CONFIG
+
+    budgets: dict[Period, PositiveInt] = Field(
+        default_factory=dict, description="Tokens of this model per UTC calendar period."
+    )
+    usd_budgets: dict[Period, PositiveFloat] = Field(
+        default_factory=dict, description="US dollars spent on this model per period."
+    )
+    rate: RateLimits = Field(default_factory=RateLimits)
+
+    def flat(self, scope: str) -> dict[str, str]:
+        fields: dict[str, str] = {}
+        for period, limit in self.budgets.items():
+            fields[f"{scope}budget:{period}"] = str(limit)
+        for period, usd in self.usd_budgets.items():
+            fields[f"{scope}usd:{period}"] = repr(float(usd))
+        for kind in RATE_KINDS:
+            limit = getattr(self.rate, kind)
+            if limit is not None:
+                fields[f"{scope}rate:{kind}"] = str(limit)
+        return fields
+
+
+class TenantPolicy(BaseModel):
+    """What one tenant may spend. Every field may be absent (no limit)."""
+
+    model_config = POLICY_CONFIG
+
+    weight: PositiveFloat = Field(default=1.0, description="Share in the fair scheduler.")
+    budgets: dict[Period, PositiveInt] = Field(
+        default_factory=dict,
+        description="Total tokens (input + output, cache included) per UTC calendar period.",
+    )
+    usd_budgets: dict[Period, PositiveFloat] = Field(
+        default_factory=dict,
+        description="US dollars per UTC calendar period, priced by BUDGETER_PRICES.",
+    )
+    rate: RateLimits = Field(default_factory=RateLimits)
+    models: dict[ModelName, ModelLimits] = Field(
+        default_factory=dict, description="Limits of one model, on top of the ones above."
+    )
+    allowed_models: list[ModelName] | None = Field(
+        default=None, description="When set, requests for any other model are refused."
+    )
+    max_concurrency: PositiveInt | None = Field(
+        default=None, description="Reservations in flight at once."
+    )
+    on_exhausted: Literal["reject", "wait"] = Field(
+        default="reject",
+        description="'wait' parks jobs of an exhausted budget until the period resets.",
+    )
+
+    default_priority: Priority = Field(
+        default="normal",
+        description="Priority of the tenant's batches that do not name one: 'high' jobs are "
+        "served before 'normal' ones and 'low' after, within the tenant's fair share.",
+    )
+    on_count_failure: Literal["reject", "estimate"] = Field(
+        default="reject",
+        description="When count_tokens keeps failing: 'reject' waits and retries the job "
+        "(errored after its attempts), 'estimate' admits it on a local estimate.",
+    )
+    estimate_margin: float = Field(
+        default=1.5,
+        ge=1,
+        le=10,
+        description="Safety factor on the local estimate (on_count_failure='estimate').",
+    )
+    max_wait_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=600,
+        description="How long a synchronous /v1/messages call may wait for a DEFER to end.",
+    )
+
+    @field_validator("models", "allowed_models")
+    @classmethod
+    def _model_names(cls, value: object) -> object:
+        if value:
+            _check_models(list(value))  # type: ignore[arg-type]
+        return value
+
+    def allows(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
+
+    def redis_fields(self) -> dict[str, str]:
+        """The flat hash the admission script reads (absent field = no limit)."""
+        fields = {
+            "json": self.model_dump_json(exclude_defaults=True),
+            "weight": repr(float(self.weight)),
+            "on_exhausted": self.on_exhausted,
+        }
+        fields |= ModelLimits(
+            budgets=self.budgets, usd_budgets=self.usd_budgets, rate=self.rate
+        ).flat("")
+        for model, limits in self.models.items():
+            fields |= limits.flat(f"m:{model}:")
+        if self.allowed_models is not None:
+            fields["allowlist"] = "1"
+            for model in self.allowed_models:
+                fields[f"allow:{model}"] = "1"
+        if self.max_concurrency is not None:
+            fields["max_concurrency"] = str(self.max_concurrency)
+        return fields
+
+
+class GlobalPolicy(BaseModel):
+    """The upstream account's own limits. The upstream limits each model on its own, so
+    the top-level limits apply to every model separately (each model has its own buckets
+    and counters); ``models`` replaces them for the models it names."""
+
+    model_config = POLICY_CONFIG
+
+    budgets: dict[Period, PositiveInt] = Field(default_factory=dict)
+    usd_budgets: dict[Period, PositiveFloat] = Field(default_factory=dict)
+    rate: RateLimits = Field(default_factory=RateLimits)
+    models: dict[ModelName, ModelLimits] = Field(default_factory=dict)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, ModelLimits]) -> dict[str, ModelLimits]:
+        _check_models(list(value))
+        return value
+
+    @classmethod
+    def from_stored(cls, raw: str | bytes | None) -> GlobalPolicy:
+        """The stored policy; fields this version does not know are dropped, so an older or
+        newer policy never stops admission."""
+        if raw is None:
+            return cls()
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            return cls()
+        return cls.model_validate({k: v for k, v in data.items() if k in cls.model_fields})
+
+    def limits_for(self, model: str) -> dict[str, str]:
+        """The flat fields admission/reserve.lua applies to ``model`` ({} = no global limit)."""
+        limits = self.models.get(model) or ModelLimits(
+            budgets=self.budgets, usd_budgets=self.usd_budgets, rate=self.rate
+        )
+        return limits.flat("")

@@ -1,0 +1,279 @@
+--[[ admission/reserve.lua — check and reserve every limit of one scope in one atomic call, for one
+request or for many (each decided in turn, as if called once per request in that order).
+-- needs: lib/periods.lua
+-- needs: lib/hash_cache.lua
+A scope is a tenant ({t:<tenant>}) or one model of the upstream account ({g:<digest>}).
+All keys carry the scope's hash tag, so the call is correct on Redis Cluster.
+
+KEYS[1] policy         hash  flattened policy (budget:<period>, usd:<period>, rate:<kind>,
+                             m:<model>:<same>, allowlist, allow:<model>, max_concurrency,
+                             on_exhausted); not read when ARGV[2] gives the policy
+KEYS[2] buckets        hash  [m:<model>:]rpm|itpm|otpm -> GCRA theoretical arrival time (ms)
+KEYS[3] budget         hash  <counter>:id, <counter>:used, <counter>:reserved where counter
+                             is [m:<model>:][usd:]<period> (usd counters in US dollars)
+KEYS[4] resv           hash  reservation id -> reservation JSON
+KEYS[5] resv_deadline  zset  reservation id -> deadline (ms) for the reaper
+KEYS[6] state          hash  waiting_settle flag; paused_until (ms): DEFER everything until then
+KEYS[7] recent         list  (optional) the last 20 decisions: '<now ms> <decision> <reason> <tokens>'
+KEYS[8] resv_sent      hash  (optional) reservation id -> 1, written at once when asked
+ARGV[1] now in ms, or '' to use Redis server TIME
+ARGV[2] the flat policy as a JSON object, or '' to read KEYS[1] ('' policy hash: unknown)
+ARGV[3] the requests, a JSON array of arrays, one per request:
+  [1] reservation id (idempotent: a second call with the same id answers ADMIT)
+  [2] input tokens (count_tokens)
+  [3] max_tokens
+  [4] hold ms: the reservation's deadline is now + hold
+  [5] model (its m:<model>: limits apply too; recorded for usage accounting)
+  [6] '1': mark the reservation sent at once (the reaper then charges it in full)
+  [7] the model's prices 'input output cache_write cache_read' in USD per million
+      tokens, or '' (then a usd budget refuses the request: 'unpriced_model')
+
+Returns decision, until_ms, reason, now_ms, detail for each request in order, one flat
+list of 5 per request:
+  'ADMIT'  0        ''
+  'DEFER'  until    'rate:<kind>' | 'model:rate:<kind>' (until = first ms the bucket holds it),
+                    'paused' (until = paused_until),
+                    'concurrency' | 'inflight:<counter>' (until 0 = when in-flight work settles),
+                    'exhausted:<counter>' (policy on_exhausted=wait; until = period reset)
+  'REJECT' reset    'exhausted:<counter>' (used alone leaves no room; reset 0 = never),
+                    'too_large:budget:<counter>' | 'too_large:rate:<kind>' | 'unknown_tenant' |
+                    'model_not_allowed' | 'unpriced_model'
+  where <counter> is [model:][usd:]<period> (the model's name is never part of a reason)
+  detail: '<used>/<limit>' or '<cost>/<limit>' for REJECT, '' otherwise
+]]
+local now = server_now(ARGV[1])
+local requests = cjson.decode(ARGV[3])
+local count = #requests
+local replies = {}
+
+local pol = {}
+if ARGV[2] ~= '' then
+  pol = cjson.decode(ARGV[2])
+else
+  local flat = redis.call('HGETALL', KEYS[1])
+  if #flat == 0 then  -- a reservation made before the policy went is still idempotent
+    for n, q in ipairs(requests) do
+      local r = (n - 1) * 5
+      replies[r + 1], replies[r + 2], replies[r + 3] = 'REJECT', 0, 'unknown_tenant'
+      if redis.call('HEXISTS', KEYS[4], tostring(q[1])) == 1 then
+        replies[r + 1], replies[r + 3] = 'ADMIT', 'already_reserved'
+      end
+      replies[r + 4], replies[r + 5] = now, ''
+    end
+    return replies
+  end
+  for i = 1, #flat, 2 do pol[flat[i]] = flat[i + 1] end
+end
+
+local paused = tonumber(redis.call('HGET', KEYS[6], 'paused_until'))
+local max_conc = tonumber(pol['max_concurrency'])
+local wait_on_exhausted = pol['on_exhausted'] == 'wait'
+local in_flight = nil  -- HLEN of KEYS[4], read once when max_concurrency needs it
+local recent, deadlines = {}, {}
+local first_recent = count - 19  -- only the last 20 decisions are kept
+
+-- what applies to a model, worked out once per call: its budgets and buckets (the
+-- policy's own, then the model's 'm:<model>:' fields), and the reservation's JSON tail
+local plans = {}
+local function plan_of(model)
+  local plan = plans[model]
+  if plan then return plan end
+  plan = {budgets = {}, rates = {}, any_usd = false}
+  local scopes = {{'', ''}}
+  if model ~= '' then scopes[2] = {'m:' .. model .. ':', 'model:'} end
+  local periods, usd_periods, intervals = {}, {}, {}
+  for _, scope in ipairs(scopes) do
+    for _, unit in ipairs({'budget:', 'usd:'}) do
+      for _, per in ipairs({'minute', 'hour', 'day', 'month', 'total'}) do
+        local limit = tonumber(pol[scope[1] .. unit .. per])
+        if limit then
+          local usd = unit == 'usd:'
+          local counter, label = scope[1] .. per, scope[2] .. per
+          if usd then
+            counter, label = scope[1] .. 'usd:' .. per, scope[2] .. 'usd:' .. per
+            plan.any_usd = true
+          end
+          local pid, reset = period_of(per, now)
+          if usd then usd_periods[counter] = pid else periods[counter] = pid end
+          plan.budgets[#plan.budgets + 1] = {
+            usd = usd, limit = limit, pid = pid, reset = reset, label = label,
+            id = counter .. ':id', used = counter .. ':used', reserved = counter .. ':reserved',
+          }
+        end
+      end
+    end
+  end
+  for _, scope in ipairs(scopes) do
+    for _, kind in ipairs({'rpm', 'itpm', 'otpm'}) do
+      local limit = tonumber(pol[scope[1] .. 'rate:' .. kind])
+      if limit then
+        local bucket = scope[1] .. kind
+        intervals[bucket] = 60000 / limit
+        plan.rates[#plan.rates + 1] = {
+          kind = kind, limit = limit, bucket = bucket, interval = 60000 / limit,
+          label = 'rate:' .. scope[2] .. kind, too_large = 'too_large:rate:' .. scope[2] .. kind,
+        }
+      end
+    end
+  end
+  plan.allowed = not pol['allowlist'] or pol['allow:' .. model]
+  -- the reservation record: {"i":..,"o":..,"t":..,"m":..,"b":..,"r":..[,"p","u","d"]}
+  local tail = ',"m":' .. cjson.encode(model) .. ',"b":' .. cjson.encode(periods)
+    .. ',"r":' .. cjson.encode(intervals)
+  plan.tail = tail .. '}'
+  if plan.any_usd then plan.usd_tail = tail .. ',"d":' .. cjson.encode(usd_periods) end
+  plans[model] = plan
+  return plan
+end
+
+local prices_of = {}
+local function prices_from(arg)
+  if arg == '' then return nil end
+  local p = prices_of[arg]
+  if not p then
+    p = {}
+    for x in string.gmatch(arg, '%S+') do p[#p + 1] = tonumber(x) end
+    prices_of[arg] = p
+  end
+  return p
+end
+
+local function answer(n, decision, until_ms, reason, detail, tokens)
+  local r = (n - 1) * 5
+  replies[r + 1], replies[r + 2], replies[r + 3] = decision, until_ms, reason
+  replies[r + 4], replies[r + 5] = now, detail
+  if KEYS[7] and n >= first_recent then
+    recent[#recent + 1] = string.format('%d %s %s %d', now, decision,
+      reason ~= '' and reason or '-', tokens)
+  end
+end
+
+local function reserve_one(n, id, input, output, hold, model, sent, price_arg)
+  local est = input + output
+  if hget(KEYS[4], id) then
+    return answer(n, 'ADMIT', 0, 'already_reserved', '', est)
+  end
+  local plan = plan_of(model)
+  if not plan.allowed then
+    return answer(n, 'REJECT', 0, 'model_not_allowed', model, est)
+  end
+  if paused and paused > now then
+    return answer(n, 'DEFER', paused, 'paused', '', est)
+  end
+  local prices = prices_from(price_arg)
+  local usd_est = 0
+  if prices then
+    usd_est = (input * math.max(prices[1], prices[3]) + output * prices[2]) / 1000000
+  end
+  local settle_wait, wait_reason = false, nil
+  local exhausted_until, exhausted_reason = 0, nil
+
+  -- 1. calendar budgets, in tokens and in dollars
+  for _, b in ipairs(plan.budgets) do
+    local cost = est
+    if b.usd then
+      if not prices then return answer(n, 'REJECT', 0, 'unpriced_model', model, est) end
+      cost = usd_est
+    end
+    local used, reserved = 0, 0
+    if hget(KEYS[3], b.id) == b.pid then
+      used = tonumber(hget(KEYS[3], b.used)) or 0
+      reserved = tonumber(hget(KEYS[3], b.reserved)) or 0
+    end
+    b.cur_used, b.cur_reserved = used, reserved
+    if cost > b.limit then
+      return answer(n, 'REJECT', 0, 'too_large:budget:' .. b.label, cost .. '/' .. b.limit, est)
+    end
+    if used + cost > b.limit then
+      if wait_on_exhausted and b.reset > 0 then
+        if b.reset > exhausted_until then
+          exhausted_until, exhausted_reason = b.reset, 'exhausted:' .. b.label
+        end
+      else
+        return answer(n, 'REJECT', b.reset, 'exhausted:' .. b.label, used .. '/' .. b.limit, est)
+      end
+    elseif used + reserved + cost > b.limit then
+      settle_wait = true
+      wait_reason = wait_reason or ('inflight:' .. b.label)
+    end
+  end
+
+  -- 2. concurrency: the reservations in flight
+  if max_conc then
+    in_flight = in_flight or redis.call('HLEN', KEYS[4])
+    if in_flight >= max_conc then
+      settle_wait = true
+      wait_reason = wait_reason or 'concurrency'
+    end
+  end
+
+  -- 3. per-minute buckets (GCRA: capacity one minute of tokens, continuous refill)
+  local rate_until, rate_reason = 0, nil
+  for _, b in ipairs(plan.rates) do
+    local cost = 1
+    if b.kind == 'itpm' then cost = input elseif b.kind == 'otpm' then cost = output end
+    if cost > b.limit then
+      return answer(n, 'REJECT', 0, b.too_large, cost .. '/' .. b.limit, est)
+    end
+    local tat = tonumber(hget(KEYS[2], b.bucket)) or now
+    if tat < now then tat = now end
+    local new_tat = tat + cost * b.interval
+    b.new_tat = new_tat
+    if new_tat - now > 60000 then
+      local fits_at = math.ceil(new_tat - 60000)
+      if fits_at > rate_until then rate_until, rate_reason = fits_at, b.label end
+    end
+  end
+
+  if exhausted_reason then
+    return answer(n, 'DEFER', exhausted_until, exhausted_reason, '', est)
+  end
+  if rate_until > 0 or settle_wait then
+    if settle_wait then hset(KEYS[6], 'waiting_settle', '1') end
+    return answer(n, 'DEFER', rate_until, rate_reason or wait_reason, '', est)
+  end
+
+  -- ADMIT: apply every limit (the values the checks above worked out for this request)
+  for _, b in ipairs(plan.rates) do hset(KEYS[2], b.bucket, fmt(b.new_tat)) end
+  for _, b in ipairs(plan.budgets) do
+    if hget(KEYS[3], b.id) ~= b.pid then  -- a new period: it starts from nothing used
+      hset(KEYS[3], b.id, b.pid)
+      hset(KEYS[3], b.used, b.usd and fmt6(0) or 0)
+    end
+    if b.usd then
+      hset(KEYS[3], b.reserved, fmt6(b.cur_reserved + usd_est))
+    else
+      hset(KEYS[3], b.reserved, b.cur_reserved + est)
+    end
+  end
+  local head = string.format('{"i":%d,"o":%d,"t":%d', input, output, now)
+  if prices then
+    hset(KEYS[4], id, head .. ',"p":' .. cjson.encode(price_arg) .. ',"u":'
+      .. string.format('%.14g', usd_est) .. (plan.usd_tail or plan.tail:sub(1, -2)) .. '}')
+  else
+    hset(KEYS[4], id, head .. plan.tail)
+  end
+  deadlines[#deadlines + 1] = now + hold
+  deadlines[#deadlines + 1] = id
+  if sent == '1' and KEYS[8] then hset(KEYS[8], id, '1') end
+  if in_flight then in_flight = in_flight + 1 end
+  return answer(n, 'ADMIT', 0, '', '', est)
+end
+
+local ids = {}
+for n, q in ipairs(requests) do ids[n] = tostring(q[1]) end
+hprefetch(KEYS[4], ids)
+for n, q in ipairs(requests) do
+  reserve_one(n, tostring(q[1]), tonumber(q[2]), tonumber(q[3]), tonumber(q[4]), tostring(q[5]),
+    tostring(q[6]), tostring(q[7]))
+end
+
+flush()
+for i = 1, #deadlines, 1000 do
+  redis.call('ZADD', KEYS[5], unpack(deadlines, i, math.min(i + 999, #deadlines)))
+end
+if #recent > 0 then
+  redis.call('LPUSH', KEYS[7], unpack(recent))
+  redis.call('LTRIM', KEYS[7], 0, 19)
+end
+return replies

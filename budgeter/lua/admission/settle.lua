@@ -1,0 +1,209 @@
+--[[ admission/settle.lua — replace reservations by what was really spent, exactly once: one or many
+per call (each settled in turn, as if called once per reservation in that order).
+-- needs: lib/periods.lua
+-- needs: lib/hash_cache.lua
+A reservation that is no longer in KEYS[3] was settled (or reaped) before: nothing happens.
+
+KEYS[1] buckets        hash  [m:<model>:]rpm|itpm|otpm -> GCRA theoretical arrival time (ms)
+KEYS[2] budget         hash  <counter>:id, <counter>:used, <counter>:reserved (see admission/reserve.lua;
+                             usd counters are refunded and charged in US dollars)
+KEYS[3] resv           hash  reservation id -> reservation JSON (written by admission/reserve.lua)
+KEYS[4] resv_deadline  zset  reservation id -> deadline (ms)
+KEYS[5] resv_sent      hash  reservation id -> 1 once the upstream may have been called
+KEYS[6] usage          hash  <period>:<period id>:<model>:<kind> -> tokens (kind usd: dollars)
+KEYS[7] state          hash  waiting_settle flag
+ARGV[1] now in ms, or '' to use Redis server TIME
+ARGV[2] 'reap', ARGV[3] max reservations: every reservation past its deadline is charged
+        in full if marked sent, else released. Returns one
+        {settled, waiting_settle, charged_full, released, actual_tokens, reserved_tokens}
+ARGV[2] otherwise the reservations, a JSON array of arrays, one per reservation:
+  [1] mode: 'usage'   charge what the upstream reported ([3]..[6])
+            'full'    charge the whole reservation (upstream may have served it)
+            'release' charge nothing (the upstream was never called)
+  [2] reservation id
+  [3] input, [4] output, [5] cache_creation_input, [6] cache_read_input tokens ('usage'
+      only; anything for the other modes)
+  Returns settled, waiting_settle, charged_full, released, actual_tokens, reserved_tokens
+  for each reservation in order, one flat list of 6 per reservation.
+
+  settled: reservations settled (0: already settled)
+  waiting_settle: 1 when a DEFER was waiting for in-flight work to settle (flag cleared;
+                  reported once, by the first reservation that settles)
+]]
+local now = server_now(ARGV[1])
+local gone = {}
+-- usage increments, summed per hash field and written once: prefix -> what -> amount
+local incr = {}
+local USAGE_PERIODS = {'day', 'month', 'total'}
+
+local prefixes = {}  -- period -> day number -> model -> '<period>:<period id>:<model>:'
+local function usage_prefix(per, t, model)
+  local day = math.floor(t / 86400000)
+  local by_day = prefixes[per]
+  if not by_day then by_day = {}; prefixes[per] = by_day end
+  local by_model = by_day[day]
+  if not by_model then by_model = {}; by_day[day] = by_model end
+  local prefix = by_model[model]
+  if not prefix then
+    prefix = per .. ':' .. period_of(per, t) .. ':' .. model .. ':'
+    by_model[model] = prefix
+  end
+  return prefix
+end
+
+local function add(prefix, what, n)
+  local fields = incr[prefix]
+  if not fields then fields = {}; incr[prefix] = fields end
+  fields[what] = (fields[what] or 0) + n
+end
+
+local prices_of, kinds = {}, {}
+
+local function settle_one(id, kind, a_in, a_out, a_cc, a_cr)
+  local raw = hget(KEYS[3], id)
+  if not raw then return false, 0, 0 end
+  local r = cjson.decode(raw)
+  local est = r.i + r.o
+  if kind == 'full' then
+    a_in, a_out, a_cc, a_cr = r.i, r.o, 0, 0
+  elseif kind == 'release' then
+    a_in, a_out, a_cc, a_cr = 0, 0, 0, 0
+  end
+  local total_in = a_in + a_cc + a_cr
+  local total = total_in + a_out
+  local usd = 0
+  if r.p then
+    local p = prices_of[r.p]
+    if not p then
+      p = {}
+      for x in string.gmatch(r.p, '%S+') do p[#p + 1] = tonumber(x) end
+      prices_of[r.p] = p
+    end
+    if kind == 'full' then
+      usd = r.u
+    else
+      usd = (a_in * p[1] + a_out * p[2] + a_cc * p[3] + a_cr * p[4]) / 1000000
+    end
+  end
+
+  for bucket, interval in pairs(r.r) do
+    local what = kinds[bucket]
+    if not what then
+      what = string.match(bucket, '([^:]+)$')
+      kinds[bucket] = what
+    end
+    local delta = 0
+    if what == 'itpm' then delta = total_in - r.i
+    elseif what == 'otpm' then delta = a_out - r.o
+    elseif kind == 'release' then delta = -1 end
+    if delta ~= 0 then
+      local tat = tonumber(hget(KEYS[1], bucket))
+      if tat then hset(KEYS[1], bucket, fmt(tat + delta * interval)) end
+    end
+  end
+
+  for per, pid in pairs(r.b) do
+    if hget(KEYS[2], per .. ':id') == pid then
+      local reserved = (tonumber(hget(KEYS[2], per .. ':reserved')) or 0) - est
+      if reserved < 0 then reserved = 0 end
+      hset(KEYS[2], per .. ':used', (tonumber(hget(KEYS[2], per .. ':used')) or 0) + total)
+      hset(KEYS[2], per .. ':reserved', reserved)
+    end
+  end
+
+  for per, pid in pairs(r.d or {}) do
+    if hget(KEYS[2], per .. ':id') == pid then
+      local reserved = (tonumber(hget(KEYS[2], per .. ':reserved')) or 0) - r.u
+      if reserved < 0.0000005 then reserved = 0 end
+      hset(KEYS[2], per .. ':used', fmt6((tonumber(hget(KEYS[2], per .. ':used')) or 0) + usd))
+      hset(KEYS[2], per .. ':reserved', fmt6(reserved))
+    end
+  end
+
+  if kind ~= 'release' then
+    for _, per in ipairs(USAGE_PERIODS) do
+      local prefix = usage_prefix(per, r.t, r.m)
+      if a_in > 0 then add(prefix, 'input', a_in) end
+      if a_out > 0 then add(prefix, 'output', a_out) end
+      if a_cc > 0 then add(prefix, 'cache_creation', a_cc) end
+      if a_cr > 0 then add(prefix, 'cache_read', a_cr) end
+      add(prefix, 'requests', 1)
+      if usd > 0 then add(prefix, 'usd', tonumber(fmt6(usd))) end
+    end
+  end
+
+  hdel(KEYS[3], id)
+  gone[#gone + 1] = id
+  hdel(KEYS[5], id)
+  return true, total, est
+end
+
+local function finish()
+  flush()
+  for i = 1, #gone, 1000 do
+    redis.call('ZREM', KEYS[4], unpack(gone, i, math.min(i + 999, #gone)))
+  end
+  for prefix, fields in pairs(incr) do
+    for what, n in pairs(fields) do
+      if what == 'usd' then
+        redis.call('HINCRBYFLOAT', KEYS[6], prefix .. what, fmt6(n))
+      else
+        redis.call('HINCRBY', KEYS[6], prefix .. what, n)
+      end
+    end
+  end
+end
+
+local function waiting_flag(settled)
+  if settled > 0 and redis.call('HDEL', KEYS[7], 'waiting_settle') == 1 then return 1 end
+  return 0
+end
+
+if ARGV[2] == 'reap' then
+  local settled, full, released, actual, reserved = 0, 0, 0, 0, 0
+  local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+  for _, id in ipairs(due) do
+    local kind = 'release'
+    if hget(KEYS[5], id) then kind = 'full' end
+    local ok, a, e = settle_one(id, kind)
+    if ok then
+      settled = settled + 1
+      actual = actual + a
+      reserved = reserved + e
+      if kind == 'full' then full = full + 1 else released = released + 1 end
+    else
+      gone[#gone + 1] = id
+    end
+  end
+  finish()
+  return {settled, waiting_flag(settled), full, released, actual, reserved}
+end
+
+local items = cjson.decode(ARGV[2])
+for _, q in ipairs(items) do
+  if q[1] ~= 'usage' and q[1] ~= 'full' and q[1] ~= 'release' then
+    return redis.error_reply('admission/settle.lua: unknown mode ' .. tostring(q[1]))
+  end
+end
+local ids = {}
+for n, q in ipairs(items) do ids[n] = tostring(q[2]) end
+hprefetch(KEYS[3], ids)
+local replies, first_settled = {}, nil
+for n, q in ipairs(items) do
+  local kind = q[1]
+  local ok, actual, est = settle_one(tostring(q[2]), kind, tonumber(q[3]) or 0,
+    tonumber(q[4]) or 0, tonumber(q[5]) or 0, tonumber(q[6]) or 0)
+  local r = (n - 1) * 6
+  if ok then
+    first_settled = first_settled or r
+    replies[r + 1], replies[r + 2] = 1, 0
+    replies[r + 3] = kind == 'full' and 1 or 0
+    replies[r + 4] = kind == 'release' and 1 or 0
+    replies[r + 5], replies[r + 6] = actual, est
+  else
+    for i = 1, 6 do replies[r + i] = 0 end
+  end
+end
+finish()
+if first_settled and waiting_flag(1) == 1 then replies[first_settled + 2] = 1 end
+return replies

@@ -1,0 +1,250 @@
+"""Batches: creating one (index + atomic enqueue), reading its status and its results."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from budgeter.domain.messages import BatchRequest
+from budgeter.queue.jobqueue import JobQueue, NewJob
+from budgeter.store.keys import TenantKeys, batch_index_key
+from budgeter.store.scripts import register
+
+DEFAULT_TTL_MS = 24 * 3600 * 1000
+_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def new_batch_id() -> str:
+    return "msgbatch_" + "".join(secrets.choice(_ALPHABET) for _ in range(24))
+
+
+class BatchNotFoundError(LookupError):
+    pass
+
+
+class BatchNotEndedError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStatus:
+    id: str
+    tenant: str
+    created_ms: int
+    expires_ms: int
+    ended_ms: int | None
+    cancel_initiated_ms: int | None
+    processing: int
+    succeeded: int
+    errored: int
+    canceled: int
+    expired: int
+
+    @property
+    def total(self) -> int:
+        return self.processing + self.succeeded + self.errored + self.canceled + self.expired
+
+    @property
+    def ended(self) -> bool:
+        return self.processing == 0
+
+    @property
+    def processing_status(self) -> str:
+        if self.ended:
+            return "ended"
+        return "canceling" if self.cancel_initiated_ms else "in_progress"
+
+
+class BatchStore:
+    def __init__(self, redis: Any, *, prefix: str = "budgeter") -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.queue = JobQueue(redis, prefix=prefix)
+        self._cancel = register(redis, "batch/cancel.lua")
+        self._delete = register(redis, "batch/delete.lua")
+
+    async def create(
+        self,
+        tenant: str,
+        requests: list[BatchRequest],
+        *,
+        batch_id: str | None = None,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        priority: str = "normal",
+    ) -> str:
+        """Queue every request of the batch in one atomic step; returns the batch id.
+        ``ttl_ms`` is every job's deadline (after it, a job not yet served is expired);
+        ``priority`` (high, normal, low) orders the tenant's own jobs."""
+        batch_id = batch_id or new_batch_id()
+        index = batch_index_key(self.prefix)
+        await self.redis.hset(index, batch_id, tenant)
+        jobs = [NewJob(r.custom_id, r.params_dict()) for r in requests]
+        try:
+            await self.queue.submit(tenant, batch_id, jobs, ttl_ms=ttl_ms, priority=priority)
+        except Exception:
+            if not await self.redis.exists(TenantKeys.of(self.prefix, tenant).batch(batch_id)):
+                await self.redis.hdel(index, batch_id)
+            raise
+        return batch_id
+
+    async def tenant_of(self, batch_id: str) -> str:
+        tenant = await self.redis.hget(batch_index_key(self.prefix), batch_id)
+        if tenant is None:
+            raise BatchNotFoundError(f"batch {batch_id!r} not found")
+        return str(tenant)
+
+    async def status(self, batch_id: str, *, tenant: str | None = None) -> BatchStatus:
+        """The batch's status; with ``tenant``, another tenant's batch is not found."""
+        owner = await self.tenant_of(batch_id)
+        if tenant is not None and owner != tenant:
+            raise BatchNotFoundError(f"batch {batch_id!r} not found")
+        raw = await self.redis.hgetall(TenantKeys.of(self.prefix, owner).batch(batch_id))
+        if not raw:
+            raise BatchNotFoundError(f"batch {batch_id!r} not found")
+        return _status(batch_id, owner, raw)
+
+    async def list(
+        self,
+        tenant: str,
+        *,
+        limit: int = 20,
+        before_id: str | None = None,
+        after_id: str | None = None,
+    ) -> tuple[list[BatchStatus], bool]:
+        """A page of the tenant's batches, newest first; returns (page, has_more)."""
+        keys = TenantKeys.of(self.prefix, tenant)
+        if after_id is not None:
+            rank = await self._rank(keys, after_id)
+            ids = await self.redis.zrevrange(keys.batches, rank + 1, rank + limit + 1)
+            has_more = len(ids) > limit
+            ids = ids[:limit]
+        elif before_id is not None:
+            rank = await self._rank(keys, before_id)
+            start = max(0, rank - limit)
+            ids = await self.redis.zrevrange(keys.batches, start, rank - 1) if rank else []
+            has_more = start > 0
+        else:
+            ids = await self.redis.zrevrange(keys.batches, 0, limit)
+            has_more = len(ids) > limit
+            ids = ids[:limit]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in ids:
+                pipe.hgetall(keys.batch(batch_id))
+            raws = await pipe.execute()
+        page = [_status(b, tenant, raw) for b, raw in zip(ids, raws, strict=True) if raw]
+        return page, has_more
+
+    async def _rank(self, keys: TenantKeys, batch_id: str) -> int:
+        rank = await self.redis.zrevrank(keys.batches, batch_id)
+        if rank is None:
+            raise BatchNotFoundError(f"batch {batch_id!r} not found")
+        return int(rank)
+
+    async def cancel(self, batch_id: str, *, tenant: str) -> BatchStatus:
+        """Queued jobs end as canceled now; leased ones finish as they are."""
+        await self.status(batch_id, tenant=tenant)
+        keys = TenantKeys.of(self.prefix, tenant)
+        await self._cancel(
+            keys=[
+                keys.batch(batch_id),
+                keys.batch_jobs(batch_id),
+                keys.jstate,
+                keys.results,
+                keys.jobs,
+                keys.canceled_batches,
+                keys.outcomes,
+            ],
+            args=["", batch_id],
+        )
+        # a tenant parked for a rate window may hold jobs of this batch: let them drain now
+        await self.queue.activate(tenant, unpark=True, wake=1)
+        return await self.status(batch_id, tenant=tenant)
+
+    async def delete(self, batch_id: str, *, tenant: str) -> None:
+        await self.status(batch_id, tenant=tenant)
+        keys = TenantKeys.of(self.prefix, tenant)
+        try:
+            await self._delete(
+                keys=[
+                    keys.batch(batch_id),
+                    keys.batch_jobs(batch_id),
+                    keys.batches,
+                    keys.jobs,
+                    keys.jstate,
+                    keys.attempts,
+                    keys.results,
+                    keys.bmeta,
+                    keys.canceled_batches,
+                ],
+                args=[batch_id],
+            )
+        except Exception as exc:
+            if "not_ended" in str(exc):
+                raise BatchNotEndedError(
+                    f"batch {batch_id!r} is still processing; cancel it or wait until it ends"
+                ) from None
+            if "not_found" in str(exc):  # deleted meanwhile (the client, another worker)
+                raise BatchNotFoundError(f"batch {batch_id!r} not found") from None
+            raise
+        await self.redis.hdel(batch_index_key(self.prefix), batch_id)
+
+    async def purge_older_than(self, tenant: str, created_before_ms: int) -> int:
+        """Delete the tenant's ended batches created before the given time (retention)."""
+        keys = TenantKeys.of(self.prefix, tenant)
+        purged = 0
+        for batch_id in await self.redis.zrangebyscore(keys.batches, "-inf", created_before_ms):
+            try:
+                await self.delete(batch_id, tenant=tenant)
+                purged += 1
+            except (BatchNotEndedError, BatchNotFoundError):
+                continue
+        return purged
+
+    async def results(
+        self, batch_id: str, *, tenant: str | None = None, chunk: int = 500
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Result lines in submission order, read in chunks (never the whole batch)."""
+        async for raw in self.raw_results(batch_id, tenant=tenant, chunk=chunk):
+            yield json.loads(raw)
+
+    async def raw_results(
+        self, batch_id: str, *, tenant: str | None = None, chunk: int = 500
+    ) -> AsyncIterator[str]:
+        """Result lines as stored (JSON text), in submission order, chunk by chunk."""
+        tenant = (await self.status(batch_id, tenant=tenant)).tenant
+        keys = TenantKeys.of(self.prefix, tenant)
+        prefix = batch_id + ":"
+        index = 0
+        while True:  # each element: a JSON array of up to 1,000 custom ids
+            block = await self.redis.lrange(keys.batch_jobs(batch_id), index, index + 15)
+            if not block:
+                return
+            for packed in block:
+                ids = [prefix + cid for cid in json.loads(packed)]
+                for start in range(0, len(ids), chunk):
+                    for line in await self.redis.hmget(keys.results, ids[start : start + chunk]):
+                        if line is not None:
+                            yield line
+            index += len(block)
+
+
+def _status(batch_id: str, tenant: str, raw: dict[str, str]) -> BatchStatus:
+    def optional(name: str) -> int | None:
+        return int(raw[name]) if raw.get(name) else None
+
+    return BatchStatus(
+        id=batch_id,
+        tenant=tenant,
+        created_ms=int(raw["created_ms"]),
+        expires_ms=int(raw["expires_ms"]),
+        ended_ms=optional("ended_ms"),
+        cancel_initiated_ms=optional("cancel_initiated_ms"),
+        processing=int(raw.get("processing", 0)),
+        succeeded=int(raw.get("succeeded", 0)),
+        errored=int(raw.get("errored", 0)),
+        canceled=int(raw.get("canceled", 0)),
+        expired=int(raw.get("expired", 0)),
+    )

@@ -1,0 +1,525 @@
+"""Per-tenant FIFO queues and the fair scheduler over them.
+
+Submission is one MULTI/EXEC on the tenant's keys. Tenant-side scripts (dequeue, requeue,
+ack, reclaim, heartbeat) touch only keys
+with the tenant's hash tag; scheduler scripts (activate, pick, park) touch only ``{sched}``
+keys. A worker therefore takes a job in two calls: ``sched_pick`` chooses the tenant,
+``dequeue`` leases its head job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import WatchError
+
+from budgeter.domain.policy import TENANT_ID_RE
+from budgeter.store.keys import SchedKeys, TenantKeys
+from budgeter.store.scripts import register
+
+TERMINAL_STATES = ("succeeded", "errored", "canceled", "expired")
+WAKE_TOKENS_MAX = 32
+SUBMIT_CHUNK = 1000
+
+log = logging.getLogger("budgeter.jobqueue")
+
+
+class UnknownTenantError(LookupError):
+    """Work submitted for a tenant without a policy."""
+
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def job_id(batch_id: str, custom_id: str) -> str:
+    return f"{batch_id}:{custom_id}"
+
+
+def split_job_id(jid: str) -> tuple[str, str]:
+    """(batch id, custom id): batch ids never contain ':'."""
+    batch_id, _, custom_id = jid.partition(":")
+    return batch_id, custom_id
+
+
+def _meta_priority(meta: str) -> str:
+    """The priority in a bmeta value '<enqueued ms> <deadline ms> [priority]'."""
+    parts = str(meta).split(" ")
+    return parts[2] if len(parts) > 2 else "normal"
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    custom_id: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedJob:
+    """A job taken from a queue: the worker holds its lease until it acks or requeues."""
+
+    tenant: str
+    id: str
+    batch_id: str
+    custom_id: str
+    params: dict[str, Any]
+    attempt: int
+    enqueued_ms: int
+    deadline_ms: int
+    leased_at_ms: int
+    canceled: bool = False
+    orphaned: bool = False  # its tenant was deleted
+    priority: str = "normal"
+
+    @property
+    def reservation_id(self) -> str:
+        return f"{self.id}#{self.attempt}"
+
+
+async def oldest_queued_age_s(redis: Any, keys: TenantKeys, now_ms: int) -> float:
+    """Age of the oldest job waiting at the head of the tenant's queues (0: none)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for queue in keys.queues:
+            pipe.lindex(queue, 0)
+        heads = [h for h in await pipe.execute() if h]
+    if not heads:
+        return 0.0
+    metas = await redis.hmget(keys.bmeta, [split_job_id(h)[0] for h in heads])
+    enqueued = [int(str(m).split(" ")[0]) for m in metas if m]
+    return max(0.0, (now_ms - min(enqueued)) / 1000) if enqueued else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """What a worker got from the scheduler."""
+
+    job: LeasedJob | None
+    next_parked_ms: int
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Picks:
+    """What a worker got from the scheduler for several free slots (maybe none)."""
+
+    jobs: list[LeasedJob]
+    next_parked_ms: int
+    now_ms: int
+
+
+def _int(value: Any, default: int = 0) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+class JobQueue:
+    def __init__(self, redis: Any, *, prefix: str = "budgeter") -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.sched = SchedKeys(prefix)
+        self._dequeue = register(redis, "queue/dequeue.lua")
+        self._requeue = register(redis, "queue/requeue.lua")
+        self._ack = register(redis, "queue/ack.lua")
+        self._reclaim = register(redis, "queue/reclaim.lua")
+        self._heartbeat = register(redis, "queue/heartbeat.lua")
+        self._activate = register(redis, "sched/activate.lua")
+        self._pick = register(redis, "sched/pick.lua")
+        self._park = register(redis, "sched/park.lua")
+        self._deactivating: set[str] = set()  # tenants whose _deactivate is running
+
+    def keys(self, tenant: str) -> TenantKeys:
+        return TenantKeys.of(self.prefix, tenant)
+
+    # producers ----------------------------------------------------------------------
+
+    async def submit(
+        self,
+        tenant: str,
+        batch_id: str,
+        jobs: list[NewJob],
+        *,
+        ttl_ms: int = 86_400_000,
+        priority: str = "normal",
+    ) -> int:
+        """Queue a batch in one MULTI/EXEC on the tenant's slot; returns how many jobs were
+        new. Idempotent per (batch, custom_id): a retried submission adds only what is
+        missing. WATCH on the policy and the batch makes concurrent submits of the same
+        batch (and a policy deleted meanwhile) retry instead of interleaving.
+
+        Per job, Redis gets one ``jobs`` hash entry (id -> params JSON) and one queue
+        entry; the batch's order is one packed list element per 1,000 jobs, and what the
+        jobs share (enqueued time, deadline, priority) one ``bmeta`` entry per batch. A
+        retried submission keeps the batch's first enqueued time, deadline and priority
+        for the jobs it adds.
+
+        No Lua here on purpose: Lua 5.1 interns every argument string, and its hash samples
+        only some characters of long strings, so 100,000 job bodies that differ in a few
+        characters (templated prompts) collide and make a script quadratic.
+        """
+        keys = self.keys(tenant)
+        cids = [job.custom_id for job in jobs]
+        prefix = batch_id + ":"
+        ids = [prefix + cid for cid in cids]
+        bodies = [_dumps(job.params) for job in jobs]
+        batch_key = keys.batch(batch_id)
+        for _ in range(20):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(keys.policy, batch_key)
+                    # (HGET, not EXISTS: redis-py's cluster pipeline mishandles EXISTS
+                    # in immediate mode after WATCH)
+                    if await pipe.hget(keys.policy, "json") is None:
+                        raise UnknownTenantError(f"tenant {tenant!r} has no policy")
+                    now_ms = await self.server_time_ms()
+                    expires = await pipe.hget(batch_key, "expires_ms")
+                    fresh = list(range(len(ids)))
+                    prio = priority
+                    if expires is not None:  # a retried submission: skip what is there
+                        present = await self._present(pipe, keys, batch_id)
+                        fresh = [i for i in fresh if cids[i] not in present]
+                        meta = await pipe.hget(keys.bmeta, batch_id)
+                        prio = _meta_priority(meta) if meta is not None else priority
+                    deadline = int(expires) if expires is not None else now_ms + int(ttl_ms)
+                    pipe.multi()
+                    if expires is None:
+                        pipe.hset(
+                            batch_key,
+                            mapping={
+                                "id": batch_id,
+                                "created_ms": now_ms,
+                                "expires_ms": deadline,
+                                "processing": 0,
+                                "succeeded": 0,
+                                "errored": 0,
+                                "canceled": 0,
+                                "expired": 0,
+                            },
+                        )
+                        pipe.zadd(keys.batches, {batch_id: now_ms})
+                        meta = f"{now_ms} {deadline}" + (f" {prio}" if prio != "normal" else "")
+                        pipe.hset(keys.bmeta, batch_id, meta)
+                    queue = keys.queue_for(prio)
+                    order = keys.batch_jobs(batch_id)
+                    for start in range(0, len(fresh), SUBMIT_CHUNK):
+                        chunk = fresh[start : start + SUBMIT_CHUNK]
+                        if len(fresh) == len(ids):  # the common case: every job is new
+                            end = start + SUBMIT_CHUNK
+                            chunk_ids, chunk_bodies = ids[start:end], bodies[start:end]
+                            chunk_cids = cids[start:end]
+                        else:
+                            chunk_ids = [ids[i] for i in chunk]
+                            chunk_bodies = [bodies[i] for i in chunk]
+                            chunk_cids = [cids[i] for i in chunk]
+                        flat: list[str] = [""] * (2 * len(chunk_ids))
+                        flat[::2] = chunk_ids
+                        flat[1::2] = chunk_bodies
+                        pipe.execute_command("HSET", keys.jobs, *flat)
+                        pipe.execute_command("RPUSH", queue, *chunk_ids)
+                        pipe.execute_command("RPUSH", order, _dumps(chunk_cids))
+                    if fresh:
+                        pipe.hincrby(batch_key, "processing", len(fresh))
+                        pipe.hincrby(keys.outcomes, "submitted", len(fresh))
+                        pipe.hdel(batch_key, "ended_ms")
+                    await pipe.execute()
+                except WatchError:
+                    continue
+            await self.activate(tenant, wake=min(len(fresh), WAKE_TOKENS_MAX))
+            return len(fresh)
+        raise RuntimeError(f"batch {batch_id!r}: too many concurrent submissions, try again")
+
+    async def server_time_ms(self) -> int:
+        """Redis server time (a keyless command: on a cluster it goes to any node)."""
+        seconds, micros = await self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def _present(self, pipe: Any, keys: TenantKeys, batch_id: str) -> set[str]:
+        """The custom ids the batch already has (from its packed order list)."""
+        present: set[str] = set()
+        for packed in await pipe.lrange(keys.batch_jobs(batch_id), 0, -1):
+            present.update(json.loads(packed))
+        return present
+
+    async def activate(self, tenant: str, *, wake: int = 0, unpark: bool = False) -> None:
+        """The tenant has work: put it in the ready set and wake idle workers."""
+        await self._activate(
+            keys=[self.sched.ready, self.sched.parked, self.sched.vtime],
+            args=[tenant, "1" if unpark else "0"],
+        )
+        if wake > 0:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.rpush(self.sched.wake, *([tenant] * wake))
+                pipe.ltrim(self.sched.wake, -1000, -1)
+                await pipe.execute()
+
+    # workers ------------------------------------------------------------------------
+
+    async def pick(
+        self,
+        *,
+        lease_ms: int,
+        now_ms: int | None = None,
+        served: dict[str, tuple[int, int]] | None = None,
+    ) -> Pick:
+        """Choose a tenant fairly and lease the job at the head of its queue. ``served``
+        (tenant -> (tokens, jobs) settled since the last pick) teaches the scheduler each
+        tenant's job size, so that tenants share tokens rather than job counts."""
+        picks = await self.pick_many(1, lease_ms=lease_ms, now_ms=now_ms, served=served)
+        return Pick(picks.jobs[0] if picks.jobs else None, picks.next_parked_ms, picks.now_ms)
+
+    async def pick_many(
+        self,
+        slots: int,
+        *,
+        lease_ms: int,
+        now_ms: int | None = None,
+        served: dict[str, tuple[int, int]] | None = None,
+    ) -> Picks:
+        """Lease up to ``slots`` jobs at once: one scheduler call chooses a tenant per slot
+        (the same fair order as one pick at a time), then one call per chosen tenant
+        leases its jobs. Jobs leased before a failure of another tenant's call are
+        returned (the failure is raised only when nothing was leased)."""
+        now_arg = "" if now_ms is None else str(now_ms)
+        report = [x for t, (tokens, jobs) in (served or {}).items() for x in (t, tokens, jobs)]
+        next_parked = now = -1
+        for _ in range(8):
+            reply = await self._pick(
+                keys=[
+                    self.sched.ready,
+                    self.sched.parked,
+                    self.sched.vtime,
+                    self.sched.weight,
+                    self.sched.cost,
+                ],
+                args=[now_arg, 100, int(slots), *report],
+            )
+            report = []
+            next_parked, now = int(reply[0]), int(reply[1])
+            wanted: dict[str, int] = {}
+            for tenant in reply[2:]:
+                wanted[tenant] = wanted.get(tenant, 0) + 1
+            if not wanted:
+                return Picks([], next_parked, now)
+            for tenant in [t for t in wanted if not TENANT_ID_RE.fullmatch(t)]:
+                del wanted[tenant]  # written by a foreign producer: drop it
+                await self.redis.zrem(self.sched.ready, tenant)
+            taken = await asyncio.gather(
+                *(self._take(t, n, lease_ms=lease_ms, now_arg=now_arg) for t, n in wanted.items()),
+                return_exceptions=True,
+            )
+            jobs = [job for some in taken if isinstance(some, list) for job in some]
+            failed = [exc for exc in taken if isinstance(exc, BaseException)]
+            if failed and not jobs:
+                raise failed[0]
+            for exc in failed:
+                log.warning("leasing a tenant's jobs failed: %s", exc)
+            if jobs:
+                return Picks(jobs, next_parked, now)
+        return Picks([], -1, now)
+
+    async def _take(
+        self, tenant: str, count: int, *, lease_ms: int, now_arg: str
+    ) -> list[LeasedJob]:
+        keys = self.keys(tenant)
+        reply = await self._dequeue(
+            keys=[
+                keys.queue,
+                keys.leases,
+                keys.jobs,
+                keys.jstate,
+                keys.attempts,
+                keys.bmeta,
+                keys.canceled_batches,
+                keys.policy,
+                keys.queue_high,
+                keys.queue_low,
+            ],
+            args=[now_arg, int(lease_ms), int(count)],
+        )
+        left, now, has_policy = int(reply[0]), int(reply[1]), bool(int(reply[2]))
+        if left == 0:
+            await self._deactivate(tenant)
+        jobs = []
+        for i in range(3, len(reply), 5):
+            jid, raw, attempt, meta, canceled = reply[i : i + 5]
+            try:
+                params = json.loads(raw)
+            except ValueError:
+                params = None
+            if not isinstance(params, dict):  # a foreign producer's body: the worker ends
+                # the job as errored (empty params fail validation); the others go on
+                log.warning("job %s has a body that is not a JSON object", jid)
+                params = {}
+            batch_id, custom_id = split_job_id(jid)
+            parts = str(meta).split(" ")
+            enqueued = parts[0]
+            deadline = parts[1] if len(parts) > 1 else ""
+            priority = parts[2] if len(parts) > 2 else "normal"
+            jobs.append(
+                LeasedJob(
+                    tenant=tenant,
+                    id=jid,
+                    batch_id=batch_id,
+                    custom_id=custom_id,
+                    params=params,
+                    attempt=int(attempt),
+                    enqueued_ms=_int(enqueued, now),
+                    deadline_ms=_int(deadline, 0),
+                    leased_at_ms=now,
+                    canceled=bool(int(canceled)),
+                    orphaned=not has_policy,
+                    priority=priority,
+                )
+            )
+        return jobs
+
+    async def _deactivate(self, tenant: str) -> None:
+        # Remove first, then look again: a producer pushes before it activates, so a job
+        # pushed after this LLEN finds the tenant absent and activates it itself.
+        # Concurrent picks that all find the queue empty leave it to the first one: one
+        # skipped can at worst leave the tenant ready with nothing queued, which the next
+        # pick finds and removes; it can never leave queued jobs unready.
+        if tenant in self._deactivating:
+            return
+        self._deactivating.add(tenant)
+        try:
+            await self.redis.zrem(self.sched.ready, tenant)
+            if await self.queued(tenant) > 0:
+                await self.activate(tenant)
+        finally:
+            self._deactivating.discard(tenant)
+
+    async def queued(self, tenant: str) -> int:
+        """Jobs waiting in the tenant's queues (every priority)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for queue in self.keys(tenant).queues:
+                pipe.llen(queue)
+            return sum(int(n) for n in await pipe.execute())
+
+    async def requeue(self, job: LeasedJob, *, head: bool, count_attempt: bool) -> str:
+        """Give a leased job back: 'requeued', 'lost' (lease not held) or 'canceled' (its
+        batch is being canceled: the caller acks it as canceled)."""
+        keys = self.keys(job.tenant)
+        done = await self._requeue(
+            keys=[
+                keys.queue,
+                keys.leases,
+                keys.jstate,
+                keys.attempts,
+                keys.canceled_batches,
+                keys.bmeta,
+                keys.queue_high,
+                keys.queue_low,
+            ],
+            args=[job.id, "head" if head else "tail", "0" if count_attempt else "1", job.attempt],
+        )
+        return {0: "lost", 1: "requeued", 2: "canceled"}[int(done)]
+
+    async def defer(self, job: LeasedJob, until_ms: int) -> str:
+        """Return a deferred job to the head of its queue and park its tenant until then."""
+        outcome = await self.requeue(job, head=True, count_attempt=False)
+        if outcome == "requeued":
+            await self._park(
+                keys=[self.sched.ready, self.sched.parked], args=[job.tenant, until_ms]
+            )
+        return outcome
+
+    async def retry_later(self, job: LeasedJob) -> str:
+        """A failed attempt: the job goes to the tail of its queue."""
+        outcome = await self.requeue(job, head=False, count_attempt=True)
+        if outcome == "requeued":
+            await self.activate(job.tenant, wake=1)
+        return outcome
+
+    async def ack(
+        self, job: LeasedJob, outcome: str, result: dict[str, Any], *, dead: bool = False
+    ) -> bool:
+        return await self.finish(
+            job.tenant, job.id, job.batch_id, job.custom_id, outcome, result, dead=dead
+        )
+
+    async def finish(
+        self,
+        tenant: str,
+        jid: str,
+        batch_id: str,
+        custom_id: str,
+        outcome: str,
+        result: dict[str, Any],
+        *,
+        dead: bool = False,
+    ) -> bool:
+        """Record the terminal state of a job exactly once (False: it already had one)."""
+        if outcome not in TERMINAL_STATES:
+            raise ValueError(f"not a terminal state: {outcome}")
+        keys = self.keys(tenant)
+        line = json.dumps({"custom_id": custom_id, "result": result}, separators=(",", ":"))
+        done = await self._ack(
+            keys=[
+                keys.leases,
+                keys.jstate,
+                keys.results,
+                keys.batch(batch_id),
+                keys.dead,
+                keys.outcomes,
+                keys.jobs,
+            ],
+            args=[jid, outcome, line, "", "1" if dead else "0"],
+        )
+        return bool(done)
+
+    async def heartbeat(
+        self,
+        job: LeasedJob,
+        *,
+        lease_ms: int,
+        reservation_id: str | None = None,
+        hold_ms: int = 0,
+    ) -> bool:
+        keys = self.keys(job.tenant)
+        held = await self._heartbeat(
+            keys=[keys.leases, keys.resv_deadline],
+            args=["", job.id, int(lease_ms), reservation_id or "", int(hold_ms)],
+        )
+        return bool(held)
+
+    async def reclaim(
+        self, tenant: str, *, max_attempts: int, limit: int = 1000, now_ms: int | None = None
+    ) -> tuple[int, list[str]]:
+        """Requeue jobs whose lease expired; returns (requeued, ids to dead-letter)."""
+        keys = self.keys(tenant)
+        reply = await self._reclaim(
+            keys=[
+                keys.leases,
+                keys.queue,
+                keys.jstate,
+                keys.attempts,
+                keys.bmeta,
+                keys.queue_high,
+                keys.queue_low,
+            ],
+            args=["" if now_ms is None else str(now_ms), int(max_attempts), int(limit)],
+        )
+        requeued = int(reply[0])
+        if requeued:
+            await self.activate(tenant, wake=1)
+        return requeued, [str(x) for x in reply[1:]]
+
+    async def job_body(self, tenant: str, jid: str) -> dict[str, Any] | None:
+        """``{"batch_id", "custom_id", "params"}`` of a job, None when it is unknown."""
+        raw = await self.redis.hget(self.keys(tenant).jobs, jid)
+        if raw is None:
+            return None
+        batch_id, custom_id = split_job_id(jid)
+        return {"batch_id": batch_id, "custom_id": custom_id, "params": json.loads(raw)}
+
+    async def wait_for_work(self, timeout_s: float) -> str | None:
+        """Block until a producer signals work (or the timeout); returns the tenant named."""
+        reply = await self.redis.blpop([self.sched.wake], timeout=max(timeout_s, 0.01))
+        if reply is None:
+            return None
+        return str(reply[1])

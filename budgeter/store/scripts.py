@@ -1,0 +1,257 @@
+"""Loads the ``.lua`` files that live beside the package's modules.
+
+A script whose text contains ``-- needs: <file>.lua`` gets that helper file prepended, so
+shared Lua functions (calendar periods, server time) are written once.
+
+Script calls from many coroutines are pipelined: the calls made while the event loop
+runs one round, of every script on one client, go to Redis together, as one
+non-transactional pipeline (one write and one read instead of one round trip each). Each
+call is still its own atomic script; only the network trips are shared. (On Redis Cluster
+every call goes alone: redis-py's cluster pipeline would split the batch per node anyway.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import re
+from importlib import resources
+from typing import Any
+
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+MAX_BATCH = 512
+
+_NEEDS = re.compile(r"^-- needs: (\S+\.lua)$", re.MULTILINE)
+
+
+@functools.cache
+def lua_source(name: str) -> str:
+    """The full text of script ``name`` with its helpers prepended."""
+    text = resources.files("budgeter").joinpath("lua", name).read_text(encoding="utf-8")
+    helpers = [lua_source(helper) for helper in _NEEDS.findall(text)]
+    return "\n".join([*helpers, text])
+
+
+class RoundPipeline:
+    """The calls made on one Redis client while the event loop runs one round (script
+    calls of every script, and the commands given to :meth:`command`) go to Redis
+    together, as one non-transactional pipeline: one write and one read for all of them.
+    Each call keeps its own answer or error."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self._pending: list[tuple[tuple[Any, ...], Any, asyncio.Future[Any]]] = []
+        self._batchers: list[Any] = []  # BatchedScripts with calls gathered this round
+        self._scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def command(self, *args: Any, fallback: Any = None) -> asyncio.Future[Any]:
+        """Queue ``args`` (a command with its arguments) for this round's pipeline; the
+        future gets its reply. ``fallback``: a coroutine function that answers instead
+        when the reply is NoScriptError (the script is loaded again)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((args, fallback, future))
+        self._schedule()
+        return future
+
+    def join(self, batcher: Any) -> None:
+        """``batcher.emit()`` adds its gathered calls just before this round's pipeline
+        is sent."""
+        self._batchers.append(batcher)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        batchers, self._batchers = self._batchers, []
+        for batcher in batchers:  # their commands join this pipeline (still scheduled)
+            batcher.emit()
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), MAX_BATCH):
+            task = asyncio.ensure_future(self._send(pending[start : start + MAX_BATCH]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], Any, asyncio.Future[Any]]]) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for args, _, _ in batch:
+                    pipe.execute_command(*args)
+                replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:  # the connection failed even after its retries
+            replies = [exc] * len(batch)
+            if not isinstance(exc, Exception):
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                raise
+        for (_, fallback, future), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, NoScriptError) and fallback is not None:
+                reply = await _settled(fallback())  # Redis restarted: load it, call again
+            if future.done():  # its caller was cancelled
+                continue
+            if isinstance(reply, BaseException):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+
+def round_pipeline(redis: Any) -> RoundPipeline:
+    """The one RoundPipeline of ``redis`` (a plain client, not a cluster client), kept on
+    the client itself so that it lives and dies with it."""
+    found = getattr(redis, "_budgeter_round_pipeline", None)
+    if found is None:
+        found = RoundPipeline(redis)
+        redis._budgeter_round_pipeline = found
+    return found
+
+
+class PipelinedScript:
+    """An AsyncScript whose calls go in the client's round pipeline (same call signature)."""
+
+    def __init__(self, redis: Any, script: AsyncScript) -> None:
+        self.redis = redis
+        self.script = script
+        self.sha = script.sha
+        self.round = round_pipeline(redis)
+
+    async def __call__(self, keys: Any = (), args: Any = ()) -> Any:
+        return await self.submit(keys, args)
+
+    def submit(self, keys: Any, args: Any) -> asyncio.Future[Any]:
+        """Queue the call in this round's pipeline at once (no task): the future answers."""
+        keys, args = list(keys), list(args)
+        return self.round.command(
+            "EVALSHA",
+            self.sha,
+            len(keys),
+            *keys,
+            *args,
+            fallback=lambda: self.script(keys=keys, args=args),
+        )
+
+
+async def _settled(call: Any) -> Any:
+    try:
+        return await call
+    except Exception as exc:
+        return exc
+
+
+def register(redis: Any, name: str) -> Any:
+    """Register a script with an async Redis (or RedisCluster) client: an AsyncScript-like
+    callable ``await script(keys=[...], args=[...])`` with a ``sha``."""
+    script: AsyncScript = redis.register_script(lua_source(name))
+    if isinstance(redis, RedisCluster):
+        return script
+    return PipelinedScript(redis, script)
+
+
+class BatchedScript:
+    """A script that decides many requests in one call: ``ARGV = head + [items]`` where
+    the last argument is a JSON array of the items (each a JSON array: one argument
+    instead of several per item, since redis-py packs every argument in Python), answered
+    by one flat list of ``width`` values per item.
+
+    Calls made while the event loop runs one round, with the same keys and head, become
+    one script call (up to ``max_items`` items; all keys of one call share a hash tag, so
+    this holds on Redis Cluster too). Calls with other keys go in the same pipeline.
+    Each item's answer is what a call for that item alone, in that order, would give.
+    """
+
+    def __init__(
+        self, redis: Any, name: str, *, width: int, max_items: int = 256, stagger_at: int = 48
+    ) -> None:
+        self.script = register(redis, name)
+        self.width = width
+        self.stagger_at = stagger_at
+        self.sha = self.script.sha
+        self.max_items = max_items
+        self._groups: dict[tuple[tuple[str, ...], tuple[Any, ...]], list[Any]] = {}
+        self._scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, keys: tuple[str, ...], head: tuple[Any, ...], item: list[Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._groups.setdefault((keys, head), []).append((item, future))
+        if not self._scheduled:
+            self._scheduled = True
+            if isinstance(self.script, PipelinedScript):  # emitted into the round pipeline
+                self.script.round.join(self)
+            else:
+                asyncio.get_running_loop().call_soon(self.emit)
+        return await future
+
+    def emit(self) -> None:
+        """Send the calls gathered this round: one script call per keys, head and chunk.
+
+        A group of ``stagger_at`` calls or more sends half now and half one round later:
+        Redis decides the first half while this process packs the second, and from then
+        on the two halves come back, and are asked again, at different moments, so this
+        process and Redis work at the same time instead of in turn."""
+        self._scheduled = False
+        groups, self._groups = self._groups, {}
+        later: dict[tuple[tuple[str, ...], tuple[Any, ...]], list[Any]] = {}
+        for group, calls in groups.items():
+            if len(calls) >= self.stagger_at:
+                half = len(calls) // 2
+                groups[group], later[group] = calls[:half], calls[half:]
+        if later:
+            for group, calls in later.items():
+                self._groups.setdefault(group, []).extend(calls)
+            self._scheduled = True
+            loop = asyncio.get_running_loop()
+            if isinstance(self.script, PipelinedScript):
+                loop.call_soon(self.script.round.join, self)
+            else:
+                loop.call_soon(loop.call_soon, self.emit)
+        for (keys, head), calls in groups.items():
+            for start in range(0, len(calls), self.max_items):
+                chunk = calls[start : start + self.max_items]
+                try:
+                    items = json.dumps([item for item, _ in chunk], separators=(",", ":"))
+                except (TypeError, ValueError) as exc:  # never leave a caller waiting
+                    self._deliver(chunk, exc)
+                    continue
+                args = [*head, items]
+                if isinstance(self.script, PipelinedScript):  # into this round's pipeline
+                    sent = self.script.submit(keys, args)
+                    sent.add_done_callback(functools.partial(self._answered, chunk))
+                else:
+                    task = asyncio.ensure_future(self._send(keys, args, chunk))
+                    self._sending.add(task)
+                    task.add_done_callback(self._sending.discard)
+
+    async def _send(self, keys: tuple[str, ...], args: list[Any], calls: list[Any]) -> None:
+        try:
+            flat = await self.script(keys=keys, args=args)
+        except Exception as exc:
+            flat = exc
+        self._deliver(calls, flat)
+
+    def _answered(self, calls: list[Any], sent: asyncio.Future[Any]) -> None:
+        if sent.cancelled():
+            self._deliver(calls, asyncio.CancelledError())
+        else:
+            self._deliver(calls, sent.exception() or sent.result())
+
+    def _deliver(self, calls: list[Any], flat: Any) -> None:
+        if not isinstance(flat, BaseException) and len(flat) != len(calls) * self.width:
+            flat = RuntimeError(f"{len(flat)} values for {len(calls)} items")
+        if isinstance(flat, BaseException):
+            for _, future in calls:
+                if not future.done():
+                    future.set_exception(flat)
+            return
+        width = self.width
+        for n, (_, future) in enumerate(calls):
+            if not future.done():  # its caller was cancelled
+                future.set_result(flat[n * width : (n + 1) * width])

@@ -1,0 +1,190 @@
+"""Tenant API keys: created by the admin, shown once, stored only as SHA-256 hashes.
+
+A key found valid is remembered in-process for ``KEY_CACHE_SECONDS`` after the lookup
+that confirmed it (the API then authenticates without a Redis round trip); a key in use
+past half that age is confirmed again in the background, so steady traffic never waits on
+Redis here. Revoking a key or deleting its tenant drops it from this process's cache at
+once; other processes stop accepting it within ``KEY_CACHE_SECONDS``. Unknown keys are
+never cached: a new key works at once, and every failure still reaches Redis (and the
+failed-authentication throttle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from budgeter.store.keys import TenantKeys, key_index_key
+
+log = logging.getLogger("budgeter.api")
+
+KEY_PREFIX = "sk-bgt-"
+KEY_CACHE_SECONDS = 1.0  # the bound on how long a revoked key still works elsewhere
+KEY_CACHE_MAX = 10_000
+
+
+def hash_key(key: str) -> str:
+    # a header value that was not UTF-8 reaches us with its bytes as lone surrogates
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    tenant: str
+    key_id: str
+
+
+def _clock() -> float:
+    return time.monotonic()
+
+
+class _PrincipalCache:
+    """Valid keys of this process: (prefix, key hash) -> (principal, expiry on the
+    monotonic clock: the start of the confirming lookup + the cache time). One per
+    process, so a revocation through any KeyStore (the admin API, TenantStore.delete)
+    drops the entry for every KeyStore of the process."""
+
+    def __init__(self, max_entries: int = KEY_CACHE_MAX) -> None:
+        self.max_entries = max_entries
+        self.entries: dict[tuple[str, str], tuple[Principal, float]] = {}
+        self.generation = 0  # bumped by every drop: a lookup racing a revocation stores nothing
+
+    def get(self, prefix: str, digest: str, now: float) -> tuple[Principal, float] | None:
+        """(principal, expiry) of a valid entry."""
+        found = self.entries.get((prefix, digest))
+        if found is None:
+            return None
+        if found[1] <= now:
+            del self.entries[(prefix, digest)]
+            return None
+        return found
+
+    def put(self, prefix: str, digest: str, principal: Principal, expires: float) -> None:
+        if len(self.entries) >= self.max_entries:
+            now = _clock()
+            self.entries = {k: v for k, v in self.entries.items() if v[1] > now}
+            while len(self.entries) >= self.max_entries:  # all fresh: drop the oldest
+                del self.entries[next(iter(self.entries))]
+        self.entries[(prefix, digest)] = (principal, expires)
+
+    def drop(self, prefix: str, digests: list[str], tenant: str | None = None) -> None:
+        self.generation += 1
+        for digest in digests:
+            self.entries.pop((prefix, digest), None)
+        if tenant is not None:
+            stale = [
+                k for k, (who, _) in self.entries.items() if k[0] == prefix and who.tenant == tenant
+            ]
+            for k in stale:
+                del self.entries[k]
+
+
+_CACHE = _PrincipalCache()
+
+
+class KeyStore:
+    """``cache_s`` > 0 (the API): valid keys are remembered that long (see the module)."""
+
+    def __init__(self, redis: Any, *, prefix: str = "budgeter", cache_s: float = 0.0) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.index = key_index_key(prefix)
+        self.cache_s = cache_s
+        self._confirming: dict[str, asyncio.Task[None]] = {}
+
+    async def create(self, tenant: str) -> tuple[str, str]:
+        """A new key for ``tenant``: returns (key id, key). The key is not kept."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        key_id = "key_" + secrets.token_hex(8)
+        digest = hash_key(key)
+        meta = {"id": key_id, "created_at_ms": int(time.time() * 1000), "hint": key[-4:]}
+        await self.redis.hset(
+            TenantKeys.of(self.prefix, tenant).api_keys, key_id, json.dumps(meta | {"hash": digest})
+        )
+        await self.redis.hset(self.index, digest, f"{tenant} {key_id}")
+        return key_id, key
+
+    async def list(self, tenant: str) -> list[dict[str, Any]]:
+        raw = await self.redis.hvals(TenantKeys.of(self.prefix, tenant).api_keys)
+        keys = [json.loads(item) for item in raw]
+        for key in keys:
+            key.pop("hash", None)
+        return sorted(keys, key=lambda k: k["created_at_ms"])
+
+    async def revoke(self, tenant: str, key_id: str) -> bool:
+        keys = TenantKeys.of(self.prefix, tenant)
+        raw = await self.redis.hget(keys.api_keys, key_id)
+        if raw is None:
+            return False
+        digest = json.loads(raw)["hash"]
+        _CACHE.drop(self.prefix, [digest])
+        try:
+            await self.redis.hdel(self.index, digest)
+            await self.redis.hdel(keys.api_keys, key_id)
+        finally:
+            _CACHE.drop(self.prefix, [digest])  # and what a racing lookup may have stored
+        return True
+
+    async def revoke_all(self, tenant: str) -> None:
+        keys = TenantKeys.of(self.prefix, tenant)
+        _CACHE.drop(self.prefix, [], tenant)
+        try:
+            for raw in await self.redis.hvals(keys.api_keys):
+                await self.redis.hdel(self.index, json.loads(raw)["hash"])
+            await self.redis.delete(keys.api_keys)
+        finally:
+            _CACHE.drop(self.prefix, [], tenant)
+
+    async def authenticate(self, key: str) -> Principal | None:
+        if not key:
+            return None
+        digest = hash_key(key)
+        if self.cache_s <= 0:
+            return await self._lookup(digest)
+        now = _clock()
+        cached = _CACHE.get(self.prefix, digest, now)
+        if cached is not None:
+            principal, expires = cached
+            if expires - now < self.cache_s / 2 and digest not in self._confirming:
+                self._confirming[digest] = asyncio.create_task(self._confirm(digest))
+            return principal
+        return await self._lookup_and_remember(digest)
+
+    async def _lookup_and_remember(self, digest: str) -> Principal | None:
+        started = _clock()  # the bound runs from before the read
+        generation = _CACHE.generation
+        principal = await self._lookup(digest)
+        if principal is None:
+            _CACHE.entries.pop((self.prefix, digest), None)  # revoked elsewhere
+        elif _CACHE.generation == generation:
+            _CACHE.put(self.prefix, digest, principal, started + self.cache_s)
+        return principal
+
+    async def _confirm(self, digest: str) -> None:
+        """Read a remembered key again in the background (revoked: forget it now)."""
+        try:
+            await self._lookup_and_remember(digest)
+        except Exception as exc:  # it simply expires; the next request reads Redis
+            log.warning("could not confirm an API key: %s", type(exc).__name__)
+        finally:
+            self._confirming.pop(digest, None)
+
+    async def aclose(self) -> None:
+        """Stop the background confirmations (the app is shutting down)."""
+        tasks = list(self._confirming.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _lookup(self, digest: str) -> Principal | None:
+        found = await self.redis.hget(self.index, digest)
+        if found is None:
+            return None
+        tenant, _, key_id = str(found).partition(" ")
+        return Principal(tenant, key_id)

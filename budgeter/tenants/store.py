@@ -1,0 +1,57 @@
+"""Tenant policies in Redis: put, get, list, delete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from budgeter.domain.policy import TenantPolicy, check_tenant_id
+from budgeter.store.keys import SchedKeys, TenantKeys
+from budgeter.tenants.credentials import KeyStore
+
+
+class TenantStore:
+    def __init__(self, redis: Any, *, prefix: str = "budgeter") -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.sched = SchedKeys(prefix)
+
+    async def put(self, tenant: str, policy: TenantPolicy) -> None:
+        """Create or replace a tenant's policy (the flat hash admission/reserve.lua reads)."""
+        keys = TenantKeys.of(self.prefix, tenant)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.policy)
+            pipe.hset(keys.policy, mapping=policy.redis_fields())
+            await pipe.execute()
+        # the scheduler's copy lives in its own slot
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.sched.weight, tenant, repr(float(policy.weight)))
+            pipe.sadd(self.sched.tenants, tenant)
+            pipe.sadd(self.sched.known, tenant)
+            await pipe.execute()
+
+    async def get(self, tenant: str) -> TenantPolicy | None:
+        raw = await self.redis.hget(TenantKeys.of(self.prefix, tenant).policy, "json")
+        return None if raw is None else TenantPolicy.model_validate_json(raw)
+
+    async def exists(self, tenant: str) -> bool:
+        return bool(await self.redis.exists(TenantKeys.of(self.prefix, tenant).policy))
+
+    async def list(self) -> list[str]:
+        return sorted(await self.redis.smembers(self.sched.tenants))
+
+    async def known(self) -> list[str]:
+        """Tenants with a policy and deleted ones: maintenance looks after both."""
+        return sorted(await self.redis.smembers(self.sched.known))
+
+    async def delete(self, tenant: str) -> bool:
+        """Remove the policy and revoke the tenant's API keys (a tenant created again later
+        never inherits them); queued work of the tenant is refused from then on."""
+        check_tenant_id(tenant)
+        removed = await self.redis.delete(TenantKeys.of(self.prefix, tenant).policy)
+        await KeyStore(self.redis, prefix=self.prefix).revoke_all(tenant)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.srem(self.sched.tenants, tenant)
+            pipe.hdel(self.sched.weight, tenant)
+            pipe.hdel(self.sched.cost, tenant)
+            await pipe.execute()
+        return bool(removed)

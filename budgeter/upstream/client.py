@@ -1,0 +1,329 @@
+"""Async client for an Anthropic-compatible Messages API (messages and count_tokens routes).
+
+Retries retryable statuses and connection errors with exponential backoff and full jitter,
+honouring ``retry-after``; any other client error is final. Never logs the API key or headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+
+from budgeter.domain.results import error_body as anthropic_error
+
+log = logging.getLogger("budgeter.upstream")
+
+ANTHROPIC_VERSION = "2023-06-01"
+COUNT_TOKENS_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice", "thinking"})
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
+
+_STATUS_ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def count_tokens_body(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The subset of a Messages request that ``/v1/messages/count_tokens`` accepts."""
+    return {key: value for key, value in params.items() if key in COUNT_TOKENS_FIELDS}
+
+
+def _is_error_body(payload: Any) -> bool:
+    return (
+        isinstance(payload, dict)
+        and payload.get("type") == "error"
+        and isinstance(payload.get("error"), dict)
+    )
+
+
+def _retry_after_s(headers: Mapping[str, str]) -> float | None:
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) * scale
+        except ValueError:
+            continue  # an HTTP-date or garbage: fall back to the jittered backoff
+        if value >= 0:
+            return value
+    return None
+
+
+class UpstreamError(Exception):
+    """The upstream call failed for good.
+
+    ``status`` is the HTTP status (0 for connection errors and timeouts), ``body`` an
+    Anthropic-shaped error body (the upstream's own when it sent one), ``retryable`` whether
+    the failure was transient (retries exhausted) rather than a final refusal, and
+    ``maybe_served`` whether the request may have been served (and billed) anyway: a
+    timeout or a connection lost after the request was sent.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        body: dict[str, Any],
+        *,
+        retryable: bool,
+        maybe_served: bool = False,
+    ) -> None:
+        error = body.get("error") if isinstance(body.get("error"), dict) else {}
+        super().__init__(
+            f"upstream {status or 'error'}: {error.get('type')}: {error.get('message')}"
+        )
+        self.status = status
+        self.body = body
+        self.retryable = retryable
+        self.maybe_served = maybe_served
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout_s: float = 600.0,
+        count_timeout_s: float = 30.0,
+        max_attempts: int = 5,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+        observe: Callable[[str, str, float], None] | None = None,
+        on_rate_limited: Callable[[str, float], Awaitable[Any]] | None = None,
+    ) -> None:
+        self._session = session
+        self.base_url = base_url.rstrip("/")
+        self._headers = {
+            "x-api-key": api_key,
+            "anthropic-version": ANTHROPIC_VERSION,
+            "content-type": "application/json",
+        }
+        self.timeout_s = timeout_s
+        self.count_timeout_s = count_timeout_s
+        self.max_attempts = max(1, max_attempts)
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._sleep = sleep
+        self._rand = rand
+        self._observe = observe
+        self.on_rate_limited = on_rate_limited  # (model, seconds): the upstream said 429
+
+    def __repr__(self) -> str:  # keeps the key out of any repr that reaches a log
+        return f"UpstreamClient(base_url={self.base_url!r})"
+
+    async def count_tokens(self, params: Mapping[str, Any]) -> int:
+        body = count_tokens_body(params)
+        answer = await self._post(
+            "count_tokens", "/v1/messages/count_tokens", body, self.count_timeout_s
+        )
+        tokens = answer.get("input_tokens")
+        if not isinstance(tokens, int) or isinstance(tokens, bool):
+            raise UpstreamError(
+                200,
+                anthropic_error("api_error", "count_tokens answer lacks input_tokens"),
+                retryable=False,
+            )
+        return tokens
+
+    async def create_message(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return (await self.create_message_raw(params))[0]
+
+    async def create_message_raw(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], bytes]:
+        """The answer parsed and as the upstream sent it (a proxy forwards those bytes
+        rather than encoding the message again)."""
+        return await self._post_raw("messages", "/v1/messages", params, self.timeout_s)
+
+    @asynccontextmanager
+    async def open_stream(self, params: Mapping[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST /v1/messages with ``stream: true``; yields the open 2xx response.
+
+        Retries like the other calls, but only until the first byte of a 2xx answer: once
+        events flow, a failure is the caller's to report (it may already have forwarded them).
+        """
+        url = self.base_url + "/v1/messages"
+        data = json.dumps({**params, "stream": True}).encode()
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.count_timeout_s)
+        for attempt in range(1, self.max_attempts + 1):
+            retry_after: float | None = None
+            started = time.perf_counter()
+            try:
+                response = await self._session.post(
+                    url, data=data, headers=self._headers, timeout=timeout
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self._record("messages_stream", "error", started)
+                error = UpstreamError(
+                    0,
+                    anthropic_error("api_error", f"upstream unreachable: {type(exc).__name__}"),
+                    retryable=True,
+                )
+            else:
+                self._record("messages_stream", str(response.status), started)
+                if 200 <= response.status < 300:
+                    try:
+                        yield response
+                    finally:
+                        response.release()
+                    return
+                raw = await response.read()
+                response.release()
+                error = _status_error(response.status, raw)
+                if not error.retryable:
+                    raise error
+                retry_after = _retry_after_s(response.headers)
+                if response.status == 429:
+                    await self._rate_limited(params, retry_after)
+            if attempt == self.max_attempts:
+                raise error
+            await self._sleep(self.backoff_s(attempt, retry_after))
+
+    async def ping(self) -> bool:
+        """Readiness: does the upstream answer HTTP (below 500) at all. Never raises."""
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.count_timeout_s)
+            async with self._session.get(self.base_url + "/", timeout=timeout) as response:
+                return response.status < 500
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.warning("upstream ping failed: %s", type(exc).__name__)
+            return False
+
+    def backoff_s(self, attempt: int, retry_after: float | None) -> float:
+        """Delay before the attempt after ``attempt`` (1-based)."""
+        delay = self._rand() * min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
+        if retry_after is not None:
+            delay = min(max(retry_after, delay), self.backoff_max_s * 2)
+        return delay
+
+    async def _post(
+        self, route: str, path: str, body: Mapping[str, Any], timeout_s: float
+    ) -> dict[str, Any]:
+        return (await self._post_raw(route, path, body, timeout_s))[0]
+
+    async def _post_raw(
+        self, route: str, path: str, body: Mapping[str, Any], timeout_s: float
+    ) -> tuple[dict[str, Any], bytes]:
+        url = self.base_url + path
+        data = json.dumps(body).encode()
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        for attempt in range(1, self.max_attempts + 1):
+            retry_after: float | None = None
+            started = time.perf_counter()
+            try:
+                async with self._session.post(
+                    url, data=data, headers=self._headers, timeout=timeout
+                ) as response:
+                    status = response.status
+                    raw = await response.read()
+                    headers = response.headers
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self._record(route, "error", started)
+                timed_out = isinstance(exc, TimeoutError)
+                # Not connected at all: safe to retry. Sent but no answer: a message may
+                # have been generated and billed, so it is not sent a second time.
+                maybe_served = route == "messages" and not isinstance(
+                    exc, aiohttp.ClientConnectorError
+                )
+                error = UpstreamError(
+                    0,
+                    anthropic_error(
+                        "timeout_error" if timed_out else "api_error",
+                        f"upstream {'timed out' if timed_out else 'unreachable'}: "
+                        f"{type(exc).__name__}",
+                    ),
+                    retryable=True,
+                    maybe_served=maybe_served,
+                )
+                if maybe_served:
+                    log.warning(
+                        "upstream messages call lost after sending (%s)", type(exc).__name__
+                    )
+                    raise error from None
+                reason = type(exc).__name__
+            else:
+                self._record(route, str(status), started)
+                payload = _parse_json(raw)
+                if 200 <= status < 300:
+                    if isinstance(payload, dict):
+                        return payload, raw
+                    raise UpstreamError(
+                        status,
+                        anthropic_error("api_error", "upstream answered non-JSON"),
+                        retryable=False,
+                    )
+                error = _status_error(status, raw)
+                if not error.retryable:
+                    log.info("upstream %s refused with HTTP %d (final)", route, status)
+                    raise error
+                retry_after = _retry_after_s(headers)
+                reason = f"HTTP {status}"
+                if status == 429 and route == "messages":
+                    await self._rate_limited(body, retry_after)
+            remaining = self.max_attempts - attempt
+            if remaining == 0:
+                log.warning(
+                    "upstream %s failed on attempt %d (%s); no tries left", route, attempt, reason
+                )
+                raise error
+            delay = self.backoff_s(attempt, retry_after)
+            log.warning(
+                "upstream %s failed on attempt %d (%s); retrying in %.2fs, %d tries left",
+                route,
+                attempt,
+                reason,
+                delay,
+                remaining,
+            )
+            await self._sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _rate_limited(self, params: Mapping[str, Any], retry_after: float | None) -> None:
+        """Tell every process that the upstream paused this model (never raises)."""
+        if self.on_rate_limited is None:
+            return
+        try:
+            await self.on_rate_limited(
+                str(params.get("model", "")), retry_after if retry_after is not None else 1.0
+            )
+        except Exception:
+            log.warning("could not record the upstream's pause", exc_info=True)
+
+    def _record(self, route: str, status: str, started: float) -> None:
+        if self._observe is not None:
+            self._observe(route, status, time.perf_counter() - started)
+
+
+def _status_error(status: int, raw: bytes) -> UpstreamError:
+    payload = _parse_json(raw)
+    body = (
+        payload
+        if _is_error_body(payload)
+        else anthropic_error(
+            _STATUS_ERROR_TYPES.get(status, "api_error"), f"upstream HTTP {status}"
+        )
+    )
+    return UpstreamError(status, body, retryable=status in RETRYABLE_STATUSES)
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None

@@ -1,0 +1,42 @@
+"""``budgeter mock-upstream``: serve the built-in mock Messages API until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pydantic import ValidationError
+
+from budgeter.domain.messages import first_error
+from budgeter.serving import serve_app, stop_event_on_signals
+from budgeter.upstream.mock import MockConfig, create_app
+
+log = logging.getLogger("budgeter.mock_upstream")
+
+
+class MockArgsError(ValueError):
+    pass
+
+
+def mock_config_from_args(args: argparse.Namespace) -> MockConfig:
+    kinds = [kind.strip() for kind in args.fault_kinds.split(",") if kind.strip()]
+    try:
+        return MockConfig(
+            latency_ms=args.latency_ms,
+            fault_rate=args.fault_rate,
+            fault_kinds=kinds,
+            retry_after_s=args.retry_after,
+            seed=args.seed,
+        )
+    except ValidationError as exc:
+        raise MockArgsError(f"invalid mock option: {first_error(exc)}") from None
+
+
+async def run_mock_upstream(args: argparse.Namespace) -> int:
+    config = mock_config_from_args(args)
+    stop = stop_event_on_signals()
+    async with serve_app(create_app(config), args.host, args.port) as port:
+        log.info("mock upstream listening", extra={"url": f"http://{args.host}:{port}"})
+        await stop.wait()
+    log.info("mock upstream stopped")
+    return 0

@@ -1,0 +1,160 @@
+"""Counting a request's input tokens with the upstream, cached by content hash."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from redis.asyncio.cluster import RedisCluster
+
+from budgeter.metrics import Metrics
+from budgeter.store.keys import count_cache_key
+from budgeter.store.scripts import round_pipeline
+from budgeter.tenants.store import TenantStore
+from budgeter.upstream.client import UpstreamClient, UpstreamError, count_tokens_body
+
+log = logging.getLogger(__name__)
+
+# An image or document block counts as this many tokens in the local estimate (its base64
+# data would otherwise count as text); Anthropic's images cost at most about 1,600 tokens.
+ATTACHMENT_TOKENS = 1600
+
+
+def payload_digest(body: Mapping[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def local_estimate(params: Mapping[str, Any], margin: float) -> int:
+    """A conservative input-token estimate without the upstream: one token per 3 bytes of
+    the JSON that count_tokens would see (English runs near 4 characters per token),
+    attachments at ``ATTACHMENT_TOKENS``, times ``margin``."""
+    body = {k: v for k, v in count_tokens_body(params).items() if k != "model"}
+    attachments = 0
+
+    def strip(value: Any) -> Any:
+        nonlocal attachments
+        if isinstance(value, dict):
+            if value.get("type") in ("image", "document") and isinstance(value.get("source"), dict):
+                attachments += 1
+                return {"type": value["type"]}
+            return {k: strip(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    text = json.dumps(strip(body), ensure_ascii=False, separators=(",", ":"))
+    tokens = len(text.encode()) / 3 + attachments * ATTACHMENT_TOKENS
+    return math.ceil(tokens * margin) + 8
+
+
+class CountCacheIO:
+    """The count cache's reads and writes go in the client's round pipeline, with the
+    other calls of the same event-loop round (scripts of the jobs moving with them), so a
+    job costs no round trip of its own here. A SET is not waited for: the cache is only an
+    optimisation, and a lost write costs one more count_tokens call. (On Redis Cluster,
+    where keys live on different nodes, each call goes alone.)"""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self.round = None if isinstance(redis, RedisCluster) else round_pipeline(redis)
+
+    async def get(self, key: str) -> Any:
+        if self.round is None:
+            return await self.redis.get(key)
+        return await self.round.command("GET", key)
+
+    async def set(self, key: str, value: int, ttl_s: int) -> None:
+        if self.round is None:
+            await self.redis.set(key, value, ex=ttl_s)
+            return
+        self.round.command("SET", key, value, "EX", ttl_s).add_done_callback(_log_failed_write)
+
+
+def _log_failed_write(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("count cache write failed: %s", future.exception())
+
+
+class TokenCounter:
+    def __init__(
+        self,
+        redis: Any,
+        upstream: UpstreamClient,
+        *,
+        prefix: str = "budgeter",
+        ttl_s: int = 3600,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.redis = redis
+        self.upstream = upstream
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.metrics = metrics
+        self.tenants = TenantStore(redis, prefix=prefix)
+        self.cache = CountCacheIO(redis)
+
+    async def count_for(self, tenant: str, params: Mapping[str, Any]) -> int:
+        """Like :meth:`count`; when count_tokens keeps failing (after the client's own
+        retries) and the tenant's policy says ``on_count_failure: estimate``, a local
+        estimate instead. The reservation is settled against real usage either way."""
+        try:
+            return await self.count(params)
+        except UpstreamError as exc:
+            if not (exc.retryable or exc.status >= 500):
+                raise  # the upstream said the request itself is wrong
+            policy = await self.tenants.get(tenant)
+            if policy is None or policy.on_count_failure != "estimate":
+                raise
+            if self.metrics is not None:
+                self.metrics.count_estimated.labels(self.metrics.tenant(tenant)).inc()
+            return local_estimate(params, policy.estimate_margin)
+
+    async def count(self, params: Mapping[str, Any]) -> int:
+        """Input tokens of ``params`` (only the fields count_tokens accepts are sent)."""
+        body = count_tokens_body(params)
+        if self.ttl_s <= 0:
+            return await self.upstream.count_tokens(body)
+        key = count_cache_key(self.prefix, payload_digest(body))
+        cached = await self.cache.get(key)
+        if cached is not None:
+            self._hit("hit")
+            return int(cached)
+        self._hit("miss")
+        tokens = await self.upstream.count_tokens(body)
+        await self.cache.set(key, tokens, self.ttl_s)
+        return tokens
+
+    def _hit(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count_cache.labels(result).inc()
+
+
+def upstream_and_counter(
+    session: Any, redis: Any, settings: Any, metrics: Metrics, global_limits: Any = None
+) -> tuple[UpstreamClient, TokenCounter]:
+    """The upstream client and the cached token counter every process builds the same way
+    from its settings (``budgeter.settings.Settings``). With ``global_limits`` (a
+    budgeter.admission.global_limits.GlobalLimits), an upstream 429 pauses the model everywhere."""
+    upstream = UpstreamClient(
+        session,
+        settings.upstream_url,
+        settings.upstream_api_key.get_secret_value(),
+        timeout_s=settings.upstream_timeout_seconds,
+        max_attempts=settings.upstream_max_attempts,
+        observe=metrics.observe_upstream,
+        on_rate_limited=global_limits.pause if global_limits is not None else None,
+    )
+    counter = TokenCounter(
+        redis,
+        upstream,
+        prefix=settings.key_prefix,
+        ttl_s=settings.count_cache_ttl_seconds,
+        metrics=metrics,
+    )
+    return upstream, counter

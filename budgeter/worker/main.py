@@ -1,0 +1,62 @@
+"""``budgeter worker``: one process, many coroutines, /metrics on --metrics-port."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from budgeter.admission.admission import admission_from_settings
+from budgeter.api.health import HealthState, add_health_routes
+from budgeter.metrics import Metrics
+from budgeter.serving import serve_app, stop_event_on_signals, upstream_session
+from budgeter.settings import Settings
+from budgeter.store.client import redis_from_settings
+from budgeter.upstream.token_counter import upstream_and_counter
+from budgeter.worker.worker import Worker, WorkerConfig
+
+log = logging.getLogger("budgeter.worker")
+
+
+def worker_config(settings: Settings, concurrency: int) -> WorkerConfig:
+    return WorkerConfig(
+        concurrency=concurrency,
+        lease_ms=int(settings.lease_seconds * 1000),
+        reservation_grace_ms=int(settings.reservation_grace_seconds * 1000),
+        max_attempts=settings.max_attempts,
+        drain_s=settings.drain_seconds,
+        maintenance_interval_s=settings.maintenance_seconds,
+        results_retention_ms=int(settings.results_retention_days * 86_400_000),
+        prefix=settings.key_prefix,
+    )
+
+
+async def run_worker(settings: Settings, *, concurrency: int, host: str, port: int) -> int:
+    stop = stop_event_on_signals()
+    metrics = Metrics(max_tenants=settings.metrics_max_tenants)
+    async with (
+        redis_from_settings(settings) as redis,
+        upstream_session(settings) as session,
+    ):
+        admission = admission_from_settings(redis, settings)
+        upstream, counter = upstream_and_counter(
+            session, redis, settings, metrics, admission.global_limits
+        )
+        worker = Worker(
+            redis=redis,
+            upstream=upstream,
+            config=worker_config(settings, concurrency),
+            metrics=metrics,
+            counter=counter,
+            admission=admission,
+        )
+        app = web.Application()
+        add_health_routes(app, HealthState(metrics, redis, upstream))
+        async with serve_app(app, host, port) as bound:
+            log.info(
+                "worker started",
+                extra={"concurrency": concurrency, "metrics": f"http://{host}:{bound}/metrics"},
+            )
+            await worker.run(stop)
+        log.info("worker stopped", extra={"processed": worker.processed})
+    return 0
