@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from budgeter.domain.jobs import TERMINAL_STATES
 from budgeter.queue.jobqueue import oldest_queued_age_s
 from budgeter.store.keys import SchedKeys, TenantKeys
+from budgeter.store.server_time import server_time_ms
+from budgeter.store.types import RedisClient
 
 OTHER = "other"
-TERMINAL_OUTCOMES = ("succeeded", "errored", "canceled", "expired")
+TERMINAL_OUTCOMES = TERMINAL_STATES
 
 
 class BoundedLabel:
@@ -201,7 +203,7 @@ class Metrics:
 
 
 async def refresh_state_metrics(
-    redis: Any, metrics: Metrics, tenants: list[str], *, prefix: str = "budgeter"
+    redis: RedisClient, metrics: Metrics, tenants: list[str], *, prefix: str = "budgeter"
 ) -> None:
     """Read the values that live in Redis (queue depth, age, inflight, budget remaining,
     the durable job counters).
@@ -215,8 +217,7 @@ async def refresh_state_metrics(
     """
     from budgeter.tenants.usage import tenant_usage  # usage imports nothing of metrics
 
-    seconds, micros = await redis.time()
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    now_ms = await server_time_ms(redis)
     depth: dict[str, float] = {}
     inflight: dict[str, float] = {}
     age: dict[str, float] = {}
@@ -250,9 +251,10 @@ async def refresh_state_metrics(
 
 
 async def _refresh_durable(
-    redis: Any, metrics: Metrics, tenants: list[str], *, prefix: str
+    redis: RedisClient, metrics: Metrics, tenants: list[str], *, prefix: str
 ) -> None:
-    known = sorted(set(tenants) | set(await redis.smembers(SchedKeys(prefix).known)))
+    members = await redis.smembers(SchedKeys(prefix).known)  # str: decode_responses
+    known = sorted(set(tenants) | {str(member) for member in members})
     async with redis.pipeline(transaction=False) as pipe:
         for tenant in known:
             pipe.hgetall(TenantKeys.of(prefix, tenant).outcomes)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Any, Literal, NoReturn, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
@@ -27,11 +28,14 @@ _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+JsonValue: TypeAlias = "dict[str, JsonValue] | list[JsonValue] | str | int | float | bool | None"
+
+
 class JsonInputError(ValueError):
     """Input that is not strict JSON; the message is one line."""
 
 
-def _no_constant(name: str) -> Any:
+def _no_constant(name: str) -> NoReturn:
     raise JsonInputError(f"{name} is not a JSON value")
 
 
@@ -49,13 +53,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _check_tree(value: Any, *, surrogates: bool) -> None:
+def _check_tree(value: JsonValue, *, surrogates: bool) -> None:
     """Nesting at most MAX_JSON_DEPTH; no lone surrogates (only looked for when asked)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    stack: list[tuple[JsonValue, int]] = [(value, 1)]
     while stack:
         node, depth = stack.pop()
         if isinstance(node, dict):
-            children: Any = node.values()
+            children: Iterable[JsonValue] = node.values()
             if surrogates and any(_SURROGATE.search(key) for key in node):
                 raise JsonInputError("a string holds a lone UTF-16 surrogate")
         elif isinstance(node, list):
@@ -69,7 +73,7 @@ def _check_tree(value: Any, *, surrogates: bool) -> None:
         stack.extend((child, depth + 1) for child in children)
 
 
-def parse_json(raw: bytes) -> Any:
+def parse_json(raw: bytes) -> JsonValue:
     """Strict JSON from bytes: UTF-8, no NaN/Infinity, finite floats, 64-bit integers, no
     lone surrogates, at most MAX_JSON_DEPTH levels; else :class:`JsonInputError`."""
     try:
@@ -79,7 +83,7 @@ def parse_json(raw: bytes) -> Any:
             f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
         ) from None
     try:
-        value = json.loads(
+        value: JsonValue = json.loads(
             text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_int64
         )
     except JsonInputError:

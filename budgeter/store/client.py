@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -17,6 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budgeter.settings import Settings
 from budgeter.store.embedded import EmbeddedRedis, running_embedded_url
+from budgeter.store.types import RedisClient, ScriptArg
 
 
 class HiredisPacking:
@@ -25,13 +25,14 @@ class HiredisPacking:
     with a space, None, bool, ...) goes to redis-py's packer, which accepts it or raises
     its usual error; the bytes sent are the same."""
 
-    def pack_command(self, *args: Any) -> list[bytes]:
+    def pack_command(self, *args: ScriptArg) -> list[bytes]:
         if not (isinstance(args[0], str) and " " in args[0]):
             try:
-                return [hiredis.pack_command(args)]
+                return [hiredis.pack_command(args)]  # type: ignore[arg-type]  # stub: 1-tuple
             except TypeError:
                 pass
-        return super().pack_command(*args)  # type: ignore[misc]
+        packed: list[bytes] = super().pack_command(*args)  # type: ignore[misc]  # mixed in
+        return packed
 
 
 def _hiredis_packing(connection_class: type) -> type:
@@ -39,7 +40,7 @@ def _hiredis_packing(connection_class: type) -> type:
     return type(name, (HiredisPacking, connection_class), {})
 
 
-def make_redis(url: str, *, cluster: bool = False, max_connections: int = 512) -> Any:
+def make_redis(url: str, *, cluster: bool = False, max_connections: int = 512) -> RedisClient:
     """An asyncio client (hiredis parser when installed) that retries dropped connections;
     a RedisCluster client for ``cluster`` or a ``redis+cluster://`` URL.
 
@@ -68,7 +69,7 @@ def make_redis(url: str, *, cluster: bool = False, max_connections: int = 512) -
 
 
 @asynccontextmanager
-async def redis_from_settings(settings: Settings) -> AsyncIterator[Any]:
+async def redis_from_settings(settings: Settings) -> AsyncIterator[RedisClient]:
     """Yield a client for ``settings.redis_url``, or for an embedded server started here."""
     embedded: EmbeddedRedis | None = None
     url = settings.redis_url

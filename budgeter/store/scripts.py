@@ -16,14 +16,25 @@ import asyncio
 import functools
 import json
 import re
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any
 
+from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from budgeter.store.types import RedisClient, Script, ScriptArg, ScriptReply
+
 MAX_BATCH = 512
+
+_Pending = tuple[
+    tuple["ScriptArg", ...],
+    "Callable[[], Awaitable[ScriptReply]] | None",
+    "asyncio.Future[ScriptReply]",
+]
+_Group = tuple[tuple[str, ...], tuple["ScriptArg", ...]]  # the keys and head of a batched call
+_Call = tuple[list[object], "asyncio.Future[list[ScriptReply]]"]  # an item and its answer
 
 _NEEDS = re.compile(r"^-- needs: (\S+\.lua)$", re.MULTILINE)
 
@@ -42,23 +53,25 @@ class RoundPipeline:
     together, as one non-transactional pipeline: one write and one read for all of them.
     Each call keeps its own answer or error."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._pending: list[tuple[tuple[Any, ...], Any, asyncio.Future[Any]]] = []
-        self._batchers: list[Any] = []  # BatchedScripts with calls gathered this round
+        self._pending: list[_Pending] = []
+        self._batchers: list[BatchedScript] = []  # BatchedScripts with calls gathered this round
         self._scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
 
-    def command(self, *args: Any, fallback: Any = None) -> asyncio.Future[Any]:
+    def command(
+        self, *args: ScriptArg, fallback: Callable[[], Awaitable[ScriptReply]] | None = None
+    ) -> asyncio.Future[ScriptReply]:
         """Queue ``args`` (a command with its arguments) for this round's pipeline; the
         future gets its reply. ``fallback``: a coroutine function that answers instead
         when the reply is NoScriptError (the script is loaded again)."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[ScriptReply] = asyncio.get_running_loop().create_future()
         self._pending.append((args, fallback, future))
         self._schedule()
         return future
 
-    def join(self, batcher: Any) -> None:
+    def join(self, batcher: BatchedScript) -> None:
         """``batcher.emit()`` adds its gathered calls just before this round's pipeline
         is sent."""
         self._batchers.append(batcher)
@@ -80,7 +93,7 @@ class RoundPipeline:
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], Any, asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[_Pending]) -> None:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for args, _, _ in batch:
@@ -104,54 +117,56 @@ class RoundPipeline:
                 future.set_result(reply)
 
 
-def round_pipeline(redis: Any) -> RoundPipeline:
+def round_pipeline(redis: Redis) -> RoundPipeline:
     """The one RoundPipeline of ``redis`` (a plain client, not a cluster client), kept on
     the client itself so that it lives and dies with it."""
     found = getattr(redis, "_budgeter_round_pipeline", None)
-    if found is None:
+    if not isinstance(found, RoundPipeline):
         found = RoundPipeline(redis)
-        redis._budgeter_round_pipeline = found
+        redis._budgeter_round_pipeline = found  # type: ignore[attr-defined]  # lives on the client
     return found
 
 
 class PipelinedScript:
     """An AsyncScript whose calls go in the client's round pipeline (same call signature)."""
 
-    def __init__(self, redis: Any, script: AsyncScript) -> None:
+    def __init__(self, redis: Redis, script: AsyncScript) -> None:
         self.redis = redis
         self.script = script
         self.sha = script.sha
         self.round = round_pipeline(redis)
 
-    async def __call__(self, keys: Any = (), args: Any = ()) -> Any:
+    async def __call__(
+        self, keys: Sequence[str] = (), args: Sequence[ScriptArg] = ()
+    ) -> ScriptReply:
         return await self.submit(keys, args)
 
-    def submit(self, keys: Any, args: Any) -> asyncio.Future[Any]:
+    def submit(self, keys: Sequence[str], args: Sequence[ScriptArg]) -> asyncio.Future[ScriptReply]:
         """Queue the call in this round's pipeline at once (no task): the future answers."""
-        keys, args = list(keys), list(args)
+        key_list, arg_list = list(keys), list(args)
         return self.round.command(
             "EVALSHA",
             self.sha,
-            len(keys),
-            *keys,
-            *args,
-            fallback=lambda: self.script(keys=keys, args=args),
+            len(key_list),
+            *key_list,
+            *arg_list,
+            fallback=lambda: self.script(keys=key_list, args=arg_list),
         )
 
 
-async def _settled(call: Any) -> Any:
+async def _settled(call: Awaitable[ScriptReply]) -> ScriptReply:
     try:
         return await call
     except Exception as exc:
         return exc
 
 
-def register(redis: Any, name: str) -> Any:
+def register(redis: RedisClient, name: str) -> Script:
     """Register a script with an async Redis (or RedisCluster) client: an AsyncScript-like
     callable ``await script(keys=[...], args=[...])`` with a ``sha``."""
     script: AsyncScript = redis.register_script(lua_source(name))
     if isinstance(redis, RedisCluster):
-        return script
+        return script  # AsyncScript has the same call signature
     return PipelinedScript(redis, script)
 
 
@@ -168,19 +183,27 @@ class BatchedScript:
     """
 
     def __init__(
-        self, redis: Any, name: str, *, width: int, max_items: int = 256, stagger_at: int = 48
+        self,
+        redis: RedisClient,
+        name: str,
+        *,
+        width: int,
+        max_items: int = 256,
+        stagger_at: int = 48,
     ) -> None:
         self.script = register(redis, name)
         self.width = width
         self.stagger_at = stagger_at
         self.sha = self.script.sha
         self.max_items = max_items
-        self._groups: dict[tuple[tuple[str, ...], tuple[Any, ...]], list[Any]] = {}
+        self._groups: dict[_Group, list[_Call]] = {}
         self._scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, keys: tuple[str, ...], head: tuple[Any, ...], item: list[Any]) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    async def __call__(
+        self, keys: tuple[str, ...], head: tuple[ScriptArg, ...], item: list[object]
+    ) -> list[ScriptReply]:
+        future: asyncio.Future[list[ScriptReply]] = asyncio.get_running_loop().create_future()
         self._groups.setdefault((keys, head), []).append((item, future))
         if not self._scheduled:
             self._scheduled = True
@@ -199,7 +222,7 @@ class BatchedScript:
         process and Redis work at the same time instead of in turn."""
         self._scheduled = False
         groups, self._groups = self._groups, {}
-        later: dict[tuple[tuple[str, ...], tuple[Any, ...]], list[Any]] = {}
+        later: dict[_Group, list[_Call]] = {}
         for group, calls in groups.items():
             if len(calls) >= self.stagger_at:
                 half = len(calls) // 2
@@ -230,20 +253,21 @@ class BatchedScript:
                     self._sending.add(task)
                     task.add_done_callback(self._sending.discard)
 
-    async def _send(self, keys: tuple[str, ...], args: list[Any], calls: list[Any]) -> None:
+    async def _send(self, keys: tuple[str, ...], args: list[ScriptArg], calls: list[_Call]) -> None:
+        flat: list[ScriptReply] | BaseException
         try:
             flat = await self.script(keys=keys, args=args)
         except Exception as exc:
             flat = exc
         self._deliver(calls, flat)
 
-    def _answered(self, calls: list[Any], sent: asyncio.Future[Any]) -> None:
+    def _answered(self, calls: list[_Call], sent: asyncio.Future[ScriptReply]) -> None:
         if sent.cancelled():
             self._deliver(calls, asyncio.CancelledError())
         else:
             self._deliver(calls, sent.exception() or sent.result())
 
-    def _deliver(self, calls: list[Any], flat: Any) -> None:
+    def _deliver(self, calls: list[_Call], flat: list[ScriptReply] | BaseException) -> None:
         if not isinstance(flat, BaseException) and len(flat) != len(calls) * self.width:
             flat = RuntimeError(f"{len(flat)} values for {len(calls)} items")
         if isinstance(flat, BaseException):

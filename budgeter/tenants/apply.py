@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -137,8 +137,8 @@ def _where(loc: Iterable[Any]) -> tuple[tuple[str, ...], str]:
     return tuple(parts), (f"{dotted} (key)" if bad_key else dotted)
 
 
-def parse_text(text: str, name: str = "<string>") -> DesiredState:
-    """Validate a whole tenants file; raise TenantsFileError with every problem."""
+def _load_yaml(text: str, name: str) -> tuple[yaml.Node | None, object]:
+    """The YAML document's node (for line numbers) and its value."""
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
@@ -151,6 +151,39 @@ def parse_text(text: str, name: str = "<string>") -> DesiredState:
         raise TenantsFileError([f"{name}: invalid YAML: {' '.join(str(exc).split())}"]) from None
     finally:
         loader.dispose()
+    return node, data
+
+
+_Problem = Callable[[tuple[str, ...], str, str], None]
+
+
+def _parse_tenant(tenant: object, raw: object, problem: _Problem) -> TenantPolicy | None:
+    """One tenant's policy, or None after reporting what is wrong with it."""
+    path = ("tenants", str(tenant))
+    dotted = f"tenants.{tenant}"
+    if not isinstance(tenant, str):
+        problem(path, dotted, "a tenant id must be a string (quote it)")
+        return None
+    try:
+        check_tenant_id(tenant)
+    except InvalidTenantError as exc:
+        problem(path, dotted, str(exc))
+        return None
+    if not isinstance(raw, dict):
+        problem(path, dotted, "expected a policy mapping ({} for a tenant without limits)")
+        return None
+    try:
+        return TenantPolicy.model_validate(raw)
+    except ValidationError as exc:
+        for err in exc.errors():
+            sub, sub_dotted = _where(err["loc"])
+            problem((*path, *sub), f"{dotted}.{sub_dotted}", err["msg"])
+        return None
+
+
+def parse_text(text: str, name: str = "<string>") -> DesiredState:
+    """Validate a whole tenants file; raise TenantsFileError with every problem."""
+    node, data = _load_yaml(text, name)
     lines = _key_lines(node)
     problems: list[tuple[int, str]] = []  # (line, text): reported in file order
 
@@ -173,25 +206,9 @@ def parse_text(text: str, name: str = "<string>") -> DesiredState:
     raw_tenants = data.get("tenants")
     tenants: dict[str, TenantPolicy] = {}
     for tenant, raw in (raw_tenants if isinstance(raw_tenants, dict) else {}).items():
-        path = ("tenants", str(tenant))
-        dotted = f"tenants.{tenant}"
-        if not isinstance(tenant, str):
-            problem(path, dotted, "a tenant id must be a string (quote it)")
-            continue
-        try:
-            check_tenant_id(tenant)
-        except InvalidTenantError as exc:
-            problem(path, dotted, str(exc))
-            continue
-        if not isinstance(raw, dict):
-            problem(path, dotted, "expected a policy mapping ({} for a tenant without limits)")
-            continue
-        try:
-            tenants[tenant] = TenantPolicy.model_validate(raw)
-        except ValidationError as exc:
-            for err in exc.errors():
-                sub, sub_dotted = _where(err["loc"])
-                problem((*path, *sub), f"{dotted}.{sub_dotted}", err["msg"])
+        policy = _parse_tenant(tenant, raw, problem)
+        if policy is not None:
+            tenants[tenant] = policy
     if problems:
         raise TenantsFileError([text for _, text in sorted(problems, key=lambda p: p[0])])
     return DesiredState(tenants=tenants, prune=prune)
@@ -217,9 +234,9 @@ def canonical(policy: TenantPolicy) -> dict[str, Any]:
     return policy.model_dump(mode="json")
 
 
-def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+def _leaves(value: object, prefix: str = "") -> dict[str, object]:
     if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
+        out: dict[str, object] = {}
         for key, item in value.items():
             out.update(_leaves(item, f"{prefix}.{key}" if prefix else str(key)))
         return out
@@ -317,7 +334,7 @@ async def apply(store: TenantStore, changes: Iterable[Change]) -> dict[Action, i
 # presentation -------------------------------------------------------------------------
 
 
-def _show(value: Any) -> str:
+def _show(value: object) -> str:
     return UNSET if value is UNSET_VALUE else json.dumps(value, ensure_ascii=False)
 
 

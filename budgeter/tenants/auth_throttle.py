@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
 from budgeter.store.keys import auth_failures_key
+from budgeter.store.types import RedisClient
 
 
 @dataclass(frozen=True, slots=True)
 class AuthThrottle:
-    redis: Any
+    redis: RedisClient
     prefix: str
     limit: int
     window_seconds: int = 60

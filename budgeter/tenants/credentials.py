@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from budgeter.store.keys import TenantKeys, key_index_key
+from budgeter.store.types import RedisClient
 
 log = logging.getLogger("budgeter.api")
 
@@ -91,7 +92,9 @@ _CACHE = _PrincipalCache()
 class KeyStore:
     """``cache_s`` > 0 (the API): valid keys are remembered that long (see the module)."""
 
-    def __init__(self, redis: Any, *, prefix: str = "budgeter", cache_s: float = 0.0) -> None:
+    def __init__(
+        self, redis: RedisClient, *, prefix: str = "budgeter", cache_s: float = 0.0
+    ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.index = key_index_key(prefix)

@@ -55,8 +55,9 @@ async def test_a_valid_key_is_remembered_at_most_the_cache_bound(
     assert await KeyStore(redis).authenticate(key) is None  # uncached stores: Redis only
 
 
+@pytest.mark.usefixtures("clock")
 async def test_revoking_or_deleting_the_tenant_drops_the_key_in_this_process_at_once(
-    redis: Redis, clock: list[float]
+    redis: Redis,
 ) -> None:
     tenants = TenantStore(redis)
     await tenants.put("acme", TenantPolicy())
@@ -72,7 +73,8 @@ async def test_revoking_or_deleting_the_tenant_drops_the_key_in_this_process_at_
     assert await cached.authenticate(second) is None
 
 
-async def test_unknown_keys_are_never_remembered(redis: Redis, clock: list[float]) -> None:
+@pytest.mark.usefixtures("clock")
+async def test_unknown_keys_are_never_remembered(redis: Redis) -> None:
     cached = KeyStore(redis, cache_s=KEY_CACHE_SECONDS)
     assert await cached.authenticate("sk-bgt-nope") is None
     assert not [k for k in api_keys._CACHE.entries if k[1] == hash_key("sk-bgt-nope")]
@@ -86,7 +88,7 @@ class CountingUpstream:
         self.calls = 0
         self.failing = False
 
-    async def count_tokens(self, body: Any) -> int:
+    async def count_tokens(self, _body: Any) -> int:
         self.calls += 1
         if self.failing:
             raise UpstreamError(503, error_body("api_error", "down"), retryable=True)

@@ -33,9 +33,8 @@ def line(custom_id: str, **params: object) -> str:
     return json.dumps({"custom_id": custom_id, "params": body})
 
 
-def test_tenants_set_get_list_delete(
-    env: sync_redis.Redis, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.mark.usefixtures("env")
+def test_tenants_set_get_list_delete(capsys: pytest.CaptureFixture[str]) -> None:
     policy = '{"weight": 2, "budgets": {"day": 1000}, "rate": {"rpm": 10}}'
     assert main(["tenants", "set", "acme", "--policy", policy]) == 0
     assert main(["tenants", "get", "acme"]) == 0
@@ -47,8 +46,9 @@ def test_tenants_set_get_list_delete(
     assert main(["tenants", "get", "acme"]) == 2
 
 
+@pytest.mark.usefixtures("env")
 def test_policy_from_file_and_bad_policies(
-    env: sync_redis.Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "p.json"
     path.write_text('{"budgets": {"month": 5}}')
@@ -119,15 +119,14 @@ def test_submit_is_idempotent_with_batch_id(
     assert capsys.readouterr().out.split()[-2:] == ["msgbatch_fixed", "msgbatch_fixed"]
 
 
-def test_results_and_usage_of_unknown_things(
-    env: sync_redis.Redis, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.mark.usefixtures("env")
+def test_results_and_usage_of_unknown_things(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["results", "msgbatch_nope"]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["usage", "--tenant", "ghost"]) == 2
 
 
-def test_bad_setting_stops_with_one_line_naming_the_variable(redis_url: str) -> None:
+def test_bad_setting_stops_with_one_line_naming_the_variable() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "budgeter", "tenants", "list"],
         env={"BUDGETER_REDIS_URL": "http://nope", "PATH": "/usr/bin:/bin"},
