@@ -13,18 +13,29 @@ call (``BatchedScript``), each decided in turn exactly as if it had been called 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from budgeter.admission.global_limits import GlobalLimits
+from budgeter.admission.reasons import Reason, parse_reason
 from budgeter.domain.pricing import ModelPrice, price_of
-from budgeter.store.keys import AdmissionKeys, TenantKeys
+from budgeter.store.keys import GlobalModelKeys, TenantKeys
 from budgeter.store.scripts import BatchedScript, register
+from budgeter.store.types import RedisClient
+
+if TYPE_CHECKING:
+    from budgeter.metrics import Metrics
+    from budgeter.settings import Settings
 
 DecisionKind = Literal["ADMIT", "DEFER", "REJECT"]
 
 
-def _text(value: Any) -> str:
+ReplyItem = str | bytes | int
+"""One element of a script's reply, as redis-py decodes it."""
+
+
+def _text(value: ReplyItem) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -39,81 +50,101 @@ class Decision:
     detail: str = ""
 
     @classmethod
-    def from_reply(cls, reply: list[Any]) -> Decision:
+    def from_reply(cls, reply: Sequence[ReplyItem]) -> Decision:
         if not reply[2] and reply[0] in ("ADMIT", b"ADMIT"):  # the common answer, at once
             return cls("ADMIT", 0, "", int(reply[3]))
         kind = _text(reply[0])
         if kind not in ("ADMIT", "DEFER", "REJECT"):
             raise ValueError(f"unexpected admission/reserve.lua reply {reply!r}")
-        return cls(kind, int(reply[1]), _text(reply[2]), int(reply[3]), _text(reply[4]))  # type: ignore[arg-type]
+        return cls(
+            cast(DecisionKind, kind), int(reply[1]), _text(reply[2]), int(reply[3]), _text(reply[4])
+        )
 
     @property
     def waits_for_settle(self) -> bool:
         """DEFER with no time: it may fit once in-flight reservations settle."""
         return self.kind == "DEFER" and self.until_ms == 0
 
+    @property
+    def waits_for_reset(self) -> bool:
+        """DEFER on an exhausted budget of the tenant (its policy says on_exhausted 'wait'):
+        it fits no sooner than the period's reset."""
+        reason = self.parsed_reason
+        return (
+            self.kind == "DEFER"
+            and reason is not None
+            and reason.kind == "exhausted"
+            and not reason.account
+        )
+
+    @property
+    def parsed_reason(self) -> Reason | None:
+        """The typed reason (None for ADMIT or a reason outside the vocabulary)."""
+        try:
+            return parse_reason(self.reason) if self.reason else None
+        except ValueError:
+            return None
+
     def describe(self, model: str | None = None) -> str:
         """A sentence for error messages: which limit, and when it resets."""
         if self.kind == "ADMIT":
             return "admitted"
-        reason = self.reason
-        owner = "the "
-        if reason.startswith("global:"):
-            reason, owner = reason.removeprefix("global:"), "the upstream account's "
-        what, _, rest = reason.partition(":")
-        when = f" until {format_ms(self.until_ms)}" if self.until_ms else ""
-        if what == "too_large":
-            scope, _, name = rest.partition(":")
-            label = _limit_label(name, model, budget=scope == "budget")
-            cost, _, limit = self.detail.partition("/")
-            unit = "" if "USD" in label else (" request" if name.endswith("rpm") else " tokens")
-            return f"request needs {cost}{unit} but {owner}{label} is {limit}"
-        if what == "exhausted":
-            used, _, limit = self.detail.partition("/")
-            label = _limit_label(rest, model, budget=True)
-            resets = f"; it resets at {format_ms(self.until_ms)}" if self.until_ms else ""
-            if self.kind == "DEFER":
-                return f"{owner}{label} exhausted; waiting for its reset{when}"
-            return f"{owner}{label} exhausted ({used} of {limit} used){resets}"
-        if what == "rate":
-            label = _limit_label(rest, model, budget=False)
-            fits = f"; fits again at {format_ms(self.until_ms)}" if self.until_ms else ""
-            return f"{owner}{label} reached{fits}"
-        if what == "inflight":
-            label = _limit_label(rest, model, budget=True)
-            return f"{owner}{label} is held by in-flight requests; waiting for them to settle"
-        if what == "concurrency":
-            return "max_concurrency reached; waiting for in-flight requests"
-        if what == "paused":
-            which = f"model {model}" if model else "this model"
-            return f"the upstream rate-limited {which} (429); paused{when}"
-        if what == "model_not_allowed":
-            return f"model {model or self.detail!r} is not in this tenant's allowed_models"
-        if what == "unpriced_model":
-            return (
-                f"model {model or self.detail!r} has no price in BUDGETER_PRICES, "
-                "so a usd budget cannot admit it"
-            )
-        if what == "unknown_tenant":
-            return "tenant has no policy"
-        return self.reason
+        reason = self.parsed_reason
+        if reason is None:
+            return self.reason
+        owner = "the upstream account's " if reason.account else "the "
+        if reason.limit is not None:
+            return _LIMIT_SENTENCES[reason.kind](self, owner, reason.limit.label(model))
+        return _SENTENCES[reason.kind](self, model)
+
+    def _when(self, words: str) -> str:
+        return f"{words}{format_ms(self.until_ms)}" if self.until_ms else ""
+
+    def _too_large(self, owner: str, label: str) -> str:
+        cost, _, limit = self.detail.partition("/")
+        unit = "" if "USD" in label else (" request" if label.startswith("rpm ") else " tokens")
+        return f"request needs {cost}{unit} but {owner}{label} is {limit}"
+
+    def _exhausted(self, owner: str, label: str) -> str:
+        if self.kind == "DEFER":
+            return f"{owner}{label} exhausted; waiting for its reset{self._when(' until ')}"
+        used, _, limit = self.detail.partition("/")
+        return f"{owner}{label} exhausted ({used} of {limit} used){self._when('; it resets at ')}"
+
+    def _rate(self, owner: str, label: str) -> str:
+        return f"{owner}{label} reached{self._when('; fits again at ')}"
+
+    @staticmethod
+    def _inflight(owner: str, label: str) -> str:
+        return f"{owner}{label} is held by in-flight requests; waiting for them to settle"
+
+    def _paused(self, model: str | None) -> str:
+        which = f"model {model}" if model else "this model"
+        return f"the upstream rate-limited {which} (429); paused{self._when(' until ')}"
+
+    def _model_not_allowed(self, model: str | None) -> str:
+        return f"model {model or self.detail!r} is not in this tenant's allowed_models"
+
+    def _unpriced_model(self, model: str | None) -> str:
+        return (
+            f"model {model or self.detail!r} has no price in BUDGETER_PRICES, "
+            "so a usd budget cannot admit it"
+        )
 
 
-def _limit_label(name: str, model: str | None, *, budget: bool) -> str:
-    """'model:usd:day' -> 'day USD budget of model X', 'rpm' -> 'rpm rate limit'."""
-    parts = name.split(":")
-    of_model = parts[0] == "model"
-    if of_model:
-        parts = parts[1:]
-    usd = parts[0] == "usd"
-    if usd:
-        parts = parts[1:]
-    period = parts[0] if parts else name
-    unit = "USD" if usd else "token"
-    label = f"{period} {unit} budget" if budget else f"{period} rate limit"
-    if of_model:
-        label += f" of model {model}" if model else " of this model"
-    return label
+_LIMIT_SENTENCES: dict[str, Callable[[Decision, str, str], str]] = {
+    "too_large": Decision._too_large,
+    "exhausted": Decision._exhausted,
+    "rate": Decision._rate,
+    "inflight": lambda _decision, owner, label: Decision._inflight(owner, label),
+}
+_SENTENCES: dict[str, Callable[[Decision, str | None], str]] = {
+    "concurrency": lambda _d, _m: "max_concurrency reached; waiting for in-flight requests",
+    "paused": Decision._paused,
+    "model_not_allowed": Decision._model_not_allowed,
+    "unpriced_model": Decision._unpriced_model,
+    "unknown_tenant": lambda _d, _m: "tenant has no policy",
+}
 
 
 def format_ms(ms: int, *, precise: bool = False) -> str:
@@ -144,8 +175,8 @@ class Usage:
             int(usage.get("cache_read_input_tokens") or 0),
         )
 
-    def record(self, metrics: Any, tenant: str, model: str, reserved: int) -> None:
-        """Count this usage in ``metrics`` (a budgeter.metrics.Metrics)."""
+    def record(self, metrics: Metrics, tenant: str, model: str, reserved: int) -> None:
+        """Count this usage in ``metrics``."""
         metrics.record_settled(
             tenant,
             model,
@@ -178,12 +209,13 @@ class SettleResult:
     reserved_tokens: int
 
     @classmethod
-    def from_reply(cls, reply: list[Any]) -> SettleResult:
+    def from_reply(cls, reply: Sequence[ReplyItem]) -> SettleResult:
         settled, waiting, full, released, actual, reserved = (int(x) for x in reply)
         return cls(settled, bool(waiting), full, released, actual, reserved)
 
 
-Scope = AdmissionKeys
+Scope = TenantKeys | GlobalModelKeys
+"""An admission scope: a tenant's keys or one model's of the upstream account."""
 
 
 def reserve_keys(keys: Scope) -> tuple[str, ...]:
@@ -226,7 +258,7 @@ class Admission:
 
     def __init__(
         self,
-        redis: Any,
+        redis: RedisClient,
         *,
         prefix: str = "budgeter",
         global_limits: GlobalLimits | None = None,
@@ -399,7 +431,7 @@ class Admission:
         return reaped
 
 
-def admission_from_settings(redis: Any, settings: Any) -> Admission:
+def admission_from_settings(redis: RedisClient, settings: Settings) -> Admission:
     """The admission every process builds from its settings: the account's global limits
     (policy and upstream pauses shared through Redis) and the price table."""
     return Admission(

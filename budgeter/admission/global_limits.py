@@ -12,7 +12,6 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from typing import Any
 
 from budgeter.domain.policy import GlobalPolicy
 from budgeter.store.keys import (
@@ -22,12 +21,13 @@ from budgeter.store.keys import (
     global_policy_key,
 )
 from budgeter.store.scripts import register
+from budgeter.store.types import RedisClient
 
 
 class GlobalLimits:
     def __init__(
         self,
-        redis: Any,
+        redis: RedisClient,
         *,
         prefix: str = "budgeter",
         refresh_s: float = 1.0,

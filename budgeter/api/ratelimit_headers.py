@@ -8,10 +8,12 @@ is the rest of the limit; reset is the moment the bucket is full again (RFC 3339
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from budgeter.admission.admission import format_ms
+from budgeter.domain.policy_fields import LimitField, format_field
 from budgeter.store.keys import TenantKeys
+from budgeter.store.server_time import server_time_ms
+from budgeter.store.types import RedisClient
 
 _NAMES = {"rpm": "requests", "itpm": "input-tokens", "otpm": "output-tokens"}
 
@@ -27,7 +29,7 @@ def ratelimit_headers(policy: dict[str, str], tats: dict[str, str], now_ms: int)
     headers: dict[str, str] = {}
     tokens: list[tuple[int, int, int]] = []  # (remaining, limit, reset) of token buckets
     for kind, name in _NAMES.items():
-        raw_limit = policy.get(f"rate:{kind}")
+        raw_limit = policy.get(format_field(LimitField("rate", kind)))
         if raw_limit is None:
             continue
         limit = int(raw_limit)
@@ -47,7 +49,7 @@ def ratelimit_headers(policy: dict[str, str], tats: dict[str, str], now_ms: int)
 
 
 async def tenant_ratelimit_headers(
-    redis: Any, keys: TenantKeys, *, now_ms: int | None = None
+    redis: RedisClient, keys: TenantKeys, *, now_ms: int | None = None
 ) -> dict[str, str]:
     """Read policy and buckets in one round trip and build the headers. ``now_ms`` is the
     Redis time of a decision just taken; without it Redis TIME is asked separately (a
@@ -57,6 +59,5 @@ async def tenant_ratelimit_headers(
         pipe.hgetall(keys.buckets)
         policy, tats = await pipe.execute()
     if now_ms is None:
-        seconds, micros = await redis.time()
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        now_ms = await server_time_ms(redis)
     return ratelimit_headers(policy, tats, now_ms)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from rich import box
@@ -14,7 +15,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from budgeter.domain.policy import PERIODS
+from budgeter.domain.periods import PERIODS
 from budgeter.serving import stop_event_on_signals
 from budgeter.settings import Settings
 from budgeter.store.client import redis_from_settings
@@ -75,7 +76,7 @@ def _last_decision(recent: list[dict[str, Any]], now_ms: int) -> tuple[Text, Tex
     return Text(f"{_age((now_ms - last['at_ms']) / 1000)} ago", style="dim"), text
 
 
-def render_snapshot(snapshot: dict[str, Any], *, width: int = 200) -> Group:
+def render_snapshot(snapshot: Mapping[str, Any], *, width: int = 200) -> Group:
     """The header line and one table row per tenant (budgets as % only when narrow)."""
     now_ms = int(snapshot["now_ms"])
     tenants = snapshot["tenants"]

@@ -21,6 +21,9 @@ MAX_BATCH_REQUESTS = 100_000
 # Far above any model's output window; keeps every reservation (input + max_tokens, summed
 # in Lua doubles and Redis int64 counters) exact.
 MAX_TOKENS_LIMIT = 2**31 - 1
+# The fields of a Messages request that ``/v1/messages/count_tokens`` accepts (the
+# upstream refuses any other); the API's CountTokensBody schema lists the same.
+COUNT_TOKENS_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice", "thinking"})
 # Deeper input is refused before anything walks it recursively (validation, json.dumps of
 # the queued job, the token counter's hash) and could hit a recursion limit.
 MAX_JSON_DEPTH = 100

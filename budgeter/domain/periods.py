@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 
+PERIODS: tuple[str, ...] = ("minute", "hour", "day", "month", "total")
+"""The UTC calendar periods of a budget, shortest first ('total' never resets)."""
+
 
 def period_of(period: str, ms: int) -> tuple[str, int]:
     """(period id, end in ms; 0 = never) of the period that contains ``ms``."""

@@ -8,10 +8,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
+from budgeter.domain import policy_fields as pf
+from budgeter.domain.policy_fields import RATE_KINDS, LimitField, format_field
+
 TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-PERIODS: tuple[str, ...] = ("minute", "hour", "day", "month", "total")
 Period = Literal["minute", "hour", "day", "month", "total"]
-RATE_KINDS: tuple[str, ...] = ("rpm", "itpm", "otpm")
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
 
@@ -72,16 +73,17 @@ class ModelLimits(BaseModel):
     )
     rate: RateLimits = Field(default_factory=RateLimits)
 
-    def flat(self, scope: str) -> dict[str, str]:
+    def flat(self, model: str | None = None) -> dict[str, str]:
+        """The flat fields of these limits, of the policy itself or of ``model``."""
         fields: dict[str, str] = {}
         for period, limit in self.budgets.items():
-            fields[f"{scope}budget:{period}"] = str(limit)
+            fields[format_field(LimitField("budget", period, model))] = str(limit)
         for period, usd in self.usd_budgets.items():
-            fields[f"{scope}usd:{period}"] = repr(float(usd))
+            fields[format_field(LimitField("usd", period, model))] = repr(float(usd))
         for kind in RATE_KINDS:
             limit = getattr(self.rate, kind)
             if limit is not None:
-                fields[f"{scope}rate:{kind}"] = str(limit)
+                fields[format_field(LimitField("rate", kind, model))] = str(limit)
         return fields
 
 
@@ -139,9 +141,11 @@ class TenantPolicy(BaseModel):
 
     @field_validator("models", "allowed_models")
     @classmethod
-    def _model_names(cls, value: object) -> object:
+    def _model_names(
+        cls, value: dict[str, ModelLimits] | list[str] | None
+    ) -> dict[str, ModelLimits] | list[str] | None:
         if value:
-            _check_models(list(value))  # type: ignore[arg-type]
+            _check_models(list(value))
         return value
 
     def allows(self, model: str) -> bool:
@@ -150,21 +154,21 @@ class TenantPolicy(BaseModel):
     def redis_fields(self) -> dict[str, str]:
         """The flat hash the admission script reads (absent field = no limit)."""
         fields = {
-            "json": self.model_dump_json(exclude_defaults=True),
-            "weight": repr(float(self.weight)),
-            "on_exhausted": self.on_exhausted,
+            pf.JSON: self.model_dump_json(exclude_defaults=True),
+            pf.WEIGHT: repr(float(self.weight)),
+            pf.ON_EXHAUSTED: self.on_exhausted,
         }
         fields |= ModelLimits(
             budgets=self.budgets, usd_budgets=self.usd_budgets, rate=self.rate
-        ).flat("")
+        ).flat()
         for model, limits in self.models.items():
-            fields |= limits.flat(f"m:{model}:")
+            fields |= limits.flat(model)
         if self.allowed_models is not None:
-            fields["allowlist"] = "1"
+            fields[pf.ALLOWLIST] = "1"
             for model in self.allowed_models:
-                fields[f"allow:{model}"] = "1"
+                fields[pf.allow_field(model)] = "1"
         if self.max_concurrency is not None:
-            fields["max_concurrency"] = str(self.max_concurrency)
+            fields[pf.MAX_CONCURRENCY] = str(self.max_concurrency)
         return fields
 
 
@@ -202,4 +206,4 @@ class GlobalPolicy(BaseModel):
         limits = self.models.get(model) or ModelLimits(
             budgets=self.budgets, usd_budgets=self.usd_budgets, rate=self.rate
         )
-        return limits.flat("")
+        return limits.flat()

@@ -5,6 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 BUDGET_ERROR_TYPE = "budget_exhausted_error"
+# Anthropic's error type for each HTTP status it answers with; any other status: api_error.
+STATUS_ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
 # refusals that are not about a budget: (HTTP status on the proxy, error type)
 REFUSAL_TYPES: dict[str, tuple[int, str]] = {
     "model_not_allowed": (403, "permission_error"),

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from budgeter.domain.jobs import DEFAULT_TTL_MS
 from budgeter.domain.messages import BatchRequest
 from budgeter.queue.jobqueue import JobQueue, NewJob
 from budgeter.store.keys import TenantKeys, batch_index_key
 from budgeter.store.scripts import register
 
-DEFAULT_TTL_MS = 24 * 3600 * 1000
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 

@@ -15,13 +15,20 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 from redis.exceptions import WatchError
+from redis.typing import EncodableT, FieldT
 
+from budgeter.domain import policy_fields
+from budgeter.domain.jobs import DEFAULT_TTL_MS, TERMINAL_STATES
 from budgeter.domain.policy import TENANT_ID_RE
+from budgeter.queue.batch_meta import BatchMeta, format_batch_meta, parse_batch_meta
 from budgeter.store.keys import SchedKeys, TenantKeys
 from budgeter.store.scripts import register
+from budgeter.store.server_time import server_time_ms
+from budgeter.store.types import RedisClient
 
-TERMINAL_STATES = ("succeeded", "errored", "canceled", "expired")
 WAKE_TOKENS_MAX = 32
 SUBMIT_CHUNK = 1000
 
@@ -43,12 +50,6 @@ def split_job_id(jid: str) -> tuple[str, str]:
     """(batch id, custom id): batch ids never contain ':'."""
     batch_id, _, custom_id = jid.partition(":")
     return batch_id, custom_id
-
-
-def _meta_priority(meta: str) -> str:
-    """The priority in a bmeta value '<enqueued ms> <deadline ms> [priority]'."""
-    parts = str(meta).split(" ")
-    return parts[2] if len(parts) > 2 else "normal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +80,7 @@ class LeasedJob:
         return f"{self.id}#{self.attempt}"
 
 
-async def oldest_queued_age_s(redis: Any, keys: TenantKeys, now_ms: int) -> float:
+async def oldest_queued_age_s(redis: RedisClient, keys: TenantKeys, now_ms: int) -> float:
     """Age of the oldest job waiting at the head of the tenant's queues (0: none)."""
     async with redis.pipeline(transaction=False) as pipe:
         for queue in keys.queues:
@@ -88,7 +89,7 @@ async def oldest_queued_age_s(redis: Any, keys: TenantKeys, now_ms: int) -> floa
     if not heads:
         return 0.0
     metas = await redis.hmget(keys.bmeta, [split_job_id(h)[0] for h in heads])
-    enqueued = [int(str(m).split(" ")[0]) for m in metas if m]
+    enqueued = [e for m in metas if m and (e := parse_batch_meta(m).enqueued_ms) is not None]
     return max(0.0, (now_ms - min(enqueued)) / 1000) if enqueued else 0.0
 
 
@@ -110,15 +111,8 @@ class Picks:
     now_ms: int
 
 
-def _int(value: Any, default: int = 0) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default
-
-
 class JobQueue:
-    def __init__(self, redis: Any, *, prefix: str = "budgeter") -> None:
+    def __init__(self, redis: RedisClient, *, prefix: str = "budgeter") -> None:
         self.redis = redis
         self.prefix = prefix
         self.sched = SchedKeys(prefix)
@@ -143,7 +137,7 @@ class JobQueue:
         batch_id: str,
         jobs: list[NewJob],
         *,
-        ttl_ms: int = 86_400_000,
+        ttl_ms: int = DEFAULT_TTL_MS,
         priority: str = "normal",
     ) -> int:
         """Queue a batch in one MULTI/EXEC on the tenant's slot; returns how many jobs were
@@ -173,9 +167,9 @@ class JobQueue:
                     await pipe.watch(keys.policy, batch_key)
                     # (HGET, not EXISTS: redis-py's cluster pipeline mishandles EXISTS
                     # in immediate mode after WATCH)
-                    if await pipe.hget(keys.policy, "json") is None:
+                    if await pipe.hget(keys.policy, policy_fields.JSON) is None:
                         raise UnknownTenantError(f"tenant {tenant!r} has no policy")
-                    now_ms = await self.server_time_ms()
+                    now_ms = await server_time_ms(self.redis)
                     expires = await pipe.hget(batch_key, "expires_ms")
                     fresh = list(range(len(ids)))
                     prio = priority
@@ -183,25 +177,17 @@ class JobQueue:
                         present = await self._present(pipe, keys, batch_id)
                         fresh = [i for i in fresh if cids[i] not in present]
                         meta = await pipe.hget(keys.bmeta, batch_id)
-                        prio = _meta_priority(meta) if meta is not None else priority
+                        prio = parse_batch_meta(meta).priority if meta is not None else priority
                     deadline = int(expires) if expires is not None else now_ms + int(ttl_ms)
-                    pipe.multi()
+                    pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
                     if expires is None:
-                        pipe.hset(
-                            batch_key,
-                            mapping={
-                                "id": batch_id,
-                                "created_ms": now_ms,
-                                "expires_ms": deadline,
-                                "processing": 0,
-                                "succeeded": 0,
-                                "errored": 0,
-                                "canceled": 0,
-                                "expired": 0,
-                            },
-                        )
+                        fields: dict[FieldT, EncodableT] = {"id": batch_id, "created_ms": now_ms}
+                        fields["expires_ms"] = deadline
+                        for count in ("processing", *TERMINAL_STATES):
+                            fields[count] = 0
+                        pipe.hset(batch_key, mapping=fields)
                         pipe.zadd(keys.batches, {batch_id: now_ms})
-                        meta = f"{now_ms} {deadline}" + (f" {prio}" if prio != "normal" else "")
+                        meta = format_batch_meta(BatchMeta(now_ms, deadline, prio))
                         pipe.hset(keys.bmeta, batch_id, meta)
                     queue = keys.queue_for(prio)
                     order = keys.batch_jobs(batch_id)
@@ -232,12 +218,9 @@ class JobQueue:
             return len(fresh)
         raise RuntimeError(f"batch {batch_id!r}: too many concurrent submissions, try again")
 
-    async def server_time_ms(self) -> int:
-        """Redis server time (a keyless command: on a cluster it goes to any node)."""
-        seconds, micros = await self.redis.time()
-        return int(seconds) * 1000 + int(micros) // 1000
-
-    async def _present(self, pipe: Any, keys: TenantKeys, batch_id: str) -> set[str]:
+    async def _present(
+        self, pipe: Pipeline | ClusterPipeline, keys: TenantKeys, batch_id: str
+    ) -> set[str]:
         """The custom ids the batch already has (from its packed order list)."""
         present: set[str] = set()
         for packed in await pipe.lrange(keys.batch_jobs(batch_id), 0, -1):
@@ -286,15 +269,10 @@ class JobQueue:
         now_arg = "" if now_ms is None else str(now_ms)
         report = [x for t, (tokens, jobs) in (served or {}).items() for x in (t, tokens, jobs)]
         next_parked = now = -1
+        s = self.sched
         for _ in range(8):
             reply = await self._pick(
-                keys=[
-                    self.sched.ready,
-                    self.sched.parked,
-                    self.sched.vtime,
-                    self.sched.weight,
-                    self.sched.cost,
-                ],
+                keys=[s.ready, s.parked, s.vtime, s.weight, s.cost],
                 args=[now_arg, 100, int(slots), *report],
             )
             report = []
@@ -355,10 +333,7 @@ class JobQueue:
                 log.warning("job %s has a body that is not a JSON object", jid)
                 params = {}
             batch_id, custom_id = split_job_id(jid)
-            parts = str(meta).split(" ")
-            enqueued = parts[0]
-            deadline = parts[1] if len(parts) > 1 else ""
-            priority = parts[2] if len(parts) > 2 else "normal"
+            shared = parse_batch_meta(meta)
             jobs.append(
                 LeasedJob(
                     tenant=tenant,
@@ -367,12 +342,12 @@ class JobQueue:
                     custom_id=custom_id,
                     params=params,
                     attempt=int(attempt),
-                    enqueued_ms=_int(enqueued, now),
-                    deadline_ms=_int(deadline, 0),
+                    enqueued_ms=now if shared.enqueued_ms is None else shared.enqueued_ms,
+                    deadline_ms=shared.deadline_ms,
                     leased_at_ms=now,
                     canceled=bool(int(canceled)),
                     orphaned=not has_policy,
-                    priority=priority,
+                    priority=shared.priority,
                 )
             )
         return jobs

@@ -288,7 +288,7 @@ def plan(
 async def load_current(store: TenantStore) -> dict[str, TenantPolicy]:
     """Every tenant's policy in Redis; a policy this version cannot read is an error."""
     current: dict[str, TenantPolicy] = {}
-    for tenant in await store.list():
+    for tenant in await store.list_ids():
         try:
             policy = await store.get(tenant)
         except ValidationError as exc:

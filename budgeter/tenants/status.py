@@ -2,50 +2,74 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
+from budgeter.admission.recent import RecentDecision, parse_recent
 from budgeter.queue.jobqueue import oldest_queued_age_s
 from budgeter.store.keys import SchedKeys, TenantKeys
+from budgeter.store.types import RedisClient
 from budgeter.tenants.store import TenantStore
-from budgeter.tenants.usage import tenant_usage
+from budgeter.tenants.usage import BudgetReport, UsageRow, tenant_usage
 
 
-def parse_decision(entry: str) -> dict[str, Any]:
-    """'<ms> <decision> <reason> <tokens>' as written by admission/reserve.lua."""
-    ms, decision, reason, tokens = entry.split(" ", 3)
+class TenantStatus(TypedDict):
+    tenant: str
+    policy: str | None  # the policy's JSON (defaults left out), as the page parses it
+    queued: int
+    inflight: int
+    oldest_age_s: float
+    budgets: list[BudgetReport]
+    usage_today: list[UsageRow]
+    recent: list[RecentDecision]
+
+
+class ParkedTenant(TypedDict):
+    tenant: str
+    until_ms: int
+
+
+class SchedulerStatus(TypedDict):
+    ready: int
+    parked: list[ParkedTenant]
+
+
+class StatusSnapshot(TypedDict):
+    now_ms: int
+    tenants: list[TenantStatus]
+    scheduler: SchedulerStatus
+
+
+async def _tenant_status(
+    redis: RedisClient, store: TenantStore, tenant: str, *, prefix: str, now_ms: int
+) -> TenantStatus | None:
+    keys = TenantKeys.of(prefix, tenant)
+    report = await tenant_usage(redis, tenant, prefix=prefix, now_ms=now_ms)
+    if report is None:
+        return None
+    recent = await redis.lrange(keys.recent, 0, 9)
+    policy = await store.get(tenant)
+    oldest_age_s = await oldest_queued_age_s(redis, keys, now_ms)
     return {
-        "at_ms": int(ms or 0),
-        "decision": decision,
-        "reason": "" if reason == "-" else reason,
-        "tokens": int(tokens or 0),
+        "tenant": tenant,
+        "policy": None if policy is None else policy.model_dump_json(exclude_defaults=True),
+        "queued": report["queued"],
+        "inflight": report["inflight"],
+        "oldest_age_s": round(oldest_age_s, 1),
+        "budgets": report["budgets"],
+        "usage_today": [row for row in report["usage"] if row["period"] == "day"],
+        "recent": [parse_recent(str(entry)) for entry in recent],
     }
 
 
-async def status_snapshot(redis: Any, *, prefix: str = "budgeter", now_ms: int) -> dict[str, Any]:
-    tenants = await TenantStore(redis, prefix=prefix).list()
+async def status_snapshot(
+    redis: RedisClient, *, prefix: str = "budgeter", now_ms: int
+) -> StatusSnapshot:
+    store = TenantStore(redis, prefix=prefix)
     rows = []
-    for tenant in tenants:
-        keys = TenantKeys.of(prefix, tenant)
-        report = await tenant_usage(redis, tenant, prefix=prefix, now_ms=now_ms)
-        if report is None:
-            continue
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.lrange(keys.recent, 0, 9)
-            pipe.hget(keys.policy, "json")
-            recent, policy = await pipe.execute()
-        oldest_age_s = await oldest_queued_age_s(redis, keys, now_ms)
-        rows.append(
-            {
-                "tenant": tenant,
-                "policy": policy,
-                "queued": report["queued"],
-                "inflight": report["inflight"],
-                "oldest_age_s": round(oldest_age_s, 1),
-                "budgets": report["budgets"],
-                "usage_today": [row for row in report["usage"] if row["period"] == "day"],
-                "recent": [parse_decision(entry) for entry in recent],
-            }
-        )
+    for tenant in await store.list_ids():
+        row = await _tenant_status(redis, store, tenant, prefix=prefix, now_ms=now_ms)
+        if row is not None:
+            rows.append(row)
     sched = SchedKeys(prefix)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zcard(sched.ready)

@@ -1,16 +1,26 @@
-"""Tenant policies in Redis: put, get, list, delete."""
+"""Tenant policies in Redis: put, get, list_ids, delete.
+
+The policy hash is this store's: other modules ask :meth:`TenantStore.get` for the parsed
+policy instead of reading its fields (``admission/reserve.lua`` reads the flat limits)."""
 
 from __future__ import annotations
 
-from typing import Any
+from redis.typing import EncodableT, FieldT
 
+from budgeter.domain import policy_fields
 from budgeter.domain.policy import TenantPolicy, check_tenant_id
 from budgeter.store.keys import SchedKeys, TenantKeys
+from budgeter.store.types import RedisClient
 from budgeter.tenants.credentials import KeyStore
 
 
+def _sorted_texts(members: set[bytes | str]) -> list[str]:
+    """A set's members (str: the client decodes responses), sorted."""
+    return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+
+
 class TenantStore:
-    def __init__(self, redis: Any, *, prefix: str = "budgeter") -> None:
+    def __init__(self, redis: RedisClient, *, prefix: str = "budgeter") -> None:
         self.redis = redis
         self.prefix = prefix
         self.sched = SchedKeys(prefix)
@@ -20,7 +30,8 @@ class TenantStore:
         keys = TenantKeys.of(self.prefix, tenant)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.policy)
-            pipe.hset(keys.policy, mapping=policy.redis_fields())
+            fields: dict[FieldT, EncodableT] = dict(policy.redis_fields().items())
+            pipe.hset(keys.policy, mapping=fields)
             await pipe.execute()
         # the scheduler's copy lives in its own slot
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -30,18 +41,21 @@ class TenantStore:
             await pipe.execute()
 
     async def get(self, tenant: str) -> TenantPolicy | None:
-        raw = await self.redis.hget(TenantKeys.of(self.prefix, tenant).policy, "json")
+        """The tenant's policy, parsed; None when it has none."""
+        key = TenantKeys.of(self.prefix, tenant).policy
+        raw = await self.redis.hget(key, policy_fields.JSON)
         return None if raw is None else TenantPolicy.model_validate_json(raw)
 
     async def exists(self, tenant: str) -> bool:
         return bool(await self.redis.exists(TenantKeys.of(self.prefix, tenant).policy))
 
-    async def list(self) -> list[str]:
-        return sorted(await self.redis.smembers(self.sched.tenants))
+    async def list_ids(self) -> list[str]:
+        """The tenants that have a policy, sorted."""
+        return _sorted_texts(await self.redis.smembers(self.sched.tenants))
 
     async def known(self) -> list[str]:
         """Tenants with a policy and deleted ones: maintenance looks after both."""
-        return sorted(await self.redis.smembers(self.sched.known))
+        return _sorted_texts(await self.redis.smembers(self.sched.known))
 
     async def delete(self, tenant: str) -> bool:
         """Remove the policy and revoke the tenant's API keys (a tenant created again later

@@ -2,42 +2,83 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal, NotRequired, TypedDict
 
-from budgeter.domain.periods import period_of
-from budgeter.domain.policy import PERIODS
+from budgeter.domain.periods import PERIODS, period_of
+from budgeter.domain.policy_fields import (
+    LimitField,
+    budget_counter,
+    counter_field,
+    field_models,
+    format_field,
+)
 from budgeter.store.keys import TenantKeys
+from budgeter.store.types import RedisClient
 
 USAGE_KINDS = ("requests", "input", "output", "cache_creation", "cache_read", "usd")
 
+Unit = Literal["tokens", "usd"]
 
-def _scopes(policy: dict[str, str]) -> list[tuple[str, str | None]]:
-    """('', None) for the policy's own limits, ('m:<model>:', model) for each model's."""
-    models = sorted(
-        {f[2:].rsplit(":", 2)[0] for f in policy if f.startswith("m:") and f.count(":") >= 3}
-    )
-    return [("", None)] + [(f"m:{model}:", model) for model in models]
+
+class BudgetReport(TypedDict):
+    """One budget of a tenant (the shape of ``api.schemas.BudgetRow``)."""
+
+    period: str
+    period_id: str
+    unit: Unit
+    model: str | None
+    limit: int | float
+    used: int | float
+    reserved: int | float
+    remaining: int | float
+    resets_at_ms: int
+
+
+class UsageRow(TypedDict):
+    """What one model used in one period (the shape of ``api.schemas.UsageRow``): an
+    entry per kind recorded."""
+
+    period: str
+    period_id: str
+    model: str
+    requests: NotRequired[int]
+    input: NotRequired[int]
+    output: NotRequired[int]
+    cache_creation: NotRequired[int]
+    cache_read: NotRequired[int]
+    usd: NotRequired[float]
+
+
+class UsageReport(TypedDict):
+    """What ``tenant_usage`` answers (the shape of ``api.schemas.UsageAnswer``)."""
+
+    tenant: str
+    inflight: int
+    queued: int
+    budgets: list[BudgetReport]
+    usage: list[UsageRow]
 
 
 def _budget_row(
     policy: dict[str, str],
     budget: dict[str, str],
-    scope: str,
     model: str | None,
-    unit: str,
+    unit: Unit,
     period: str,
     now_ms: int,
-) -> dict[str, Any] | None:
+) -> BudgetReport | None:
     usd = unit == "usd"
-    limit_raw = policy.get(f"{scope}{'usd' if usd else 'budget'}:{period}")
+    limit_raw = policy.get(format_field(LimitField("usd" if usd else "budget", period, model)))
     if limit_raw is None:
         return None
     number = float if usd else int
-    counter = f"{scope}usd:{period}" if usd else f"{scope}{period}"
+    counter = budget_counter(period, usd=usd, model=model)
     pid, reset = period_of(period, now_ms)
-    current = budget.get(f"{counter}:id") == pid
-    used = number(float(budget.get(f"{counter}:used") or 0)) if current else number(0)
-    reserved = number(float(budget.get(f"{counter}:reserved") or 0)) if current else number(0)
+    current = budget.get(counter_field(counter, "id")) == pid
+    used_raw = budget.get(counter_field(counter, "used")) if current else None
+    reserved_raw = budget.get(counter_field(counter, "reserved")) if current else None
+    used = number(float(used_raw or 0))
+    reserved = number(float(reserved_raw or 0))
     limit = number(float(limit_raw))
     remaining = max(number(0), limit - used - reserved)
     if usd:
@@ -55,9 +96,28 @@ def _budget_row(
     }
 
 
+def _usage_rows(usage: dict[str, str], now_ms: int) -> list[UsageRow]:
+    """The usage hash ('<period>:<period id>:<model>:<kind>', written by settle.lua) of
+    the current day, month and total, one row per (period, model)."""
+    wanted = {period: period_of(period, now_ms)[0] for period in ("day", "month", "total")}
+    rows: dict[tuple[str, str], UsageRow] = {}
+    for field, value in usage.items():
+        period, pid, rest = field.split(":", 2)
+        model, _, kind = rest.rpartition(":")
+        if wanted.get(period) != pid or kind not in USAGE_KINDS:
+            continue
+        row = rows.setdefault((period, model), {"period": period, "period_id": pid, "model": model})
+        if kind == "usd":
+            row["usd"] = round(float(value), 6)
+        else:
+            row[kind] = int(value)  # type: ignore[literal-required]  # kind is in USAGE_KINDS
+    order = {"day": 0, "month": 1, "total": 2}
+    return [rows[k] for k in sorted(rows, key=lambda k: (order[k[0]], k[1]))]
+
+
 async def tenant_usage(
-    redis: Any, tenant: str, *, prefix: str = "budgeter", now_ms: int
-) -> dict[str, Any] | None:
+    redis: RedisClient, tenant: str, *, prefix: str = "budgeter", now_ms: int
+) -> UsageReport | None:
     """None when the tenant has no policy."""
     keys = TenantKeys.of(prefix, tenant)
     async with redis.pipeline(transaction=False) as pipe:
@@ -71,27 +131,18 @@ async def tenant_usage(
     queued = sum(int(n) for n in depths)
     if not policy:
         return None
+    units: tuple[Unit, ...] = ("tokens", "usd")
     budgets = [
         row
-        for scope, model in _scopes(policy)
-        for unit in ("tokens", "usd")
+        for model in [None, *field_models(policy)]
+        for unit in units
         for period in PERIODS
-        if (row := _budget_row(policy, budget, scope, model, unit, period, now_ms)) is not None
+        if (row := _budget_row(policy, budget, model, unit, period, now_ms)) is not None
     ]
-    wanted = {period: period_of(period, now_ms)[0] for period in ("day", "month", "total")}
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for field, value in usage.items():
-        period, pid, rest = field.split(":", 2)
-        model, _, kind = rest.rpartition(":")
-        if wanted.get(period) != pid or kind not in USAGE_KINDS:
-            continue
-        row = rows.setdefault((period, model), {"period": period, "period_id": pid, "model": model})
-        row[kind] = round(float(value), 6) if kind == "usd" else int(value)
-    order = {"day": 0, "month": 1, "total": 2}
     return {
         "tenant": tenant,
         "inflight": int(inflight),
         "queued": int(queued),
         "budgets": budgets,
-        "usage": sorted(rows.values(), key=lambda r: (order[r["period"]], r["model"])),
+        "usage": _usage_rows(usage, now_ms),
     }

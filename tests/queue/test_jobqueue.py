@@ -276,7 +276,7 @@ async def test_pick_many_returns_what_it_leased_when_one_tenant_call_fails(
     queue._take = take  # type: ignore[method-assign]
     picks = await queue.pick_many(4, lease_ms=LEASE, now_ms=NOW)
     assert [job.tenant for job in picks.jobs] == ["ok", "ok"]
-    queue._take = lambda *a, **kw: take("bad", 1)  # type: ignore[method-assign, assignment]
+    queue._take = lambda *_a, **_kw: take("bad", 1)  # type: ignore[method-assign, assignment]
     with pytest.raises(ConnectionError):
         await queue.pick_many(4, lease_ms=LEASE, now_ms=NOW)
 

@@ -238,7 +238,7 @@ async def test_update_keeps_keys_queue_and_usage_prune_deletes_like_tenants_dele
     assert await redis.hget(acme.budget, "day:used") == "42"
     # the same effect as `budgeter tenants delete gone`: policy gone, still known to
     # maintenance, its queued jobs left for the workers to end as errored
-    assert await store.list() == ["acme"]
+    assert await store.list_ids() == ["acme"]
     assert await store.known() == ["acme", "gone"]
     assert await redis.llen(TenantKeys.of("budgeter", "gone").queue) == 2
 
