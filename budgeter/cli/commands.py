@@ -11,17 +11,16 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from budgeter.admission.admission import format_ms
+from budgeter.domain.jobs import MAX_DEADLINE_S
 from budgeter.domain.messages import (
     CUSTOM_ID_RE,
-    MAX_BATCH_REQUESTS,
     BatchRequest,
     JsonInputError,
     first_error,
@@ -38,136 +37,14 @@ from budgeter.tenants.store import TenantStore
 from budgeter.tenants.usage import tenant_usage
 from budgeter.upstream.mock_main import MockArgsError
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+from budgeter.cli.batch_file import read_batch_file
+from budgeter.cli.errors import CliError, InputFileError
+from budgeter.cli.parser import build_parser
+
 log = logging.getLogger("budgeter.cli")
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
-
-
-class InputFileError(Exception):
-    """A bad input file: one line per bad input line, exit status 1."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__(f"{len(problems)} bad line(s)")
-        self.problems = problems
-
-
-# argument parsing -------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="budgeter",
-        description="Token budgets and fair admission in front of an Anthropic-compatible API.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    api = sub.add_parser("api", help="run the HTTP API (Message Batches, admin, metrics)")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=_port, default=8080)
-
-    worker = sub.add_parser("worker", help="run a worker process")
-    worker.add_argument("--concurrency", type=_positive_int, default=16)
-    worker.add_argument("--host", default="127.0.0.1", help="where /metrics listens")
-    worker.add_argument("--metrics-port", "--port", type=_port, default=9108, dest="port")
-
-    mock = sub.add_parser("mock-upstream", help="run the built-in mock Messages API")
-    mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=_port, default=8788)
-    mock.add_argument("--latency-ms", type=float, default=0.0)
-    mock.add_argument("--fault-rate", type=float, default=0.0)
-    mock.add_argument("--fault-kinds", default="429,500,529", help="comma list of 429,500,529,slow")
-    mock.add_argument("--retry-after", type=float, default=1.0)
-    mock.add_argument("--seed", type=int, default=0)
-
-    demo = sub.add_parser("demo", help="run the whole pipeline on embedded defaults")
-    demo.add_argument("--requests", type=_positive_int, default=500)
-    demo.add_argument("--workers", type=_positive_int, default=2)
-    demo.add_argument("--latency-ms", type=float, default=40.0)
-    demo.add_argument("--no-progress", action="store_true")
-
-    top = sub.add_parser("top", help="live view of tenants: budgets, queues, decisions")
-    top.add_argument(
-        "--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes"
-    )
-    top.add_argument("--once", action="store_true", help="print one table and exit")
-
-    tenants = sub.add_parser("tenants", help="manage tenant policies")
-    tsub = tenants.add_subparsers(dest="tenants_command", required=True, metavar="ACTION")
-    tset = tsub.add_parser("set", help="create or replace a tenant's policy")
-    tset.add_argument("tenant")
-    tset.add_argument("--policy", required=True, help="policy JSON, or @FILE")
-    tsub.add_parser("list", help="list tenants and their policies")
-    tget = tsub.add_parser("get", help="show a tenant's policy")
-    tget.add_argument("tenant")
-    tdel = tsub.add_parser("delete", help="delete a tenant's policy")
-    tdel.add_argument("tenant")
-    tapply = tsub.add_parser(
-        "apply",
-        help="make Redis match a YAML file of tenant policies",
-        description="Create, update and (with prune) delete tenants so that Redis matches "
-        "FILE ({tenants: {ID: POLICY}, prune: BOOL}). Idempotent; prints the plan.",
-    )
-    tapply.add_argument("file", metavar="FILE", help="tenants YAML file, or - for stdin")
-    tapply.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    tapply.add_argument(
-        "--prune",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="delete tenants absent from the file (default: the file's 'prune', else no)",
-    )
-    tapply.add_argument(
-        "--exit-code",
-        action="store_true",
-        help="exit 1 when the plan has changes (errors always exit 2)",
-    )
-
-    submit = sub.add_parser("submit", help="submit a JSONL file of batch requests")
-    submit.add_argument("--tenant", required=True)
-    submit.add_argument("file", type=Path)
-    submit.add_argument("--wait", action="store_true", help="show progress until it ends")
-    submit.add_argument("--batch-id", default=None, help="reuse an id to retry a submission")
-    submit.add_argument(
-        "--priority",
-        choices=("high", "normal", "low"),
-        default=None,
-        help="order among the tenant's own jobs (default: the policy's default_priority)",
-    )
-    submit.add_argument(
-        "--deadline-seconds",
-        type=float,
-        default=None,
-        help="jobs not served by then expire (default: BUDGETER_BATCH_TTL_HOURS)",
-    )
-
-    results = sub.add_parser("results", help="print a batch's results as JSONL")
-    results.add_argument("batch_id")
-
-    usage = sub.add_parser("usage", help="a tenant's budgets and usage")
-    usage.add_argument("--tenant", required=True)
-    usage.add_argument("--json", action="store_true")
-    return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range: {text}")
-    return value
 
 
 # entry point --------------------------------------------------------------------------
@@ -299,7 +176,7 @@ async def tenants_command(args: argparse.Namespace, settings: Settings) -> int:
                 raise CliError(f"tenant {args.tenant!r} not found")
             print(json.dumps({"tenant": args.tenant, "deleted": True}))
         else:
-            for tenant in await store.list():
+            for tenant in await store.list_ids():
                 found = await store.get(tenant)
                 policy_json = found.model_dump(exclude_defaults=True) if found else None
                 print(json.dumps({"tenant": tenant, "policy": policy_json}))
@@ -341,69 +218,6 @@ async def tenants_apply_command(args: argparse.Namespace, settings: Settings) ->
 # submit / results / usage -----------------------------------------------------------------
 
 
-def read_batch_file(path: Path) -> list[BatchRequest]:
-    """Every line a Message Batches request; all problems reported, one line each."""
-    try:
-        handle = path.open("rb")
-    except OSError as exc:
-        raise CliError(f"cannot read {str(path)!r}: {exc.strerror}") from None
-    requests: list[BatchRequest] = []
-    problems: list[str] = []
-    seen: dict[str, int] = {}
-    with handle:
-        for number, line in _numbered_lines(handle):
-            if not line.strip():
-                continue
-            try:
-                request = _batch_request(line)
-            except _BadLine as exc:
-                problems.append(f"{path}:{number}: {exc}")
-                continue
-            if request.custom_id in seen:
-                problems.append(
-                    f"{path}:{number}: custom_id {request.custom_id!r} already used on line "
-                    f"{seen[request.custom_id]}"
-                )
-                continue
-            seen[request.custom_id] = number
-            requests.append(request)
-    if problems:
-        raise InputFileError(problems)
-    if not requests:
-        raise CliError(f"{path}: no requests in file")
-    if len(requests) > MAX_BATCH_REQUESTS:
-        raise CliError(
-            f"{path}: {len(requests)} requests; a batch holds at most {MAX_BATCH_REQUESTS}"
-        )
-    return requests
-
-
-def _numbered_lines(handle: Any) -> Iterator[tuple[int, bytes]]:
-    """(number, line) of a binary file; CR, LF and CRLF end a line, as in text mode."""
-    number = 0
-    for chunk in handle:
-        for line in chunk.replace(b"\r\n", b"\n").split(b"\r"):
-            number += 1
-            yield number, line
-
-
-class _BadLine(ValueError):
-    """One bad line of a batch file (the message names what is wrong)."""
-
-
-def _batch_request(line: bytes) -> BatchRequest:
-    try:
-        value = parse_json(line)
-    except JsonInputError as exc:
-        raise _BadLine(f"invalid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise _BadLine("a request must be a JSON object")
-    try:
-        return BatchRequest.model_validate(value)
-    except ValidationError as exc:
-        raise _BadLine(first_error(exc)) from None
-
-
 async def submit_command(
     args: argparse.Namespace, settings: Settings, requests: list[BatchRequest]
 ) -> int:
@@ -413,8 +227,8 @@ async def submit_command(
         if policy is None:
             raise CliError(f"tenant {args.tenant!r} has no policy: set one first")
         deadline_s = args.deadline_seconds
-        if deadline_s is not None and not 1 <= deadline_s <= 7 * 86_400:
-            raise CliError("--deadline-seconds: a number of seconds from 1 to 604800")
+        if deadline_s is not None and not 1 <= deadline_s <= MAX_DEADLINE_S:
+            raise CliError(f"--deadline-seconds: a number of seconds from 1 to {MAX_DEADLINE_S}")
         batch_id = await store.create(
             args.tenant,
             requests,
@@ -455,7 +269,7 @@ async def wait_with_progress(store: BatchStore, batch_id: str, poll_s: float = 0
             await asyncio.sleep(poll_s)
 
 
-def _stderr_console() -> Any:
+def _stderr_console() -> Console:
     from rich.console import Console
 
     return Console(stderr=True)
@@ -519,15 +333,15 @@ async def usage_command(args: argparse.Namespace, settings: Settings) -> int:
         "USD",
     ):
         usage.add_column(column, justify="left" if column in ("period", "model") else "right")
-    for row in report["usage"]:
+    for used in report["usage"]:
         usage.add_row(
-            f"{row['period']} {row['period_id']}",
-            row["model"],
+            f"{used['period']} {used['period_id']}",
+            used["model"],
             *(
-                f"{row.get(kind, 0):,}"
+                f"{used.get(kind, 0):,}"
                 for kind in ("requests", "input", "output", "cache_creation", "cache_read")
             ),
-            f"{row['usd']:,.6f}" if "usd" in row else "-",
+            f"{used['usd']:,.6f}" if "usd" in used else "-",
         )
     console.print(usage)
     return 0
