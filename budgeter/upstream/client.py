@@ -13,36 +13,37 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Generic, TypeGuard, TypeVar
 
 import aiohttp
 
+from budgeter.domain.messages import COUNT_TOKENS_FIELDS as COUNT_TOKENS_FIELDS
+from budgeter.domain.messages import JsonValue
+from budgeter.domain.results import STATUS_ERROR_TYPES
 from budgeter.domain.results import error_body as anthropic_error
 
 log = logging.getLogger("budgeter.upstream")
 
 ANTHROPIC_VERSION = "2023-06-01"
-COUNT_TOKENS_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice", "thinking"})
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
+# The routes that generate a message: the upstream bills them, so one whose connection was
+# lost after it was sent may have been served (it is not sent again), and their 429 pauses
+# the model for every process. (count_tokens is neither.)
+_GENERATING_ROUTES = frozenset({"messages", "messages_stream"})
 
-_STATUS_ERROR_TYPES: dict[int, str] = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
+JsonObject = dict[str, JsonValue]
+"""A JSON object as parsed from the upstream's answer."""
+
+T = TypeVar("T")
 
 
-def count_tokens_body(params: Mapping[str, Any]) -> dict[str, Any]:
+def count_tokens_body(params: Mapping[str, object]) -> dict[str, object]:
     """The subset of a Messages request that ``/v1/messages/count_tokens`` accepts."""
     return {key: value for key, value in params.items() if key in COUNT_TOKENS_FIELDS}
 
 
-def _is_error_body(payload: Any) -> bool:
+def _is_error_body(payload: JsonValue) -> TypeGuard[JsonObject]:
     return (
         isinstance(payload, dict)
         and payload.get("type") == "error"
@@ -77,12 +78,14 @@ class UpstreamError(Exception):
     def __init__(
         self,
         status: int,
-        body: dict[str, Any],
+        body: JsonObject,
         *,
         retryable: bool,
         maybe_served: bool = False,
     ) -> None:
-        error = body.get("error") if isinstance(body.get("error"), dict) else {}
+        error = body.get("error")
+        if not isinstance(error, dict):
+            error = {}
         super().__init__(
             f"upstream {status or 'error'}: {error.get('type')}: {error.get('message')}"
         )
@@ -90,6 +93,17 @@ class UpstreamError(Exception):
         self.body = body
         self.retryable = retryable
         self.maybe_served = maybe_served
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply(Generic[T]):
+    """What one attempt got back: the status and headers, the whole body (of a refusal;
+    of any answer but a stream), and ``value``, what a 2xx answer gives the caller."""
+
+    status: int
+    headers: Mapping[str, str]
+    raw: bytes = b""
+    value: T | None = None
 
 
 class UpstreamClient:
@@ -107,7 +121,7 @@ class UpstreamClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
         observe: Callable[[str, str, float], None] | None = None,
-        on_rate_limited: Callable[[str, float], Awaitable[Any]] | None = None,
+        on_rate_limited: Callable[[str, float], Awaitable[object]] | None = None,
     ) -> None:
         self._session = session
         self.base_url = base_url.rstrip("/")
@@ -129,7 +143,7 @@ class UpstreamClient:
     def __repr__(self) -> str:  # keeps the key out of any repr that reaches a log
         return f"UpstreamClient(base_url={self.base_url!r})"
 
-    async def count_tokens(self, params: Mapping[str, Any]) -> int:
+    async def count_tokens(self, params: Mapping[str, object]) -> int:
         body = count_tokens_body(params)
         answer = await self._post(
             "count_tokens", "/v1/messages/count_tokens", body, self.count_timeout_s
@@ -143,57 +157,45 @@ class UpstreamClient:
             )
         return tokens
 
-    async def create_message(self, params: Mapping[str, Any]) -> dict[str, Any]:
+    async def create_message(self, params: Mapping[str, object]) -> JsonObject:
         return (await self.create_message_raw(params))[0]
 
-    async def create_message_raw(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], bytes]:
+    async def create_message_raw(self, params: Mapping[str, object]) -> tuple[JsonObject, bytes]:
         """The answer parsed and as the upstream sent it (a proxy forwards those bytes
         rather than encoding the message again)."""
         return await self._post_raw("messages", "/v1/messages", params, self.timeout_s)
 
     @asynccontextmanager
-    async def open_stream(self, params: Mapping[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def open_stream(
+        self, params: Mapping[str, object]
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
         """POST /v1/messages with ``stream: true``; yields the open 2xx response.
 
-        Retries like the other calls, but only until the first byte of a 2xx answer: once
-        events flow, a failure is the caller's to report (it may already have forwarded them).
+        Retries like the other calls (the same loop), but only until the first byte of a
+        2xx answer: once events flow, a failure is the caller's to report (it may already
+        have forwarded them).
         """
         url = self.base_url + "/v1/messages"
         data = json.dumps({**params, "stream": True}).encode()
         timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.count_timeout_s)
-        for attempt in range(1, self.max_attempts + 1):
-            retry_after: float | None = None
-            started = time.perf_counter()
+
+        async def send() -> _Reply[aiohttp.ClientResponse]:
+            response = await self._session.post(
+                url, data=data, headers=self._headers, timeout=timeout
+            )
+            if 200 <= response.status < 300:
+                return _Reply(response.status, response.headers, value=response)
             try:
-                response = await self._session.post(
-                    url, data=data, headers=self._headers, timeout=timeout
-                )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                self._record("messages_stream", "error", started)
-                error = UpstreamError(
-                    0,
-                    anthropic_error("api_error", f"upstream unreachable: {type(exc).__name__}"),
-                    retryable=True,
-                )
-            else:
-                self._record("messages_stream", str(response.status), started)
-                if 200 <= response.status < 300:
-                    try:
-                        yield response
-                    finally:
-                        response.release()
-                    return
-                raw = await response.read()
+                return _Reply(response.status, response.headers, await response.read())
+            finally:
                 response.release()
-                error = _status_error(response.status, raw)
-                if not error.retryable:
-                    raise error
-                retry_after = _retry_after_s(response.headers)
-                if response.status == 429:
-                    await self._rate_limited(params, retry_after)
-            if attempt == self.max_attempts:
-                raise error
-            await self._sleep(self.backoff_s(attempt, retry_after))
+
+        reply = await self._attempts("messages_stream", send, params)
+        assert reply.value is not None  # a 2xx reply of send() carries its response
+        try:
+            yield reply.value
+        finally:
+            reply.value.release()
 
     async def ping(self) -> bool:
         """Readiness: does the upstream answer HTTP (below 500) at all. Never raises."""
@@ -207,94 +209,101 @@ class UpstreamClient:
 
     def backoff_s(self, attempt: int, retry_after: float | None) -> float:
         """Delay before the attempt after ``attempt`` (1-based)."""
-        delay = self._rand() * min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
+        delay = self._rand() * min(self.backoff_max_s, self.backoff_base_s * 2.0 ** (attempt - 1))
         if retry_after is not None:
             delay = min(max(retry_after, delay), self.backoff_max_s * 2)
         return delay
 
     async def _post(
-        self, route: str, path: str, body: Mapping[str, Any], timeout_s: float
-    ) -> dict[str, Any]:
+        self, route: str, path: str, body: Mapping[str, object], timeout_s: float
+    ) -> JsonObject:
         return (await self._post_raw(route, path, body, timeout_s))[0]
 
     async def _post_raw(
-        self, route: str, path: str, body: Mapping[str, Any], timeout_s: float
-    ) -> tuple[dict[str, Any], bytes]:
+        self, route: str, path: str, body: Mapping[str, object], timeout_s: float
+    ) -> tuple[JsonObject, bytes]:
         url = self.base_url + path
         data = json.dumps(body).encode()
         timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+        async def send() -> _Reply[None]:
+            async with self._session.post(
+                url, data=data, headers=self._headers, timeout=timeout
+            ) as response:
+                return _Reply(response.status, response.headers, await response.read())
+
+        reply = await self._attempts(route, send, body)
+        payload = _parse_json(reply.raw)
+        if isinstance(payload, dict):
+            return payload, reply.raw
+        raise UpstreamError(
+            reply.status,
+            anthropic_error("api_error", "upstream answered non-JSON"),
+            retryable=False,
+        )
+
+    async def _attempts(
+        self,
+        route: str,
+        send: Callable[[], Awaitable[_Reply[T]]],
+        params: Mapping[str, object],
+    ) -> _Reply[T]:
+        """The one retry loop of every call: ``send()`` makes one attempt; this records
+        it, retries what is retryable with backoff (honouring retry-after), tells
+        ``on_rate_limited`` of a 429 on a generating route, logs, and answers the first
+        2xx reply or raises :class:`UpstreamError`."""
         for attempt in range(1, self.max_attempts + 1):
             retry_after: float | None = None
             started = time.perf_counter()
             try:
-                async with self._session.post(
-                    url, data=data, headers=self._headers, timeout=timeout
-                ) as response:
-                    status = response.status
-                    raw = await response.read()
-                    headers = response.headers
+                reply = await send()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self._record(route, "error", started)
-                timed_out = isinstance(exc, TimeoutError)
-                # Not connected at all: safe to retry. Sent but no answer: a message may
-                # have been generated and billed, so it is not sent a second time.
-                maybe_served = route == "messages" and not isinstance(
-                    exc, aiohttp.ClientConnectorError
-                )
-                error = UpstreamError(
-                    0,
-                    anthropic_error(
-                        "timeout_error" if timed_out else "api_error",
-                        f"upstream {'timed out' if timed_out else 'unreachable'}: "
-                        f"{type(exc).__name__}",
-                    ),
-                    retryable=True,
-                    maybe_served=maybe_served,
-                )
-                if maybe_served:
-                    log.warning(
-                        "upstream messages call lost after sending (%s)", type(exc).__name__
-                    )
+                error = _lost(route, exc)
+                if error.maybe_served:  # sent, then no answer: never sent a second time
                     raise error from None
                 reason = type(exc).__name__
             else:
-                self._record(route, str(status), started)
-                payload = _parse_json(raw)
-                if 200 <= status < 300:
-                    if isinstance(payload, dict):
-                        return payload, raw
-                    raise UpstreamError(
-                        status,
-                        anthropic_error("api_error", "upstream answered non-JSON"),
-                        retryable=False,
-                    )
-                error = _status_error(status, raw)
+                self._record(route, str(reply.status), started)
+                if 200 <= reply.status < 300:
+                    return reply
+                error = _status_error(reply.status, reply.raw)
                 if not error.retryable:
-                    log.info("upstream %s refused with HTTP %d (final)", route, status)
+                    log.info("upstream %s refused with HTTP %d (final)", route, reply.status)
                     raise error
-                retry_after = _retry_after_s(headers)
-                reason = f"HTTP {status}"
-                if status == 429 and route == "messages":
-                    await self._rate_limited(body, retry_after)
-            remaining = self.max_attempts - attempt
-            if remaining == 0:
-                log.warning(
-                    "upstream %s failed on attempt %d (%s); no tries left", route, attempt, reason
-                )
-                raise error
-            delay = self.backoff_s(attempt, retry_after)
-            log.warning(
-                "upstream %s failed on attempt %d (%s); retrying in %.2fs, %d tries left",
-                route,
-                attempt,
-                reason,
-                delay,
-                remaining,
-            )
-            await self._sleep(delay)
+                retry_after, reason = _retry_after_s(reply.headers), f"HTTP {reply.status}"
+                if reply.status == 429 and route in _GENERATING_ROUTES:
+                    await self._rate_limited(params, retry_after)
+            await self._before_retry(route, attempt, reason, retry_after, error)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _rate_limited(self, params: Mapping[str, Any], retry_after: float | None) -> None:
+    async def _before_retry(
+        self,
+        route: str,
+        attempt: int,
+        reason: str,
+        retry_after: float | None,
+        error: UpstreamError,
+    ) -> None:
+        """Wait before the next attempt, or raise ``error`` when this was the last."""
+        remaining = self.max_attempts - attempt
+        if remaining == 0:
+            log.warning(
+                "upstream %s failed on attempt %d (%s); no tries left", route, attempt, reason
+            )
+            raise error
+        delay = self.backoff_s(attempt, retry_after)
+        log.warning(
+            "upstream %s failed on attempt %d (%s); retrying in %.2fs, %d tries left",
+            route,
+            attempt,
+            reason,
+            delay,
+            remaining,
+        )
+        await self._sleep(delay)
+
+    async def _rate_limited(self, params: Mapping[str, object], retry_after: float | None) -> None:
         """Tell every process that the upstream paused this model (never raises)."""
         if self.on_rate_limited is None:
             return
@@ -310,20 +319,40 @@ class UpstreamClient:
             self._observe(route, status, time.perf_counter() - started)
 
 
+def _lost(route: str, exc: aiohttp.ClientError | TimeoutError) -> UpstreamError:
+    """The error of an attempt that got no answer. Not connected at all (refused, or the
+    connect timed out): safe to retry. Sent but no answer on a generating route: a message
+    may have been generated and billed (``maybe_served``)."""
+    timed_out = isinstance(exc, TimeoutError)
+    never_sent = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+    maybe_served = route in _GENERATING_ROUTES and not never_sent
+    error = UpstreamError(
+        0,
+        anthropic_error(
+            "timeout_error" if timed_out else "api_error",
+            f"upstream {'timed out' if timed_out else 'unreachable'}: {type(exc).__name__}",
+        ),
+        retryable=True,
+        maybe_served=maybe_served,
+    )
+    if maybe_served:
+        log.warning("upstream %s call lost after sending (%s)", route, type(exc).__name__)
+    return error
+
+
 def _status_error(status: int, raw: bytes) -> UpstreamError:
     payload = _parse_json(raw)
     body = (
         payload
         if _is_error_body(payload)
-        else anthropic_error(
-            _STATUS_ERROR_TYPES.get(status, "api_error"), f"upstream HTTP {status}"
-        )
+        else anthropic_error(STATUS_ERROR_TYPES.get(status, "api_error"), f"upstream HTTP {status}")
     )
     return UpstreamError(status, body, retryable=status in RETRYABLE_STATUSES)
 
 
-def _parse_json(raw: bytes) -> Any:
+def _parse_json(raw: bytes) -> JsonValue:
     try:
-        return json.loads(raw)
+        value: JsonValue = json.loads(raw)
     except ValueError:
         return None
+    return value

@@ -15,19 +15,25 @@ import random
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from budgeter.upstream.client import COUNT_TOKENS_FIELDS, anthropic_error
+from budgeter.domain.messages import COUNT_TOKENS_FIELDS, JsonValue
+from budgeter.domain.results import error_body as anthropic_error
 
 FaultKind = Literal["429", "500", "529", "slow"]
 IMAGE_TOKENS = 85
+JsonObject = dict[str, JsonValue]
 _PROSE = (
     "the budget ledger admits each tenant request once its tokens settle and the "
     "queue moves on while the mock answers with steady deterministic prose "
 )
+
+
+def _default_fault_kinds() -> list[FaultKind]:
+    return ["429", "500", "529"]
 
 
 class MockConfig(BaseModel):
@@ -36,7 +42,7 @@ class MockConfig(BaseModel):
     latency_ms: float = Field(default=0.0, ge=0)
     count_latency_ms: float = Field(default=0.0, ge=0)
     fault_rate: float = Field(default=0.0, ge=0, le=1)
-    fault_kinds: list[FaultKind] = Field(default_factory=lambda: ["429", "500", "529"])
+    fault_kinds: list[FaultKind] = Field(default_factory=_default_fault_kinds)
     retry_after_s: float = Field(default=1.0, ge=0)
     slow_ms: float = Field(default=5000.0, ge=0)
     fault_count_tokens: bool = False
@@ -54,7 +60,7 @@ class MockStats:
     input_tokens: int = 0
     output_tokens: int = 0
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> dict[str, object]:
         return {
             "requests": dict(self.requests),
             "faults": dict(self.faults),
@@ -74,7 +80,7 @@ class MockState:
 STATE_KEY = web.AppKey("mock_state", MockState)
 
 
-def _canonical(value: Any) -> str:
+def _canonical(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -82,7 +88,7 @@ def _text_tokens(text: str) -> int:
     return math.ceil(len(text.encode()) / 4)
 
 
-def _content_tokens(content: Any) -> int:
+def _content_tokens(content: object) -> int:
     if isinstance(content, str):
         return _text_tokens(content)
     total = 0
@@ -100,26 +106,30 @@ def _content_tokens(content: Any) -> int:
     return total
 
 
-def count_input_tokens(body: Mapping[str, Any]) -> int:
+def count_input_tokens(body: Mapping[str, object]) -> int:
     """Deterministic input tokens: ~4 UTF-8 bytes a token, 3 per message, 85 per image, +1."""
     total = 1 + _content_tokens(body.get("system", ""))
     if body.get("tools"):
         total += _text_tokens(_canonical(body["tools"]))
-    for message in body.get("messages") or []:
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else []:
         total += 3 + _content_tokens(message.get("content") if isinstance(message, dict) else None)
     return total
 
 
-def _digest(body: Mapping[str, Any]) -> int:
+def _digest(body: Mapping[str, object]) -> int:
     return int(hashlib.sha256(_canonical(body.get("messages")).encode()).hexdigest(), 16)
 
 
-def output_tokens_for(body: Mapping[str, Any]) -> int:
+def output_tokens_for(body: Mapping[str, object]) -> int:
     """Deterministic output tokens in ``1..min(max_tokens, 200)``."""
-    return 1 + _digest(body) % min(int(body["max_tokens"]), 200)
+    max_tokens = body["max_tokens"]
+    if not isinstance(max_tokens, int | float | str):
+        raise TypeError(f"max_tokens is not a number: {max_tokens!r}")
+    return 1 + _digest(body) % min(int(max_tokens), 200)
 
 
-def _answer_text(body: Mapping[str, Any], output_tokens: int) -> str:
+def _answer_text(body: Mapping[str, object], output_tokens: int) -> str:
     """About 4 characters a token: the prose, rotated by the request's digest, repeated."""
     start = _digest(body) % len(_PROSE)
     rotated = _PROSE[start:] + _PROSE[:start]
@@ -148,7 +158,7 @@ def _check_headers(request: web.Request, config: MockConfig) -> web.Response | N
     return None
 
 
-async def _json_body(request: web.Request) -> dict[str, Any] | web.Response:
+async def _json_body(request: web.Request) -> JsonObject | web.Response:
     try:
         body = await request.json()
     except ValueError as exc:
@@ -158,7 +168,7 @@ async def _json_body(request: web.Request) -> dict[str, Any] | web.Response:
     return body
 
 
-def _messages_problem(body: Mapping[str, Any]) -> str | None:
+def _messages_problem(body: Mapping[str, object]) -> str | None:
     if not isinstance(body.get("model"), str) or not body["model"]:
         return "model: Field required"
     messages = body.get("messages")
@@ -212,10 +222,8 @@ async def _handle_messages(request: web.Request) -> web.StreamResponse:
         return body
     max_tokens = body.get("max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        problem: str | None = "max_tokens: must be an integer >= 1"
-    else:
-        problem = _messages_problem(body)
-    if problem is not None:
+        return _error(400, "invalid_request_error", "max_tokens: must be an integer >= 1")
+    if (problem := _messages_problem(body)) is not None:
         return _error(400, "invalid_request_error", problem)
     if (fault := await _maybe_fault(state)) is not None:
         return fault
@@ -235,7 +243,7 @@ async def _handle_messages(request: web.Request) -> web.StreamResponse:
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
     }
-    message: dict[str, Any] = {
+    message: dict[str, object] = {
         "id": f"msg_mock_{secrets.token_hex(12)}",
         "type": "message",
         "role": "assistant",
@@ -246,21 +254,21 @@ async def _handle_messages(request: web.Request) -> web.StreamResponse:
         "usage": usage,
     }
     if body.get("stream") is True:
-        return await _stream(request, message)
+        return await _stream(request, message, text, usage)
     return web.json_response(message)
 
 
-async def _stream(request: web.Request, message: dict[str, Any]) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, message: Mapping[str, object], text: str, usage: Mapping[str, int]
+) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={"content-type": "text/event-stream", "cache-control": "no-cache"}
     )
     await response.prepare(request)
 
-    async def send(event: dict[str, Any]) -> None:
+    async def send(event: Mapping[str, object]) -> None:
         await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
 
-    text: str = message["content"][0]["text"]
-    usage = message["usage"]
     start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
     await send({"type": "message_start", "message": start})
     await send(
@@ -323,7 +331,7 @@ async def _handle_config(request: web.Request) -> web.Response:
     return web.json_response(config.model_dump())
 
 
-async def _handle_healthz(request: web.Request) -> web.Response:
+async def _handle_healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 

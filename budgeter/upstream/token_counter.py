@@ -8,13 +8,16 @@ import json
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any
 
+import aiohttp
 from redis.asyncio.cluster import RedisCluster
 
+from budgeter.admission.global_limits import GlobalLimits
 from budgeter.metrics import Metrics
+from budgeter.settings import Settings
 from budgeter.store.keys import count_cache_key
 from budgeter.store.scripts import round_pipeline
+from budgeter.store.types import RedisClient
 from budgeter.tenants.store import TenantStore
 from budgeter.upstream.client import UpstreamClient, UpstreamError, count_tokens_body
 
@@ -25,19 +28,19 @@ log = logging.getLogger(__name__)
 ATTACHMENT_TOKENS = 1600
 
 
-def payload_digest(body: Mapping[str, Any]) -> str:
+def payload_digest(body: Mapping[str, object]) -> str:
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def local_estimate(params: Mapping[str, Any], margin: float) -> int:
+def local_estimate(params: Mapping[str, object], margin: float) -> int:
     """A conservative input-token estimate without the upstream: one token per 3 bytes of
     the JSON that count_tokens would see (English runs near 4 characters per token),
     attachments at ``ATTACHMENT_TOKENS``, times ``margin``."""
     body = {k: v for k, v in count_tokens_body(params).items() if k != "model"}
     attachments = 0
 
-    def strip(value: Any) -> Any:
+    def strip(value: object) -> object:
         nonlocal attachments
         if isinstance(value, dict):
             if value.get("type") in ("image", "document") and isinstance(value.get("source"), dict):
@@ -60,14 +63,15 @@ class CountCacheIO:
     optimisation, and a lost write costs one more count_tokens call. (On Redis Cluster,
     where keys live on different nodes, each call goes alone.)"""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self.redis = redis
         self.round = None if isinstance(redis, RedisCluster) else round_pipeline(redis)
 
-    async def get(self, key: str) -> Any:
+    async def get(self, key: str) -> bytes | str | None:
         if self.round is None:
             return await self.redis.get(key)
-        return await self.round.command("GET", key)
+        value: bytes | str | None = await self.round.command("GET", key)
+        return value
 
     async def set(self, key: str, value: int, ttl_s: int) -> None:
         if self.round is None:
@@ -76,7 +80,7 @@ class CountCacheIO:
         self.round.command("SET", key, value, "EX", ttl_s).add_done_callback(_log_failed_write)
 
 
-def _log_failed_write(future: asyncio.Future[Any]) -> None:
+def _log_failed_write(future: asyncio.Future[object]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.warning("count cache write failed: %s", future.exception())
 
@@ -84,7 +88,7 @@ def _log_failed_write(future: asyncio.Future[Any]) -> None:
 class TokenCounter:
     def __init__(
         self,
-        redis: Any,
+        redis: RedisClient,
         upstream: UpstreamClient,
         *,
         prefix: str = "budgeter",
@@ -99,7 +103,7 @@ class TokenCounter:
         self.tenants = TenantStore(redis, prefix=prefix)
         self.cache = CountCacheIO(redis)
 
-    async def count_for(self, tenant: str, params: Mapping[str, Any]) -> int:
+    async def count_for(self, tenant: str, params: Mapping[str, object]) -> int:
         """Like :meth:`count`; when count_tokens keeps failing (after the client's own
         retries) and the tenant's policy says ``on_count_failure: estimate``, a local
         estimate instead. The reservation is settled against real usage either way."""
@@ -115,7 +119,7 @@ class TokenCounter:
                 self.metrics.count_estimated.labels(self.metrics.tenant(tenant)).inc()
             return local_estimate(params, policy.estimate_margin)
 
-    async def count(self, params: Mapping[str, Any]) -> int:
+    async def count(self, params: Mapping[str, object]) -> int:
         """Input tokens of ``params`` (only the fields count_tokens accepts are sent)."""
         body = count_tokens_body(params)
         if self.ttl_s <= 0:
@@ -136,11 +140,14 @@ class TokenCounter:
 
 
 def upstream_and_counter(
-    session: Any, redis: Any, settings: Any, metrics: Metrics, global_limits: Any = None
+    session: aiohttp.ClientSession,
+    redis: RedisClient,
+    settings: Settings,
+    metrics: Metrics,
+    global_limits: GlobalLimits | None = None,
 ) -> tuple[UpstreamClient, TokenCounter]:
     """The upstream client and the cached token counter every process builds the same way
-    from its settings (``budgeter.settings.Settings``). With ``global_limits`` (a
-    budgeter.admission.global_limits.GlobalLimits), an upstream 429 pauses the model everywhere."""
+    from its settings. With ``global_limits``, an upstream 429 pauses the model everywhere."""
     upstream = UpstreamClient(
         session,
         settings.upstream_url,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from budgeter.api.schemas import CountTokensBody
+from budgeter.domain.messages import COUNT_TOKENS_FIELDS
 from budgeter.upstream.client import UpstreamClient, UpstreamError, count_tokens_body
 from budgeter.upstream.mock import MockConfig, create_app
 
@@ -261,7 +264,7 @@ async def test_timeout_is_retried_for_count_tokens_but_not_for_messages(
 ) -> None:
     release = asyncio.Event()
 
-    async def hang(request: web.Request) -> web.Response:
+    async def hang(_request: web.Request) -> web.Response:
         await release.wait()
         return web.json_response(MESSAGE)
 
@@ -318,3 +321,270 @@ async def test_against_faulty_mock_upstream(
     assert caught.value.retryable is True
     assert caught.value.body["error"]["type"] == "rate_limit_error"
     assert recorder.delays == [3.0, 3.0]
+
+
+# --- one retry loop: create_message and open_stream behave alike, attempt for attempt ---
+
+
+async def _via_message(client: UpstreamClient) -> object:
+    return await client.create_message(PARAMS)
+
+
+async def _via_stream(client: UpstreamClient) -> object:
+    async with client.open_stream(PARAMS) as response:
+        return await response.json()
+
+
+PATHS: dict[str, Callable[[UpstreamClient], Awaitable[object]]] = {
+    "messages": _via_message,
+    "messages_stream": _via_stream,
+}
+
+
+@dataclass
+class Run:
+    """What one call did, with its route name (the metric label) taken out of its log."""
+
+    outcome: object  # the answer, or (status, body, retryable, maybe_served) of the error
+    delays: list[float]
+    statuses: list[str]
+    warnings: list[str]
+    paused: list[tuple[str, float]]
+
+
+async def run_path(
+    route: str,
+    session: aiohttp.ClientSession,
+    base_url: str,
+    caplog: pytest.LogCaptureFixture,
+    **kwargs: Any,
+) -> Run:
+    recorder = Recorder()
+    paused: list[tuple[str, float]] = []
+
+    async def on_rate_limited(model: str, seconds: float) -> None:
+        paused.append((model, seconds))
+
+    client = make_client(session, base_url, recorder, on_rate_limited=on_rate_limited, **kwargs)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="budgeter.upstream"):
+        try:
+            outcome: object = await PATHS[route](client)
+        except UpstreamError as exc:
+            outcome = (exc.status, exc.body, exc.retryable, exc.maybe_served)
+    assert {observed_route for observed_route, _, _ in recorder.observed} <= {route}
+    return Run(
+        outcome=outcome,
+        delays=recorder.delays,
+        statuses=[status for _, status, _ in recorder.observed],
+        warnings=[
+            record.getMessage().replace(f"upstream {route} ", "upstream <route> ")
+            for record in caplog.records
+            if record.name == "budgeter.upstream" and record.levelno >= logging.WARNING
+        ],
+        paused=paused,
+    )
+
+
+async def run_both(
+    aiohttp_server: ServerFactory,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    replies: list[tuple[int, Any, dict[str, str]]],
+    **kwargs: Any,
+) -> tuple[Run, Run, int, int]:
+    """The same scripted answers, once through create_message and once through open_stream;
+    also how many requests each path sent."""
+    runs: list[Run] = []
+    sent: list[int] = []
+    for route in PATHS:
+        script = Scripted(list(replies))
+        runs.append(
+            await run_path(route, session, await serve(aiohttp_server, script), caplog, **kwargs)
+        )
+        sent.append(len(script.requests))
+        assert all(request["body"]["model"] == PARAMS["model"] for request in script.requests)
+    return runs[0], runs[1], sent[0], sent[1]
+
+
+async def test_message_and_stream_share_backoff_retry_after_pause_and_log_lines(
+    aiohttp_server: ServerFactory,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    replies: list[tuple[int, Any, dict[str, str]]] = [
+        (429, error_body("rate_limit_error"), {"retry-after": "2.5"}),
+        (529, error_body("overloaded_error"), {"retry-after-ms": "1500"}),
+        (503, {}, {"retry-after": "1000"}),  # capped at backoff_max_s * 2
+        (500, error_body("api_error"), {}),  # jittered: 0.5 * min(8, 0.5 * 2**3)
+        (200, MESSAGE, {}),
+    ]
+    message, stream, sent_message, sent_stream = await run_both(
+        aiohttp_server, session, caplog, replies, backoff_max_s=8
+    )
+    assert message == stream
+    assert sent_message == sent_stream == 5
+    assert message.outcome == MESSAGE
+    assert message.delays == [2.5, 1.5, 16.0, 2.0]
+    assert message.statuses == ["429", "529", "503", "500", "200"]
+    assert message.paused == [("claude-sonnet-4-6", 2.5)]  # a 429 pauses the model
+    assert message.warnings == [
+        "upstream <route> failed on attempt 1 (HTTP 429); retrying in 2.50s, 4 tries left",
+        "upstream <route> failed on attempt 2 (HTTP 529); retrying in 1.50s, 3 tries left",
+        "upstream <route> failed on attempt 3 (HTTP 503); retrying in 16.00s, 2 tries left",
+        "upstream <route> failed on attempt 4 (HTTP 500); retrying in 2.00s, 1 tries left",
+    ]
+
+
+async def test_message_and_stream_exhaust_the_same_attempts(
+    aiohttp_server: ServerFactory,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    replies: list[tuple[int, Any, dict[str, str]]] = [
+        (529, error_body("overloaded_error"), {"retry-after": "1"})
+    ]
+    message, stream, sent_message, sent_stream = await run_both(
+        aiohttp_server, session, caplog, replies, max_attempts=3
+    )
+    assert message == stream
+    assert sent_message == sent_stream == 3
+    assert message.outcome == (529, error_body("overloaded_error"), True, False)
+    assert message.delays == [1.0, 1.0]
+    assert message.warnings[-1] == "upstream <route> failed on attempt 3 (HTTP 529); no tries left"
+    assert len(message.warnings) == 3
+
+
+async def test_message_and_stream_refuse_a_final_status_alike(
+    aiohttp_server: ServerFactory,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    replies: list[tuple[int, Any, dict[str, str]]] = [(404, {"detail": "no"}, {})]
+    message, stream, sent_message, sent_stream = await run_both(
+        aiohttp_server, session, caplog, replies
+    )
+    assert message == stream
+    assert sent_message == sent_stream == 1
+    body = {"type": "error", "error": {"type": "not_found_error", "message": "upstream HTTP 404"}}
+    assert message.outcome == (404, body, False, False)
+    assert message.delays == [] and message.warnings == []
+
+
+async def drop_after_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Read one whole request, then hang up without answering."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await reader.readexactly(length)
+    writer.close()
+    await writer.wait_closed()
+
+
+@pytest.mark.parametrize("fault", ["disconnect", "timeout"])
+async def test_message_and_stream_lost_after_sending_are_maybe_served_and_not_resent(
+    aiohttp_server: ServerFactory,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+) -> None:
+    received = 0
+    release = asyncio.Event()
+
+    async def hang(_request: web.Request) -> web.Response:
+        nonlocal received
+        received += 1
+        await release.wait()
+        return web.json_response(MESSAGE)
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        received += 1
+        await drop_after_request(reader, writer)
+
+    if fault == "disconnect":
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    else:
+        app = web.Application()
+        app.router.add_post("/v1/messages", hang)
+        base_url = str((await aiohttp_server(app)).make_url(""))
+    runs: list[Run] = []
+    sent: list[int] = []
+    try:
+        for route in PATHS:
+            received = 0
+            runs.append(await run_path(route, session, base_url, caplog, timeout_s=0.05))
+            sent.append(received)
+    finally:
+        release.set()
+        if fault == "disconnect":
+            server.close()
+            await server.wait_closed()
+    message, stream = runs
+    assert message == stream
+    assert sent == [1, 1]  # sent once, never a second time: it may have been generated
+    status, body, retryable, maybe_served = message.outcome  # type: ignore[misc]
+    assert (status, retryable, maybe_served) == (0, True, True)
+    kind = "timeout_error" if fault == "timeout" else "api_error"
+    assert body["error"]["type"] == kind
+    assert message.delays == [] and message.statuses == ["error"]
+    [warning] = message.warnings
+    assert warning.startswith("upstream <route> call lost after sending (")
+
+
+async def test_message_and_stream_retry_a_refused_connection_alike(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    base_url = f"http://127.0.0.1:{closed_port()}"
+    message, stream = [
+        await run_path(route, session, base_url, caplog, max_attempts=3) for route in PATHS
+    ]
+    assert message == stream
+    status, body, retryable, maybe_served = message.outcome  # type: ignore[misc]
+    assert (status, retryable, maybe_served) == (0, True, False)  # never sent: safe to retry
+    assert body["error"]["type"] == "api_error"
+    assert message.statuses == ["error"] * 3
+    assert message.delays == [0.25, 0.5]
+    assert [line.split(" (")[0] for line in message.warnings] == [
+        "upstream <route> failed on attempt 1",
+        "upstream <route> failed on attempt 2",
+        "upstream <route> failed on attempt 3",
+    ]
+
+
+async def test_count_tokens_lost_after_sending_is_retried(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """count_tokens generates nothing: a lost answer is simply asked again."""
+    received = 0
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        received += 1
+        await drop_after_request(reader, writer)
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    recorder = Recorder()
+    port = server.sockets[0].getsockname()[1]
+    client = make_client(session, f"http://127.0.0.1:{port}", recorder, max_attempts=3)
+    try:
+        with (
+            caplog.at_level(logging.INFO, logger="budgeter.upstream"),
+            pytest.raises(UpstreamError) as caught,
+        ):
+            await client.count_tokens(PARAMS)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert received == 3
+    assert (caught.value.status, caught.value.maybe_served) == (0, False)
+    assert not any("lost after sending" in record.getMessage() for record in caplog.records)
+
+
+def test_count_tokens_fields_have_one_definition() -> None:
+    assert set(CountTokensBody.model_fields) == COUNT_TOKENS_FIELDS
+    assert set(count_tokens_body({**PARAMS, "stream": True, "x": 1})) == {"model", "messages"}
