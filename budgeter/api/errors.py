@@ -8,25 +8,15 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from budgeter.domain.results import error_body
+from budgeter.domain.results import STATUS_ERROR_TYPES, error_body
 
 log = logging.getLogger("budgeter.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("request_id", str)
 
-_STATUS_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    409: "invalid_request_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    503: "api_error",
-}
+# Anthropic's table, plus the statuses only budgeter's API answers with (any other: api_error)
+_STATUS_TYPES = {**STATUS_ERROR_TYPES, 405: "invalid_request_error", 409: "invalid_request_error"}
 
 
 class ApiError(Exception):

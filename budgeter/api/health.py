@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from budgeter.metrics import Metrics
+from budgeter.store.types import RedisClient
 from budgeter.upstream.client import UpstreamClient
 
 
-@dataclass
+@dataclass(frozen=True)
 class HealthState:
-    """What the health routes look at; Redis and upstream may be attached after start-up."""
+    """What the health routes look at (without Redis or upstream, /readyz answers 503)."""
 
     metrics: Metrics
-    redis: Any = None
+    redis: RedisClient | None = None
     upstream: UpstreamClient | None = None
     # reads the values that live in Redis right before a scrape (the API process only)
     refresh: Callable[[], Awaitable[None]] | None = None
@@ -57,6 +57,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def add_health_routes(app: web.Application, state: HealthState) -> None:
+    """The health routes of a process without the API's route table (the worker)."""
     app[HEALTH] = state
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)

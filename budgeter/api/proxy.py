@@ -34,6 +34,8 @@ from budgeter.domain.results import BUDGET_ERROR_TYPE, REFUSAL_TYPES, error_body
 from budgeter.metrics import Metrics, reason_label
 from budgeter.queue.jobqueue import JobQueue
 from budgeter.store.keys import TenantKeys
+from budgeter.store.types import RedisClient
+from budgeter.tenants.store import TenantStore
 from budgeter.upstream.client import (
     COUNT_TOKENS_FIELDS,
     UpstreamClient,
@@ -50,7 +52,7 @@ SETTLE_WAIT_POLL_S = 0.25
 
 @dataclass
 class ProxyDeps:
-    redis: Any
+    redis: RedisClient
     upstream: UpstreamClient
     counter: TokenCounter
     admission: Admission
@@ -60,7 +62,7 @@ class ProxyDeps:
     hold_ms: int
 
 
-PROXY = web.AppKey("proxy", dict)  # {"deps": ProxyDeps}, filled at start-up
+PROXY = web.AppKey("proxy", ProxyDeps)  # built by the app's cleanup context at start-up
 
 LOCAL_COUNT_ENTRIES = 4096
 LOCAL_COUNT_MAX_S = 600.0
@@ -84,8 +86,16 @@ class LocalCountCache(TokenCounter):
             metrics=counter.metrics,
         )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        redis: RedisClient,
+        upstream: UpstreamClient,
+        *,
+        prefix: str = "budgeter",
+        ttl_s: int = 3600,
+        metrics: Metrics | None = None,
+    ) -> None:
+        super().__init__(redis, upstream, prefix=prefix, ttl_s=ttl_s, metrics=metrics)
         self._local: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     async def count(self, params: Mapping[str, Any]) -> int:
@@ -108,8 +118,7 @@ class LocalCountCache(TokenCounter):
 
 
 def _deps(request: web.Request) -> ProxyDeps:
-    deps: ProxyDeps = request.app[PROXY]["deps"]
-    return deps
+    return request.app[PROXY]
 
 
 def retry_after_s(until_ms: int, now_ms: int) -> int:
@@ -117,12 +126,14 @@ def retry_after_s(until_ms: int, now_ms: int) -> int:
     return max(1, min(MAX_RETRY_AFTER_S, math.ceil((until_ms - now_ms) / 1000)))
 
 
-async def _params(request: web.Request, tenant: str) -> dict[str, Any]:
+async def _params(request: web.Request) -> dict[str, Any]:
     body = await read_json(request)
     try:
         MessageParams.model_validate(body)
     except ValidationError as exc:
         raise ApiError(400, first_error(exc)) from None
+    if not isinstance(body, dict):  # (never: MessageParams takes a JSON object only)
+        raise ApiError(400, "request body must be a JSON object")
     return dict(body)
 
 
@@ -166,7 +177,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     deps = _deps(request)
     tenant = request[PRINCIPAL].tenant
     keys = TenantKeys.of(deps.prefix, tenant)
-    params = await _params(request, tenant)
+    params = await _params(request)
     try:
         input_tokens = await deps.counter.count_for(tenant, params)
     except UpstreamError as exc:
@@ -280,7 +291,7 @@ async def _admit(
             sent_at_once=True,
         )
         deps.metrics.decisions.labels(label, decision.kind, reason_label(decision.reason)).inc()
-        if decision.kind != "DEFER" or decision.reason.startswith("exhausted:"):
+        if decision.kind != "DEFER" or decision.waits_for_reset:
             break
         pause = (
             SETTLE_WAIT_POLL_S
@@ -288,8 +299,8 @@ async def _admit(
             else (decision.until_ms - decision.now_ms) / 1000
         )
         if give_up is None:
-            raw = await deps.redis.hget(TenantKeys.of(deps.prefix, tenant).policy, "json")
-            give_up = started + (json.loads(raw).get("max_wait_seconds", 0.0) if raw else 0.0)
+            policy = await TenantStore(deps.redis, prefix=deps.prefix).get(tenant)
+            give_up = started + (policy.max_wait_seconds if policy else 0.0)
         if time.monotonic() + pause > give_up:
             break
         await asyncio.sleep(max(pause, 0.001))

@@ -1,19 +1,20 @@
-"""What every API handler reads from a request: its JSON body and who sent it."""
+"""What every API handler reads from a request: its JSON body, who sent it, its path and
+query parameters, and the public base URL it was sent to."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
+from budgeter.api.appkeys import SETTINGS
 from budgeter.api.errors import ApiError
-from budgeter.domain.messages import JsonInputError, parse_json
+from budgeter.domain.messages import JsonInputError, JsonValue, parse_json
+from budgeter.domain.policy import InvalidTenantError, check_tenant_id
 from budgeter.tenants.credentials import Principal
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
-async def read_json(request: web.Request) -> Any:
+async def read_json(request: web.Request) -> JsonValue:
     if not request.can_read_body:
         raise ApiError(400, "request body is empty: send a JSON object")
     raw = await request.read()
@@ -21,3 +22,32 @@ async def read_json(request: web.Request) -> Any:
         return parse_json(raw)
     except JsonInputError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+
+
+def principal(request: web.Request) -> Principal:
+    """The tenant key's owner, set by the auth middleware on every ``/v1/`` request."""
+    return request[PRINCIPAL]
+
+
+def base_url(request: web.Request) -> str:
+    public = request.app[SETTINGS].public_url
+    return public or f"{request.scheme}://{request.host}"
+
+
+def tenant_param(request: web.Request) -> str:
+    tenant = request.match_info["tenant"]
+    try:
+        return check_tenant_id(tenant)
+    except InvalidTenantError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def limit_param(request: web.Request) -> int:
+    raw = request.query.get("limit", "20")
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise ApiError(400, f"limit: not an integer: {raw!r}") from None
+    if not 1 <= limit <= 1000:
+        raise ApiError(400, "limit: must be between 1 and 1000")
+    return limit

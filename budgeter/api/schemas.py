@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from budgeter.admission.admission import format_ms
@@ -84,7 +85,7 @@ class MessageBatch(BaseModel):
 
         return cls(
             id=status.id,
-            processing_status=status.processing_status,  # type: ignore[arg-type]
+            processing_status=status.processing_status,
             request_counts=RequestCounts(
                 processing=status.processing,
                 succeeded=status.succeeded,
@@ -173,3 +174,8 @@ class GlobalPolicyAnswer(BaseModel):
 
 def dump(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(mode="json")
+
+
+def ok(model: BaseModel, status: int = 200) -> web.Response:
+    """A JSON answer made of one of the models above."""
+    return web.json_response(dump(model), status=status)

@@ -38,7 +38,7 @@ def status_page_html() -> str:
     return resources.files("budgeter.api").joinpath("status_page.html").read_text(encoding="utf-8")
 
 
-async def status_page(request: web.Request) -> web.Response:
+async def status_page(_request: web.Request) -> web.Response:
     return web.Response(
         text=status_page_html(),
         content_type="text/html",

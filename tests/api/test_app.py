@@ -314,7 +314,7 @@ async def test_health_and_readiness(client: TestClient) -> None:
     assert metrics.status == 200 and "budgeter_" in await metrics.text()
 
 
-async def test_redis_state_gauges_are_read_at_scrape_time(client: TestClient, redis: Redis) -> None:
+async def test_redis_state_gauges_are_read_at_scrape_time(client: TestClient) -> None:
     key = await new_tenant(client, "gauged", {"budgets": {"day": 5000}})
     await client.post(
         "/v1/messages/batches",

@@ -1,0 +1,71 @@
+"""Who may call what: tenant keys on ``/v1/...`` (``x-api-key`` or ``Authorization:
+Bearer``), the admin token on ``/admin...``, and a throttle on failed attempts."""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+from budgeter.api.appkeys import AUTH_THROTTLE, KEYS, SETTINGS
+from budgeter.api.errors import ApiError, Handler
+from budgeter.api.request import PRINCIPAL
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def _refuse(request: web.Request, status: int, message: str) -> ApiError:
+    """A failed authentication: 401/403, or 429 once the client failed too often."""
+    throttle = request.app[AUTH_THROTTLE]
+    wait_s = await throttle.failed(throttle.client_of(request))
+    if wait_s is not None:
+        return ApiError(
+            429,
+            "too many failed authentications from this address; retry later",
+            headers={"retry-after": str(int(wait_s))},
+        )
+    return ApiError(status, message)
+
+
+def _undecodable_credentials(request: web.Request) -> str | None:
+    """The credential header whose value is not UTF-8 (aiohttp hands its bytes over as lone
+    surrogates, which no key or token comparison can encode), if any."""
+    for name in ("authorization", "x-api-key"):
+        value = request.headers.get(name)
+        if value is not None and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return name
+    return None
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    path = request.path
+    if path.startswith(("/v1/", "/admin")):
+        bad_header = _undecodable_credentials(request)
+        if bad_header is not None:
+            raise ApiError(401, f"invalid credentials: the {bad_header} header is not UTF-8")
+    if path.startswith("/v1/"):
+        key = request.headers.get("x-api-key") or _bearer(request)
+        if not key:
+            raise await _refuse(
+                request, 401, "missing API key: send it in x-api-key or Authorization: Bearer"
+            )
+        principal = await request.app[KEYS].authenticate(key)
+        if principal is None:
+            raise await _refuse(request, 401, "invalid API key")
+        request[PRINCIPAL] = principal
+    elif path.startswith("/admin"):
+        expected = request.app[SETTINGS].admin_token
+        if expected is None or not expected.get_secret_value():
+            raise ApiError(403, "the admin API is disabled: BUDGETER_ADMIN_TOKEN is not set")
+        token = _bearer(request) or ""
+        if not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
+            raise await _refuse(request, 401, "invalid admin token")
+    return await handler(request)

@@ -1,0 +1,342 @@
+"""The one route table of the API: each route's method, path and handler, and what
+``/openapi.json`` says about it. ``create_app`` registers exactly these routes and
+:func:`budgeter.api.openapi.openapi_document` documents exactly these routes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from budgeter.api import admin, batches, health, proxy, schemas
+from budgeter.api.errors import Handler
+from budgeter.api.status_page import status_page
+from budgeter.domain.messages import MessageParams
+from budgeter.domain.policy import GlobalPolicy, TenantPolicy
+
+JsonSchema: TypeAlias = dict[str, Any]
+"""A JSON Schema (or a piece of the OpenAPI document): JSON of any shape."""
+
+Method: TypeAlias = Literal["GET", "POST", "PUT", "DELETE"]
+Security: TypeAlias = Literal["tenant", "admin", "public"]
+
+OPENAPI = web.AppKey[JsonSchema]("openapi")  # the document served by GET /openapi.json
+
+_PATTERN = re.compile(r"\{(\w+)(?::[^}]*)?\}")  # {name} or {name:regex} in an aiohttp path
+
+
+@dataclass(frozen=True)
+class Doc:
+    """What the OpenAPI document says about one operation."""
+
+    summary: str
+    tag: str
+    security: Security
+    answer: type[BaseModel] | JsonSchema | None = None  # None: no body documented
+    description: str = "OK"
+    body: type[BaseModel] | None = None
+    query: tuple[tuple[str, str], ...] = ()  # (name, JSON type) of optional parameters
+    status: str = "200"
+    also: tuple[str, ...] = ()  # other statuses answering the same body
+    content_type: str = "application/json"
+    alternatives: Mapping[str, JsonSchema] = field(default_factory=dict)  # content type: schema
+    responses: Mapping[str, JsonSchema] = field(default_factory=dict)  # further statuses
+
+
+@dataclass(frozen=True)
+class Route:
+    method: Method
+    path: str  # as aiohttp takes it: {name} or {name:regex} parameters
+    handler: Handler
+    doc: Doc
+
+    @property
+    def openapi_path(self) -> str:
+        """The path as OpenAPI writes it (and aiohttp's ``resource.canonical``)."""
+        return _PATTERN.sub(r"{\1}", self.path)
+
+    @property
+    def path_params(self) -> tuple[str, ...]:
+        return tuple(_PATTERN.findall(self.path))
+
+
+def _object(**properties: JsonSchema) -> JsonSchema:
+    return {"type": "object", "properties": properties, "required": sorted(properties)}
+
+
+# one event of a streamed Message (stream: true), as the upstream sends it
+_SSE_EVENT: JsonSchema = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "description": "message_start, content_block_delta, ..."},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "type": "object",
+                "required": ["type"],
+                "properties": {"type": {"type": "string"}},
+            },
+        },
+    },
+}
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
+BATCH = "/v1/messages/batches/{batch_id}"
+# {tenant:[^/]+}: braces too reach tenant_param, which refuses them with a clear 400
+TENANT = "/admin/tenants/{tenant:[^/]+}"
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "POST",
+        "/v1/messages",
+        proxy.create_message,
+        Doc(
+            "Create a message through admission (stream: true answers text/event-stream)",
+            "messages",
+            "tenant",
+            answer=schemas.MessageAnswer,
+            body=MessageParams,
+            alternatives={"text/event-stream": _SSE_EVENT},
+        ),
+    ),
+    Route(
+        "POST",
+        "/v1/messages/count_tokens",
+        proxy.count_tokens,
+        Doc(
+            "Count a payload's input tokens",
+            "messages",
+            "tenant",
+            answer=schemas.CountTokensAnswer,
+            body=schemas.CountTokensBody,
+        ),
+    ),
+    Route(
+        "POST",
+        "/v1/messages/batches",
+        batches.create_batch,
+        Doc(
+            "Create a Message Batch",
+            "batches",
+            "tenant",
+            answer=schemas.MessageBatch,
+            body=schemas.CreateBatchBody,
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/messages/batches",
+        batches.list_batches,
+        Doc(
+            "List Message Batches (newest first)",
+            "batches",
+            "tenant",
+            answer=schemas.MessageBatchList,
+            query=(("limit", "integer"), ("before_id", "string"), ("after_id", "string")),
+        ),
+    ),
+    Route(
+        "GET",
+        BATCH,
+        batches.get_batch,
+        Doc("Retrieve a Message Batch", "batches", "tenant", answer=schemas.MessageBatch),
+    ),
+    Route(
+        "DELETE",
+        BATCH,
+        batches.delete_batch,
+        Doc(
+            "Delete an ended Message Batch", "batches", "tenant", answer=schemas.DeletedMessageBatch
+        ),
+    ),
+    Route(
+        "POST",
+        f"{BATCH}/cancel",
+        batches.cancel_batch,
+        Doc("Cancel a Message Batch", "batches", "tenant", answer=schemas.MessageBatch),
+    ),
+    Route(
+        "GET",
+        f"{BATCH}/results",
+        batches.batch_results,
+        Doc(
+            "Stream a Message Batch's results",
+            "batches",
+            "tenant",
+            answer={"type": "string"},
+            description="JSON Lines, one result per request",
+            content_type="application/x-jsonl",
+        ),
+    ),
+    Route(
+        "GET",
+        "/admin/tenants",
+        admin.list_tenants,
+        Doc("List tenants", "admin", "admin", answer=schemas.TenantList),
+    ),
+    Route(
+        "PUT",
+        TENANT,
+        admin.put_tenant,
+        Doc(
+            "Create or replace a tenant's policy",
+            "admin",
+            "admin",
+            answer=schemas.TenantAnswer,
+            body=TenantPolicy,
+            also=("201",),
+        ),
+    ),
+    Route(
+        "GET",
+        TENANT,
+        admin.get_tenant,
+        Doc("Read a tenant's policy", "admin", "admin", answer=schemas.TenantAnswer),
+    ),
+    Route(
+        "DELETE",
+        TENANT,
+        admin.delete_tenant,
+        Doc(
+            "Delete a tenant (and revoke its keys)",
+            "admin",
+            "admin",
+            answer=_object(tenant={"type": "string"}, deleted={"type": "boolean"}),
+        ),
+    ),
+    Route(
+        "POST",
+        f"{TENANT}/keys",
+        admin.create_key,
+        Doc(
+            "Create a tenant API key (shown once)",
+            "admin",
+            "admin",
+            answer=schemas.KeyCreated,
+            status="201",
+        ),
+    ),
+    Route(
+        "GET",
+        f"{TENANT}/keys",
+        admin.list_keys,
+        Doc(
+            "List a tenant's keys (never the keys themselves)",
+            "admin",
+            "admin",
+            answer=schemas.KeyList,
+        ),
+    ),
+    Route(
+        "DELETE",
+        f"{TENANT}/keys/{{key_id}}",
+        admin.revoke_key,
+        Doc(
+            "Revoke a key",
+            "admin",
+            "admin",
+            answer=_object(id={"type": "string"}, revoked={"type": "boolean"}),
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/usage",
+        admin.get_own_usage,
+        Doc(
+            "The calling tenant's own budgets and usage per period and model",
+            "usage",
+            "tenant",
+            answer=schemas.UsageAnswer,
+        ),
+    ),
+    Route(
+        "GET",
+        f"{TENANT}/usage",
+        admin.get_usage,
+        Doc("Budgets and usage per period and model", "admin", "admin", answer=schemas.UsageAnswer),
+    ),
+    Route(
+        "GET",
+        "/admin/status",
+        admin.get_status,
+        Doc(
+            "Every tenant's budgets, queue, inflight and recent decisions",
+            "admin",
+            "admin",
+            answer={"type": "object"},
+        ),
+    ),
+    Route(
+        "GET",
+        "/admin/global-policy",
+        admin.get_global_policy,
+        Doc(
+            "Read the upstream account's policy",
+            "admin",
+            "admin",
+            answer=schemas.GlobalPolicyAnswer,
+        ),
+    ),
+    Route(
+        "PUT",
+        "/admin/global-policy",
+        admin.put_global_policy,
+        Doc(
+            "Replace the upstream account's policy",
+            "admin",
+            "admin",
+            answer=schemas.GlobalPolicyAnswer,
+            body=GlobalPolicy,
+        ),
+    ),
+    Route("GET", "/healthz", health.healthz, Doc("healthz", "operations", "public")),
+    Route(
+        "GET",
+        "/readyz",
+        health.readyz,
+        Doc(
+            "readyz",
+            "operations",
+            "public",
+            responses={
+                "503": {
+                    "description": "Redis or the upstream is not reachable",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
+        ),
+    ),
+    Route("GET", "/metrics", health.metrics_handler, Doc("metrics", "operations", "public")),
+    Route("GET", "/openapi.json", openapi_json, Doc("openapi.json", "operations", "public")),
+    Route(
+        "GET",
+        "/",
+        status_page,
+        Doc(
+            "Status page (HTML; asks for the admin token in the browser)",
+            "operations",
+            "public",
+            answer={"type": "string"},
+            content_type="text/html",
+        ),
+    ),
+)
+
+
+def add_routes(app: web.Application, routes: tuple[Route, ...] = ROUTES) -> None:
+    """Register ``routes`` on ``app`` (a GET answers HEAD too)."""
+    for route in routes:
+        if route.method == "GET":
+            app.router.add_get(route.path, route.handler)
+        else:
+            app.router.add_route(route.method, route.path, route.handler)
