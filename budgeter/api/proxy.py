@@ -419,8 +419,11 @@ async def _stream(
                     settled = True
             await response.write_eof()
             return response
-    except UpstreamError as exc:
-        await deps.admission.release(tenant, rid)
+    except UpstreamError as exc:  # before the first byte of a 2xx answer
+        if exc.maybe_served:  # sent, then no answer: it may have been billed
+            await deps.admission.charge_full(tenant, rid)
+        else:
+            await deps.admission.release(tenant, rid)
         return _upstream_error(exc, await _headers(reading))
     except ConnectionResetError:
         return web.Response(status=499)
