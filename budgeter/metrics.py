@@ -227,15 +227,15 @@ async def refresh_state_metrics(
         if report is None:
             continue
         label = metrics.tenant(tenant)
-        depth[label] = depth.get(label, 0) + report["queued"]
-        inflight[label] = inflight.get(label, 0) + report["inflight"]
+        depth[label] = depth.get(label, 0) + report.queued
+        inflight[label] = inflight.get(label, 0) + report.inflight
         oldest = await oldest_queued_age_s(redis, TenantKeys.of(prefix, tenant), now_ms)
         age[label] = max(age.get(label, 0.0), oldest)
-        for row in report["budgets"]:
-            if row["unit"] != "tokens" or row["model"] is not None:
+        for row in report.budgets:
+            if row.unit != "tokens" or row.model is not None:
                 continue  # the gauge is the tenant's own token budgets
-            key = (label, row["period"])
-            remaining[key] = remaining.get(key, 0) + row["remaining"]
+            key = (label, row.period)
+            remaining[key] = remaining.get(key, 0) + row.remaining
     for gauge, values in (
         (metrics.queue_depth, depth),
         (metrics.inflight, inflight),

@@ -19,7 +19,6 @@ from budgeter.api.schemas import (
     KeyList,
     TenantAnswer,
     TenantList,
-    UsageAnswer,
     ok,
 )
 from budgeter.domain.messages import JsonValue, first_error
@@ -80,7 +79,7 @@ async def create_key(request: web.Request) -> web.Response:
 
 async def list_keys(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
-    keys = await request.app[KEYS].list(tenant)
+    keys = await request.app[KEYS].list_keys(tenant)
     return ok(KeyList(data=[KeyInfo.model_validate(k) for k in keys]))
 
 
@@ -109,7 +108,7 @@ async def _usage_of(request: web.Request, tenant: str) -> web.Response:
     )
     if report is None:
         raise ApiError(404, f"tenant {tenant!r} not found")
-    return ok(UsageAnswer.model_validate(report))
+    return ok(report)
 
 
 async def get_status(request: web.Request) -> web.Response:

@@ -107,7 +107,7 @@ async def list_batches(request: web.Request) -> web.Response:
     if before_id and after_id:
         raise ApiError(400, "before_id and after_id cannot be used together")
     try:
-        page, has_more = await request.app[BATCHES].list(
+        page, has_more = await request.app[BATCHES].list_batches(
             principal(request).tenant,
             limit=limit_param(request),
             before_id=before_id,

@@ -173,6 +173,15 @@ async def count_tokens(request: web.Request) -> web.Response:
     return web.json_response({"input_tokens": tokens}, headers=await reading)
 
 
+async def _end_failed_call(deps: ProxyDeps, tenant: str, rid: str, exc: UpstreamError) -> None:
+    """A call that failed for good: charged in full when it was sent and got no answer (the
+    upstream may have generated and billed it), else released."""
+    if exc.maybe_served:
+        await deps.admission.charge_full(tenant, rid)
+    else:
+        await deps.admission.release(tenant, rid)
+
+
 async def create_message(request: web.Request) -> web.StreamResponse:
     deps = _deps(request)
     tenant = request[PRINCIPAL].tenant
@@ -249,10 +258,7 @@ async def _forward(
     try:
         message, raw = await deps.upstream.create_message_raw(params)
     except UpstreamError as exc:
-        if exc.maybe_served:  # sent, then no answer: it may have been billed
-            await deps.admission.charge_full(tenant, rid)
-        else:
-            await deps.admission.release(tenant, rid)
+        await _end_failed_call(deps, tenant, rid, exc)
         return _upstream_error(exc, await _headers(reading))
     except BaseException:
         await deps.admission.charge_full(tenant, rid)
@@ -420,10 +426,7 @@ async def _stream(
             await response.write_eof()
             return response
     except UpstreamError as exc:  # before the first byte of a 2xx answer
-        if exc.maybe_served:  # sent, then no answer: it may have been billed
-            await deps.admission.charge_full(tenant, rid)
-        else:
-            await deps.admission.release(tenant, rid)
+        await _end_failed_call(deps, tenant, rid, exc)
         return _upstream_error(exc, await _headers(reading))
     except ConnectionResetError:
         return web.Response(status=499)

@@ -11,6 +11,9 @@ from budgeter.admission.admission import format_ms
 from budgeter.domain.messages import MAX_BATCH_REQUESTS, BatchRequest
 from budgeter.domain.policy import GlobalPolicy, TenantPolicy
 from budgeter.queue.batches import BatchStatus
+from budgeter.tenants.usage import BudgetRow as BudgetRow  # re-exported: in the document
+from budgeter.tenants.usage import UsageAnswer as UsageAnswer
+from budgeter.tenants.usage import UsageRow as UsageRow
 
 
 class ErrorObject(BaseModel):
@@ -138,34 +141,6 @@ class KeyInfo(BaseModel):
 
 class KeyList(BaseModel):
     data: list[KeyInfo]
-
-
-class BudgetRow(BaseModel):
-    period: str
-    period_id: str
-    unit: Literal["tokens", "usd"] = "tokens"
-    model: str | None = Field(default=None, description="Set for a limit of one model.")
-    limit: int | float
-    used: int | float
-    reserved: int | float
-    remaining: int | float
-    resets_at_ms: int
-
-
-class UsageRow(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    period: str
-    period_id: str
-    model: str
-
-
-class UsageAnswer(BaseModel):
-    tenant: str
-    inflight: int
-    queued: int
-    budgets: list[BudgetRow]
-    usage: list[UsageRow]
 
 
 class GlobalPolicyAnswer(BaseModel):

@@ -299,7 +299,7 @@ async def usage_command(args: argparse.Namespace, settings: Settings) -> int:
     if report is None:
         raise CliError(f"tenant {args.tenant!r} not found")
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report.model_dump(mode="json"), indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -308,17 +308,17 @@ async def usage_command(args: argparse.Namespace, settings: Settings) -> int:
     budgets = Table(title=f"budgets of {args.tenant}")
     for column in ("period", "limit", "used", "reserved", "remaining", "resets at"):
         budgets.add_column(column, justify="right" if column != "period" else "left")
-    for row in report["budgets"]:
-        what = row["period"] + (" USD" if row["unit"] == "usd" else "")
-        if row["model"] is not None:
-            what += f" ({row['model']})"
+    for row in report.budgets:
+        what = row.period + (" USD" if row.unit == "usd" else "")
+        if row.model is not None:
+            what += f" ({row.model})"
         budgets.add_row(
             what,
-            f"{row['limit']:,}",
-            f"{row['used']:,}",
-            f"{row['reserved']:,}",
-            f"{row['remaining']:,}",
-            format_ms(row["resets_at_ms"]) if row["resets_at_ms"] else "never",
+            f"{row.limit:,}",
+            f"{row.used:,}",
+            f"{row.reserved:,}",
+            f"{row.remaining:,}",
+            format_ms(row.resets_at_ms) if row.resets_at_ms else "never",
         )
     console.print(budgets)
     usage = Table(title=f"usage of {args.tenant} (tokens and US dollars)")
@@ -333,15 +333,16 @@ async def usage_command(args: argparse.Namespace, settings: Settings) -> int:
         "USD",
     ):
         usage.add_column(column, justify="left" if column in ("period", "model") else "right")
-    for used in report["usage"]:
+    for used in report.usage:
+        usd = used.amount("usd")
         usage.add_row(
-            f"{used['period']} {used['period_id']}",
-            used["model"],
+            f"{used.period} {used.period_id}",
+            used.model,
             *(
-                f"{used.get(kind, 0):,}"
+                f"{used.amount(kind) or 0:,}"
                 for kind in ("requests", "input", "output", "cache_creation", "cache_read")
             ),
-            f"{used['usd']:,.6f}" if "usd" in used else "-",
+            f"{usd:,.6f}" if usd is not None else "-",
         )
     console.print(usage)
     return 0

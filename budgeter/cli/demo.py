@@ -209,12 +209,10 @@ async def run_demo(
                     redis, tenant.name, prefix=settings.key_prefix, now_ms=now_ms
                 )
                 used = sum(
-                    row.get("input", 0)
-                    + row.get("output", 0)
-                    + row.get("cache_creation", 0)
-                    + row.get("cache_read", 0)
-                    for row in (report["usage"] if report else [])
-                    if row["period"] == "day"
+                    row.amount(kind) or 0
+                    for row in (report.usage if report else [])
+                    if row.period == "day"
+                    for kind in ("input", "output", "cache_creation", "cache_read")
                 )
                 limit = tenant.policy.budgets.get("day")
                 span = finished_at.get(batch_id, time.monotonic()) - started

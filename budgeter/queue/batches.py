@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,7 @@ from budgeter.domain.messages import BatchRequest
 from budgeter.queue.jobqueue import JobQueue, NewJob
 from budgeter.store.keys import TenantKeys, batch_index_key
 from budgeter.store.scripts import register
+from budgeter.store.types import RedisClient
 
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -59,7 +60,7 @@ class BatchStatus:
 
 
 class BatchStore:
-    def __init__(self, redis: Any, *, prefix: str = "budgeter") -> None:
+    def __init__(self, redis: RedisClient, *, prefix: str = "budgeter") -> None:
         self.redis = redis
         self.prefix = prefix
         self.queue = JobQueue(redis, prefix=prefix)
@@ -104,9 +105,9 @@ class BatchStore:
         raw = await self.redis.hgetall(TenantKeys.of(self.prefix, owner).batch(batch_id))
         if not raw:
             raise BatchNotFoundError(f"batch {batch_id!r} not found")
-        return _status(batch_id, owner, raw)
+        return _status(batch_id, owner, _texts(raw))
 
-    async def list(
+    async def list_batches(
         self,
         tenant: str,
         *,
@@ -132,16 +133,16 @@ class BatchStore:
             ids = ids[:limit]
         async with self.redis.pipeline(transaction=False) as pipe:
             for batch_id in ids:
-                pipe.hgetall(keys.batch(batch_id))
+                pipe.hgetall(keys.batch(str(batch_id)))
             raws = await pipe.execute()
-        page = [_status(b, tenant, raw) for b, raw in zip(ids, raws, strict=True) if raw]
+        page = [_status(str(b), tenant, raw) for b, raw in zip(ids, raws, strict=True) if raw]
         return page, has_more
 
     async def _rank(self, keys: TenantKeys, batch_id: str) -> int:
         rank = await self.redis.zrevrank(keys.batches, batch_id)
         if rank is None:
             raise BatchNotFoundError(f"batch {batch_id!r} not found")
-        return int(rank)
+        return int(rank)  # type: ignore[arg-type]  # ZREVRANK without WITHSCORE: an int
 
     async def cancel(self, batch_id: str, *, tenant: str) -> BatchStatus:
         """Queued jobs end as canceled now; leased ones finish as they are."""
@@ -197,7 +198,7 @@ class BatchStore:
         purged = 0
         for batch_id in await self.redis.zrangebyscore(keys.batches, "-inf", created_before_ms):
             try:
-                await self.delete(batch_id, tenant=tenant)
+                await self.delete(str(batch_id), tenant=tenant)
                 purged += 1
             except (BatchNotEndedError, BatchNotFoundError):
                 continue
@@ -227,8 +228,13 @@ class BatchStore:
                 for start in range(0, len(ids), chunk):
                     for line in await self.redis.hmget(keys.results, ids[start : start + chunk]):
                         if line is not None:
-                            yield line
+                            yield str(line)
             index += len(block)
+
+
+def _texts(raw: Mapping[str | bytes, str | bytes]) -> dict[str, str]:
+    """A hash as redis-py answers it with decode_responses (every field and value a str)."""
+    return {str(field): str(value) for field, value in raw.items()}
 
 
 def _status(batch_id: str, tenant: str, raw: dict[str, str]) -> BatchStatus:

@@ -113,7 +113,7 @@ class KeyStore:
         await self.redis.hset(self.index, digest, f"{tenant} {key_id}")
         return key_id, key
 
-    async def list(self, tenant: str) -> list[dict[str, Any]]:
+    async def list_keys(self, tenant: str) -> list[dict[str, Any]]:
         raw = await self.redis.hvals(TenantKeys.of(self.prefix, tenant).api_keys)
         keys = [json.loads(item) for item in raw]
         for key in keys:

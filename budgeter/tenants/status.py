@@ -9,7 +9,7 @@ from budgeter.queue.jobqueue import oldest_queued_age_s
 from budgeter.store.keys import SchedKeys, TenantKeys
 from budgeter.store.types import RedisClient
 from budgeter.tenants.store import TenantStore
-from budgeter.tenants.usage import BudgetReport, UsageRow, tenant_usage
+from budgeter.tenants.usage import tenant_usage
 
 
 class TenantStatus(TypedDict):
@@ -18,8 +18,8 @@ class TenantStatus(TypedDict):
     queued: int
     inflight: int
     oldest_age_s: float
-    budgets: list[BudgetReport]
-    usage_today: list[UsageRow]
+    budgets: list[dict[str, object]]  # BudgetRow as JSON
+    usage_today: list[dict[str, object]]  # UsageRow as JSON
     recent: list[RecentDecision]
 
 
@@ -52,11 +52,11 @@ async def _tenant_status(
     return {
         "tenant": tenant,
         "policy": None if policy is None else policy.model_dump_json(exclude_defaults=True),
-        "queued": report["queued"],
-        "inflight": report["inflight"],
+        "queued": report.queued,
+        "inflight": report.inflight,
         "oldest_age_s": round(oldest_age_s, 1),
-        "budgets": report["budgets"],
-        "usage_today": [row for row in report["usage"] if row["period"] == "day"],
+        "budgets": [row.model_dump(mode="json") for row in report.budgets],
+        "usage_today": [row.model_dump(mode="json") for row in report.usage if row.period == "day"],
         "recent": [parse_recent(str(entry)) for entry in recent],
     }
 

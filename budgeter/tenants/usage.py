@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal, NotRequired, TypedDict
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from budgeter.domain.periods import PERIODS, period_of
 from budgeter.domain.policy_fields import (
@@ -20,13 +22,13 @@ USAGE_KINDS = ("requests", "input", "output", "cache_creation", "cache_read", "u
 Unit = Literal["tokens", "usd"]
 
 
-class BudgetReport(TypedDict):
-    """One budget of a tenant (the shape of ``api.schemas.BudgetRow``)."""
+class BudgetRow(BaseModel):
+    """One budget of a tenant: its limit, what is used and reserved this period."""
 
     period: str
     period_id: str
-    unit: Unit
-    model: str | None
+    unit: Unit = "tokens"
+    model: str | None = Field(default=None, description="Set for a limit of one model.")
     limit: int | float
     used: int | float
     reserved: int | float
@@ -34,28 +36,29 @@ class BudgetReport(TypedDict):
     resets_at_ms: int
 
 
-class UsageRow(TypedDict):
-    """What one model used in one period (the shape of ``api.schemas.UsageRow``): an
-    entry per kind recorded."""
+class UsageRow(BaseModel):
+    """What one model used in one period: a field per kind recorded (``requests``,
+    ``input``, ``output``, ``cache_creation``, ``cache_read``, ``usd``)."""
+
+    model_config = ConfigDict(extra="allow")
 
     period: str
     period_id: str
     model: str
-    requests: NotRequired[int]
-    input: NotRequired[int]
-    output: NotRequired[int]
-    cache_creation: NotRequired[int]
-    cache_read: NotRequired[int]
-    usd: NotRequired[float]
+
+    def amount(self, kind: str) -> int | float | None:
+        """What was recorded of ``kind`` (None when nothing was)."""
+        value = (self.model_extra or {}).get(kind)
+        return value if isinstance(value, int | float) else None
 
 
-class UsageReport(TypedDict):
-    """What ``tenant_usage`` answers (the shape of ``api.schemas.UsageAnswer``)."""
+class UsageAnswer(BaseModel):
+    """What ``tenant_usage`` answers (and ``GET /admin/tenants/{t}/usage`` shows)."""
 
     tenant: str
     inflight: int
     queued: int
-    budgets: list[BudgetReport]
+    budgets: list[BudgetRow]
     usage: list[UsageRow]
 
 
@@ -66,7 +69,7 @@ def _budget_row(
     unit: Unit,
     period: str,
     now_ms: int,
-) -> BudgetReport | None:
+) -> BudgetRow | None:
     usd = unit == "usd"
     limit_raw = policy.get(format_field(LimitField("usd" if usd else "budget", period, model)))
     if limit_raw is None:
@@ -83,24 +86,24 @@ def _budget_row(
     remaining = max(number(0), limit - used - reserved)
     if usd:
         used, reserved, remaining = round(used, 6), round(reserved, 6), round(remaining, 6)
-    return {
-        "period": period,
-        "period_id": pid,
-        "unit": unit,
-        "model": model,
-        "limit": limit,
-        "used": used,
-        "reserved": reserved,
-        "remaining": remaining,
-        "resets_at_ms": reset,
-    }
+    return BudgetRow(
+        period=period,
+        period_id=pid,
+        unit=unit,
+        model=model,
+        limit=limit,
+        used=used,
+        reserved=reserved,
+        remaining=remaining,
+        resets_at_ms=reset,
+    )
 
 
 def _usage_rows(usage: dict[str, str], now_ms: int) -> list[UsageRow]:
     """The usage hash ('<period>:<period id>:<model>:<kind>', written by settle.lua) of
     the current day, month and total, one row per (period, model)."""
     wanted = {period: period_of(period, now_ms)[0] for period in ("day", "month", "total")}
-    rows: dict[tuple[str, str], UsageRow] = {}
+    rows: dict[tuple[str, str], dict[str, str | int | float]] = {}
     for field, value in usage.items():
         period, pid, rest = field.split(":", 2)
         model, _, kind = rest.rpartition(":")
@@ -110,14 +113,14 @@ def _usage_rows(usage: dict[str, str], now_ms: int) -> list[UsageRow]:
         if kind == "usd":
             row["usd"] = round(float(value), 6)
         else:
-            row[kind] = int(value)  # type: ignore[literal-required]  # kind is in USAGE_KINDS
+            row[kind] = int(value)
     order = {"day": 0, "month": 1, "total": 2}
-    return [rows[k] for k in sorted(rows, key=lambda k: (order[k[0]], k[1]))]
+    return [UsageRow(**rows[k]) for k in sorted(rows, key=lambda k: (order[k[0]], k[1]))]
 
 
 async def tenant_usage(
     redis: RedisClient, tenant: str, *, prefix: str = "budgeter", now_ms: int
-) -> UsageReport | None:
+) -> UsageAnswer | None:
     """None when the tenant has no policy."""
     keys = TenantKeys.of(prefix, tenant)
     async with redis.pipeline(transaction=False) as pipe:
@@ -139,10 +142,10 @@ async def tenant_usage(
         for period in PERIODS
         if (row := _budget_row(policy, budget, model, unit, period, now_ms)) is not None
     ]
-    return {
-        "tenant": tenant,
-        "inflight": int(inflight),
-        "queued": int(queued),
-        "budgets": budgets,
-        "usage": _usage_rows(usage, now_ms),
-    }
+    return UsageAnswer(
+        tenant=tenant,
+        inflight=int(inflight),
+        queued=int(queued),
+        budgets=budgets,
+        usage=_usage_rows(usage, now_ms),
+    )
