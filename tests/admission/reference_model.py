@@ -1,10 +1,19 @@
-"""A pure-Python reference model of reserve.lua and settle.lua (lua/admission/).
+"""A pure-Python reference model of reserve.lua, settle.lua and mark_sent.lua (lua/admission/).
 
 Same decisions, same state and the same floating point as the Lua (IEEE doubles on both
-sides): bucket TATs are kept as the ``'%.3f'`` strings the Lua stores, the reservation
-record keeps what cjson round-trips (numbers with 14 significant digits), and
-``math.ceil`` gives the moment a deferred request fits. ``snapshot`` renders the state in
-the shape of the tenant's Redis keys so a test can compare the two exactly.
+sides): bucket TATs are kept as the ``'%.3f'`` strings the Lua stores, US-dollar counters
+as the ``'%.6f'`` strings it stores, the reservation record keeps what cjson round-trips
+(numbers with 14 significant digits), a number in a reason's detail is written as Lua
+writes it (``'%.14g'``), and ``math.ceil`` gives the moment a deferred request fits.
+``snapshot`` renders the state in the shape of the tenant's Redis keys so a test can
+compare the two exactly; the dollars in the usage hash (summed by Redis's HINCRBYFLOAT in
+long doubles) are rendered to the micro-dollar, as the test reads them.
+
+The limits of a policy apply in scopes: the policy's own, then the request's model's
+(``models[<model>]``, counters ``m:<model>:<period>``, buckets ``m:<model>:<kind>``, named
+``model:...`` in reasons). Within a scope the token budgets come before the dollar budgets,
+each in PERIODS order; every budget of every scope is checked before concurrency, and the
+buckets (rpm, itpm, otpm per scope) after it.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 PERIODS: tuple[str, ...] = ("minute", "hour", "day", "month", "total")
@@ -28,9 +38,30 @@ def fmt(x: float) -> str:
     return f"{x:.3f}"
 
 
+def fmt6(x: float) -> str:
+    """``string.format('%.6f', x)``: how the Lua stores US dollars."""
+    return f"{x:.6f}"
+
+
 def cjson_number(x: float) -> float:
     """A number after ``cjson.encode`` + ``cjson.decode`` (``%.14g``)."""
     return float(f"{x:.14g}")
+
+
+def lua_str(x: float) -> str:
+    """A number concatenated to a Lua string (``%.14g``: 100 for 100.0)."""
+    return f"{x:.14g}"
+
+
+def usd_of(amounts: tuple[int, int, int, int], prices: tuple[float, ...]) -> float:
+    """Dollars for (input, output, cache_creation, cache_read) tokens at
+    'input output cache_write cache_read' USD per million tokens."""
+    a_in, a_out, a_cc, a_cr = amounts
+    return (a_in * prices[0] + a_out * prices[1] + a_cc * prices[2] + a_cr * prices[3]) / 1e6
+
+
+def parse_prices(arg: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in arg.split())
 
 
 def period_of(period: str, ms: int) -> tuple[str, int]:
@@ -53,6 +84,15 @@ def period_of(period: str, ms: int) -> tuple[str, int]:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """The limits of one scope: token budgets, dollar budgets, per-minute rates."""
+
+    budgets: dict[str, int] = field(default_factory=dict)
+    usd_budgets: dict[str, float] = field(default_factory=dict)
+    rates: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Policy:
     """The fields of the flattened TenantPolicy the admission script reads."""
 
@@ -60,13 +100,47 @@ class Policy:
     rates: dict[str, int] = field(default_factory=dict)
     max_concurrency: int | None = None
     on_exhausted: str = "reject"
+    usd_budgets: dict[str, float] = field(default_factory=dict)
+    models: dict[str, Limits] = field(default_factory=dict)
+    allowed_models: frozenset[str] | None = None  # None: every model
+
+    def scopes(self, model: str) -> list[tuple[str, str, Limits]]:
+        """(counter/bucket prefix, reason prefix, limits) that apply to ``model``, in order."""
+        own = Limits(self.budgets, self.usd_budgets, self.rates)
+        found = [("", "", own)]
+        if model in self.models:
+            found.append((f"m:{model}:", "model:", self.models[model]))
+        return found
 
 
 @dataclass
 class Budget:
+    """A token counter (integers, stored as such)."""
+
     id: str
     used: int
     reserved: int
+
+
+@dataclass
+class UsdBudget:
+    """A dollar counter: ``used`` and ``reserved`` are the '%.6f' strings stored."""
+
+    id: str
+    used: str
+    reserved: str
+
+
+@dataclass(frozen=True)
+class _Check:
+    """One budget a request is checked against (a counter in the period now)."""
+
+    counter: str
+    label: str
+    usd: bool
+    limit: float
+    pid: str
+    reset: int
 
 
 @dataclass
@@ -79,13 +153,16 @@ class Reservation:
     t: int
     periods: dict[str, str]
     intervals: dict[str, float]
+    prices: str | None = None  # the price argument, when the request was priced
+    usd: float = 0.0  # the dollar estimate as recorded (14 significant digits)
+    usd_periods: dict[str, str] = field(default_factory=dict)  # dollar counter -> period id
 
     @property
     def est(self) -> int:
         return self.input + self.output
 
     def record(self) -> dict[str, Any]:
-        return {
+        rec: dict[str, Any] = {
             "i": self.input,
             "o": self.output,
             "m": self.model,
@@ -93,6 +170,12 @@ class Reservation:
             "b": dict(self.periods),
             "r": dict(self.intervals),
         }
+        if self.prices is not None:
+            rec["p"] = self.prices
+            rec["u"] = self.usd
+        if self.usd_periods:
+            rec["d"] = dict(self.usd_periods)
+        return rec
 
 
 @dataclass
@@ -101,11 +184,13 @@ class State:
 
     policy: Policy | None
     buckets: dict[str, str] = field(default_factory=dict)  # kind -> TAT as stored ('%.3f')
-    budgets: dict[str, Budget] = field(default_factory=dict)  # period -> current record
+    budgets: dict[str, Budget] = field(default_factory=dict)  # counter -> current record
+    usd_budgets: dict[str, UsdBudget] = field(default_factory=dict)  # usd counter -> record
     reservations: dict[str, Reservation] = field(default_factory=dict)
     deadlines: dict[str, int] = field(default_factory=dict)
     sent: set[str] = field(default_factory=set)
     usage: dict[str, int] = field(default_factory=dict)
+    usage_usd: dict[str, Decimal] = field(default_factory=dict)  # ...:usd -> dollars
     waiting_settle: bool = False
 
     def snapshot(self) -> dict[str, Any]:
@@ -115,13 +200,19 @@ class State:
             budget[f"{per}:id"] = b.id
             budget[f"{per}:used"] = str(b.used)
             budget[f"{per}:reserved"] = str(b.reserved)
+        for per, u in self.usd_budgets.items():
+            budget[f"{per}:id"] = u.id
+            budget[f"{per}:used"] = u.used
+            budget[f"{per}:reserved"] = u.reserved
+        usage = {k: str(v) for k, v in self.usage.items()}
+        usage |= {k: f"{v:.6f}" for k, v in self.usage_usd.items()}
         return {
             "budget": budget,
             "buckets": dict(self.buckets),
             "resv": {rid: r.record() for rid, r in self.reservations.items()},
             "deadlines": {rid: float(d) for rid, d in self.deadlines.items()},
             "sent": set(self.sent),
-            "usage": {k: str(v) for k, v in self.usage.items()},
+            "usage": usage,
             "state": {"waiting_settle": "1"} if self.waiting_settle else {},
         }
 
@@ -142,6 +233,32 @@ class SettleResult(NamedTuple):
     reserved_tokens: int
 
 
+def _checks(pol: Policy, model: str, now: int) -> list[_Check]:
+    """Every budget that applies to ``model`` at ``now``, in the order they are checked."""
+    found = []
+    for prefix, label, limits in pol.scopes(model):
+        for usd, table in ((False, limits.budgets), (True, limits.usd_budgets)):
+            for per in PERIODS:
+                limit = table.get(per)
+                if limit is None:
+                    continue
+                unit = "usd:" if usd else ""
+                pid, reset = period_of(per, now)
+                found.append(
+                    _Check(f"{prefix}{unit}{per}", f"{label}{unit}{per}", usd, limit, pid, reset)
+                )
+    return found
+
+
+def _counter_now(state: State, check: _Check) -> tuple[float, float]:
+    """(used, reserved) of a counter in the period now: nothing in a new period."""
+    if check.usd:
+        u = state.usd_budgets.get(check.counter)
+        return (float(u.used), float(u.reserved)) if u and u.id == check.pid else (0, 0)
+    b = state.budgets.get(check.counter)
+    return (b.used, b.reserved) if b and b.id == check.pid else (0, 0)
+
+
 def reserve(
     state: State,
     rid: str,
@@ -150,70 +267,86 @@ def reserve(
     now_ms: int,
     hold_ms: int,
     model: str,
+    sent: bool = False,
+    prices: str | None = None,
 ) -> ReserveResult:
-    """reserve.lua: ADMIT applies every limit, DEFER and REJECT change nothing (but the flag)."""
+    """reserve.lua: ADMIT applies every limit, DEFER and REJECT change nothing (but the flag).
+
+    ``prices``: the model's 'input output cache_write cache_read' (USD per million tokens),
+    None when it has no price. ``sent``: the reservation is marked sent when admitted."""
     now = now_ms
     if rid in state.reservations:
         return ReserveResult("ADMIT", 0, "already_reserved")
     pol = state.policy
     if pol is None:
         return ReserveResult("REJECT", 0, "unknown_tenant")
+    if pol.allowed_models is not None and model not in pol.allowed_models:
+        return ReserveResult("REJECT", 0, "model_not_allowed", model)
 
     est = input_tokens + max_tokens
+    price = parse_prices(prices) if prices is not None else None
+    # priced at the dearest the request can turn out: all input written to the cache
+    usd_est = (
+        (input_tokens * max(price[0], price[2]) + max_tokens * price[1]) / 1e6 if price else 0.0
+    )
     settle_wait, wait_reason = False, None
     exhausted_until, exhausted_reason = 0, None
 
-    # 1. calendar budgets
-    budgets: dict[str, tuple[str, int, int]] = {}
-    for per in PERIODS:
-        limit = pol.budgets.get(per)
-        if limit is None:
-            continue
-        pid, reset = period_of(per, now)
-        cur = state.budgets.get(per)
-        used, reserved = (cur.used, cur.reserved) if cur is not None and cur.id == pid else (0, 0)
-        if est > limit:
-            return ReserveResult("REJECT", 0, f"too_large:budget:{per}", f"{est}/{limit}")
-        if used + est > limit:
-            if pol.on_exhausted == "wait" and reset > 0:
-                if reset > exhausted_until:
-                    exhausted_until, exhausted_reason = reset, f"exhausted:{per}"
+    # 1. calendar budgets, tokens and dollars
+    checks = _checks(pol, model, now)
+    current: list[tuple[_Check, float, float]] = []
+    for check in checks:
+        if check.usd and price is None:
+            return ReserveResult("REJECT", 0, "unpriced_model", model)
+        cost: float = usd_est if check.usd else est
+        used, reserved = _counter_now(state, check)
+        if cost > check.limit:
+            detail = f"{lua_str(cost)}/{lua_str(check.limit)}"
+            return ReserveResult("REJECT", 0, f"too_large:budget:{check.label}", detail)
+        if used + cost > check.limit:
+            if pol.on_exhausted == "wait" and check.reset > 0:
+                if check.reset > exhausted_until:
+                    exhausted_until, exhausted_reason = check.reset, f"exhausted:{check.label}"
             else:
-                return ReserveResult("REJECT", reset, f"exhausted:{per}", f"{used}/{limit}")
-        elif used + reserved + est > limit:
+                detail = f"{lua_str(used)}/{lua_str(check.limit)}"
+                return ReserveResult("REJECT", check.reset, f"exhausted:{check.label}", detail)
+        elif used + reserved + cost > check.limit:
             settle_wait = True
-            wait_reason = wait_reason or f"inflight:{per}"
-        budgets[per] = (pid, used, reserved)
+            wait_reason = wait_reason or f"inflight:{check.label}"
+        current.append((check, used, reserved))
 
     # 2. concurrency
     if pol.max_concurrency is not None and len(state.reservations) >= pol.max_concurrency:
         settle_wait = True
         wait_reason = wait_reason or "concurrency"
 
-    # 3. GCRA buckets
+    # 3. GCRA buckets, the policy's then the model's
     costs = {"rpm": 1, "itpm": input_tokens, "otpm": max_tokens}
     new_tats: dict[str, float] = {}
     intervals: dict[str, float] = {}
     rate_until, rate_reason = 0, None
-    for kind in RATE_KINDS:
-        limit = pol.rates.get(kind)
-        if limit is None:
-            continue
-        cost = costs[kind]
-        if cost > limit:
-            return ReserveResult("REJECT", 0, f"too_large:rate:{kind}", f"{cost}/{limit}")
-        interval = BUCKET_CAPACITY_MS / limit
-        stored = state.buckets.get(kind)
-        tat: float = float(stored) if stored is not None else now
-        if tat < now:
-            tat = now
-        new_tat = tat + cost * interval
-        if new_tat - now > BUCKET_CAPACITY_MS:
-            fits_at = math.ceil(new_tat - BUCKET_CAPACITY_MS)
-            if fits_at > rate_until:
-                rate_until, rate_reason = fits_at, f"rate:{kind}"
-        new_tats[kind] = new_tat
-        intervals[kind] = interval
+    for prefix, label, limits in pol.scopes(model):
+        for kind in RATE_KINDS:
+            limit = limits.rates.get(kind)
+            if limit is None:
+                continue
+            bucket, cost_n = f"{prefix}{kind}", costs[kind]
+            if cost_n > limit:
+                return ReserveResult(
+                    "REJECT", 0, f"too_large:rate:{label}{kind}", f"{cost_n}/{limit}"
+                )
+            interval = BUCKET_CAPACITY_MS / limit
+            stored = state.buckets.get(bucket)
+            tat: float = float(stored) if stored is not None else now
+            if tat < now:
+                tat = now
+            new_tat = tat + cost_n * interval
+            if new_tat - now > BUCKET_CAPACITY_MS:
+                fits_at = math.ceil(new_tat - BUCKET_CAPACITY_MS)
+                if fits_at > rate_until:
+                    rate_until, rate_reason = fits_at, f"rate:{label}{kind}"
+            new_tats[bucket] = new_tat
+            intervals[bucket] = interval
 
     if exhausted_reason:
         return ReserveResult("DEFER", exhausted_until, exhausted_reason)
@@ -223,19 +356,31 @@ def reserve(
         return ReserveResult("DEFER", rate_until, rate_reason or wait_reason or "")
 
     # ADMIT
-    for kind, tat in new_tats.items():
-        state.buckets[kind] = fmt(tat)
-    for per, (pid, used, reserved) in budgets.items():
-        state.budgets[per] = Budget(pid, used, reserved + est)
+    for bucket, tat in new_tats.items():
+        state.buckets[bucket] = fmt(tat)
+    for check, used, reserved in current:
+        if check.usd:
+            prev = state.usd_budgets.get(check.counter)
+            used_s = prev.used if prev is not None and prev.id == check.pid else fmt6(0)
+            state.usd_budgets[check.counter] = UsdBudget(
+                check.pid, used_s, fmt6(reserved + usd_est)
+            )
+        else:
+            state.budgets[check.counter] = Budget(check.pid, int(used), int(reserved) + est)
     state.reservations[rid] = Reservation(
         input=input_tokens,
         output=max_tokens,
         model=model,
         t=now,
-        periods={per: b[0] for per, b in budgets.items()},
-        intervals={kind: cjson_number(iv) for kind, iv in intervals.items()},
+        periods={c.counter: c.pid for c, _, _ in current if not c.usd},
+        intervals={bucket: cjson_number(iv) for bucket, iv in intervals.items()},
+        prices=prices,
+        usd=cjson_number(usd_est),
+        usd_periods={c.counter: c.pid for c, _, _ in current if c.usd},
     )
     state.deadlines[rid] = now + hold_ms
+    if sent:
+        state.sent.add(rid)
     return ReserveResult("ADMIT", 0, "")
 
 
@@ -252,23 +397,35 @@ def _settle_one(
         a_in, a_out, a_cc, a_cr = 0, 0, 0, 0
     total_in = a_in + a_cc + a_cr
     total = total_in + a_out
+    usd = 0.0
+    if r.prices is not None:
+        # in full: the dollars reserved; else the usage at the model's prices
+        usd = r.usd if kind == "full" else usd_of((a_in, a_out, a_cc, a_cr), parse_prices(r.prices))
 
     for bucket, interval in r.intervals.items():
+        what = bucket.rsplit(":", 1)[-1]
         delta = 0
-        if bucket == "itpm":
+        if what == "itpm":
             delta = total_in - r.input
-        elif bucket == "otpm":
+        elif what == "otpm":
             delta = a_out - r.output
         elif kind == "release":
             delta = -1
         if delta != 0 and bucket in state.buckets:
             state.buckets[bucket] = fmt(float(state.buckets[bucket]) + delta * interval)
 
-    for per, pid in r.periods.items():
-        cur = state.budgets.get(per)
+    for counter, pid in r.periods.items():
+        cur = state.budgets.get(counter)
         if cur is not None and cur.id == pid:
             cur.reserved = max(cur.reserved - est, 0)
             cur.used += total
+
+    for counter, pid in r.usd_periods.items():
+        u = state.usd_budgets.get(counter)
+        if u is not None and u.id == pid:
+            left = float(u.reserved) - r.usd
+            u.reserved = fmt6(0 if left < 0.0000005 else left)  # below half a micro-dollar: 0
+            u.used = fmt6(float(u.used) + usd)
 
     if kind != "release":
         amounts = {
@@ -284,6 +441,9 @@ def _settle_one(
                 if n > 0:
                     key = f"{per}:{pid}:{r.model}:{what}"
                     state.usage[key] = state.usage.get(key, 0) + n
+            if usd > 0:
+                key = f"{per}:{pid}:{r.model}:usd"
+                state.usage_usd[key] = state.usage_usd.get(key, Decimal(0)) + Decimal(fmt6(usd))
 
     del state.reservations[rid]
     state.deadlines.pop(rid, None)
@@ -356,10 +516,13 @@ def release(state: State, rid: str, now_ms: int) -> SettleResult:
     return tally.result(state)
 
 
-def mark_sent(state: State, rid: str) -> None:
-    """The harness's raw HSET resv_sent <id> 1, whether or not the reservation exists
-    (Admission.mark_sent itself marks only a reservation still held: admission/mark_sent.lua)."""
+def mark_sent(state: State, rid: str) -> bool:
+    """admission/mark_sent.lua: mark a reservation still held as sent (the reaper then
+    charges it in full); a settled or reaped one is not marked (False)."""
+    if rid not in state.reservations:
+        return False
     state.sent.add(rid)
+    return True
 
 
 def reap(state: State, now_ms: int, limit: int = 1000) -> SettleResult:
