@@ -1,0 +1,102 @@
+"""Exact promises of the worker (issue 21): a call that timed out after it was sent is
+charged in full (without the chaos run), a job is dead-lettered after exactly
+``BUDGETER_MAX_ATTEMPTS`` attempts, the wait for in-flight work is capped by the job's
+deadline, and a tenant parked by DEFER is not polled during its park."""
+
+from __future__ import annotations
+
+import aiohttp
+from redis.asyncio import Redis
+
+from budgeter.admission.admission import Admission
+from budgeter.domain.policy import TenantPolicy
+from budgeter.queue.batches import BatchStore
+from budgeter.settings import Settings
+from budgeter.tenants.store import TenantStore
+from budgeter.upstream.mock import MockConfig, count_input_tokens
+from budgeter.worker.main import worker_config
+from tests.helpers import requests_for, wait_ended
+from tests.worker.test_worker import results_of, running_worker, sample
+
+
+async def test_a_call_timed_out_after_it_was_sent_is_charged_in_full(redis: Redis) -> None:
+    await TenantStore(redis).put("slow", TenantPolicy(budgets={"day": 100_000}))
+    store = BatchStore(redis)
+    (request,) = requests_for("slow", 1, max_tokens=64)
+    counted = count_input_tokens(request.params.model_dump(exclude_none=True))
+    async with running_worker(redis, MockConfig(latency_ms=1500), max_attempts=1) as (worker, _):
+        # one HTTP attempt, and a timeout far below the mock's latency: sent, then no answer
+        worker.upstream.timeout_s = 0.3
+        worker.upstream.max_attempts = 1
+        batch_id = await store.create("slow", [request])
+        await wait_ended(store, [batch_id])
+    (line,) = await results_of(store, batch_id)
+    assert line["result"]["type"] == "errored"
+    assert line["result"]["error"]["error"]["type"] == "timeout_error"
+    budget = await redis.hgetall("budgeter:{t:slow}:budget")
+    # it may have been generated and billed: the whole reservation, input + max_tokens
+    assert (int(budget["day:used"]), budget["day:reserved"]) == (counted + 64, "0")
+    assert await redis.hlen("budgeter:{t:slow}:resv") == 0
+
+
+async def test_a_failing_job_is_dead_lettered_after_exactly_max_attempts(redis: Redis) -> None:
+    config = worker_config(Settings(max_attempts=3), concurrency=2)
+    assert config.max_attempts == 3  # BUDGETER_MAX_ATTEMPTS reaches the worker
+    await TenantStore(redis).put("dl", TenantPolicy())
+    store = BatchStore(redis)
+    mock = MockConfig(fault_rate=1.0, fault_kinds=["500"], seed=3)
+    async with running_worker(redis, mock, max_attempts=config.max_attempts) as (worker, url):
+        worker.upstream.max_attempts = 1  # one HTTP request per attempt of the job
+        batch_id = await store.create("dl", requests_for("dl", 1))
+        await wait_ended(store, [batch_id])
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/mock/stats") as resp:
+            stats = await resp.json()
+    (line,) = await results_of(store, batch_id)
+    assert line["result"]["type"] == "errored"
+    assert sample(worker.metrics, "budgeter_dead_lettered_total", tenant="dl") == 1
+    assert stats["requests"]["messages"] == 3  # one per attempt: not one more, not one less
+    assert await redis.hlen("budgeter:{t:dl}:resv") == 0
+
+
+async def test_the_wait_for_in_flight_work_is_capped_by_the_jobs_deadline(redis: Redis) -> None:
+    # max_concurrency 1 and a reservation held elsewhere: the job waits for a settle that
+    # never comes; with a fallback of 10 minutes, only its deadline (1.5 s) ends the wait
+    await TenantStore(redis).put("cap", TenantPolicy(max_concurrency=1))
+    assert (await Admission(redis).reserve("cap", "held", 10, 10)).kind == "ADMIT"
+    store = BatchStore(redis)
+    async with running_worker(redis, settle_wait_fallback_ms=600_000) as (worker, _):
+        batch_id = await store.create("cap", requests_for("cap", 1), ttl_ms=1500)
+        await wait_ended(store, [batch_id], timeout_s=30)
+    (line,) = await results_of(store, batch_id)
+    assert line["result"]["type"] == "expired"
+    assert sample(
+        worker.metrics,
+        "budgeter_admission_decisions_total",
+        tenant="cap",
+        decision="DEFER",
+        reason="concurrency",
+    ) in (1, 2)
+
+
+async def test_a_tenant_parked_by_defer_is_asked_at_most_twice_over_its_park(
+    redis: Redis,
+) -> None:
+    # as in test_worker: itpm 1000, prompts of 954 and 104 input tokens; the second waits
+    # ~3.5 s for the window, parked: one DEFER, at most one more (a wake-up just early)
+    await TenantStore(redis).put("pk", TenantPolicy(rate={"itpm": 1000}))
+    store = BatchStore(redis)
+    big, small = requests_for("pk", 2, max_tokens=8)
+    big.params.messages[0].content = "a" * 3800
+    small.params.messages[0].content = "b" * 400
+    async with running_worker(redis) as (worker, _):
+        batch_id = await store.create("pk", [big, small])
+        await wait_ended(store, [batch_id], timeout_s=60)
+    assert (await store.status(batch_id)).succeeded == 2
+    deferred = sample(
+        worker.metrics,
+        "budgeter_admission_decisions_total",
+        tenant="pk",
+        decision="DEFER",
+        reason="rate:itpm",
+    )
+    assert 1 <= deferred <= 2

@@ -1,0 +1,320 @@
+"""A small mutation tester for budgeter's Lua scripts (issue 21).
+
+Each mutant is one change to one ``budgeter/lua/**/*.lua`` file, in code only (never in a
+comment or a string):
+
+- a comparison flipped: ``<`` <-> ``<=``, ``>`` <-> ``>=``;
+- arithmetic changed: a binary ``+`` <-> ``-``;
+- a statement dropped: a one-line call that writes or answers (``redis.call(...)``, the
+  shared helpers ``hset``/``hdel``/``hincrby``/``add``/``flush``), refunds included.
+
+The mutant is never written to disk: the runner (one process) replaces
+``budgeter.store.scripts.lua_source`` so that the scripts registered by the tests get the
+mutated text, then runs the fast Lua-facing tests in-process (``pytest.main``) that call
+that script (found by one unmutated run that records which test runs which script), and
+stops at the first failure (``-x``). A mutant is killed when a test fails. The package's
+files are only read, so the runner can run beside anyone editing the tree.
+
+Prints a score per module, writes the survivors to ``mutation-survivors.txt`` (or
+``--survivors``); with ``--check``, exits 1 when a module is below ``--target`` percent.
+
+    .venv/bin/python tools/mutate_lua.py                 # every mutant
+    .venv/bin/python tools/mutate_lua.py --only queue/   # scripts whose path contains it
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import io
+import re
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from budgeter.store.types import ScriptArg, ScriptReply
+
+Fallback = Callable[[], Awaitable[ScriptReply]] | None
+ROOT = Path(__file__).resolve().parents[1]
+LUA = ROOT / "budgeter" / "lua"
+TESTS = [
+    "tests/admission/test_admission.py",
+    "tests/admission/test_pause.py",
+    "tests/queue/",
+    "tests/api/test_app.py",
+]
+# tests that run a script by its text (EVAL), which the recording run cannot see
+EXTRA = {
+    "lib/periods.lua": [
+        "tests/admission/test_admission_property.py::test_calendar_periods_match_lua_periods"
+    ],
+}
+NEEDS = re.compile(r"^-- needs: (\S+\.lua)$", re.MULTILINE)
+WRITES = re.compile(r"^(redis\.call\(|hset\(|hdel\(|hincrby\(|add\(|flush\(\))")
+COMPARE = re.compile(r"<=|>=|<|>")
+FLIP = {"<": "<=", "<=": "<", ">": ">=", ">=": ">"}
+ARITH = re.compile(r"(?<=[\w)\]]) ([+-]) (?=[\w(#])")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    script: str  # path under budgeter/lua/
+    line: int
+    kind: str
+    before: str
+    after: str
+
+    def describe(self) -> str:
+        return f"{self.script}:{self.line} {self.kind}: {self.before.strip()!r} -> " + (
+            f"{self.after.strip()!r}" if self.after.strip() else "(dropped)"
+        )
+
+
+def code_mask(text: str) -> list[bool]:
+    """For every character of a Lua text: is it code (not a comment, not a string)."""
+    mask = [True] * len(text)
+    i, n = 0, len(text)
+    while i < n:
+        if text.startswith("--", i):
+            block = re.match(r"--\[(=*)\[", text[i:])
+            if block:
+                end = text.find("]" + block.group(1) + "]", i)
+                end = n if end < 0 else end + len(block.group(1)) + 2
+            else:
+                end = text.find("\n", i)
+                end = n if end < 0 else end
+            for j in range(i, end):
+                mask[j] = False
+            i = end
+        elif text[i] in "'\"":
+            quote, j = text[i], i + 1
+            while j < n and text[j] != quote:
+                j += 2 if text[j] == "\\" else 1
+            for k in range(i, min(j + 1, n)):
+                mask[k] = False
+            i = j + 1
+        else:
+            i += 1
+    return mask
+
+
+def mutants_of(script: str, text: str) -> Iterator[tuple[Mutant, str]]:
+    """Every mutant of ``text`` with the mutated text."""
+    mask = code_mask(text)
+    lines = text.splitlines(keepends=True)
+    start = 0
+    for number, line in enumerate(lines, 1):
+        code = "".join(c if mask[start + k] else " " for k, c in enumerate(line))
+
+        def replaced(at: int, old: str, new: str, line: str = line, begin: int = start) -> str:
+            changed = line[:at] + new + line[at + len(old) :]
+            return text[:begin] + changed + text[begin + len(line) :]
+
+        for match in COMPARE.finditer(code):
+            old = match.group()
+            if code[match.start() - 1 : match.start()] in "<>=~" and match.start() > 0:
+                continue  # part of another operator
+            new = FLIP[old]
+            after = line[: match.start()] + new + line[match.end() :]
+            yield (
+                Mutant(script, number, "compare", line, after),
+                replaced(match.start(), old, new),
+            )
+        for match in ARITH.finditer(code):
+            sign = match.group(1)
+            at = match.start(1)
+            new = "-" if sign == "+" else "+"
+            after = line[:at] + new + line[at + 1 :]
+            yield Mutant(script, number, "arith", line, after), replaced(at, sign, new)
+        stripped = code.strip()
+        if WRITES.match(stripped) and stripped.count("(") == stripped.count(")"):
+            dropped = "\n" if line.endswith("\n") else ""
+            yield (
+                Mutant(script, number, "drop", line, dropped),
+                text[:start] + dropped + text[start + len(line) :],
+            )
+        start += len(line)
+
+
+def scripts() -> dict[str, str]:
+    return {
+        str(path.relative_to(LUA)): path.read_text(encoding="utf-8")
+        for path in sorted(LUA.rglob("*.lua"))
+    }
+
+
+class Patched:
+    """Replaces ``lua_source`` so that one script (or helper) reads its mutated text."""
+
+    def __init__(self, texts: dict[str, str]) -> None:
+        self.texts = dict(texts)
+        self.mutated: dict[str, str] = {}
+
+    def source(self, name: str) -> str:
+        text = self.mutated.get(name, self.texts[name])
+        helpers = [self.source(h) for h in NEEDS.findall(text)]
+        return "\n".join([*helpers, text])
+
+    def install(self) -> None:
+        import budgeter.store.scripts as module
+
+        module.lua_source = self.source  # type: ignore[assignment]  # the mutant's text
+
+
+class Recorder:
+    """A pytest plugin: which test runs which script (by the sha of its text)."""
+
+    def __init__(self, shas: dict[str, str]) -> None:
+        self.shas = shas
+        self.current = ""
+        self.calls: dict[str, set[str]] = defaultdict(set)
+        self.passed: set[str] = set()
+
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        self.current = item.nodeid
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call" and report.passed:
+            self.passed.add(report.nodeid)
+
+    def seen(self, sha: str) -> None:
+        name = self.shas.get(sha)
+        if name and self.current:
+            self.calls[name].add(self.current)
+
+
+def record(texts: dict[str, str], source: Patched) -> tuple[dict[str, list[str]], set[str]]:
+    """One unmutated run: the tests that call each script, and the tests that pass."""
+    from redis.commands.core import AsyncScript
+
+    import budgeter.store.scripts as module
+
+    shas = {hashlib.sha1(source.source(n).encode()).hexdigest(): n for n in texts}
+    recorder = Recorder(shas)
+    command = module.RoundPipeline.command
+    call = AsyncScript.__call__
+
+    def recorded_command(
+        self: module.RoundPipeline, *args: ScriptArg, fallback: Fallback = None
+    ) -> asyncio.Future[ScriptReply]:
+        if args and args[0] == "EVALSHA":
+            recorder.seen(str(args[1]))
+        return command(self, *args, fallback=fallback)
+
+    async def recorded_call(
+        self: AsyncScript, keys: object = None, args: object = None, client: object = None
+    ) -> object:
+        recorder.seen(str(self.sha))
+        return await call(self, keys, args, client)  # type: ignore[arg-type]  # passed on
+
+    module.RoundPipeline.command = recorded_command  # type: ignore[method-assign]
+    AsyncScript.__call__ = recorded_call  # type: ignore[method-assign]
+    try:
+        code = run_tests(TESTS, plugins=[recorder])
+    finally:
+        module.RoundPipeline.command = command  # type: ignore[method-assign]
+        AsyncScript.__call__ = call  # type: ignore[method-assign]
+    if code not in (0, 1):
+        raise SystemExit(f"the unmutated tests could not run (pytest exit {code})")
+    users: dict[str, list[str]] = {}
+    for name in texts:
+        found = set(recorder.calls.get(name, set()))
+        for other, other_text in texts.items():  # a helper is tested by its users' tests
+            if name in NEEDS.findall(other_text):
+                found |= recorder.calls.get(other, set())
+        users[name] = sorted(found & recorder.passed) + EXTRA.get(name, [])
+    return users, recorder.passed
+
+
+def run_tests(args: list[str], plugins: list[object] | None = None) -> int:
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        return int(
+            pytest.main(
+                [
+                    "-x",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-o",
+                    "timeout=30",
+                    "--rootdir",
+                    str(ROOT),
+                    *args,
+                ],
+                plugins=plugins or [],
+            )
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="scripts whose path contains this")
+    parser.add_argument("--survivors", default=str(ROOT / "mutation-survivors.txt"))
+    parser.add_argument("--target", type=float, default=90.0, help="percent killed per module")
+    parser.add_argument("--check", action="store_true", help="exit 1 below the target")
+    parser.add_argument("--list", action="store_true", help="only list the mutants")
+    options = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT))
+    texts = scripts()
+    every = [(m, t) for name, text in texts.items() for m, t in mutants_of(name, text)]
+    chosen = [(m, t) for m, t in every if options.only in m.script]
+    if options.list:
+        for mutant, _ in chosen:
+            print(mutant.describe())
+        print(f"{len(chosen)} mutants")
+        return 0
+    source = Patched(texts)
+    source.install()
+    started = time.monotonic()
+    users, _ = record(texts, source)
+    print(f"recorded which test runs which script in {time.monotonic() - started:.0f} s")
+    killed: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    survivors: list[str] = []
+    for n, (mutant, text) in enumerate(chosen, 1):
+        module = mutant.script
+        total[module] += 1
+        tests = users.get(module, [])
+        source.mutated = {module: text}
+        code = run_tests(tests) if tests else 0
+        source.mutated = {}
+        if code == 1:
+            killed[module] += 1
+        else:
+            why = "no test runs this script" if not tests else f"pytest exit {code}"
+            survivors.append(f"{mutant.describe()}  [{why}]")
+            print(f"  survived {n}/{len(chosen)}: {mutant.describe()}", flush=True)
+    below = []
+    print(f"\nLua mutation score ({time.monotonic() - started:.0f} s):")
+    for module in sorted(total):
+        score = 100.0 * killed[module] / total[module]
+        print(f"  {module:28} {killed[module]:4}/{total[module]:<4} killed  {score:5.1f} %")
+        if score < options.target:
+            below.append(module)
+    all_killed, all_total = sum(killed.values()), sum(total.values())
+    if all_total:
+        print(
+            f"  {'all':28} {all_killed:4}/{all_total:<4} killed  "
+            f"{100.0 * all_killed / all_total:5.1f} %"
+        )
+    Path(options.survivors).write_text(
+        "# Lua mutants that no test killed (tools/mutate_lua.py)\n"
+        + "".join(f"{line}\n" for line in survivors)
+    )
+    print(f"survivors: {options.survivors}")
+    if below:
+        print(f"below {options.target:.0f} %: {', '.join(below)}")
+    return 1 if below and options.check else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
