@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from budgeter.settings import Settings
 
 
 def stop_event_on_signals() -> asyncio.Event:
@@ -21,7 +26,7 @@ def stop_event_on_signals() -> asyncio.Event:
     return stop
 
 
-def upstream_session(settings: Any) -> aiohttp.ClientSession:
+def upstream_session(settings: Settings) -> aiohttp.ClientSession:
     """The process's one HTTP session, sized for ``settings.upstream_max_connections``
     calls in flight (aiohttp's default connector allows 100)."""
     limit = settings.upstream_max_connections
@@ -29,17 +34,29 @@ def upstream_session(settings: Any) -> aiohttp.ClientSession:
 
 
 @asynccontextmanager
-async def serve_app(app: web.Application, host: str, port: int) -> AsyncIterator[int]:
-    """Serve ``app`` on host:port (0 = a free port); yields the bound port."""
+async def serve_app(
+    app: web.Application, host: str, port: int, *, port_file: Path | None = None
+) -> AsyncIterator[int]:
+    """Serve ``app`` on host:port (0 = a free port); yields the bound port, also written to
+    ``port_file`` (when given) once the socket listens."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
     bound = port
-    server = site._server  # the only way aiohttp exposes the bound port
-    if server is not None and getattr(server, "sockets", None):
-        bound = int(server.sockets[0].getsockname()[1])
+    sockets = getattr(site._server, "sockets", None)  # aiohttp exposes the port only here
+    if sockets:
+        bound = int(sockets[0].getsockname()[1])
+    if port_file is not None:
+        write_port_file(port_file, bound)
     try:
         yield bound
     finally:
         await runner.cleanup()
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Write ``port`` and a newline to ``path`` at once (a reader never sees half of it)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(path)

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
+from hypothesis import settings
 
 from budgeter.store.client import make_redis
 from budgeter.store.embedded import EmbeddedRedis, EmbeddedRedisCluster
+from budgeter.store.types import RedisClient
+
+# every Hypothesis test without settings of its own draws the same examples on every run
+# (the admission property test has its own profiles, `deep` unseeded: make test-deep)
+settings.register_profile("budgeter", derandomize=True, database=None)
+settings.load_profile("budgeter")
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """A socket or client a test leaked is collected here, so its ResourceWarning (an error
+    under ``filterwarnings = ["error"]``) fails the test that leaked it, not a later one."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +44,7 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
+async def redis(redis_url: str) -> AsyncIterator[RedisClient]:
     client = make_redis(redis_url)
     await client.flushall()
     yield client

@@ -1,10 +1,16 @@
-"""Shared test helpers: a mock upstream served on loopback, waiting for batches."""
+"""Shared test helpers: a mock upstream served on loopback, waiting for batches, starting
+``budgeter`` processes on port 0 and reading the port they bound."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -63,3 +69,64 @@ async def wait_http(url: str, timeout_s: float = 30) -> None:
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.05)
+
+
+def listen_args(port_file: Path) -> list[str]:
+    """Flags for ``budgeter api``, ``worker`` or ``mock-upstream``: bind port 0 and write
+    the port bound to ``port_file`` (no free port picked, released, then raced for)."""
+    return ["--port", "0", "--port-file", str(port_file)]
+
+
+def _port_in(port_file: Path) -> int | None:
+    text = port_file.read_text() if port_file.exists() else ""
+    return int(text) if text.endswith("\n") else None  # written whole (renamed into place)
+
+
+async def read_port(
+    port_file: Path, proc: asyncio.subprocess.Process, timeout_s: float = 60
+) -> int:
+    """The port a process started with :func:`listen_args` bound, once it listens."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            port = _port_in(port_file)
+            if port is not None:
+                return port
+            if proc.returncode is not None:
+                raise AssertionError(
+                    f"{port_file.stem} exited ({proc.returncode}) before listening"
+                )
+            await asyncio.sleep(0.02)
+
+
+async def start_budgeter(
+    command: str, *args: str, port_dir: Path, name: str | None = None, **kwargs: Any
+) -> tuple[asyncio.subprocess.Process, int]:
+    """Start ``budgeter COMMAND ARGS --port 0 --port-file ...`` (keyword arguments go to
+    :func:`asyncio.create_subprocess_exec`); returns the process and the port it bound."""
+    port_file = port_dir / f"{name or command}.port"
+    port_file.unlink(missing_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "budgeter", command, *args, *listen_args(port_file), **kwargs
+    )
+    try:
+        return proc, await read_port(port_file, proc)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        raise
+
+
+def read_port_blocking(
+    port_file: Path, proc: subprocess.Popen[bytes], timeout_s: float = 60
+) -> int:
+    """:func:`read_port` for a process started with :class:`subprocess.Popen`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        port = _port_in(port_file)
+        if port is not None:
+            return port
+        if proc.poll() is not None:
+            raise AssertionError(f"{port_file.stem} exited ({proc.returncode}) before listening")
+        time.sleep(0.02)
+    raise TimeoutError(f"{port_file.stem} did not listen within {timeout_s} s")

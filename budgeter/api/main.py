@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from budgeter.api.app import create_app
 from budgeter.serving import serve_app, stop_event_on_signals
@@ -11,9 +12,11 @@ from budgeter.settings import Settings
 log = logging.getLogger("budgeter.api")
 
 
-async def run_api(settings: Settings, *, host: str, port: int) -> int:
+async def run_api(
+    settings: Settings, *, host: str, port: int, port_file: Path | None = None
+) -> int:
     stop = stop_event_on_signals()
-    async with serve_app(create_app(settings), host, port) as bound:
+    async with serve_app(create_app(settings), host, port, port_file=port_file) as bound:
         log.info("api listening", extra={"url": f"http://{host}:{bound}"})
         await stop.wait()
     log.info("api stopped")

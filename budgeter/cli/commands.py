@@ -84,12 +84,16 @@ async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if command == "api":
         from budgeter.api.main import run_api
 
-        return await run_api(settings, host=args.host, port=args.port)
+        return await run_api(settings, host=args.host, port=args.port, port_file=args.port_file)
     if command == "worker":
         from budgeter.worker.main import run_worker
 
         return await run_worker(
-            settings, concurrency=args.concurrency, host=args.host, port=args.port
+            settings,
+            concurrency=args.concurrency,
+            host=args.host,
+            port=args.port,
+            port_file=args.port_file,
         )
     if command == "mock-upstream":
         from budgeter.upstream.mock_main import run_mock_upstream

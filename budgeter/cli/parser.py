@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+PORT_FILE_HELP = "write the bound port there once listening (for --port 0)"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -16,15 +18,18 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="run the HTTP API (Message Batches, admin, metrics)")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=_port, default=8080)
+    api.add_argument("--port-file", type=Path, help=PORT_FILE_HELP)
 
     worker = sub.add_parser("worker", help="run a worker process")
     worker.add_argument("--concurrency", type=_positive_int, default=16)
     worker.add_argument("--host", default="127.0.0.1", help="where /metrics listens")
     worker.add_argument("--metrics-port", "--port", type=_port, default=9108, dest="port")
+    worker.add_argument("--port-file", type=Path, help=PORT_FILE_HELP)
 
     mock = sub.add_parser("mock-upstream", help="run the built-in mock Messages API")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=_port, default=8788)
+    mock.add_argument("--port-file", type=Path, help=PORT_FILE_HELP)
     mock.add_argument("--latency-ms", type=float, default=0.0)
     mock.add_argument("--fault-rate", type=float, default=0.0)
     mock.add_argument("--fault-kinds", default="429,500,529", help="comma list of 429,500,529,slow")

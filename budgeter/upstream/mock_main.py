@@ -35,7 +35,8 @@ def mock_config_from_args(args: argparse.Namespace) -> MockConfig:
 async def run_mock_upstream(args: argparse.Namespace) -> int:
     config = mock_config_from_args(args)
     stop = stop_event_on_signals()
-    async with serve_app(create_app(config), args.host, args.port) as port:
+    app = create_app(config)
+    async with serve_app(app, args.host, args.port, port_file=args.port_file) as port:
         log.info("mock upstream listening", extra={"url": f"http://{args.host}:{port}"})
         await stop.wait()
     log.info("mock upstream stopped")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from aiohttp import web
 
@@ -31,7 +32,14 @@ def worker_config(settings: Settings, concurrency: int) -> WorkerConfig:
     )
 
 
-async def run_worker(settings: Settings, *, concurrency: int, host: str, port: int) -> int:
+async def run_worker(
+    settings: Settings,
+    *,
+    concurrency: int,
+    host: str,
+    port: int,
+    port_file: Path | None = None,
+) -> int:
     stop = stop_event_on_signals()
     metrics = Metrics(max_tenants=settings.metrics_max_tenants)
     async with (
@@ -52,7 +60,7 @@ async def run_worker(settings: Settings, *, concurrency: int, host: str, port: i
         )
         app = web.Application()
         add_health_routes(app, HealthState(metrics, redis, upstream))
-        async with serve_app(app, host, port) as bound:
+        async with serve_app(app, host, port, port_file=port_file) as bound:
             log.info(
                 "worker started",
                 extra={"concurrency": concurrency, "metrics": f"http://{host}:{bound}/metrics"},

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +34,21 @@ from budgeter.domain.results import (
 from budgeter.metrics import Metrics, reason_label
 from budgeter.queue.batches import BatchStore
 from budgeter.queue.jobqueue import JobQueue, LeasedJob
+from budgeter.store.types import RedisClient
 from budgeter.tenants.store import TenantStore
 from budgeter.upstream.client import UpstreamClient, UpstreamError
 from budgeter.upstream.token_counter import TokenCounter
+from budgeter.worker.heartbeat import Heartbeats
 
 log = logging.getLogger("budgeter.worker")
 
-_RETRY = object()  # a lane's lease answer: no job for you this round, but there is work
+
+class _Retry:
+    """A lane's lease answer: no job for you this round, but there is work."""
+
+
+_RETRY = _Retry()
+LeaseAnswer = LeasedJob | _Retry | None  # a job, try again, or no work (wait for it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +74,7 @@ class Worker:
     def __init__(
         self,
         *,
-        redis: Any,
+        redis: RedisClient,
         upstream: UpstreamClient,
         config: WorkerConfig,
         metrics: Metrics,
@@ -85,12 +93,10 @@ class Worker:
         self.batches = BatchStore(redis, prefix=config.prefix)
         self.counter = counter or TokenCounter(redis, upstream, prefix=config.prefix, ttl_s=0)
         self._tasks: set[asyncio.Task[None]] = set()
-        # the jobs in flight, for the one heartbeat loop: (job id, attempt) -> (job, lease,
-        # last beat or start)
-        self._beating: dict[tuple[str, int], tuple[LeasedJob, dict[str, str], float]] = {}
-        self._beater: asyncio.Task[None] | None = None
+        self.heartbeats = Heartbeats(self.queue, lease_ms=config.lease_ms, hold_ms=config.hold_ms)
+        self._beating = self.heartbeats.beating  # the jobs in flight
         self._served: dict[str, tuple[int, int]] = {}  # tenant -> (tokens, jobs) since a pick
-        self._lease_waiters: list[asyncio.Future[Any]] = []  # lanes asking for a job
+        self._lease_waiters: list[asyncio.Future[LeaseAnswer]] = []  # lanes asking for a job
         self._picking: set[asyncio.Task[None]] = set()
         self._idler: asyncio.Task[None] | None = None
         self._idle_wait_s = config.idle_max_s
@@ -120,14 +126,13 @@ class Worker:
             maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await maintenance
-            if self._beater is not None:
-                self._beater.cancel()
+            self.heartbeats.cancel()
 
     async def _lane(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 job = await self._lease()
-                if job is _RETRY:
+                if isinstance(job, _Retry):
                     continue
                 if job is None:
                     await self._idle(stop)
@@ -142,10 +147,10 @@ class Worker:
             finally:
                 self._busy -= 1
 
-    async def _lease(self) -> Any:
+    async def _lease(self) -> LeaseAnswer:
         """A leased job; ``_RETRY`` when others of the same round got the jobs there were;
         None when there was none (then wait for work)."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[LeaseAnswer] = asyncio.get_running_loop().create_future()
         self._lease_waiters.append(future)
         if len(self._lease_waiters) == 1:
             asyncio.get_running_loop().call_soon(self._start_pick)
@@ -158,7 +163,7 @@ class Worker:
                     self._spawn(self._give_back([job]))
             raise
 
-    def _spawn(self, work: Any) -> None:
+    def _spawn(self, work: Awaitable[None]) -> None:
         """Run ``work`` beside the lanes (drain waits for it)."""
         task = asyncio.ensure_future(work)
         self._picking.add(task)
@@ -168,7 +173,7 @@ class Worker:
         waiters, self._lease_waiters = self._lease_waiters, []
         self._spawn(self._pick_for(waiters))
 
-    async def _pick_for(self, waiters: list[asyncio.Future[Any]]) -> None:
+    async def _pick_for(self, waiters: list[asyncio.Future[LeaseAnswer]]) -> None:
         served, self._served = self._served, {}
         self._idle_wait_s = self.config.idle_max_s
         try:
@@ -186,7 +191,7 @@ class Worker:
                 self._idle_wait_s = min(self._idle_wait_s, max(due_s, 0.01))
         orphans = []
         for i, future in enumerate(waiters):
-            job = jobs[i] if i < len(jobs) else (_RETRY if jobs else None)
+            job: LeaseAnswer = jobs[i] if i < len(jobs) else (_RETRY if jobs else None)
             if not future.done():
                 future.set_result(job)
             elif isinstance(job, LeasedJob):  # its lane was cancelled (drain)
@@ -337,14 +342,8 @@ class Worker:
 
     async def _handle(self, job: LeasedJob) -> None:
         lease = {"rid": ""}  # the heartbeat extends the reservation too, once there is one
-        beat_key = (job.id, job.attempt)
-        self._beating[beat_key] = (job, lease, asyncio.get_running_loop().time())
-        if self._beater is None:
-            self._beater = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
-        try:
+        with self.heartbeats.beat_for(job, lease):
             await self._handle_leased(job, lease)
-        finally:
-            self._beating.pop(beat_key, None)
 
     async def _handle_leased(self, job: LeasedJob, lease: dict[str, str]) -> None:
         now_ms = int(self.clock() * 1000)
@@ -428,50 +427,6 @@ class Worker:
         usage.record(self.metrics, job.tenant, model, input_tokens + int(params["max_tokens"]))
         if settled.waiting_settle:
             await self.queue.activate(job.tenant, unpark=True, wake=1)
-
-    async def _heartbeat_loop(self) -> None:
-        """One loop for every job in flight (not a task per job): each job's lease (and
-        reservation) is extended once a third of a lease has passed since its start or
-        its last beat, looked at every sixth of a lease."""
-        interval = self.config.lease_ms / 3000
-        loop = asyncio.get_running_loop()
-        try:
-            while self._beating:
-                await asyncio.sleep(interval / 2)
-                now = loop.time()
-                due = [
-                    (key, job, lease)
-                    for key, (job, lease, last) in list(self._beating.items())
-                    if now - last >= interval
-                ]
-                for key, job, lease in due:
-                    if key in self._beating:
-                        self._beating[key] = (job, lease, now)
-                held = await asyncio.gather(
-                    *(self._heartbeat(job, lease) for _, job, lease in due),
-                    return_exceptions=True,
-                )
-                for (key, job, _), ok in zip(due, held, strict=True):
-                    if ok is False:
-                        log.warning(
-                            "lease lost while the upstream call runs", extra={"job": job.id}
-                        )
-                        self._beating.pop(key, None)
-        finally:
-            self._beater = None
-
-    async def _heartbeat(self, job: LeasedJob, lease: dict[str, str]) -> bool | None:
-        """False when the lease is lost; None when Redis could not be asked."""
-        try:
-            return await self.queue.heartbeat(
-                job,
-                lease_ms=self.config.lease_ms,
-                reservation_id=lease["rid"] or None,
-                hold_ms=self.config.hold_ms,
-            )
-        except Exception:
-            log.warning("heartbeat failed", extra={"job": job.id}, exc_info=True)
-            return None
 
     async def _defer(self, job: LeasedJob, decision: Decision, model: str) -> None:
         until = decision.until_ms

@@ -171,9 +171,9 @@ async def test_per_model_limits_and_the_allow_list(redis: Redis) -> None:
 
     report = await tenant_usage(redis, "pm", now_ms=NOW)
     assert report is not None
-    rows = {(r["period"], r["unit"], r["model"]): r for r in report["budgets"]}
-    assert rows[("day", "tokens", "big")]["used"] == 200
-    assert rows[("day", "tokens", None)]["used"] == 200
+    rows = {(r.period, r.unit, r.model): r for r in report.budgets}
+    assert rows[("day", "tokens", "big")].used == 200
+    assert rows[("day", "tokens", None)].used == 200
 
 
 async def test_usd_budgets_are_reserved_and_settled_at_the_model_price(redis: Redis) -> None:
@@ -193,12 +193,12 @@ async def test_usd_budgets_are_reserved_and_settled_at_the_model_price(redis: Re
     assert (await admission.reserve("usd", "b", 100, 200, model="m", now_ms=NOW)).kind == "ADMIT"
     report = await tenant_usage(redis, "usd", now_ms=NOW)
     assert report is not None
-    [row] = [r for r in report["budgets"] if r["unit"] == "usd"]
-    assert row["used"] == pytest.approx(0.205)
-    assert row["reserved"] == pytest.approx(0.525)
-    assert row["remaining"] == pytest.approx(1.0 - 0.205 - 0.525)
-    [day] = [r for r in report["usage"] if r["period"] == "day"]
-    assert day["usd"] == pytest.approx(0.205) and day["input"] == 80
+    [row] = [r for r in report.budgets if r.unit == "usd"]
+    assert row.used == pytest.approx(0.205)
+    assert row.reserved == pytest.approx(0.525)
+    assert row.remaining == pytest.approx(1.0 - 0.205 - 0.525)
+    [day] = [r for r in report.usage if r.period == "day"]
+    assert day.amount("usd") == pytest.approx(0.205) and day.amount("input") == 80
 
     unpriced = await admission.reserve("usd", "d", 1, 1, model="zzz", now_ms=NOW)
     assert (unpriced.kind, unpriced.reason) == ("REJECT", "unpriced_model")
@@ -206,8 +206,8 @@ async def test_usd_budgets_are_reserved_and_settled_at_the_model_price(redis: Re
     await admission.charge_full("usd", "b", now_ms=NOW)
     report = await tenant_usage(redis, "usd", now_ms=NOW)
     assert report is not None
-    [row] = [r for r in report["budgets"] if r["unit"] == "usd"]
-    assert row["used"] == pytest.approx(0.73) and row["reserved"] == 0
+    [row] = [r for r in report.budgets if r.unit == "usd"]
+    assert row.used == pytest.approx(0.73) and row.reserved == 0
 
 
 async def test_prices_are_matched_exactly_then_by_prefix_then_star() -> None:

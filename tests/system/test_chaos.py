@@ -31,13 +31,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from budgeter.admission.admission import Admission
+from budgeter.domain.jobs import TERMINAL_STATES
 from budgeter.domain.policy import TenantPolicy
 from budgeter.domain.results import BUDGET_ERROR_TYPE
 from budgeter.metrics import Metrics, refresh_state_metrics
 from budgeter.queue.batches import BatchStore
-from budgeter.queue.jobqueue import TERMINAL_STATES
 from budgeter.store.client import make_redis
-from budgeter.store.embedded import EmbeddedRedis, free_port
+from budgeter.store.embedded import EmbeddedRedis
 from budgeter.store.keys import TenantKeys
 from budgeter.tenants.store import TenantStore
 from budgeter.tenants.usage import tenant_usage
@@ -45,7 +45,7 @@ from budgeter.upstream.client import UpstreamClient
 from budgeter.upstream.mock import STATE_KEY
 from budgeter.upstream.token_counter import TokenCounter
 from budgeter.worker.worker import Worker, WorkerConfig
-from tests.helpers import mock_upstream, requests_for
+from tests.helpers import listen_args, mock_upstream, read_port, requests_for
 
 WORKERS = 4
 CONCURRENCY = 16
@@ -121,7 +121,7 @@ async def test_durable_job_counters_follow_every_transition(redis: Redis) -> Non
     await tenants.delete("acme")
     assert (await _outcomes(redis, "acme"))["submitted"] == 6
     metrics = Metrics(max_tenants=1)
-    await refresh_state_metrics(redis, metrics, await tenants.list())
+    await refresh_state_metrics(redis, metrics, await tenants.list_ids())
     submitted = _samples(metrics, "budgeter_jobs_submitted_durable_total")
     assert submitted == {(("tenant", "bravo"),): 2.0, (("tenant", "other"),): 6.0}
     terminal = _samples(metrics, "budgeter_jobs_terminal_durable_total")
@@ -188,7 +188,7 @@ async def test_a_reservation_reaped_while_its_worker_stalls_is_charged_in_full(
     assert await redis.hlen(keys.resv_sent) == 0 and await redis.hlen(keys.resv) == 0
     report = await tenant_usage(redis, "acme", now_ms=int(time.time() * 1000))
     assert report is not None
-    [(used, reserved)] = [(b["used"], b["reserved"]) for b in report["budgets"]]
+    [(used, reserved)] = [(b.used, b.reserved) for b in report.budgets]
     assert reserved == 0 and used >= served > 0  # charged in full: at least what was served
     assert (await store.status(batch_id)).succeeded == 1
 
@@ -208,25 +208,28 @@ class Procs:
         self.reaped = 0.0  # budgeter_reaped_reservations_total of workers gone
         self.spawned = 0
 
-    async def spawn(self, name: str, *args: str) -> None:
-        log = (self.logs / f"{name}.log").open("ab")
-        self.alive[name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "budgeter", *args, env=self.env, stdout=log, stderr=log
-        )
-        log.close()
+    async def spawn(self, name: str, *args: str) -> int:
+        """Start ``budgeter ARGS`` on port 0; returns the port it bound, once it listens."""
+        port_file = self.logs / f"{name}.port"
+        port_file.unlink(missing_ok=True)  # a replaced worker's
+        with (self.logs / f"{name}.log").open("ab") as log:
+            self.alive[name] = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "budgeter",
+                *args,
+                *listen_args(port_file),
+                env=self.env,
+                stdout=log,
+                stderr=log,
+            )
+        return await read_port(port_file, self.alive[name])
 
     async def spawn_worker(self, slot: int) -> None:
         self.spawned += 1
-        port = free_port()
         name = f"worker{slot}"
-        self.worker_ports[name] = port
-        await self.spawn(
-            name,
-            "worker",
-            "--concurrency",
-            str(CONCURRENCY),
-            "--metrics-port",
-            str(port),
+        self.worker_ports[name] = await self.spawn(
+            name, "worker", "--concurrency", str(CONCURRENCY)
         )
 
     async def worker_reaped(self, http: aiohttp.ClientSession, name: str) -> float:
@@ -305,18 +308,14 @@ async def test_chaos_kills_restarts_and_faults_lose_nothing(
     tmp_path: Path, artifacts_dir: Path
 ) -> None:
     started = time.monotonic()
-    server = EmbeddedRedis(
-        tmp_path / "redis", port=free_port(), extra_args=["--appendfsync", "always"]
-    )
+    server = EmbeddedRedis(tmp_path / "redis", extra_args=["--appendfsync", "always"])
     assert server.appendonly, "the restart must not lose a write: AOF on"
     server.start()
-    mock_port, api_port = free_port(), free_port()
     logs = tmp_path / "logs"
     logs.mkdir()
     env = {
         **os.environ,
         "BUDGETER_REDIS_URL": server.url,
-        "BUDGETER_UPSTREAM_URL": f"http://127.0.0.1:{mock_port}",
         "BUDGETER_LEASE_SECONDS": "2",
         "BUDGETER_RESERVATION_GRACE_SECONDS": "1",
         "BUDGETER_MAINTENANCE_SECONDS": "0.5",
@@ -334,10 +333,10 @@ async def test_chaos_kills_restarts_and_faults_lose_nothing(
     kills = 0
     stop_chaos = asyncio.Event()
     chaos_task: asyncio.Task[None] | None = None
-    mock = f"http://127.0.0.1:{mock_port}"
     try:
-        await procs.spawn("mock", "mock-upstream", "--port", str(mock_port))
-        await procs.spawn("api", "api", "--port", str(api_port))
+        mock = f"http://127.0.0.1:{await procs.spawn('mock', 'mock-upstream')}"
+        env["BUDGETER_UPSTREAM_URL"] = mock  # procs.env: the api's and the workers'
+        api_port = await procs.spawn("api", "api")
         for slot in range(WORKERS):
             await procs.spawn_worker(slot)
         async with aiohttp.ClientSession() as http:
@@ -480,15 +479,15 @@ async def test_chaos_kills_restarts_and_faults_lose_nothing(
                 assert await redis.hlen(keys.resv_sent) == 0, tenant
                 report = await tenant_usage(redis, tenant, now_ms=now_ms)
                 assert report is not None
-                assert report["inflight"] == 0
-                for row in report["budgets"]:
-                    assert row["used"] <= row["limit"], (tenant, row)
-                    assert row["reserved"] == 0, (tenant, row)
-                [total_row] = [r for r in report["budgets"] if r["period"] == "total"]
-                usage_rows = [r for r in report["usage"] if r["period"] == "total"]
+                assert report.inflight == 0
+                for row in report.budgets:
+                    assert row.used <= row.limit, (tenant, row)
+                    assert row.reserved == 0, (tenant, row)
+                [total_row] = [r for r in report.budgets if r.period == "total"]
+                usage_rows = [r for r in report.usage if r.period == "total"]
                 kinds = ("input", "output", "cache_creation", "cache_read")
-                assert total_row["used"] == sum(r.get(k, 0) for r in usage_rows for k in kinds)
-                recorded += total_row["used"]
+                assert total_row.used == sum(r.amount(k) or 0 for r in usage_rows for k in kinds)
+                recorded += total_row.used
             stats = await _get_json(http, f"{mock}/mock/stats")
             served = stats["input_tokens"] + stats["output_tokens"]
             # what the upstream really served is never more than what was charged

@@ -21,9 +21,8 @@ from redis.asyncio import Redis
 
 from budgeter.api.app import create_app
 from budgeter.settings import Settings
-from budgeter.store.embedded import free_port
 from tests.api.test_app import ADMIN, expect_error, new_tenant, request_line
-from tests.helpers import wait_http
+from tests.helpers import listen_args, read_port, wait_http
 
 
 @pytest.fixture
@@ -186,11 +185,9 @@ ADMIN_TOKEN = "admin-SECRET-7d2b9e"
 async def test_secrets_never_appear_in_logs_metrics_answers_results_or_redis(
     redis: Redis, redis_url: str, tmp_path: Path
 ) -> None:
-    mock_port, api_port, worker_metrics = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "BUDGETER_REDIS_URL": redis_url,
-        "BUDGETER_UPSTREAM_URL": f"http://127.0.0.1:{mock_port}",
         "BUDGETER_UPSTREAM_API_KEY": UPSTREAM_KEY,
         "BUDGETER_ADMIN_TOKEN": ADMIN_TOKEN,
         "BUDGETER_LOG_LEVEL": "DEBUG",
@@ -199,19 +196,27 @@ async def test_secrets_never_appear_in_logs_metrics_answers_results_or_redis(
         "BUDGETER_DATA_DIR": str(tmp_path / "data"),
     }
     logs = [tmp_path / f"proc{i}.log" for i in range(3)]
-    commands = [
-        ["mock-upstream", "--port", str(mock_port)],
-        ["api", "--port", str(api_port)],
-        ["worker", "--concurrency", "4", "--metrics-port", str(worker_metrics)],
-    ]
+    commands = [["mock-upstream"], ["api"], ["worker", "--concurrency", "4"]]
     procs = []
-    for command, log in zip(commands, logs, strict=True):
+    ports = []
+    for i, (command, log) in enumerate(zip(commands, logs, strict=True)):
+        port_file = tmp_path / f"proc{i}.port"
         with log.open("wb") as out:
             procs.append(
                 await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "budgeter", *command, env=env, stdout=out, stderr=out
+                    sys.executable,
+                    "-m",
+                    "budgeter",
+                    *command,
+                    *listen_args(port_file),
+                    env=env,
+                    stdout=out,
+                    stderr=out,
                 )
             )
+        ports.append(await read_port(port_file, procs[-1]))
+        env.setdefault("BUDGETER_UPSTREAM_URL", f"http://127.0.0.1:{ports[0]}")  # the mock's
+    mock_port, api_port, worker_metrics = ports
     api = f"http://127.0.0.1:{api_port}"
     mock = f"http://127.0.0.1:{mock_port}"
     admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}

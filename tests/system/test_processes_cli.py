@@ -13,8 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from budgeter.store.embedded import free_port
-from tests.helpers import wait_http
+from tests.helpers import start_budgeter, wait_http
 
 
 async def run(*args: str, env: dict[str, str], limit_s: float = 120) -> tuple[int, str, str]:
@@ -42,25 +41,20 @@ def env(redis_url: str, tmp_path: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.usefixtures("redis")  # a flushed Redis
 async def test_submit_wait_results_usage_with_real_processes(
-    redis: object, env: dict[str, str], tmp_path: Path
+    env: dict[str, str], tmp_path: Path
 ) -> None:
-    mock_port, metrics_port = free_port(), free_port()
+    mock, mock_port = await start_budgeter("mock-upstream", port_dir=tmp_path, env=env)
     env = {**env, "BUDGETER_UPSTREAM_URL": f"http://127.0.0.1:{mock_port}"}
-    mock = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "budgeter", "mock-upstream", "--port", str(mock_port), env=env
-    )
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "budgeter",
-        "worker",
-        "--concurrency",
-        "4",
-        "--metrics-port",
-        str(metrics_port),
-        env=env,
-    )
+    try:
+        worker, metrics_port = await start_budgeter(
+            "worker", "--concurrency", "4", port_dir=tmp_path, env=env
+        )
+    except BaseException:
+        mock.kill()
+        await mock.wait()
+        raise
     try:
         await wait_http(f"http://127.0.0.1:{mock_port}/healthz")
         await wait_http(f"http://127.0.0.1:{metrics_port}/healthz")

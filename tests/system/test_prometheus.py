@@ -35,10 +35,12 @@ import httpx
 import pytest
 import yaml
 
+from budgeter.admission.admission import Admission
 from budgeter.metrics import Metrics
 from budgeter.store.client import make_redis
 from budgeter.store.embedded import free_port
 from budgeter.store.keys import TenantKeys
+from tests.helpers import listen_args, read_port
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = {
@@ -450,6 +452,15 @@ class Processes:
             *args, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env
         )
 
+    async def start_listening(self, name: str, *args: str, env: dict[str, str]) -> int:
+        """Start a budgeter process on port 0; returns the port it bound, once it listens."""
+        port_file = self.logdir / f"{name}.port"
+        await self.start(name, *args, *listen_args(port_file), env=env)
+        try:
+            return await read_port(port_file, self.procs[name], 30)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.tail(name)}") from None
+
     def alive(self, name: str) -> bool:
         return self.procs[name].returncode is None
 
@@ -553,15 +564,14 @@ def _show(result: list[dict[str, Any]]) -> str:
 
 @contextlib.asynccontextmanager
 async def _stack(tmp_path: Path, redis_url: str) -> AsyncIterator[dict[str, Any]]:
-    """Mock upstream (20% faults), API and Prometheus; the test adds the workers."""
+    """Mock upstream (20% faults, seeded), API and Prometheus; the test adds the workers
+    (:func:`_start_workers` tells Prometheus where they listen)."""
     prometheus = _binary("prometheus")
-    ports = {name: free_port() for name in ("mock", "api", "w1", "w2", "prom")}
     prefix = f"promtest-{uuid.uuid4().hex[:8]}"
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("BUDGETER_")}
     env = {
         **inherited,
         "BUDGETER_REDIS_URL": redis_url,
-        "BUDGETER_UPSTREAM_URL": f"http://127.0.0.1:{ports['mock']}",
         "BUDGETER_ADMIN_TOKEN": ADMIN_TOKEN,
         "BUDGETER_KEY_PREFIX": prefix,
         "BUDGETER_MAINTENANCE_SECONDS": "1",
@@ -572,45 +582,53 @@ async def _stack(tmp_path: Path, redis_url: str) -> AsyncIterator[dict[str, Any]
         "BUDGETER_DRAIN_SECONDS": "3",
     }
     budgeter = (sys.executable, "-m", "budgeter")
-    config = {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "rule_files": ["alerts.yml"],
-        "scrape_configs": [
-            {
-                "job_name": "budgeter-api",
-                "static_configs": [{"targets": [f"127.0.0.1:{ports['api']}"]}],
-            },
-            {
-                "job_name": "budgeter-worker",
-                "static_configs": [
-                    {"targets": [f"127.0.0.1:{ports['w1']}", f"127.0.0.1:{ports['w2']}"]}
-                ],
-            },
-        ],
-    }
     promdir = tmp_path / "prometheus"
     promdir.mkdir()
-    (promdir / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
-    shutil.copy(ALERTS, promdir / "alerts.yml")
+    workers_sd = promdir / "workers.json"  # file service discovery: the scraped workers
+    workers_sd.write_text("[]\n")
     procs = Processes(tmp_path)
     try:
-        await procs.start(
-            "mock",
-            *budgeter,
-            "mock-upstream",
-            "--port",
-            str(ports["mock"]),
-            "--latency-ms",
-            "40",
-            "--fault-rate",
-            "0.2",
-            "--fault-kinds",
-            "429,500",
-            "--retry-after",
-            "0.01",
-            env=env,
-        )
-        await procs.start("api", *budgeter, "api", "--port", str(ports["api"]), env=env)
+        ports = {
+            "mock": await procs.start_listening(
+                "mock",
+                *budgeter,
+                "mock-upstream",
+                "--latency-ms",
+                "40",
+                "--fault-rate",
+                "0.2",
+                "--fault-kinds",
+                "429,500",
+                "--retry-after",
+                "0.01",
+                "--seed",
+                "21",
+                env=env,
+            )
+        }
+        env["BUDGETER_UPSTREAM_URL"] = f"http://127.0.0.1:{ports['mock']}"
+        ports["api"] = await procs.start_listening("api", *budgeter, "api", env=env)
+        ports["prom"] = free_port()  # Prometheus cannot report a port it bound itself
+        config = {
+            "global": {
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "evaluation_interval": "1s",
+            },
+            "rule_files": ["alerts.yml"],
+            "scrape_configs": [
+                {
+                    "job_name": "budgeter-api",
+                    "static_configs": [{"targets": [f"127.0.0.1:{ports['api']}"]}],
+                },
+                {
+                    "job_name": "budgeter-worker",
+                    "file_sd_configs": [{"files": [str(workers_sd)], "refresh_interval": "1s"}],
+                },
+            ],
+        }
+        (promdir / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+        shutil.copy(ALERTS, promdir / "alerts.yml")
         await procs.start(
             "prometheus",
             prometheus,
@@ -627,17 +645,28 @@ async def _stack(tmp_path: Path, redis_url: str) -> AsyncIterator[dict[str, Any]
             "prefix": prefix,
             "budgeter": budgeter,
             "promdir": promdir,
+            "workers_sd": workers_sd,
         }
     finally:
         await procs.stop_all()
 
 
+def _scrape_workers(workers_sd: Path, ports: list[int]) -> None:
+    """Point Prometheus' file service discovery at these worker ports (renamed into place:
+    Prometheus never reads half a file)."""
+    tmp = workers_sd.with_suffix(".tmp")
+    tmp.write_text(json.dumps([{"targets": [f"127.0.0.1:{port}" for port in ports]}]))
+    tmp.replace(workers_sd)
+
+
+# every wait below is bounded (_until, httpx's timeout): their sum, not a shorter overall
+# timeout, bounds the test (typically ~60 s)
+@pytest.mark.timeout(420)
 async def test_every_dashboard_panel_and_alert_returns_data_from_real_prometheus(
     tmp_path: Path, redis_url: str, artifacts_dir: Path
 ) -> None:
     started = time.monotonic()
     async with (
-        asyncio.timeout(100),  # a hang fails here, under pytest's own 120 s
         _stack(tmp_path, redis_url) as stack,
         httpx.AsyncClient(timeout=10) as http,
     ):
@@ -729,16 +758,10 @@ async def test_every_dashboard_panel_and_alert_returns_data_from_real_prometheus
             "BUDGETER_UPSTREAM_MAX_ATTEMPTS": "1",
         }
         for name, worker_env in (("w1", env), ("w2", dead_letter_env)):
-            await procs.start(
-                name,
-                *budgeter,
-                "worker",
-                "--concurrency",
-                "8",
-                "--metrics-port",
-                str(ports[name]),
-                env=worker_env,
+            ports[name] = await procs.start_listening(
+                name, *budgeter, "worker", "--concurrency", "8", env=worker_env
             )
+        _scrape_workers(stack["workers_sd"], [ports["w1"], ports["w2"]])
 
         # Prometheus scrapes every process before the rest of the workload, so that its
         # counters are seen moving (rate() > 0), not only at their final values
@@ -784,12 +807,28 @@ async def test_every_dashboard_panel_and_alert_returns_data_from_real_prometheus
         # workers' own traffic on sonnet would otherwise decide how many of these pass
         statuses = [await sync("alpha", 64, "claude-opus-4-5", f"sync {i}") for i in range(4)]
         assert statuses.count(200) >= 3, statuses
-        # concurrent: beta's otpm bucket (3000/min) holds one 2000-token reservation, not two,
-        # and max_concurrency is 2: DEFER, answered 429 at once (max_wait_seconds 0)
-        beta_sync = await asyncio.gather(
-            *(sync("beta", 2000, "claude-haiku-4-5", f"long {i}") for i in range(3))
-        )
+        # beta's otpm bucket (3000/min) holds one 2000-token reservation, not two: with one
+        # held here, every call asking for 2000 more is DEFERred, answered 429 at once
+        # (max_wait_seconds 0), whatever else runs
+        beta_redis = make_redis(redis_url)
+        admission = Admission(beta_redis, prefix=stack["prefix"])
+
+        async def hold() -> bool:  # DEFERred while beta's batch has 2 jobs in flight
+            decision = await admission.reserve(
+                "beta", "held-by-the-test", 10, 2000, model="claude-haiku-4-5", hold_ms=60_000
+            )
+            return decision.kind == "ADMIT"
+
+        try:
+            await _until("a beta reservation held by the test", hold, procs, 30, 0.05)
+            beta_sync = await asyncio.gather(
+                *(sync("beta", 2000, "claude-haiku-4-5", f"long {i}") for i in range(3))
+            )
+            await admission.release("beta", "held-by-the-test")
+        finally:
+            await beta_redis.aclose()
         assert 429 in beta_sync, beta_sync
+        assert beta_sync == [429, 429, 429], beta_sync
 
         await _until("every batch to end", all_ended, procs, 60)
         # gamma's day budget is (nearly) spent: refused with budget_exhausted_error

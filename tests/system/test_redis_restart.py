@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -14,9 +13,9 @@ import aiohttp
 from budgeter.domain.policy import TenantPolicy
 from budgeter.queue.batches import BatchStore
 from budgeter.store.client import make_redis
-from budgeter.store.embedded import EmbeddedRedis, free_port
+from budgeter.store.embedded import EmbeddedRedis
 from budgeter.tenants.store import TenantStore
-from tests.helpers import requests_for
+from tests.helpers import requests_for, start_budgeter
 
 
 async def _status(session: aiohttp.ClientSession, url: str) -> int:
@@ -31,33 +30,30 @@ async def test_workers_and_api_survive_a_redis_restart_without_losing_a_job(
     tmp_path: Path,
 ) -> None:
     data = tmp_path / "redis"
-    port = free_port()
-    server = EmbeddedRedis(data, port=port, extra_args=["--appendfsync", "always"])
+    server = EmbeddedRedis(data, extra_args=["--appendfsync", "always"])  # keeps its port
     server.start()
-    mock_port, api_port, metrics_port = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "BUDGETER_REDIS_URL": server.url,
-        "BUDGETER_UPSTREAM_URL": f"http://127.0.0.1:{mock_port}",
         "BUDGETER_LEASE_SECONDS": "2",
         "BUDGETER_RESERVATION_GRACE_SECONDS": "1",
         "BUDGETER_MAINTENANCE_SECONDS": "0.5",
         "BUDGETER_MAX_ATTEMPTS": "20",
         "BUDGETER_LOG_LEVEL": "ERROR",
     }
+    procs: list[asyncio.subprocess.Process] = []
 
-    async def spawn(*args: str) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "budgeter", *args, env=env
-        )
+    async def spawn(*args: str) -> int:
+        proc, port = await start_budgeter(*args, port_dir=tmp_path, env=env)
+        procs.append(proc)
+        return port
 
-    procs = [
-        await spawn("mock-upstream", "--port", str(mock_port), "--latency-ms", "50"),
-        await spawn("api", "--port", str(api_port)),
-        await spawn("worker", "--concurrency", "4", "--metrics-port", str(metrics_port)),
-    ]
     redis = make_redis(server.url)
     try:
+        mock_port = await spawn("mock-upstream", "--latency-ms", "50")
+        env["BUDGETER_UPSTREAM_URL"] = f"http://127.0.0.1:{mock_port}"
+        api_port = await spawn("api")
+        await spawn("worker", "--concurrency", "4")
         async with aiohttp.ClientSession() as http:
             ready = f"http://127.0.0.1:{api_port}/readyz"
             async with asyncio.timeout(30):

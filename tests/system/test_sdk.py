@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
-from budgeter.store.embedded import free_port
+from tests.helpers import listen_args, read_port_blocking
 
 SDK1_PATH = Path(
     os.environ.get("SDK1_PATH", Path(__file__).resolve().parents[2] / ".venv" / "sdk1")
@@ -58,25 +58,30 @@ def _wait_http(url: str, timeout_s: float = 30) -> None:
 @pytest.fixture(scope="module")
 def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     sync_redis.Redis.from_url(redis_url).flushall()
-    mock_port, api_port = free_port(), free_port()
+    port_dir = tmp_path_factory.mktemp("sdk-ports")
     env = {
         **os.environ,
         "BUDGETER_REDIS_URL": redis_url,
-        "BUDGETER_UPSTREAM_URL": f"http://127.0.0.1:{mock_port}",
         "BUDGETER_ADMIN_TOKEN": ADMIN_TOKEN,
         "BUDGETER_KEY_PREFIX": PREFIX,
         "BUDGETER_API_MAX_BODY_MB": "2",
         "BUDGETER_LOG_LEVEL": "WARNING",
         "BUDGETER_DATA_DIR": str(tmp_path_factory.mktemp("sdk-data")),
     }
-    commands = [
-        ["mock-upstream", "--port", str(mock_port)],
-        ["api", "--port", str(api_port)],
-        ["worker", "--concurrency", "16", "--metrics-port", "0"],
-        ["worker", "--concurrency", "16", "--metrics-port", "0"],
-    ]
-    procs = [subprocess.Popen([sys.executable, "-m", "budgeter", *c], env=env) for c in commands]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, *command: str) -> int:
+        port_file = port_dir / f"{name}.port"
+        args = [sys.executable, "-m", "budgeter", *command, *listen_args(port_file)]
+        procs.append(subprocess.Popen(args, env=env))
+        return read_port_blocking(port_file, procs[-1])
+
     try:
+        mock_port = start("mock", "mock-upstream")
+        env["BUDGETER_UPSTREAM_URL"] = f"http://127.0.0.1:{mock_port}"
+        api_port = start("api", "api")
+        start("w1", "worker", "--concurrency", "16")
+        start("w2", "worker", "--concurrency", "16")
         api_url = f"http://127.0.0.1:{api_port}"
         _wait_http(f"http://127.0.0.1:{mock_port}/healthz")
         _wait_http(f"{api_url}/healthz")

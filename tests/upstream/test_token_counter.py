@@ -70,7 +70,7 @@ async def test_a_job_admitted_on_an_estimate_is_settled_at_its_real_usage(redis:
         worker = Worker(
             redis=redis,
             upstream=upstream,
-            config=WorkerConfig(concurrency=4, maintenance_interval_s=0.2),
+            config=WorkerConfig(concurrency=4, maintenance_interval_s=0.2, drain_s=2),
             metrics=metrics,
             counter=TokenCounter(redis, dead, ttl_s=60, metrics=metrics),
         )

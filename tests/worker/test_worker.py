@@ -38,7 +38,9 @@ async def running_worker(
         worker = Worker(
             redis=redis,
             upstream=upstream,
-            config=WorkerConfig(**{"concurrency": 8, "maintenance_interval_s": 0.2, **config}),
+            config=WorkerConfig(
+                **{"concurrency": 8, "maintenance_interval_s": 0.2, "drain_s": 2.0, **config}
+            ),
             metrics=metrics,
             counter=TokenCounter(redis, upstream, ttl_s=60, metrics=metrics),
         )
@@ -48,7 +50,7 @@ async def running_worker(
             yield worker, url
         finally:
             stop.set()
-            await asyncio.wait_for(task, 30)
+            await asyncio.wait_for(task, 30)  # drains in 2 s (drain_s), then gives jobs back
 
 
 async def results_of(store: BatchStore, batch_id: str) -> list[dict[str, Any]]:
