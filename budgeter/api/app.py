@@ -82,6 +82,7 @@ def resources(settings: Settings, redis: RedisClient | None, metrics: Metrics) -
                 counter=LocalCountCache.over(counter),
                 admission=admission,
                 queue=batches.queue,
+                tenants=tenants,
                 metrics=metrics,
                 prefix=prefix,
                 hold_ms=int(

@@ -57,6 +57,7 @@ class ProxyDeps:
     counter: TokenCounter
     admission: Admission
     queue: JobQueue
+    tenants: TenantStore
     metrics: Metrics
     prefix: str
     hold_ms: int
@@ -305,7 +306,7 @@ async def _admit(
             else (decision.until_ms - decision.now_ms) / 1000
         )
         if give_up is None:
-            policy = await TenantStore(deps.redis, prefix=deps.prefix).get(tenant)
+            policy = await deps.tenants.get(tenant)
             give_up = started + (policy.max_wait_seconds if policy else 0.0)
         if time.monotonic() + pause > give_up:
             break
