@@ -216,7 +216,7 @@ async def test_client_leaving_mid_stream_is_charged_what_was_generated(
         assert resp.status == 200
         await resp.content.readline()  # event: message_start
     async with asyncio.timeout(30):
-        while await redis.hlen("budgeter:{t:gone}:resv"):  # noqa: ASYNC110
+        while await redis.hlen("budgeter:{t:gone}:resv"):  # noqa: ASYNC110 - a bounded poll (inside a timeout) of state another task or process changes
             await asyncio.sleep(0.05)
     state = await budget(redis, "gone")
     assert int(state["day:used"]) > 0 and state["day:reserved"] == "0"

@@ -159,7 +159,7 @@ async def scripted(redis: Redis, redis_url: str) -> AsyncIterator[ScriptedProxy]
 async def wait_settled(redis: Redis, tenant: str) -> dict[str, str]:
     """Wait (bounded) until the tenant has no reservation left; its budget hash."""
     async with asyncio.timeout(30):
-        while await redis.hlen(f"budgeter:{{t:{tenant}}}:resv"):  # noqa: ASYNC110
+        while await redis.hlen(f"budgeter:{{t:{tenant}}}:resv"):  # noqa: ASYNC110 - a bounded poll (inside a timeout) of state another task or process changes
             await asyncio.sleep(0.02)
     return await budget(redis, tenant)
 

@@ -122,7 +122,7 @@ async def test_local_counts_spare_redis_and_the_upstream_but_never_keep_estimate
 
 
 async def test_headers_that_cannot_be_read_cost_only_the_headers(
-    proxy: Proxy,  # noqa: F811
+    proxy: Proxy,  # noqa: F811 - the fixture, imported by name above
     redis: Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

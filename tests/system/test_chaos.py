@@ -397,7 +397,7 @@ async def test_chaos_kills_restarts_and_faults_lose_nothing(
 
             # delta's rate window holds its batch back: cancel it once it is under way
             async with asyncio.timeout(120):
-                while (await store.status(by_name["d-cancel"])).succeeded < 5:  # noqa: ASYNC110
+                while (await store.status(by_name["d-cancel"])).succeeded < 5:  # noqa: ASYNC110 - a bounded poll (inside a timeout) of state another task or process changes
                     await asyncio.sleep(0.05)
             await store.cancel(by_name["d-cancel"], tenant="delta")
 

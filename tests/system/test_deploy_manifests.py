@@ -748,7 +748,7 @@ def test_kubectl_kustomize_renders_the_same(directory: Path) -> None:
     assert done.returncode == 0, done.stderr
     real = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
     ours = render(directory)
-    key = lambda doc: (doc["kind"], doc["metadata"]["name"])  # noqa: E731
+    key = lambda doc: (doc["kind"], doc["metadata"]["name"])  # noqa: E731 - a one-line sort key
     assert sorted(map(key, real)) == sorted(map(key, ours))
     real_by_key = {key(doc): doc for doc in real}
     for doc in ours:

@@ -57,28 +57,28 @@ async def test_workers_and_api_survive_a_redis_restart_without_losing_a_job(
         async with aiohttp.ClientSession() as http:
             ready = f"http://127.0.0.1:{api_port}/readyz"
             async with asyncio.timeout(30):
-                while await _status(http, ready) != 200:  # noqa: ASYNC110
+                while await _status(http, ready) != 200:  # noqa: ASYNC110 - a bounded poll (inside a timeout) of state another task or process changes
                     await asyncio.sleep(0.05)
             await TenantStore(redis).put("rr", TenantPolicy(budgets={"day": 10_000_000}))
             store = BatchStore(redis)
             batch_id = await store.create("rr", requests_for("rr", 150))
             async with asyncio.timeout(60):
-                while (await store.status(batch_id)).succeeded < 20:  # noqa: ASYNC110
+                while (await store.status(batch_id)).succeeded < 20:  # noqa: ASYNC110 - a bounded poll (inside a timeout) of state another task or process changes
                     await asyncio.sleep(0.02)
 
             await asyncio.to_thread(server.stop)
             async with asyncio.timeout(30):
-                while await _status(http, ready) != 503:  # noqa: ASYNC110
+                while await _status(http, ready) != 503:  # noqa: ASYNC110 - a bounded poll (inside a timeout) of state another task or process changes
                     await asyncio.sleep(0.05)
             assert await _status(http, f"http://127.0.0.1:{api_port}/healthz") == 200
             await asyncio.sleep(1.0)
             await asyncio.to_thread(server.start)  # same port, same AOF
 
             async with asyncio.timeout(30):
-                while await _status(http, ready) != 200:  # noqa: ASYNC110
+                while await _status(http, ready) != 200:  # noqa: ASYNC110 - a bounded poll (inside a timeout) of state another task or process changes
                     await asyncio.sleep(0.05)
             async with asyncio.timeout(120):
-                while not (await store.status(batch_id)).ended:  # noqa: ASYNC110
+                while not (await store.status(batch_id)).ended:  # noqa: ASYNC110 - a bounded poll (inside a timeout) of state another task or process changes
                     await asyncio.sleep(0.1)
             status = await store.status(batch_id)
             assert status.total == 150

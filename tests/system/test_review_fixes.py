@@ -107,7 +107,7 @@ async def test_a_deleted_tenants_leased_jobs_still_end(redis: Redis) -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
         async with asyncio.timeout(30):
-            while not (await store.status(batch_id)).ended:  # noqa: ASYNC110
+            while not (await store.status(batch_id)).ended:  # noqa: ASYNC110 - a bounded poll (inside a timeout) of state another task or process changes
                 await asyncio.sleep(0.05)
         stop.set()
         await task

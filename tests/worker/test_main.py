@@ -55,7 +55,7 @@ def worker_starter(
 
 async def until(predicate: Callable[[], object], timeout_s: float = 60) -> None:
     async with asyncio.timeout(timeout_s):
-        while not await predicate():  # type: ignore[misc]  # noqa: ASYNC110
+        while not await predicate():  # type: ignore[misc]  # noqa: ASYNC110 - a bounded poll (inside a timeout) of state another task or process changes
             await asyncio.sleep(0.05)
 
 

@@ -45,7 +45,7 @@ async def test_idle_lanes_stop_at_once_whatever_their_idle_timeout(
             big.params.messages[0].content = "a" * 3800  # the rate window parks the other
             batch_id = await store.create("park", [big, small])
             async with asyncio.timeout(30):
-                while (await store.status(batch_id)).succeeded < 1:  # noqa: ASYNC110
+                while (await store.status(batch_id)).succeeded < 1:  # noqa: ASYNC110 - a bounded poll (inside a timeout) of state another task or process changes
                     await asyncio.sleep(0.05)
         stop.set()
         # bounded far below LONG_S, far above any real shutdown (milliseconds)
