@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 from budgeter.cli.batch_file import read_batch_file
 from budgeter.cli.errors import CliError, InputFileError
-from budgeter.cli.parser import build_parser
+from budgeter.cli.parser import Handler, build_parser
 
 log = logging.getLogger("budgeter.cli")
 
@@ -80,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    run: Handler | None = getattr(args, "run", None)
+    if run is not None:  # a command registered by its own module (parser.Handler)
+        return await run(args, settings)
+    if args.command in ("api", "worker", "mock-upstream", "demo", "top"):
+        return await process_command(args, settings)
+    return await operator_command(args, settings)
+
+
+async def process_command(args: argparse.Namespace, settings: Settings) -> int:
+    """The long-running commands and the demo."""
     command = args.command
     if command == "api":
         from budgeter.api.main import run_api
@@ -115,7 +125,12 @@ async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from budgeter.cli.top import run_top
 
         return await run_top(settings, interval_s=args.interval, once=args.once)
-    # operator commands: validate input before touching Redis
+    raise CliError(f"unknown command {command}")
+
+
+async def operator_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Commands that read or change Redis: their input is validated before touching it."""
+    command = args.command
     if command == "tenants":
         return await tenants_command(args, settings)
     if command == "submit":

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from budgeter.settings import Settings
+
+# The handler of a command that lives in a module of its own: the module's ``register(sub)``
+# adds its subparser with ``set_defaults(run=handler)``, and ``commands.dispatch`` awaits it.
+Handler = Callable[[argparse.Namespace, "Settings"], Awaitable[int]]
 
 PORT_FILE_HELP = "write the bound port there once listening (for --port 0)"
 
@@ -102,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     usage = sub.add_parser("usage", help="a tenant's budgets and usage")
     usage.add_argument("--tenant", required=True)
     usage.add_argument("--json", action="store_true")
+
+    # command groups in modules of their own (each: register(sub), handlers set as `run`)
     return parser
 
 
