@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -17,13 +18,44 @@ if TYPE_CHECKING:
     from budgeter.settings import Settings
 
 
+# the signals that set a stop event of this process (the CLI exits 130 after a SIGINT)
+_stop_signals: set[int] = set()
+
+
 def stop_event_on_signals() -> asyncio.Event:
     """An event set by SIGTERM or SIGINT (the process then drains and exits cleanly)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: int) -> None:
+        _stop_signals.add(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     return stop
+
+
+def stopped_by_sigint() -> bool:
+    """Whether a SIGINT (Ctrl-C) set a stop event of this process."""
+    return signal.SIGINT in _stop_signals
+
+
+class ListenError(OSError):
+    """The socket could not be bound (``in_use``: the port is taken)."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.host = host
+        self.port = port
+
+    @property
+    def in_use(self) -> bool:
+        return self.errno == errno.EADDRINUSE
+
+
+def listen_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def upstream_session(settings: Settings) -> aiohttp.ClientSession:
@@ -42,7 +74,11 @@ async def serve_app(
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(host, port, exc) from None
     bound = port
     sockets = getattr(site._server, "sockets", None)  # aiohttp exposes the port only here
     if sockets:

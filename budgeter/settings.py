@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from budgeter.domain.pricing import DEFAULT_PRICES, ModelPrice
+from budgeter.domain.passthrough import CLIENT_VERSION, check_version, parse_betas
+from budgeter.domain.pricing import ModelPrice
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/budgeter`` (when absolute, as the XDG spec asks), else
+    ``~/.local/share/budgeter``: one per user, whatever the current directory."""
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "budgeter"
+    home = Path(os.path.expanduser("~"))
+    if not home.is_absolute():  # no HOME and no passwd entry (a bare container user)
+        home = Path(tempfile.gettempdir()) / f"budgeter-{os.getuid()}"
+    return home / ".local" / "share" / "budgeter"
 
 
 class SettingsError(ValueError):
@@ -38,6 +55,14 @@ class Settings(BaseSettings):
     upstream_api_key: SecretStr = Field(
         default=SecretStr("mock-key"), description="Key sent upstream as x-api-key."
     )
+    upstream_anthropic_version: str = Field(
+        default="2023-06-01",
+        description="anthropic-version sent upstream; 'client' forwards the caller's.",
+    )
+    allowed_betas: Annotated[tuple[str, ...] | None, NoDecode] = Field(
+        default=None,
+        description="anthropic-beta values tenants may send (comma or JSON list); unset: any.",
+    )
     admin_token: SecretStr | None = Field(
         default=None, description="Bearer token for /admin routes."
     )
@@ -57,7 +82,9 @@ class Settings(BaseSettings):
         default=256, ge=1, description="Largest request body the API accepts (MB)."
     )
     data_dir: Path = Field(
-        default=Path(".budgeter"), description="Where the embedded Redis keeps its data."
+        default_factory=default_data_dir,
+        description="Where the shared embedded Redis keeps its data (never the current "
+        "directory by default: $XDG_DATA_HOME/budgeter, else ~/.local/share/budgeter).",
     )
     key_prefix: str = Field(default="budgeter", description="Prefix of every Redis key.")
     lease_seconds: float = Field(
@@ -85,8 +112,11 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="How long SIGTERM waits for in-flight jobs."
     )
     prices: dict[str, ModelPrice] = Field(
-        default_factory=lambda: dict(DEFAULT_PRICES),
-        description="USD per million tokens per model (JSON); '*' prices any other model.",
+        default_factory=dict,
+        description=(
+            "USD per million tokens per model (JSON), over genai-prices' table; "
+            "'*' prices any other model."
+        ),
     )
     redis_max_connections: int = Field(
         default=512,
@@ -133,10 +163,26 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("prices")
+    @field_validator("upstream_anthropic_version")
     @classmethod
-    def _prices_extend_the_defaults(cls, value: dict[str, ModelPrice]) -> dict[str, ModelPrice]:
-        return {**DEFAULT_PRICES, **value}
+    def _version(cls, value: str) -> str:
+        return value if value == CLIENT_VERSION else check_version(value)
+
+    @field_validator("allowed_betas", mode="before")
+    @classmethod
+    def _betas_list(cls, value: object) -> tuple[str, ...] | None:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not a JSON list: {exc}") from None
+        if isinstance(value, str):
+            return parse_betas([value])
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ValueError("must be a comma list or a JSON list of beta names")
+        return parse_betas(value)
 
     @field_validator("admin_token", mode="before")
     @classmethod
@@ -151,6 +197,11 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
 
     @field_validator("log_format")
     @classmethod

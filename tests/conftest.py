@@ -13,12 +13,37 @@ from hypothesis import settings
 
 from budgeter.store.client import make_redis
 from budgeter.store.embedded import EmbeddedRedis, EmbeddedRedisCluster
+from budgeter.store.shared_redis import SharedRedis
 from budgeter.store.types import RedisClient
 
 # every Hypothesis test without settings of its own draws the same examples on every run
 # (the admission property test has its own profiles, `deep` unseeded: make test-deep)
 settings.register_profile("budgeter", derandomize=True, database=None)
 settings.load_profile("budgeter")
+
+# genai-prices' data (tens of thousands of objects) is loaded once and never freed: moved out
+# of the collector's reach so the gc.collect() after each test does not walk it every time
+import genai_prices.data  # noqa: E402, F401 (imported for its side effect: the loaded table)
+
+gc.freeze()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _suite_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``BUDGETER_DATA_DIR`` for the whole suite (the settings read in tests and every
+    process they start): a temporary directory, never the user's ~/.local/share/budgeter.
+    A shared embedded Redis some test left running there is stopped at the end."""
+    data_dir = tmp_path_factory.mktemp("budgeter-data")
+    previous = os.environ.get("BUDGETER_DATA_DIR")
+    os.environ["BUDGETER_DATA_DIR"] = str(data_dir)
+    try:
+        yield data_dir
+    finally:
+        SharedRedis(data_dir).stop()
+        if previous is None:
+            os.environ.pop("BUDGETER_DATA_DIR", None)
+        else:
+            os.environ["BUDGETER_DATA_DIR"] = previous
 
 
 @pytest.fixture(autouse=True)

@@ -49,6 +49,8 @@ TESTS = [
     "tests/admission/test_pause.py",
     "tests/queue/",
     "tests/api/test_app.py",
+    "tests/api/test_admin_consistency.py",  # tenants/key_used.lua
+    "tests/tenants/test_merge_patch.py",  # tenants/replace_policy.lua
 ]
 # tests that run a script by its text (EVAL), which the recording run cannot see
 EXTRA = {

@@ -13,13 +13,14 @@ call (``BatchedScript``), each decided in turn exactly as if it had been called 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from budgeter.admission.global_limits import GlobalLimits
 from budgeter.admission.reasons import Reason, parse_reason
-from budgeter.domain.pricing import ModelPrice, price_of
+from budgeter.domain.pricing import GENAI_PRICES_VERSION, ModelPrice, PriceTable
 from budgeter.store.keys import GlobalModelKeys, TenantKeys
 from budgeter.store.scripts import BatchedScript, register
 from budgeter.store.types import RedisClient
@@ -127,8 +128,9 @@ class Decision:
 
     def _unpriced_model(self, model: str | None) -> str:
         return (
-            f"model {model or self.detail!r} has no price in BUDGETER_PRICES, "
-            "so a usd budget cannot admit it"
+            f"model {model or self.detail!r} has no price (genai-prices "
+            f"{GENAI_PRICES_VERSION} does not know it): a usd budget cannot admit it "
+            "until BUDGETER_PRICES prices it"
         )
 
 
@@ -253,7 +255,9 @@ class Admission:
     With ``global_limits``, a tenant's ADMIT is followed by a reservation against the
     upstream account's limits of the model, in the model's own scope; when those refuse,
     the tenant's reservation is released and their answer (reason ``global:...``) is the
-    decision. Settling settles both. ``prices`` price ``usd_budgets``.
+    decision. Settling settles both. ``prices`` price ``usd_budgets``: a
+    :class:`PriceTable`, or a mapping of model -> price that overrides genai-prices' table
+    (the default: that table alone).
     """
 
     def __init__(
@@ -262,12 +266,12 @@ class Admission:
         *,
         prefix: str = "budgeter",
         global_limits: GlobalLimits | None = None,
-        prices: dict[str, ModelPrice] | None = None,
+        prices: PriceTable | Mapping[str, ModelPrice] | None = None,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.global_limits = global_limits
-        self.prices = prices or {}
+        self.prices = prices if isinstance(prices, PriceTable) else PriceTable(prices)
         self._reserve = BatchedScript(redis, "admission/reserve.lua", width=5)
         self._settle = BatchedScript(redis, "admission/settle.lua", width=6)
         self._reap = self._settle.script
@@ -276,6 +280,7 @@ class Admission:
         # per-call work done once: a tenant's key names, a model's price argument
         self._key_names: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._price_args: dict[str, str] = {}
+        self._price_day = 0  # the UTC day (since the epoch) the price arguments are of
 
     def keys(self, tenant: str) -> TenantKeys:
         return TenantKeys.of(self.prefix, tenant)
@@ -290,12 +295,16 @@ class Admission:
             names = self._key_names[tenant] = (reserve_keys(keys), settle_keys(keys))
         return names
 
-    def price_arg(self, model: str) -> str:
+    def price_arg(self, model: str, now_ms: int | None = None) -> str:
+        """The model's price argument on the UTC day of ``now_ms`` (default: now)."""
+        ms = int(time.time() * 1000) if now_ms is None else now_ms
+        day = ms // 86_400_000
+        if day != self._price_day or len(self._price_args) >= 1_000:
+            self._price_args.clear()
+            self._price_day = day
         arg = self._price_args.get(model)
         if arg is None:
-            if len(self._price_args) >= 1_000:
-                self._price_args.clear()
-            price = price_of(self.prices, model)
+            price = self.prices.price(model, dt.datetime.fromtimestamp(ms / 1000, dt.UTC).date())
             arg = self._price_args[model] = "" if price is None else price.lua_arg()
         return arg
 
@@ -319,7 +328,7 @@ class Admission:
             paused = await limits.paused_until_ms(model)
             if paused:
                 return Decision("DEFER", paused, "global:paused", int(limits.wall() * 1000))
-        prices = self.price_arg(model)
+        prices = self.price_arg(model, now_ms)
         now = _now_arg(now_ms)
         item = [reservation_id, int(input_tokens), int(max_tokens), int(hold_ms), model]
         reply = await self._reserve(
@@ -438,5 +447,5 @@ def admission_from_settings(redis: RedisClient, settings: Settings) -> Admission
         redis,
         prefix=settings.key_prefix,
         global_limits=GlobalLimits(redis, prefix=settings.key_prefix),
-        prices=settings.prices,
+        prices=PriceTable(settings.prices),
     )

@@ -1,6 +1,9 @@
 """The admin API (``Authorization: Bearer $BUDGETER_ADMIN_TOKEN``): tenants and their
-policies, their keys, usage (also a tenant's own, on ``/v1/usage``), the status of every
-tenant, and the upstream account's global policy."""
+policies (replaced by PUT, merged by PATCH), their keys, usage (also a tenant's own, on
+``/v1/usage``), the status of every tenant, and the upstream account's global policy.
+
+Every ``/admin/tenants/{tenant}/...`` route answers 404 ``not_found_error`` for a tenant
+without a policy (only PUT creates one)."""
 
 from __future__ import annotations
 
@@ -24,15 +27,36 @@ from budgeter.api.schemas import (
 from budgeter.domain.messages import JsonValue, first_error
 from budgeter.domain.policy import GlobalPolicy, TenantPolicy
 from budgeter.store.keys import global_policy_key
+from budgeter.tenants.merge_patch import (
+    MERGE_PATCH_TYPE,
+    InvalidPolicyError,
+    policy_answer,
+    validate_policy,
+)
 from budgeter.tenants.status import status_snapshot
+from budgeter.tenants.store import PolicyConflictError
 from budgeter.tenants.usage import tenant_usage
+
+PATCH_TYPES = (MERGE_PATCH_TYPE, "application/json")
 
 
 def _policy(payload: JsonValue) -> TenantPolicy:
     try:
-        return TenantPolicy.model_validate(payload)
-    except ValidationError as exc:
-        raise ApiError(400, f"invalid policy: {first_error(exc)}") from None
+        return validate_policy(payload)
+    except InvalidPolicyError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def _not_found(tenant: str) -> ApiError:
+    return ApiError(404, f"tenant {tenant!r} not found")
+
+
+async def _existing_tenant(request: web.Request) -> str:
+    """The path's tenant, which must have a policy (else 404)."""
+    tenant = tenant_param(request)
+    if not await request.app[TENANTS].exists(tenant):
+        raise _not_found(tenant)
+    return tenant
 
 
 async def put_tenant(request: web.Request) -> web.Response:
@@ -41,15 +65,37 @@ async def put_tenant(request: web.Request) -> web.Response:
     tenants = request.app[TENANTS]
     existed = await tenants.exists(tenant)
     await tenants.put(tenant, policy)
-    return ok(TenantAnswer(tenant=tenant, policy=policy), 200 if existed else 201)
+    return web.json_response(policy_answer(tenant, policy), status=200 if existed else 201)
+
+
+async def patch_tenant(request: web.Request) -> web.Response:
+    """A JSON merge patch (RFC 7396) of the stored policy, validated whole after merging."""
+    tenant = tenant_param(request)
+    if request.content_type not in PATCH_TYPES:
+        raise ApiError(
+            415,
+            f"content-type must be {MERGE_PATCH_TYPE} or application/json, "
+            f"not {request.content_type}",
+            error_type="invalid_request_error",
+        )
+    patch = await read_json(request)
+    try:
+        policy = await request.app[TENANTS].patch(tenant, patch)
+    except InvalidPolicyError as exc:
+        raise ApiError(400, str(exc)) from None
+    except PolicyConflictError as exc:
+        raise ApiError(409, str(exc)) from None
+    if policy is None:
+        raise _not_found(tenant)
+    return web.json_response(policy_answer(tenant, policy))
 
 
 async def get_tenant(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     policy = await request.app[TENANTS].get(tenant)
     if policy is None:
-        raise ApiError(404, f"tenant {tenant!r} not found")
-    return ok(TenantAnswer(tenant=tenant, policy=policy))
+        raise _not_found(tenant)
+    return web.json_response(policy_answer(tenant, policy))
 
 
 async def list_tenants(request: web.Request) -> web.Response:
@@ -65,26 +111,24 @@ async def list_tenants(request: web.Request) -> web.Response:
 async def delete_tenant(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     if not await request.app[TENANTS].delete(tenant):  # (revokes its keys too)
-        raise ApiError(404, f"tenant {tenant!r} not found")
+        raise _not_found(tenant)
     return web.json_response({"tenant": tenant, "deleted": True})
 
 
 async def create_key(request: web.Request) -> web.Response:
-    tenant = tenant_param(request)
-    if not await request.app[TENANTS].exists(tenant):
-        raise ApiError(404, f"tenant {tenant!r} not found")
+    tenant = await _existing_tenant(request)
     key_id, key = await request.app[KEYS].create(tenant)
     return ok(KeyCreated(id=key_id, key=key, tenant=tenant), 201)
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    tenant = tenant_param(request)
+    tenant = await _existing_tenant(request)
     keys = await request.app[KEYS].list_keys(tenant)
     return ok(KeyList(data=[KeyInfo.model_validate(k) for k in keys]))
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    tenant = tenant_param(request)
+    tenant = await _existing_tenant(request)
     key_id = request.match_info["key_id"]
     if not await request.app[KEYS].revoke(tenant, key_id):
         raise ApiError(404, f"key {key_id!r} of tenant {tenant!r} not found")
@@ -107,7 +151,7 @@ async def _usage_of(request: web.Request, tenant: str) -> web.Response:
         now_ms=int(time.time() * 1000),
     )
     if report is None:
-        raise ApiError(404, f"tenant {tenant!r} not found")
+        raise _not_found(tenant)
     return ok(report)
 
 

@@ -20,9 +20,12 @@ from budgeter.api.appkeys import AUTH_THROTTLE, BATCHES, KEYS, REDIS, SETTINGS, 
 from budgeter.api.auth import auth_middleware
 from budgeter.api.errors import errors_middleware
 from budgeter.api.health import HEALTH, HealthState
+from budgeter.api.models import MODELS, ModelCatalog
 from budgeter.api.openapi import openapi_document
+from budgeter.api.passthrough import BetaGate
 from budgeter.api.proxy import PROXY, LocalCountCache, ProxyDeps
 from budgeter.api.routes import OPENAPI, add_routes
+from budgeter.domain.pricing import PriceTable
 from budgeter.metrics import Metrics, refresh_state_metrics
 from budgeter.queue.batches import BatchStore
 from budgeter.serving import upstream_session
@@ -42,7 +45,7 @@ async def _redis_for(settings: Settings, given: RedisClient | None) -> AsyncIter
     if given is not None:
         yield given
         return
-    async with redis_from_settings(settings) as client:
+    async with redis_from_settings(settings, announce=True) as client:
         yield client
 
 
@@ -88,7 +91,9 @@ def resources(settings: Settings, redis: RedisClient | None, metrics: Metrics) -
                 hold_ms=int(
                     (settings.upstream_timeout_seconds + settings.reservation_grace_seconds) * 1000
                 ),
+                betas=BetaGate(settings.allowed_betas, tenants),
             )
+            app[MODELS] = ModelCatalog(upstream, PriceTable(settings.prices).models)
             app[HEALTH] = HealthState(metrics, client, upstream, refresh)
             try:
                 yield

@@ -10,6 +10,7 @@ from aiohttp import web
 from budgeter.api.appkeys import AUTH_THROTTLE, KEYS, SETTINGS
 from budgeter.api.errors import ApiError, Handler
 from budgeter.api.request import PRINCIPAL
+from budgeter.tenants.credentials import NoPolicyError, Principal
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -52,20 +53,45 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if bad_header is not None:
             raise ApiError(401, f"invalid credentials: the {bad_header} header is not UTF-8")
     if path.startswith("/v1/"):
-        key = request.headers.get("x-api-key") or _bearer(request)
-        if not key:
-            raise await _refuse(
-                request, 401, "missing API key: send it in x-api-key or Authorization: Bearer"
-            )
-        principal = await request.app[KEYS].authenticate(key)
-        if principal is None:
-            raise await _refuse(request, 401, "invalid API key")
-        request[PRINCIPAL] = principal
-    elif path.startswith("/admin"):
-        expected = request.app[SETTINGS].admin_token
-        if expected is None or not expected.get_secret_value():
-            raise ApiError(403, "the admin API is disabled: BUDGETER_ADMIN_TOKEN is not set")
-        token = _bearer(request) or ""
-        if not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
-            raise await _refuse(request, 401, "invalid admin token")
+        principal = request[PRINCIPAL] = await _tenant_principal(request)
+        response = await handler(request)
+        if response.status < 400:  # "last used": a refused request changes nothing
+            await request.app[KEYS].note_use(principal)
+        return response
+    if path.startswith("/admin"):
+        await _check_admin(request)
     return await handler(request)
+
+
+async def _tenant_principal(request: web.Request) -> Principal:
+    """The key's owner. A missing key and a wrong one are told apart (both 401); a valid
+    key whose tenant has no policy is 404, as every route answers for a missing tenant."""
+    key = request.headers.get("x-api-key") or _bearer(request)
+    if not key:
+        raise await _refuse(
+            request,
+            401,
+            "missing x-api-key header: send the tenant's key in x-api-key or Authorization: Bearer",
+        )
+    try:
+        principal = await request.app[KEYS].authenticate(key)
+    except NoPolicyError as exc:
+        raise ApiError(404, str(exc)) from None
+    if principal is None:
+        raise await _refuse(request, 401, "invalid x-api-key: no such key (or it was revoked)")
+    return principal
+
+
+async def _check_admin(request: web.Request) -> None:
+    expected = request.app[SETTINGS].admin_token
+    if expected is None or not expected.get_secret_value():
+        raise ApiError(403, "the admin API is disabled: BUDGETER_ADMIN_TOKEN is not set")
+    token = _bearer(request)
+    if token is None:
+        raise await _refuse(
+            request,
+            401,
+            "missing admin token: send Authorization: Bearer $BUDGETER_ADMIN_TOKEN",
+        )
+    if not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
+        raise await _refuse(request, 401, "invalid admin token")

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from budgeter.api.appkeys import BATCHES, SETTINGS, TENANTS
 from budgeter.api.errors import REQUEST_ID, ApiError
+from budgeter.api.passthrough import check_betas, read_passthrough
 from budgeter.api.request import base_url, limit_param, principal, read_json
 from budgeter.api.schemas import (
     CreateBatchBody,
@@ -44,10 +45,14 @@ def _body(payload: JsonValue) -> CreateBatchBody:
 
 async def create_batch(request: web.Request) -> web.Response:
     who = principal(request)
+    settings = request.app[SETTINGS]
+    passthrough = read_passthrough(request)  # its betas and version go with every job
+    check_betas(passthrough.betas, settings.allowed_betas)
     body = _body(await read_json(request))
     policy = await request.app[TENANTS].get(who.tenant)
     if policy is None:
-        raise ApiError(403, "this key's tenant has no policy")
+        raise ApiError(404, "this key's tenant has no policy (tenant not found)")
+    check_betas(passthrough.betas, policy.allowed_betas, tenant=True)
     for index, item in enumerate(body.requests):
         if not policy.allows(item.params.model):
             raise ApiError(
@@ -55,14 +60,15 @@ async def create_batch(request: web.Request) -> web.Response:
                 f"requests.{index}.params.model: model {item.params.model!r} is not in this "
                 "tenant's allowed_models",
             )
-    settings = request.app[SETTINGS]
     priority = _priority_header(request, policy.default_priority)
     ttl_ms = _deadline_header(request, int(settings.batch_ttl_hours * 3_600_000))
     store = request.app[BATCHES]
     try:
-        batch_id = await store.create(who.tenant, body.requests, ttl_ms=ttl_ms, priority=priority)
+        batch_id = await store.create(
+            who.tenant, body.requests, ttl_ms=ttl_ms, priority=priority, passthrough=passthrough
+        )
     except UnknownTenantError:
-        raise ApiError(403, "this key's tenant has no policy") from None
+        raise ApiError(404, "this key's tenant has no policy (tenant not found)") from None
     status = await store.status(batch_id, tenant=who.tenant)
     return ok(MessageBatch.of(status, base_url(request)))
 

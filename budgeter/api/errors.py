@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from budgeter.domain.results import STATUS_ERROR_TYPES, error_body
+from budgeter.store.outage import OUTAGE, RETRY_INTERVAL_S, unreachable_cause
 
 log = logging.getLogger("budgeter.api")
 
@@ -37,6 +38,14 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+REDIS_UNREACHABLE = ApiError(
+    503,
+    "budgeter's Redis is unreachable; retry shortly",
+    error_type="overloaded_error",
+    headers={"retry-after": str(int(RETRY_INTERVAL_S))},
+)
+
+
 def error_response(exc: ApiError) -> web.Response:
     return web.json_response(
         error_body(exc.error_type, exc.message), status=exc.status, headers=exc.headers
@@ -45,6 +54,15 @@ def error_response(exc: ApiError) -> web.Response:
 
 def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
+
+
+def _not_found(request: web.Request) -> str:
+    """A route budgeter does not serve; under /v1/ (Files, Skills, the Admin API, ...) it
+    says so, since a client may take budgeter for the upstream."""
+    route = f"{request.method} {request.path}"
+    if request.path.startswith("/v1/"):
+        return f"{route}: this route is not proxied by budgeter"
+    return f"{route}: no such route"
 
 
 @web.middleware
@@ -59,14 +77,19 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         message = {
-            404: f"{request.method} {request.path}: no such route",
+            404: _not_found(request),
             405: f"method {request.method} not allowed on {request.path}",
             413: "request body too large",
         }.get(exc.status, exc.reason)
         response = error_response(ApiError(exc.status, message))
-    except Exception:
-        log.exception("unhandled error", extra={"request_id": request_id, "path": request.path})
-        response = error_response(ApiError(500, "internal server error"))
+    except Exception as exc:
+        cause = unreachable_cause(exc)
+        if cause is None:
+            log.exception("unhandled error", extra={"request_id": request_id, "path": request.path})
+            response = error_response(ApiError(500, "internal server error"))
+        else:  # Redis away: one log line per interval, a 503 the SDKs retry after a while
+            OUTAGE.unreachable(cause)
+            response = error_response(REDIS_UNREACHABLE)
     if not response.prepared:
         response.headers["request-id"] = request_id
     return response

@@ -117,9 +117,10 @@ def _operation(route: Route) -> JsonSchema:
     if not public:
         operation["parameters"] = _parameters(route)
     if doc.body is not None:
+        body = doc.body if isinstance(doc.body, dict) else _ref(doc.body)
         operation["requestBody"] = {
             "required": True,
-            "content": {"application/json": {"schema": _ref(doc.body)}},
+            "content": {kind: {"schema": body} for kind in doc.body_types},
         }
     return operation
 

@@ -6,6 +6,8 @@ One reservation per call: ADMIT forwards; DEFER waits up to the tenant's
 REJECT answers 429 ``budget_exhausted_error`` with ``x-should-retry: false``. The
 reservation is settled exactly once: by the usage of the answer, at ``message_stop`` of
 a stream, on an upstream error, or with what was generated when the client goes away.
+The caller's betas, version and query go upstream with both calls (budgeter's own count
+and the call it admits); see :mod:`budgeter.api.passthrough`.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from pydantic import ValidationError
 
 from budgeter.admission.admission import Admission, Decision, Usage
 from budgeter.api.errors import REQUEST_ID, ApiError
+from budgeter.api.passthrough import BetaGate, read_passthrough, upstream_id_headers
 from budgeter.api.ratelimit_headers import tenant_ratelimit_headers
 from budgeter.api.request import PRINCIPAL, read_json
 from budgeter.domain.messages import MessageParams, first_error
+from budgeter.domain.passthrough import NO_PASSTHROUGH, Passthrough
 from budgeter.domain.results import BUDGET_ERROR_TYPE, REFUSAL_TYPES, error_body
 from budgeter.metrics import Metrics, reason_label
 from budgeter.queue.jobqueue import JobQueue
@@ -61,6 +65,7 @@ class ProxyDeps:
     metrics: Metrics
     prefix: str
     hold_ms: int
+    betas: BetaGate
 
 
 PROXY = web.AppKey("proxy", ProxyDeps)  # built by the app's cleanup context at start-up
@@ -99,10 +104,13 @@ class LocalCountCache(TokenCounter):
         super().__init__(redis, upstream, prefix=prefix, ttl_s=ttl_s, metrics=metrics)
         self._local: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
-    async def count(self, params: Mapping[str, Any]) -> int:
+    async def count(
+        self, params: Mapping[str, Any], passthrough: Passthrough = NO_PASSTHROUGH
+    ) -> int:
         if self.ttl_s <= 0:
-            return await super().count(params)
-        digest = payload_digest(count_tokens_body(params))
+            return await super().count(params, passthrough)
+        betas = passthrough.betas
+        digest = payload_digest(count_tokens_body(params, betas), betas)
         now = time.monotonic()
         found = self._local.get(digest)
         if found is not None and found[1] > now:
@@ -110,7 +118,7 @@ class LocalCountCache(TokenCounter):
             if self.metrics is not None:
                 self.metrics.count_cache.labels("hit").inc()
             return found[0]
-        tokens = await super().count(params)
+        tokens = await super().count(params, passthrough)
         self._local[digest] = (tokens, now + min(float(self.ttl_s), LOCAL_COUNT_MAX_S))
         self._local.move_to_end(digest)
         while len(self._local) > LOCAL_COUNT_ENTRIES:
@@ -146,32 +154,45 @@ def _discard(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-def _upstream_error(exc: UpstreamError, headers: dict[str, str]) -> web.Response:
+def _upstream_error(
+    request: web.Request, exc: UpstreamError, headers: dict[str, str]
+) -> web.Response:
     status = exc.status if exc.status >= 400 else 502
+    headers = {**headers, **upstream_id_headers(request, exc.request_id)}
     return web.json_response(exc.body, status=status, headers=headers)
+
+
+async def _passthrough(request: web.Request, deps: ProxyDeps, tenant: str) -> Passthrough:
+    """The caller's betas (refused here when the setting or the tenant's policy does not
+    allow one), version and query."""
+    passthrough = read_passthrough(request)
+    await deps.betas.check(tenant, passthrough.betas)
+    return passthrough
 
 
 async def count_tokens(request: web.Request) -> web.Response:
     deps = _deps(request)
     tenant = request[PRINCIPAL].tenant
+    passthrough = await _passthrough(request, deps, tenant)
     body = await read_json(request)
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     extra = sorted(set(body) - COUNT_TOKENS_FIELDS)
-    if extra:
+    if extra and not passthrough.betas:  # under a beta, the upstream knows more fields
         raise ApiError(400, f"{extra[0]}: Extra inputs are not permitted")
     # the headers are read while the upstream counts
     reading = asyncio.ensure_future(
         tenant_ratelimit_headers(deps.redis, TenantKeys.of(deps.prefix, tenant))
     )
     try:
-        tokens = await deps.upstream.count_tokens(body)
+        answer = await deps.upstream.count_tokens_raw(body, passthrough)
     except UpstreamError as exc:
-        return _upstream_error(exc, await reading)
+        return _upstream_error(request, exc, await reading)
     except BaseException:
         _discard(reading)
         raise
-    return web.json_response({"input_tokens": tokens}, headers=await reading)
+    headers = {**await reading, **upstream_id_headers(request, answer.request_id)}
+    return web.Response(body=answer.raw, content_type="application/json", headers=headers)
 
 
 async def _end_failed_call(deps: ProxyDeps, tenant: str, rid: str, exc: UpstreamError) -> None:
@@ -187,11 +208,13 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     deps = _deps(request)
     tenant = request[PRINCIPAL].tenant
     keys = TenantKeys.of(deps.prefix, tenant)
+    passthrough = await _passthrough(request, deps, tenant)
     params = await _params(request)
     try:
-        input_tokens = await deps.counter.count_for(tenant, params)
+        input_tokens = await deps.counter.count_for(tenant, params, passthrough)
     except UpstreamError as exc:
-        return _upstream_error(exc, await tenant_ratelimit_headers(deps.redis, keys))
+        headers = await tenant_ratelimit_headers(deps.redis, keys)
+        return _upstream_error(request, exc, headers)
     rid = f"sync:{request[REQUEST_ID]}"
     model = str(params["model"])
     decision = await _admit(deps, tenant, rid, input_tokens, params, model)
@@ -206,9 +229,10 @@ async def create_message(request: web.Request) -> web.StreamResponse:
         tenant_ratelimit_headers(deps.redis, keys, now_ms=decision.now_ms)
     )
     try:
+        call = _Call(tenant, rid, params, passthrough, input_tokens)
         if params.get("stream"):
-            return await _stream(request, deps, tenant, rid, params, reading, input_tokens)
-        return await _forward(deps, tenant, rid, params, reading, input_tokens)
+            return await _stream(request, deps, call, reading)
+        return await _forward(request, deps, call, reading)
     finally:
         _discard(reading)
 
@@ -224,7 +248,7 @@ def _refusal(decision: Decision, model: str, headers: dict[str, str]) -> ApiErro
             headers={**headers, "retry-after": str(wait), "x-should-retry": "true"},
         )
     if decision.reason == "unknown_tenant":
-        return ApiError(403, "this key's tenant has no policy", headers=headers)
+        return ApiError(404, "this key's tenant has no policy (tenant not found)", headers=headers)
     if decision.reason in REFUSAL_TYPES:
         status, error_type = REFUSAL_TYPES[decision.reason]
         return ApiError(status, decision.describe(model), error_type=error_type, headers=headers)
@@ -246,30 +270,47 @@ async def _headers(reading: asyncio.Future[dict[str, str]]) -> dict[str, str]:
         return {}
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """An admitted call: whose, its reservation, what goes upstream, what was counted."""
+
+    tenant: str
+    rid: str
+    params: dict[str, Any]
+    passthrough: Passthrough
+    input_tokens: int
+
+    @property
+    def model(self) -> str:
+        return str(self.params["model"])
+
+    @property
+    def reserved(self) -> int:
+        return self.input_tokens + int(self.params["max_tokens"])
+
+
 async def _forward(
+    request: web.Request,
     deps: ProxyDeps,
-    tenant: str,
-    rid: str,
-    params: dict[str, Any],
+    call: _Call,
     reading: asyncio.Future[dict[str, str]],
-    input_tokens: int,
 ) -> web.Response:
-    model = str(params["model"])
-    reserved = input_tokens + int(params["max_tokens"])
+    tenant, rid = call.tenant, call.rid
     try:
-        message, raw = await deps.upstream.create_message_raw(params)
+        answer = await deps.upstream.create_message_raw(call.params, call.passthrough)
     except UpstreamError as exc:
         await _end_failed_call(deps, tenant, rid, exc)
-        return _upstream_error(exc, await _headers(reading))
+        return _upstream_error(request, exc, await _headers(reading))
     except BaseException:
         await deps.admission.charge_full(tenant, rid)
         raise
     headers = await _headers(reading)  # before the settle: the state the decision left
-    usage = Usage.from_message(message)
-    await _settle(deps, tenant, rid, model, usage, reserved)
+    headers.update(upstream_id_headers(request, answer.request_id))
+    usage = Usage.from_message(answer.payload)
+    await _settle(deps, tenant, rid, call.model, usage, call.reserved)
     deps.metrics.jobs.labels(deps.metrics.tenant(tenant), "succeeded").inc()
     # the upstream's own bytes: no second encoding of the message
-    return web.Response(body=raw, content_type="application/json", headers=headers)
+    return web.Response(body=answer.raw, content_type="application/json", headers=headers)
 
 
 async def _admit(
@@ -368,22 +409,20 @@ class StreamUsage:
 async def _stream(
     request: web.Request,
     deps: ProxyDeps,
-    tenant: str,
-    rid: str,
-    params: dict[str, Any],
+    call: _Call,
     reading: asyncio.Future[dict[str, str]],
-    input_tokens: int,
 ) -> web.StreamResponse:
-    model = str(params["model"])
-    reserved = input_tokens + int(params["max_tokens"])
-    seen = StreamUsage(input_tokens)
+    tenant, rid, model, reserved = call.tenant, call.rid, call.model, call.reserved
+    seen = StreamUsage(call.input_tokens)
     settled = False
     try:
-        async with deps.upstream.open_stream(params) as upstream:
+        async with deps.upstream.open_stream(call.params, call.passthrough) as upstream:
             headers = await _headers(reading)
+            upstream_id = upstream.headers.get("request-id")
             response = web.StreamResponse(
                 headers={
                     **headers,
+                    **upstream_id_headers(request, upstream_id),
                     "content-type": "text/event-stream; charset=utf-8",
                     "cache-control": "no-cache",
                     "request-id": request[REQUEST_ID],
@@ -428,6 +467,6 @@ async def _stream(
             return response
     except UpstreamError as exc:  # before the first byte of a 2xx answer
         await _end_failed_call(deps, tenant, rid, exc)
-        return _upstream_error(exc, await _headers(reading))
+        return _upstream_error(request, exc, await _headers(reading))
     except ConnectionResetError:
         return web.Response(status=499)

@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeAlias
 from aiohttp import web
 from pydantic import BaseModel
 
-from budgeter.api import admin, batches, health, proxy, schemas
+from budgeter.api import admin, batches, health, models, proxy, schemas
 from budgeter.api.errors import Handler
 from budgeter.api.status_page import status_page
 from budgeter.domain.messages import MessageParams
@@ -21,7 +21,7 @@ from budgeter.domain.policy import GlobalPolicy, TenantPolicy
 JsonSchema: TypeAlias = dict[str, Any]
 """A JSON Schema (or a piece of the OpenAPI document): JSON of any shape."""
 
-Method: TypeAlias = Literal["GET", "POST", "PUT", "DELETE"]
+Method: TypeAlias = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 Security: TypeAlias = Literal["tenant", "admin", "public"]
 
 OPENAPI = web.AppKey[JsonSchema]("openapi")  # the document served by GET /openapi.json
@@ -38,7 +38,8 @@ class Doc:
     security: Security
     answer: type[BaseModel] | JsonSchema | None = None  # None: no body documented
     description: str = "OK"
-    body: type[BaseModel] | None = None
+    body: type[BaseModel] | JsonSchema | None = None
+    body_types: tuple[str, ...] = ("application/json",)  # content types the body may have
     query: tuple[tuple[str, str], ...] = ()  # (name, JSON type) of optional parameters
     status: str = "200"
     also: tuple[str, ...] = ()  # other statuses answering the same body
@@ -91,6 +92,20 @@ async def openapi_json(request: web.Request) -> web.Response:
     return web.json_response(request.app[OPENAPI])
 
 
+def _error_answer(description: str) -> JsonSchema:
+    schema = {"$ref": "#/components/schemas/ErrorResponse"}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+# the body of PATCH /admin/tenants/{tenant}: any member of the policy, null deleting it
+TENANT_POLICY_PATCH: JsonSchema = {
+    "type": "object",
+    "description": "A JSON merge patch (RFC 7396) of the stored TenantPolicy: null deletes a "
+    "field, objects merge recursively, anything else replaces. The merged policy is "
+    "validated whole (400 naming the bad field; nothing stored).",
+    "propertyNames": {"enum": sorted(TenantPolicy.model_fields)},
+}
+
 BATCH = "/v1/messages/batches/{batch_id}"
 # {tenant:[^/]+}: braces too reach tenant_param, which refuses them with a clear 400
 TENANT = "/admin/tenants/{tenant:[^/]+}"
@@ -120,6 +135,24 @@ ROUTES: tuple[Route, ...] = (
             answer=schemas.CountTokensAnswer,
             body=schemas.CountTokensBody,
         ),
+    ),
+    Route(
+        "GET",
+        "/v1/models",
+        models.list_models,
+        Doc(
+            "List the models this tenant may use (newest first)",
+            "models",
+            "tenant",
+            answer=models.MODEL_LIST_SCHEMA,
+            query=(("limit", "integer"), ("before_id", "string"), ("after_id", "string")),
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/models/{model_id}",
+        models.get_model,
+        Doc("Retrieve a model this tenant may use", "models", "tenant", answer=models.MODEL_SCHEMA),
     ),
     Route(
         "POST",
@@ -195,6 +228,20 @@ ROUTES: tuple[Route, ...] = (
             answer=schemas.TenantAnswer,
             body=TenantPolicy,
             also=("201",),
+        ),
+    ),
+    Route(
+        "PATCH",
+        TENANT,
+        admin.patch_tenant,
+        Doc(
+            "Change a tenant's policy with a JSON merge patch (RFC 7396)",
+            "admin",
+            "admin",
+            answer=schemas.TenantAnswer,
+            body=TENANT_POLICY_PATCH,
+            body_types=admin.PATCH_TYPES,
+            responses={"415": _error_answer("content-type is not a JSON merge patch")},
         ),
     ),
     Route(

@@ -136,6 +136,9 @@ class KeyCreated(BaseModel):
 class KeyInfo(BaseModel):
     id: str
     created_at_ms: int
+    last_used_at_ms: int | None = Field(
+        default=None, description="When the key was last used (to the minute); null: never."
+    )
     hint: str = Field(description="The key's last 4 characters.")
 
 

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
-from redis.exceptions import RedisError
 
 from budgeter.admission.admission import format_ms
 from budgeter.domain.jobs import MAX_DEADLINE_S
@@ -26,22 +27,32 @@ from budgeter.domain.messages import (
     first_error,
     parse_json,
 )
-from budgeter.domain.policy import InvalidTenantError, TenantPolicy, check_tenant_id
+from budgeter.domain.policy import TenantPolicy, check_tenant_id
 from budgeter.logs import setup_logging
-from budgeter.queue.batches import BatchNotFoundError, BatchStore
-from budgeter.queue.jobqueue import UnknownTenantError
-from budgeter.settings import Settings, SettingsError, load_settings
+from budgeter.queue.batches import BatchNotFoundError, BatchStatus, BatchStore
+from budgeter.serving import stop_event_on_signals, stopped_by_sigint
+from budgeter.settings import Settings, load_settings
 from budgeter.store.client import redis_from_settings
-from budgeter.store.embedded import EmbeddedRedisError
+from budgeter.tenants.merge_patch import policy_answer
 from budgeter.tenants.store import TenantStore
 from budgeter.tenants.usage import tenant_usage
-from budgeter.upstream.mock_main import MockArgsError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
 from budgeter.cli.batch_file import read_batch_file
-from budgeter.cli.errors import CliError, InputFileError
+from budgeter.cli.errors import (
+    EXIT_CLOSED_PIPE,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_ALL_SUCCEEDED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    CliError,
+    CliFailure,
+    InputFileError,
+    describe,
+)
 from budgeter.cli.parser import Handler, build_parser
 
 log = logging.getLogger("budgeter.cli")
@@ -51,6 +62,22 @@ log = logging.getLogger("budgeter.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure is one line on stderr and an exit status (the table
+    in ``budgeter/cli/errors.py`` and the README's Commands section), never a traceback."""
+    try:
+        code = run_command(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not as an "Exception ignored" at exit
+    except BrokenPipeError:
+        return closed_stdout()
+    except KeyboardInterrupt:  # Ctrl-C outside a stop-on-signal loop
+        return EXIT_INTERRUPTED
+    except SystemExit as exc:  # argparse (--help, --version, usage errors), rich's closed pipe
+        return exit_status(exc)
+    # a process stopped cleanly by Ctrl-C (api, worker, top, ...) still says it was interrupted
+    return EXIT_INTERRUPTED if code == EXIT_OK and stopped_by_sigint() else code
+
+
+def run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
@@ -60,23 +87,38 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"budgeter: {problem}", file=sys.stderr)
         print(f"budgeter: error: {exc}; nothing was submitted", file=sys.stderr)
-        return 1
-    except (
-        CliError,
-        SettingsError,
-        InvalidTenantError,
-        UnknownTenantError,
-        BatchNotFoundError,
-        EmbeddedRedisError,
-        MockArgsError,
-    ) as exc:
-        print(f"budgeter: error: {exc}", file=sys.stderr)
-        return 2
-    except RedisError as exc:
-        print(f"budgeter: error: Redis: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        return EXIT_FAILURE
+    except BrokenPipeError:
+        raise
+    except Exception as exc:  # every other failure: one line, the status describe() picks
+        code, message = describe(exc, command=args.command)
+        print(f"budgeter: error: {message}", file=sys.stderr)
+        return code
+
+
+def closed_stdout() -> int:
+    """Standard output was closed by its reader (``| head``): stop quietly, exit 141 as a
+    process killed by SIGPIPE would (the rest of the output goes to /dev/null)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file (tests capturing it)
+        pass
+    return EXIT_CLOSED_PIPE
+
+
+def exit_status(exc: SystemExit) -> int:
+    if isinstance(exc.__context__, BrokenPipeError):  # rich.Console.on_broken_pipe
+        return closed_stdout()
+    try:
+        sys.stdout.flush()  # the help argparse printed
+    except BrokenPipeError:
+        return closed_stdout()
+    if exc.code is None or isinstance(exc.code, int):
+        return exc.code or EXIT_OK
+    print(f"budgeter: error: {exc.code}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -170,6 +212,10 @@ async def tenants_command(args: argparse.Namespace, settings: Settings) -> int:
     action = args.tenants_command
     if action == "apply":
         return await tenants_apply_command(args, settings)
+    if action == "set" and args.merge:  # a JSON merge patch, as PATCH /admin/tenants/{t}
+        from budgeter.cli.policy_merge import merge_policy_command
+
+        return await merge_policy_command(args, settings)
     policy = None
     if action in ("set", "get", "delete"):
         check_tenant_id(args.tenant)
@@ -180,11 +226,7 @@ async def tenants_command(args: argparse.Namespace, settings: Settings) -> int:
         if action == "set":
             assert policy is not None
             await store.put(args.tenant, policy)
-            print(
-                json.dumps(
-                    {"tenant": args.tenant, "policy": policy.model_dump(exclude_defaults=True)}
-                )
-            )
+            print(json.dumps(policy_answer(args.tenant, policy)))  # as PUT /admin/tenants/{t}
         elif action == "get":
             found = await store.get(args.tenant)
             if found is None:
@@ -255,16 +297,44 @@ async def submit_command(
             ttl_ms=int((deadline_s or settings.batch_ttl_hours * 3600) * 1000),
             priority=args.priority or policy.default_priority,
         )
+        if not args.wait:
+            print(batch_id)
+            return EXIT_OK
+        # Ctrl-C (or SIGTERM) stops the wait, not the batch: a signal handler set before the
+        # id is printed (a script may signal as soon as it reads it), not task cancellation,
+        # which a Redis call in flight may swallow (asyncio.wait_for in Python 3.11)
+        stop = stop_event_on_signals()
         print(batch_id)
         sys.stdout.flush()
-        if args.wait:
-            await wait_with_progress(store, batch_id)
-    return 0
+        try:
+            status = await wait_with_progress(store, batch_id, stop)
+        except BatchNotFoundError:
+            raise CliFailure(f"batch {batch_id} was deleted while waiting for it") from None
+    if not status.ended:
+        print(
+            f"budgeter: interrupted; batch {batch_id} goes on (budgeter results {batch_id})",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED if stopped_by_sigint() else EXIT_TERMINATED
+    print(ended_line(status), file=sys.stderr)
+    return EXIT_OK if status.succeeded == status.total else EXIT_NOT_ALL_SUCCEEDED
 
 
-async def wait_with_progress(store: BatchStore, batch_id: str, poll_s: float = 0.5) -> None:
+def ended_line(status: BatchStatus) -> str:
+    return (
+        f"batch {status.id} ended: {status.succeeded} succeeded, {status.errored} errored, "
+        f"{status.expired} expired, {status.canceled} canceled"
+    )
+
+
+async def wait_with_progress(
+    store: BatchStore, batch_id: str, stop: asyncio.Event, poll_s: float = 0.5
+) -> BatchStatus:
+    """Poll the batch until it ends or ``stop`` is set (then the status is not ended);
+    a progress bar on stderr when it is a terminal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = _stderr_console()
     status = await store.status(batch_id)
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -272,11 +342,11 @@ async def wait_with_progress(store: BatchStore, batch_id: str, poll_s: float = 0
         MofNCompleteColumn(),
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
-        console=_stderr_console(),
+        console=console,
+        disable=not console.is_terminal,
     ) as progress:
         task = progress.add_task(batch_id, total=status.total, detail="")
         while True:
-            status = await store.status(batch_id)
             done = status.total - status.processing
             detail = (
                 f"ok {status.succeeded}  err {status.errored}  "
@@ -284,8 +354,12 @@ async def wait_with_progress(store: BatchStore, batch_id: str, poll_s: float = 0
             )
             progress.update(task, completed=done, total=status.total, detail=detail)
             if status.ended:
-                break
-            await asyncio.sleep(poll_s)
+                return status
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), poll_s)
+            if stop.is_set():
+                return status
+            status = await store.status(batch_id)
 
 
 def _stderr_console() -> Console:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import sys
+import textwrap
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
     from budgeter.settings import Settings
 
 # The handler of a command that lives in a module of its own: the module's ``register(sub)``
@@ -15,41 +20,155 @@ if TYPE_CHECKING:
 Handler = Callable[[argparse.Namespace, "Settings"], Awaitable[int]]
 
 PORT_FILE_HELP = "write the bound port there once listening (for --port 0)"
+PORT_HELP = "port to listen on (0: any free port)"
+
+# the settings the top-level help names (every one: README "Configuration")
+MAIN_SETTINGS = (
+    "redis_url",
+    "upstream_url",
+    "upstream_api_key",
+    "admin_token",
+    "data_dir",
+    "public_url",
+    "log_level",
+    "log_format",
+)
+
+EXIT_STATUS_HELP = """exit status:
+  0    done (submit --wait: every request succeeded)
+  1    could not finish: Redis or the upstream unreachable, bad lines in an input file
+  2    fix the command: bad flags, values or settings, unknown tenant or batch, port in use
+  3    submit --wait: the batch ended with requests not succeeded
+  130  interrupted (Ctrl-C)
+  141  standard output closed early (e.g. piped into head)"""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, unless its help already says it or there is none
+    (an off switch, an absent value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.required:
+            return text
+        if action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
+class TopHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The top-level help: its epilog (settings, exit status) keeps its lines."""
+
+
+class BudgeterParser(argparse.ArgumentParser):
+    """Every (sub)command's parser: defaults in the help, usage errors in one line."""
+
+    # argparse's keyword arguments, passed through unchanged (typeshed types each one)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        if message:  # argparse's own swallows a closed stdout: here main() sees it (141)
+            (file or sys.stderr).write(message)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("budgeter")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a tree
+        return "unknown"
+
+
+def settings_epilog() -> str:
+    from budgeter.settings import Settings
+
+    fields = Settings.model_fields
+    lines = ['settings (environment variables; every one: README "Configuration"):']
+    for name in MAIN_SETTINGS:
+        if name in fields:
+            lines.append(
+                textwrap.fill(
+                    fields[name].description or "",
+                    width=88,
+                    initial_indent=f"  BUDGETER_{name.upper():<20} ",
+                    subsequent_indent=" " * 32,
+                )
+            )
+    return "\n".join(lines) + "\n\n" + EXIT_STATUS_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = BudgeterParser(  # its subparsers are BudgeterParser too
         prog="budgeter",
         description="Token budgets and fair admission in front of an Anthropic-compatible API.",
+        epilog=settings_epilog(),
+        formatter_class=TopHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"budgeter {version()}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     api = sub.add_parser("api", help="run the HTTP API (Message Batches, admin, metrics)")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=_port, default=8080)
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    api.add_argument("--port", type=_port, default=8080, help=PORT_HELP)
     api.add_argument("--port-file", type=Path, help=PORT_FILE_HELP)
 
     worker = sub.add_parser("worker", help="run a worker process")
-    worker.add_argument("--concurrency", type=_positive_int, default=16)
-    worker.add_argument("--host", default="127.0.0.1", help="where /metrics listens")
-    worker.add_argument("--metrics-port", "--port", type=_port, default=9108, dest="port")
+    worker.add_argument(
+        "--concurrency", type=_positive_int, default=16, help="jobs served at once (coroutines)"
+    )
+    worker.add_argument(
+        "--host", default="127.0.0.1", help="address /metrics, /healthz and /readyz listen on"
+    )
+    worker.add_argument(
+        "--metrics-port",
+        "--port",
+        type=_port,
+        default=9108,
+        dest="port",
+        help="port of /metrics, /healthz and /readyz (0: any free port)",
+    )
     worker.add_argument("--port-file", type=Path, help=PORT_FILE_HELP)
 
     mock = sub.add_parser("mock-upstream", help="run the built-in mock Messages API")
-    mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=_port, default=8788)
+    mock.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    mock.add_argument("--port", type=_port, default=8788, help=PORT_HELP)
     mock.add_argument("--port-file", type=Path, help=PORT_FILE_HELP)
-    mock.add_argument("--latency-ms", type=float, default=0.0)
-    mock.add_argument("--fault-rate", type=float, default=0.0)
-    mock.add_argument("--fault-kinds", default="429,500,529", help="comma list of 429,500,529,slow")
-    mock.add_argument("--retry-after", type=float, default=1.0)
-    mock.add_argument("--seed", type=int, default=0)
+    mock.add_argument(
+        "--latency-ms", type=float, default=0.0, help="added before every answer (milliseconds)"
+    )
+    mock.add_argument(
+        "--fault-rate", type=float, default=0.0, help="share of calls answered with a fault, 0-1"
+    )
+    mock.add_argument(
+        "--fault-kinds",
+        default="429,500,529",
+        help="faults to draw from: comma list of 429,500,529,slow",
+    )
+    mock.add_argument(
+        "--retry-after", type=float, default=1.0, help="retry-after of a 429 or 529 (seconds)"
+    )
+    mock.add_argument("--seed", type=int, default=0, help="seed of the fault draws")
+    mock.add_argument(
+        "--lenient",
+        action="store_true",
+        help="skip the real API's header and body-field checks (strict by default)",
+    )
 
     demo = sub.add_parser("demo", help="run the whole pipeline on embedded defaults")
-    demo.add_argument("--requests", type=_positive_int, default=500)
-    demo.add_argument("--workers", type=_positive_int, default=2)
-    demo.add_argument("--latency-ms", type=float, default=40.0)
-    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument(
+        "--requests", type=_positive_int, default=500, help="requests submitted in all"
+    )
+    demo.add_argument("--workers", type=_positive_int, default=2, help="worker processes")
+    demo.add_argument(
+        "--latency-ms", type=float, default=40.0, help="latency of the mock upstream (ms)"
+    )
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     top = sub.add_parser("top", help="live view of tenants: budgets, queues, decisions")
     top.add_argument(
@@ -60,13 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     tenants = sub.add_parser("tenants", help="manage tenant policies")
     tsub = tenants.add_subparsers(dest="tenants_command", required=True, metavar="ACTION")
     tset = tsub.add_parser("set", help="create or replace a tenant's policy")
-    tset.add_argument("tenant")
-    tset.add_argument("--policy", required=True, help="policy JSON, or @FILE")
+    tset.add_argument("tenant", help="tenant id")
+    tset.add_argument("--policy", required=True, metavar="JSON", help="policy JSON, or @FILE")
+    tset.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge --policy into the stored policy as a JSON merge patch (RFC 7396: null "
+        "deletes a field) instead of replacing it",
+    )
     tsub.add_parser("list", help="list tenants and their policies")
     tget = tsub.add_parser("get", help="show a tenant's policy")
-    tget.add_argument("tenant")
+    tget.add_argument("tenant", help="tenant id")
     tdel = tsub.add_parser("delete", help="delete a tenant's policy")
-    tdel.add_argument("tenant")
+    tdel.add_argument("tenant", help="tenant id")
     tapply = tsub.add_parser(
         "apply",
         help="make Redis match a YAML file of tenant policies",
@@ -88,10 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     submit = sub.add_parser("submit", help="submit a JSONL file of batch requests")
-    submit.add_argument("--tenant", required=True)
-    submit.add_argument("file", type=Path)
-    submit.add_argument("--wait", action="store_true", help="show progress until it ends")
-    submit.add_argument("--batch-id", default=None, help="reuse an id to retry a submission")
+    submit.add_argument("--tenant", required=True, help="the tenant whose budgets it uses")
+    submit.add_argument(
+        "file", type=Path, help='JSONL, one {"custom_id": ..., "params": {...}} per line'
+    )
+    submit.add_argument(
+        "--wait",
+        action="store_true",
+        help="show progress until the batch ends; exit 0 if every request succeeded, else 3",
+    )
+    submit.add_argument(
+        "--batch-id",
+        default=None,
+        help="reuse an id to retry a submission (default: a new id)",
+    )
     submit.add_argument(
         "--priority",
         choices=("high", "normal", "low"),
@@ -106,13 +241,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     results = sub.add_parser("results", help="print a batch's results as JSONL")
-    results.add_argument("batch_id")
+    results.add_argument("batch_id", help="the id submit printed")
 
     usage = sub.add_parser("usage", help="a tenant's budgets and usage")
-    usage.add_argument("--tenant", required=True)
-    usage.add_argument("--json", action="store_true")
+    usage.add_argument("--tenant", required=True, help="tenant id")
+    usage.add_argument("--json", action="store_true", help="one JSON document instead of tables")
 
     # command groups in modules of their own (each: register(sub), handlers set as `run`)
+    from budgeter.cli import batches_cmd
+
+    batches_cmd.register(sub)
+    from budgeter.cli import keys_cmd
+
+    keys_cmd.register(sub)
+    from budgeter.cli import up
+
+    up.register(sub)
+    from budgeter.cli import redis_cmd
+
+    redis_cmd.register(sub)
     return parser
 
 

@@ -21,6 +21,7 @@ from budgeter.settings import Settings
 from budgeter.store.client import redis_from_settings
 from budgeter.tenants.status import status_snapshot
 
+TIMES = "\N{MULTIPLICATION SIGN}"
 DECISION_STYLE = {"ADMIT": "bold green", "DEFER": "bold yellow", "REJECT": "bold red"}
 
 
@@ -65,37 +66,124 @@ def _budget_cell(budget: dict[str, Any], *, compact: bool = False) -> Text:
     return cell
 
 
-def _last_decision(recent: list[dict[str, Any]], now_ms: int) -> tuple[Text, Text]:
-    """(how long ago, decision and reason) of the newest admission decision."""
-    if not recent:
+def _last_decision(groups: list[dict[str, Any]], now_ms: int) -> tuple[Text, Text]:
+    """(how long ago, decision and reason) of the newest run of identical decisions, with
+    its count: 'DEFER rate:rpm x12' (with a multiplication sign)."""
+    if not groups:
         return Text("-", style="dim"), Text("-", style="dim")
-    last = recent[0]
+    last = groups[0]
     text = Text(last["decision"], style=DECISION_STYLE.get(last["decision"], "bold"))
     if last["reason"]:
         text.append(f" {last['reason']}")
-    return Text(f"{_age((now_ms - last['at_ms']) / 1000)} ago", style="dim"), text
+    if last["count"] > 1:
+        text.append(f" {TIMES}{last['count']}", style="bold")
+    return Text(f"{_age((now_ms - last['last_at_ms']) / 1000)} ago", style="dim"), text
 
 
-def render_snapshot(snapshot: Mapping[str, Any], *, width: int = 200) -> Group:
-    """The header line and one table row per tenant (budgets as % only when narrow)."""
+def _until(ms: int) -> str:
+    """'in 12s'; under a second 'due now' (never '0s')."""
+    return f"in {_age(ms / 1000)}" if ms >= 1000 else "due now"
+
+
+def _rate_cell(rates: list[dict[str, Any]], now_ms: int) -> Text:
+    """The fullest rate bucket: 'rpm 95% 57s' (fill, and when its whole limit is free)."""
+    if not rates:
+        return Text("-", style="dim")
+    fullest = max(rates, key=lambda r: r["fill"])
+    pct = 100 * fullest["fill"]
+    style = "red" if pct >= 90 else "yellow" if pct >= 60 else "green"
+    cell = Text(f"{fullest['kind']} ")
+    cell.append(f"{pct:.0f}%", style=style)
+    wait = fullest["full_at_ms"] - now_ms
+    if wait >= 1000:
+        cell.append(f" {_age(wait / 1000)}", style="dim")
+    return cell
+
+
+def _batches_cell(batches: list[dict[str, Any]], now_ms: int) -> Text:
+    """Open batches together: done/total, and the latest ETA."""
+    if not batches:
+        return Text("-", style="dim")
+    total = sum(b["total"] for b in batches)
+    done = total - sum(b["processing"] for b in batches)
+    cell = Text(f"{done}/{total}")
+    etas = [b["eta_ms"] for b in batches if b["eta_ms"]]
+    if etas and max(etas) - now_ms >= 1000:
+        cell.append(f" eta {_age((max(etas) - now_ms) / 1000)}", style="dim")
+    return cell
+
+
+def _idle_line(idle: list[str]) -> Text:
+    shown = ", ".join(idle[:12]) + (f" and {len(idle) - 12} more" if len(idle) > 12 else "")
+    return Text(f"{len(idle)} idle: {shown}", style="dim")
+
+
+def _header(snapshot: Mapping[str, Any], parked: dict[str, int]) -> Text:
     now_ms = int(snapshot["now_ms"])
-    tenants = snapshot["tenants"]
-    sched = snapshot["scheduler"]
-    parked = {p["tenant"]: p["until_ms"] for p in sched["parked"]}
     header = Text()
     header.append("budgeter top", style="bold")
     header.append(f"  {time.strftime('%H:%M:%S', time.gmtime(now_ms / 1000))} UTC  ", style="dim")
-    header.append(f"tenants {len(tenants)}  ")
-    header.append(f"ready {sched['ready']}  ", style="cyan")
+    header.append(f"tenants {len(snapshot['tenants'])}  ")
+    header.append(f"ready {snapshot['scheduler']['ready']}  ", style="cyan")
     header.append(f"parked {len(parked)}", style="yellow" if parked else "")
     if parked:
         header.append(
-            " (" + ", ".join(f"{t} {_age((u - now_ms) / 1000)}" for t, u in parked.items()) + ")",
+            " (" + ", ".join(f"{t} {_until(u - now_ms)}" for t, u in parked.items()) + ")",
             style="dim",
         )
+    return header
 
-    periods = [p for p in PERIODS if any(b["period"] == p for t in tenants for b in t["budgets"])]
-    compact = width < 60 + 22 * len(periods)
+
+NARROW_DROPS = ("oldest", "batches", "last")
+"""Columns left out when the terminal is narrow (budgets then show only their %)."""
+
+
+def _cells(
+    tenant: Mapping[str, Any], periods: list[str], parked: bool, now_ms: int, compact: bool
+) -> dict[str, Text | str]:
+    by_period = {
+        b["period"]: b
+        for b in tenant["budgets"]
+        if b.get("unit", "tokens") == "tokens" and b.get("model") is None
+    }
+    name = Text(tenant["tenant"])
+    if parked:
+        name.append(" (parked)", style="yellow")
+    last, decision = _last_decision(tenant.get("recent_groups", []), now_ms)
+    return {
+        "tenant": name,
+        "queued": f"{tenant['queued']:,}",
+        "inflight": f"{tenant['inflight']:,}",
+        "oldest": _age(tenant["oldest_age_s"]) if tenant["queued"] else "-",
+        **{
+            p: _budget_cell(by_period[p], compact=compact)
+            if p in by_period
+            else Text("-", style="dim")
+            for p in periods
+        },
+        "rate": _rate_cell(tenant.get("rates", []), now_ms),
+        "batches": _batches_cell(tenant.get("batches", []), now_ms),
+        "last": last,
+        "decision": decision,
+    }
+
+
+def render_snapshot(snapshot: Mapping[str, Any], *, width: int = 200) -> Group:
+    """The header line, one table row per active tenant, busiest first (the snapshot's
+    order), and one line naming the idle ones. When narrow, budgets show as % only and
+    the age, batch and time columns are left out."""
+    now_ms = int(snapshot["now_ms"])
+    tenants = snapshot["tenants"]
+    parked = {p["tenant"]: p["until_ms"] for p in snapshot["scheduler"]["parked"]}
+    header = _header(snapshot, parked)
+    if not tenants:
+        return Group(header, Text("no tenants yet", style="dim"))
+    active = [t for t in tenants if not t.get("idle")]
+    idle = [t["tenant"] for t in tenants if t.get("idle")]
+    periods = [p for p in PERIODS if any(b["period"] == p for t in active for b in t["budgets"])]
+    compact = width < 150 + 22 * len(periods)
+    columns = ["tenant", "queued", "inflight", "oldest", *periods, "rate", "batches", "last"]
+    columns = [c for c in columns if not (compact and c in NARROW_DROPS)] + ["decision"]
     table = Table(
         box=box.SIMPLE_HEAD,
         pad_edge=False,
@@ -106,39 +194,22 @@ def render_snapshot(snapshot: Mapping[str, Any], *, width: int = 200) -> Group:
         else "budgets: used[+reserved]/limit and % remaining",
         caption_justify="left",
     )
-    table.add_column("tenant", style="bold", no_wrap=True)
-    table.add_column("queued", justify="right", no_wrap=True)
-    table.add_column("inflight", justify="right", no_wrap=True)
-    table.add_column("oldest", justify="right", no_wrap=True)
-    for period in periods:
-        table.add_column(period, justify="right")
-    table.add_column("last", justify="right", no_wrap=True)
-    table.add_column("decision", min_width=24)
-    for tenant in tenants:
-        by_period = {
-            b["period"]: b
-            for b in tenant["budgets"]
-            if b.get("unit", "tokens") == "tokens" and b.get("model") is None
-        }
-        name = Text(tenant["tenant"])
-        if tenant["tenant"] in parked:
-            name.append(" (parked)", style="yellow")
-        table.add_row(
-            name,
-            f"{tenant['queued']:,}",
-            f"{tenant['inflight']:,}",
-            _age(tenant["oldest_age_s"]) if tenant["queued"] else "-",
-            *(
-                _budget_cell(by_period[p], compact=compact)
-                if p in by_period
-                else Text("-", style="dim")
-                for p in periods
-            ),
-            *_last_decision(tenant["recent"], now_ms),
-        )
-    if not tenants:
-        return Group(header, Text("no tenants yet", style="dim"))
-    return Group(header, table)
+    for column in columns:
+        if column == "decision":
+            table.add_column(column, min_width=16 if compact else 24)
+        elif column in periods:
+            table.add_column(column, justify="right")
+        else:
+            left = column in ("tenant", "rate")
+            table.add_column(column, justify="left" if left else "right", no_wrap=True)
+    for tenant in active:
+        cells = _cells(tenant, periods, tenant["tenant"] in parked, now_ms, compact)
+        table.add_row(*(cells[c] for c in columns))
+    parts: list[Table | Text] = [header]
+    parts.append(table if active else Text("every tenant is idle", style="dim"))
+    if idle:
+        parts.append(_idle_line(idle))
+    return Group(*parts)
 
 
 async def run_top(

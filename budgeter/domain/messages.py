@@ -104,7 +104,9 @@ def parse_json(raw: bytes) -> JsonValue:
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["user", "assistant"]
+    # "system" mid-conversation: Claude Code sends it (beta mid-conversation-system-*);
+    # whether it is allowed without that beta is the upstream's to say
+    role: Literal["user", "assistant", "system"]
     content: str | list[dict[str, Any]]
 
 

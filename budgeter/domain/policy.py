@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
 from budgeter.domain import policy_fields as pf
+from budgeter.domain.passthrough import check_beta_name
 from budgeter.domain.policy_fields import RATE_KINDS, LimitField, format_field
 
 TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -108,6 +109,10 @@ class TenantPolicy(BaseModel):
     allowed_models: list[ModelName] | None = Field(
         default=None, description="When set, requests for any other model are refused."
     )
+    allowed_betas: list[str] | None = Field(
+        default=None,
+        description="When set, a request with any other anthropic-beta value is refused.",
+    )
     max_concurrency: PositiveInt | None = Field(
         default=None, description="Reservations in flight at once."
     )
@@ -147,6 +152,11 @@ class TenantPolicy(BaseModel):
         if value:
             _check_models(list(value))
         return value
+
+    @field_validator("allowed_betas")
+    @classmethod
+    def _beta_names(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else list(dict.fromkeys(map(check_beta_name, value)))
 
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models

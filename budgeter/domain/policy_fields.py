@@ -11,10 +11,15 @@ Policy hash (``TenantKeys.policy``; absent field = no limit)::
 Budget hash (``AdmissionKeys.budget``): ``<counter>:id|used|reserved`` where a counter is
 ``[m:<model>:][usd:]<period>``. A model's name may contain ':'; it is always followed by
 exactly two more parts, so fields are parsed from the right.
+
+Buckets hash (``AdmissionKeys.buckets``): ``[m:<model>:]<kind>`` -> the GCRA theoretical
+arrival time in ms, a decimal with 3 decimals as ``admission/reserve.lua`` and ``settle.lua``
+write it (``fmt``: '%.3f'); ``bucket_field``, ``parse_bucket_field``, ``format_tat``, ``parse_tat``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -88,3 +93,38 @@ def budget_counter(period: str, *, usd: bool = False, model: str | None = None) 
 def counter_field(counter: str, part: CounterPart) -> str:
     """'<counter>:id' (period id), ':used' or ':reserved' in the budget hash."""
     return f"{counter}:{part}"
+
+
+def bucket_field(kind: str, model: str | None = None) -> str:
+    """The buckets hash field of a rate kind (rpm | itpm | otpm): '[m:<model>:]<kind>'."""
+    return f"{model_scope(model)}{kind}"
+
+
+def parse_bucket_field(name: str) -> tuple[str, str | None] | None:
+    """(kind, model) of a buckets hash field; None for anything else."""
+    model: str | None = None
+    kind = name
+    if name.startswith(MODEL_PREFIX):
+        model, sep, kind = name.removeprefix(MODEL_PREFIX).rpartition(":")
+        if not sep or not model:
+            return None
+    if kind not in RATE_KINDS:
+        return None
+    return kind, model
+
+
+def format_tat(tat_ms: float) -> str:
+    """What lib/periods.lua's ``fmt`` writes: '%.3f'."""
+    return f"{tat_ms:.3f}"
+
+
+def parse_tat(value: str | bytes | None) -> float | None:
+    """A bucket's theoretical arrival time (ms); None when absent or unreadable (the
+    bucket then counts as full)."""
+    if value is None:
+        return None
+    try:
+        tat = float(value)
+    except ValueError:
+        return None
+    return tat if math.isfinite(tat) else None

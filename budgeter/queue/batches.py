@@ -1,21 +1,31 @@
-"""Batches: creating one (index + atomic enqueue), reading its status and its results."""
+"""Batches: creating one (index + atomic enqueue), reading its status and its results, and
+what its jobs carry to the upstream besides their params (the creator's betas and
+anthropic-version, in the batch's hash: ``betas`` as ``format_betas`` writes it,
+``anthropic_version``)."""
 
 from __future__ import annotations
 
 import json
 import secrets
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from redis.typing import EncodableT, FieldT
+
 from budgeter.domain.jobs import DEFAULT_TTL_MS
 from budgeter.domain.messages import BatchRequest
+from budgeter.domain.passthrough import NO_PASSTHROUGH, Passthrough, format_betas, parse_betas
 from budgeter.queue.jobqueue import JobQueue, NewJob
 from budgeter.store.keys import TenantKeys, batch_index_key
 from budgeter.store.scripts import register
 from budgeter.store.types import RedisClient
 
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+PASSTHROUGH_ENTRIES = 4096  # batches whose pass-through a process remembers
+BETAS_FIELD = "betas"
+VERSION_FIELD = "anthropic_version"
 
 
 def new_batch_id() -> str:
@@ -66,6 +76,7 @@ class BatchStore:
         self.queue = JobQueue(redis, prefix=prefix)
         self._cancel = register(redis, "batch/cancel.lua")
         self._delete = register(redis, "batch/delete.lua")
+        self._passthrough: OrderedDict[tuple[str, str], Passthrough] = OrderedDict()
 
     async def create(
         self,
@@ -75,21 +86,50 @@ class BatchStore:
         batch_id: str | None = None,
         ttl_ms: int = DEFAULT_TTL_MS,
         priority: str = "normal",
+        passthrough: Passthrough = NO_PASSTHROUGH,
     ) -> str:
         """Queue every request of the batch in one atomic step; returns the batch id.
         ``ttl_ms`` is every job's deadline (after it, a job not yet served is expired);
-        ``priority`` (high, normal, low) orders the tenant's own jobs."""
+        ``priority`` (high, normal, low) orders the tenant's own jobs; ``passthrough``'s
+        betas and version go upstream with every job (its query does not)."""
         batch_id = batch_id or new_batch_id()
         index = batch_index_key(self.prefix)
+        batch_key = TenantKeys.of(self.prefix, tenant).batch(batch_id)
         await self.redis.hset(index, batch_id, tenant)
+        fields: dict[FieldT, EncodableT] = {}
+        if passthrough.betas:
+            fields[BETAS_FIELD] = format_betas(passthrough.betas)
+        if passthrough.version:
+            fields[VERSION_FIELD] = passthrough.version
+        if fields:  # before the jobs: no worker can take one without them
+            await self.redis.hset(batch_key, mapping=fields)
         jobs = [NewJob(r.custom_id, r.params_dict()) for r in requests]
         try:
             await self.queue.submit(tenant, batch_id, jobs, ttl_ms=ttl_ms, priority=priority)
         except Exception:
-            if not await self.redis.exists(TenantKeys.of(self.prefix, tenant).batch(batch_id)):
+            if await self.redis.hget(batch_key, "expires_ms") is None:  # never created
+                await self.redis.delete(batch_key)
                 await self.redis.hdel(index, batch_id)
             raise
         return batch_id
+
+    async def passthrough(self, tenant: str, batch_id: str) -> Passthrough:
+        """What the batch's jobs carry upstream; read once per batch and process (it never
+        changes), at most ``PASSTHROUGH_ENTRIES`` batches remembered."""
+        found = self._passthrough.get((tenant, batch_id))
+        if found is not None:
+            self._passthrough.move_to_end((tenant, batch_id))
+            return found
+        key = TenantKeys.of(self.prefix, tenant).batch(batch_id)
+        betas, version = await self.redis.hmget(key, [BETAS_FIELD, VERSION_FIELD])
+        try:
+            found = Passthrough(parse_betas([str(betas or "")]), str(version) if version else None)
+        except ValueError:  # written by hand or by a foreign producer: send none
+            found = NO_PASSTHROUGH
+        self._passthrough[(tenant, batch_id)] = found
+        while len(self._passthrough) > PASSTHROUGH_ENTRIES:
+            self._passthrough.popitem(last=False)
+        return found
 
     async def tenant_of(self, batch_id: str) -> str:
         tenant = await self.redis.hget(batch_index_key(self.prefix), batch_id)

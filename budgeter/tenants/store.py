@@ -1,4 +1,4 @@
-"""Tenant policies in Redis: put, get, list_ids, delete.
+"""Tenant policies in Redis: put, patch (a JSON merge patch), get, list_ids, delete.
 
 The policy hash is this store's: other modules ask :meth:`TenantStore.get` for the parsed
 policy instead of reading its fields (``admission/reserve.lua`` reads the flat limits)."""
@@ -8,10 +8,19 @@ from __future__ import annotations
 from redis.typing import EncodableT, FieldT
 
 from budgeter.domain import policy_fields
+from budgeter.domain.messages import JsonValue
 from budgeter.domain.policy import TenantPolicy, check_tenant_id
 from budgeter.store.keys import SchedKeys, TenantKeys
+from budgeter.store.scripts import register
 from budgeter.store.types import RedisClient
 from budgeter.tenants.credentials import KeyStore
+from budgeter.tenants.merge_patch import patched_policy
+
+PATCH_ATTEMPTS = 50  # read-merge-write rounds before a patch gives up on concurrent writers
+
+
+class PolicyConflictError(RuntimeError):
+    """The policy kept changing under a patch (another writer each time)."""
 
 
 def _sorted_texts(members: set[bytes | str]) -> list[str]:
@@ -24,6 +33,7 @@ class TenantStore:
         self.redis = redis
         self.prefix = prefix
         self.sched = SchedKeys(prefix)
+        self._replace = register(redis, "tenants/replace_policy.lua")
 
     async def put(self, tenant: str, policy: TenantPolicy) -> None:
         """Create or replace a tenant's policy (the flat hash admission/reserve.lua reads)."""
@@ -33,7 +43,30 @@ class TenantStore:
             fields: dict[FieldT, EncodableT] = dict(policy.redis_fields().items())
             pipe.hset(keys.policy, mapping=fields)
             await pipe.execute()
-        # the scheduler's copy lives in its own slot
+        await self._schedule(tenant, policy)
+
+    async def patch(self, tenant: str, patch: JsonValue) -> TenantPolicy | None:
+        """Merge ``patch`` (RFC 7396) into the tenant's stored policy and store the result,
+        validated whole (:class:`~budgeter.tenants.merge_patch.InvalidPolicyError`:
+        nothing stored). None when the tenant has no policy. A concurrent change of the
+        policy is never lost: the write is a compare-and-set, retried on the new policy."""
+        key = TenantKeys.of(self.prefix, tenant).policy
+        for _ in range(PATCH_ATTEMPTS):
+            raw = await self.redis.hget(key, policy_fields.JSON)
+            if raw is None:
+                return None
+            policy = patched_policy(TenantPolicy.model_validate_json(raw), patch)
+            flat = [part for pair in policy.redis_fields().items() for part in pair]
+            replaced = int(await self._replace(keys=[key], args=[raw, *flat]))
+            if replaced == 1:
+                await self._schedule(tenant, policy)
+                return policy
+            if replaced == -1:
+                return None
+        raise PolicyConflictError(f"tenant {tenant!r}: the policy kept changing; try again")
+
+    async def _schedule(self, tenant: str, policy: TenantPolicy) -> None:
+        """The scheduler's copy of the weight and the tenant sets (their own slot)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.sched.weight, tenant, repr(float(policy.weight)))
             pipe.sadd(self.sched.tenants, tenant)

@@ -2,6 +2,9 @@
 
 Retries retryable statuses and connection errors with exponential backoff and full jitter,
 honouring ``retry-after``; any other client error is final. Never logs the API key or headers.
+What the caller's request carries through (``anthropic-beta``, its ``anthropic-version``
+when ``anthropic_version="client"``, query parameters) comes in a :class:`Passthrough`;
+the upstream's ``request-id`` goes back in every :class:`UpstreamAnswer` and error.
 """
 
 from __future__ import annotations
@@ -20,12 +23,22 @@ import aiohttp
 
 from budgeter.domain.messages import COUNT_TOKENS_FIELDS as COUNT_TOKENS_FIELDS
 from budgeter.domain.messages import JsonValue
+from budgeter.domain.passthrough import (
+    BETA_HEADER,
+    CLIENT_VERSION,
+    DEFAULT_VERSION,
+    NO_PASSTHROUGH,
+    VERSION_HEADER,
+    Passthrough,
+    format_betas,
+)
 from budgeter.domain.results import STATUS_ERROR_TYPES
 from budgeter.domain.results import error_body as anthropic_error
 
 log = logging.getLogger("budgeter.upstream")
 
-ANTHROPIC_VERSION = "2023-06-01"
+ANTHROPIC_VERSION = DEFAULT_VERSION
+UPSTREAM_REQUEST_ID = "request-id"
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 # The routes that generate a message: the upstream bills them, so one whose connection was
 # lost after it was sent may have been served (it is not sent again), and their 429 pauses
@@ -38,9 +51,18 @@ JsonObject = dict[str, JsonValue]
 T = TypeVar("T")
 
 
-def count_tokens_body(params: Mapping[str, object]) -> dict[str, object]:
-    """The subset of a Messages request that ``/v1/messages/count_tokens`` accepts."""
-    return {key: value for key, value in params.items() if key in COUNT_TOKENS_FIELDS}
+# Fields count_tokens takes only behind a beta: counted when the call carries betas (it
+# sends them to /v1/messages under the same betas; without one the upstream refuses them).
+BETA_COUNT_TOKENS_FIELDS = frozenset({"context_management", "mcp_servers", "output_format"})
+
+
+def count_tokens_body(
+    params: Mapping[str, object], betas: tuple[str, ...] = ()
+) -> dict[str, object]:
+    """The subset of a Messages request that ``/v1/messages/count_tokens`` accepts (with
+    ``betas``, the beta-only fields too)."""
+    fields = COUNT_TOKENS_FIELDS | BETA_COUNT_TOKENS_FIELDS if betas else COUNT_TOKENS_FIELDS
+    return {key: value for key, value in params.items() if key in fields}
 
 
 def _is_error_body(payload: JsonValue) -> TypeGuard[JsonObject]:
@@ -65,6 +87,15 @@ def _retry_after_s(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamAnswer:
+    """A 2xx JSON answer: parsed, as the upstream sent it, and its ``request-id``."""
+
+    payload: JsonObject
+    raw: bytes
+    request_id: str | None = None
+
+
 class UpstreamError(Exception):
     """The upstream call failed for good.
 
@@ -82,6 +113,7 @@ class UpstreamError(Exception):
         *,
         retryable: bool,
         maybe_served: bool = False,
+        request_id: str | None = None,
     ) -> None:
         error = body.get("error")
         if not isinstance(error, dict):
@@ -93,6 +125,7 @@ class UpstreamError(Exception):
         self.body = body
         self.retryable = retryable
         self.maybe_served = maybe_served
+        self.request_id = request_id  # the upstream's, when it answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +155,11 @@ class UpstreamClient:
         rand: Callable[[], float] = random.random,
         observe: Callable[[str, str, float], None] | None = None,
         on_rate_limited: Callable[[str, float], Awaitable[object]] | None = None,
+        anthropic_version: str = ANTHROPIC_VERSION,
     ) -> None:
         self._session = session
         self.base_url = base_url.rstrip("/")
+        self.anthropic_version = anthropic_version  # "client": the caller's (else the default)
         self._headers = {
             "x-api-key": api_key,
             "anthropic-version": ANTHROPIC_VERSION,
@@ -143,31 +178,77 @@ class UpstreamClient:
     def __repr__(self) -> str:  # keeps the key out of any repr that reaches a log
         return f"UpstreamClient(base_url={self.base_url!r})"
 
-    async def count_tokens(self, params: Mapping[str, object]) -> int:
-        body = count_tokens_body(params)
-        answer = await self._post(
-            "count_tokens", "/v1/messages/count_tokens", body, self.count_timeout_s
-        )
-        tokens = answer.get("input_tokens")
+    def _headers_for(self, passthrough: Passthrough = NO_PASSTHROUGH) -> dict[str, str]:
+        """The headers of one upstream call: the upstream key, the anthropic-version (the
+        caller's when set to ``client`` and it sent one) and the caller's betas."""
+        headers = dict(self._headers)
+        if self.anthropic_version != CLIENT_VERSION:
+            headers[VERSION_HEADER] = self.anthropic_version
+        elif passthrough.version:
+            headers[VERSION_HEADER] = passthrough.version
+        if passthrough.betas:
+            headers[BETA_HEADER] = format_betas(passthrough.betas)
+        return headers
+
+    async def count_tokens(
+        self, params: Mapping[str, object], passthrough: Passthrough = NO_PASSTHROUGH
+    ) -> int:
+        """Input tokens of the fields of ``params`` that count_tokens accepts."""
+        body = count_tokens_body(params, passthrough.betas)
+        answer = await self.count_tokens_raw(body, passthrough)
+        tokens = answer.payload.get("input_tokens")
         if not isinstance(tokens, int) or isinstance(tokens, bool):
             raise UpstreamError(
                 200,
                 anthropic_error("api_error", "count_tokens answer lacks input_tokens"),
                 retryable=False,
+                request_id=answer.request_id,
             )
         return tokens
 
-    async def create_message(self, params: Mapping[str, object]) -> JsonObject:
-        return (await self.create_message_raw(params))[0]
+    async def count_tokens_raw(
+        self, body: Mapping[str, object], passthrough: Passthrough = NO_PASSTHROUGH
+    ) -> UpstreamAnswer:
+        """POST ``body`` as it is to /v1/messages/count_tokens (the proxy's route)."""
+        return await self._post_raw(
+            "count_tokens", "/v1/messages/count_tokens", body, self.count_timeout_s, passthrough
+        )
 
-    async def create_message_raw(self, params: Mapping[str, object]) -> tuple[JsonObject, bytes]:
+    async def create_message(
+        self, params: Mapping[str, object], passthrough: Passthrough = NO_PASSTHROUGH
+    ) -> JsonObject:
+        return (await self.create_message_raw(params, passthrough)).payload
+
+    async def create_message_raw(
+        self, params: Mapping[str, object], passthrough: Passthrough = NO_PASSTHROUGH
+    ) -> UpstreamAnswer:
         """The answer parsed and as the upstream sent it (a proxy forwards those bytes
         rather than encoding the message again)."""
-        return await self._post_raw("messages", "/v1/messages", params, self.timeout_s)
+        return await self._post_raw("messages", "/v1/messages", params, self.timeout_s, passthrough)
+
+    async def get_json(self, path: str, query: Mapping[str, str]) -> UpstreamAnswer:
+        """GET ``path`` once (no retries: the caller has a fallback); raises
+        :class:`UpstreamError` on any failure."""
+        timeout = aiohttp.ClientTimeout(total=self.count_timeout_s)
+        started = time.perf_counter()
+        try:
+            async with self._session.get(
+                self.base_url + path, params=query, headers=self._headers_for(), timeout=timeout
+            ) as response:
+                reply: _Reply[None] = _Reply(
+                    response.status, response.headers, await response.read()
+                )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._record("models", "error", started)
+            raise _lost("models", exc) from None
+        self._record("models", str(reply.status), started)
+        if not 200 <= reply.status < 300:
+            raise _status_error(reply.status, reply.raw, reply.headers)
+        return _answer(reply)
 
     @asynccontextmanager
     async def open_stream(
-        self, params: Mapping[str, object]
+        self, params: Mapping[str, object], passthrough: Passthrough = NO_PASSTHROUGH
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """POST /v1/messages with ``stream: true``; yields the open 2xx response.
 
@@ -178,10 +259,11 @@ class UpstreamClient:
         url = self.base_url + "/v1/messages"
         data = json.dumps({**params, "stream": True}).encode()
         timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.count_timeout_s)
+        headers = self._headers_for(passthrough)
 
         async def send() -> _Reply[aiohttp.ClientResponse]:
             response = await self._session.post(
-                url, data=data, headers=self._headers, timeout=timeout
+                url, data=data, headers=headers, params=passthrough.query, timeout=timeout
             )
             if 200 <= response.status < 300:
                 return _Reply(response.status, response.headers, value=response)
@@ -214,33 +296,26 @@ class UpstreamClient:
             delay = min(max(retry_after, delay), self.backoff_max_s * 2)
         return delay
 
-    async def _post(
-        self, route: str, path: str, body: Mapping[str, object], timeout_s: float
-    ) -> JsonObject:
-        return (await self._post_raw(route, path, body, timeout_s))[0]
-
     async def _post_raw(
-        self, route: str, path: str, body: Mapping[str, object], timeout_s: float
-    ) -> tuple[JsonObject, bytes]:
+        self,
+        route: str,
+        path: str,
+        body: Mapping[str, object],
+        timeout_s: float,
+        passthrough: Passthrough,
+    ) -> UpstreamAnswer:
         url = self.base_url + path
         data = json.dumps(body).encode()
         timeout = aiohttp.ClientTimeout(total=timeout_s)
+        headers = self._headers_for(passthrough)
 
         async def send() -> _Reply[None]:
             async with self._session.post(
-                url, data=data, headers=self._headers, timeout=timeout
+                url, data=data, headers=headers, params=passthrough.query, timeout=timeout
             ) as response:
                 return _Reply(response.status, response.headers, await response.read())
 
-        reply = await self._attempts(route, send, body)
-        payload = _parse_json(reply.raw)
-        if isinstance(payload, dict):
-            return payload, reply.raw
-        raise UpstreamError(
-            reply.status,
-            anthropic_error("api_error", "upstream answered non-JSON"),
-            retryable=False,
-        )
+        return _answer(await self._attempts(route, send, body))
 
     async def _attempts(
         self,
@@ -267,7 +342,7 @@ class UpstreamClient:
                 self._record(route, str(reply.status), started)
                 if 200 <= reply.status < 300:
                     return reply
-                error = _status_error(reply.status, reply.raw)
+                error = _status_error(reply.status, reply.raw, reply.headers)
                 if not error.retryable:
                     log.info("upstream %s refused with HTTP %d (final)", route, reply.status)
                     raise error
@@ -340,14 +415,32 @@ def _lost(route: str, exc: aiohttp.ClientError | TimeoutError) -> UpstreamError:
     return error
 
 
-def _status_error(status: int, raw: bytes) -> UpstreamError:
+def _answer(reply: _Reply[None]) -> UpstreamAnswer:
+    request_id = reply.headers.get(UPSTREAM_REQUEST_ID)
+    payload = _parse_json(reply.raw)
+    if isinstance(payload, dict):
+        return UpstreamAnswer(payload, reply.raw, request_id)
+    raise UpstreamError(
+        reply.status,
+        anthropic_error("api_error", "upstream answered non-JSON"),
+        retryable=False,
+        request_id=request_id,
+    )
+
+
+def _status_error(status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamError:
     payload = _parse_json(raw)
     body = (
         payload
         if _is_error_body(payload)
         else anthropic_error(STATUS_ERROR_TYPES.get(status, "api_error"), f"upstream HTTP {status}")
     )
-    return UpstreamError(status, body, retryable=status in RETRYABLE_STATUSES)
+    return UpstreamError(
+        status,
+        body,
+        retryable=status in RETRYABLE_STATUSES,
+        request_id=headers.get(UPSTREAM_REQUEST_ID),
+    )
 
 
 def _parse_json(raw: bytes) -> JsonValue:

@@ -22,6 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from budgeter.domain.messages import COUNT_TOKENS_FIELDS, JsonValue
 from budgeter.domain.results import error_body as anthropic_error
+from budgeter.upstream.mock_models import add_models_routes
+from budgeter.upstream.mock_record import DEFAULT_LIMIT, install_recorder
+from budgeter.upstream.mock_validation import (
+    Route,
+    body_problem,
+    content_type_problem,
+    credential,
+    parse_betas,
+)
 
 FaultKind = Literal["429", "500", "529", "slow"]
 IMAGE_TOKENS = 85
@@ -48,6 +57,10 @@ class MockConfig(BaseModel):
     fault_count_tokens: bool = False
     api_key: str | None = None
     seed: int = 0
+    # strict: validate headers and body fields as the real API does (mock_validation);
+    # False (--lenient): only authentication, anthropic-version and the message shape
+    strict: bool = True
+    record_limit: int = Field(default=DEFAULT_LIMIT, ge=0)
 
 
 @dataclass
@@ -142,20 +155,25 @@ def _error(status: int, error_type: str, message: str, **headers: str) -> web.Re
 
 
 def _check_headers(request: web.Request, config: MockConfig) -> web.Response | None:
-    key = request.headers.get("x-api-key")
+    key = credential(request.headers)
     if key is None:
-        if "authorization" in request.headers:
-            return _error(
-                401,
-                "authentication_error",
-                "x-api-key header is required (Authorization: Bearer is not accepted)",
-            )
         return _error(401, "authentication_error", "x-api-key header is required")
     if config.api_key is not None and key != config.api_key:
         return _error(401, "authentication_error", "invalid x-api-key")
     if not request.headers.get("anthropic-version"):
         return _error(400, "invalid_request_error", "anthropic-version: header is required")
+    if config.strict and (problem := content_type_problem(request.method, request.content_type)):
+        return _error(400, "invalid_request_error", problem)
     return None
+
+
+def _strict_problem(request: web.Request, route: Route, body: JsonObject) -> web.Response | None:
+    """The strict mock's refusal of a body the real API would refuse (mock_validation)."""
+    if not request.app[STATE_KEY].config.strict:
+        return None
+    betas = parse_betas(request.headers.getall("anthropic-beta", []))
+    problem = body_problem(route, body, betas)
+    return None if problem is None else _error(400, "invalid_request_error", problem)
 
 
 async def _json_body(request: web.Request) -> JsonObject | web.Response:
@@ -177,8 +195,12 @@ def _messages_problem(body: Mapping[str, object]) -> str | None:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             return f"messages.{i}: must be an object"
-        if message.get("role") not in ("user", "assistant"):
-            return f"messages.{i}.role: Input should be 'user' or 'assistant'"
+        if message.get("role") not in (
+            "user",
+            "assistant",
+            "system",
+        ):  # strict: see mock_validation
+            return f"messages.{i}.role: Input should be 'user', 'assistant' or 'system'"
         content = message.get("content")
         if isinstance(content, str):
             continue
@@ -220,6 +242,8 @@ async def _handle_messages(request: web.Request) -> web.StreamResponse:
     body = await _json_body(request)
     if isinstance(body, web.Response):
         return body
+    if (refusal := _strict_problem(request, "messages", body)) is not None:
+        return refusal
     max_tokens = body.get("max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         return _error(400, "invalid_request_error", "max_tokens: must be an integer >= 1")
@@ -299,8 +323,10 @@ async def _handle_count_tokens(request: web.Request) -> web.Response:
     body = await _json_body(request)
     if isinstance(body, web.Response):
         return body
+    if (refusal := _strict_problem(request, "count_tokens", body)) is not None:
+        return refusal
     extra = sorted(set(body) - COUNT_TOKENS_FIELDS)
-    if extra:
+    if not state.config.strict and extra:
         return _error(400, "invalid_request_error", f"{extra[0]}: Extra inputs are not permitted")
     if (problem := _messages_problem(body)) is not None:
         return _error(400, "invalid_request_error", problem)
@@ -339,9 +365,11 @@ def create_app(config: MockConfig | None = None) -> web.Application:
     config = config or MockConfig()
     app = web.Application()
     app[STATE_KEY] = MockState(config=config, rng=random.Random(config.seed))
+    install_recorder(app, config.record_limit)
     app.router.add_post("/v1/messages", _handle_messages)
     app.router.add_post("/v1/messages/count_tokens", _handle_count_tokens)
     app.router.add_get("/mock/stats", _handle_stats)
     app.router.add_post("/mock/config", _handle_config)
     app.router.add_get("/healthz", _handle_healthz)
+    add_models_routes(app, lambda request: _check_headers(request, request.app[STATE_KEY].config))
     return app

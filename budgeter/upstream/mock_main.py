@@ -8,7 +8,7 @@ import logging
 from pydantic import ValidationError
 
 from budgeter.domain.messages import first_error
-from budgeter.serving import serve_app, stop_event_on_signals
+from budgeter.serving import listen_url, serve_app, stop_event_on_signals
 from budgeter.upstream.mock import MockConfig, create_app
 
 log = logging.getLogger("budgeter.mock_upstream")
@@ -27,6 +27,7 @@ def mock_config_from_args(args: argparse.Namespace) -> MockConfig:
             fault_kinds=kinds,
             retry_after_s=args.retry_after,
             seed=args.seed,
+            strict=not getattr(args, "lenient", False),
         )
     except ValidationError as exc:
         raise MockArgsError(f"invalid mock option: {first_error(exc)}") from None
@@ -37,7 +38,8 @@ async def run_mock_upstream(args: argparse.Namespace) -> int:
     stop = stop_event_on_signals()
     app = create_app(config)
     async with serve_app(app, args.host, args.port, port_file=args.port_file) as port:
-        log.info("mock upstream listening", extra={"url": f"http://{args.host}:{port}"})
+        mode = "strict" if config.strict else "lenient"
+        log.info("listening on %s", listen_url(args.host, port), extra={"mode": mode})
         await stop.wait()
     log.info("mock upstream stopped")
     return 0

@@ -1,4 +1,5 @@
-"""Counting a request's input tokens with the upstream, cached by content hash."""
+"""Counting a request's input tokens with the upstream, cached by content hash (and the
+betas it is sent with: the same payload may count differently under a beta)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import aiohttp
 from redis.asyncio.cluster import RedisCluster
 
 from budgeter.admission.global_limits import GlobalLimits
+from budgeter.domain.passthrough import NO_PASSTHROUGH, Passthrough, format_betas
 from budgeter.metrics import Metrics
 from budgeter.settings import Settings
 from budgeter.store.keys import count_cache_key
@@ -28,8 +30,12 @@ log = logging.getLogger(__name__)
 ATTACHMENT_TOKENS = 1600
 
 
-def payload_digest(body: Mapping[str, object]) -> str:
+def payload_digest(body: Mapping[str, object], betas: tuple[str, ...] = ()) -> str:
+    """What a count is cached under: the payload, and the betas it is counted with (in any
+    order; without betas, the payload alone)."""
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if betas:
+        canonical += "\n" + format_betas(sorted(betas))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -103,12 +109,17 @@ class TokenCounter:
         self.tenants = TenantStore(redis, prefix=prefix)
         self.cache = CountCacheIO(redis)
 
-    async def count_for(self, tenant: str, params: Mapping[str, object]) -> int:
+    async def count_for(
+        self,
+        tenant: str,
+        params: Mapping[str, object],
+        passthrough: Passthrough = NO_PASSTHROUGH,
+    ) -> int:
         """Like :meth:`count`; when count_tokens keeps failing (after the client's own
         retries) and the tenant's policy says ``on_count_failure: estimate``, a local
         estimate instead. The reservation is settled against real usage either way."""
         try:
-            return await self.count(params)
+            return await self.count(params, passthrough)
         except UpstreamError as exc:
             if not (exc.retryable or exc.status >= 500):
                 raise  # the upstream said the request itself is wrong
@@ -119,18 +130,21 @@ class TokenCounter:
                 self.metrics.count_estimated.labels(self.metrics.tenant(tenant)).inc()
             return local_estimate(params, policy.estimate_margin)
 
-    async def count(self, params: Mapping[str, object]) -> int:
-        """Input tokens of ``params`` (only the fields count_tokens accepts are sent)."""
-        body = count_tokens_body(params)
+    async def count(
+        self, params: Mapping[str, object], passthrough: Passthrough = NO_PASSTHROUGH
+    ) -> int:
+        """Input tokens of ``params`` (only the fields count_tokens accepts are sent), sent
+        as the call it admits is: with the caller's betas, version and query."""
+        body = count_tokens_body(params, passthrough.betas)
         if self.ttl_s <= 0:
-            return await self.upstream.count_tokens(body)
-        key = count_cache_key(self.prefix, payload_digest(body))
+            return await self.upstream.count_tokens(body, passthrough)
+        key = count_cache_key(self.prefix, payload_digest(body, passthrough.betas))
         cached = await self.cache.get(key)
         if cached is not None:
             self._hit("hit")
             return int(cached)
         self._hit("miss")
-        tokens = await self.upstream.count_tokens(body)
+        tokens = await self.upstream.count_tokens(body, passthrough)
         await self.cache.set(key, tokens, self.ttl_s)
         return tokens
 
@@ -156,6 +170,7 @@ def upstream_and_counter(
         max_attempts=settings.upstream_max_attempts,
         observe=metrics.observe_upstream,
         on_rate_limited=global_limits.pause if global_limits is not None else None,
+        anthropic_version=settings.upstream_anthropic_version,
     )
     counter = TokenCounter(
         redis,

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from budgeter.queue.jobqueue import JobQueue, LeasedJob
+from budgeter.store.outage import log_failure
 
 log = logging.getLogger("budgeter.worker")
 
@@ -81,5 +82,5 @@ class Heartbeats:
                 hold_ms=self.hold_ms,
             )
         except Exception:
-            log.warning("heartbeat failed", extra={"job": job.id}, exc_info=True)
+            log_failure(log, "heartbeat failed", extra={"job": job.id}, level=logging.WARNING)
             return None

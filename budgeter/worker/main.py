@@ -10,7 +10,7 @@ from aiohttp import web
 from budgeter.admission.admission import admission_from_settings
 from budgeter.api.health import HealthState, add_health_routes
 from budgeter.metrics import Metrics
-from budgeter.serving import serve_app, stop_event_on_signals, upstream_session
+from budgeter.serving import listen_url, serve_app, stop_event_on_signals, upstream_session
 from budgeter.settings import Settings
 from budgeter.store.client import redis_from_settings
 from budgeter.upstream.token_counter import upstream_and_counter
@@ -43,7 +43,7 @@ async def run_worker(
     stop = stop_event_on_signals()
     metrics = Metrics(max_tenants=settings.metrics_max_tenants)
     async with (
-        redis_from_settings(settings) as redis,
+        redis_from_settings(settings, announce=True) as redis,
         upstream_session(settings) as session,
     ):
         admission = admission_from_settings(redis, settings)
@@ -62,8 +62,9 @@ async def run_worker(
         add_health_routes(app, HealthState(metrics, redis, upstream))
         async with serve_app(app, host, port, port_file=port_file) as bound:
             log.info(
-                "worker started",
-                extra={"concurrency": concurrency, "metrics": f"http://{host}:{bound}/metrics"},
+                "listening on %s",
+                listen_url(host, bound),
+                extra={"concurrency": concurrency},
             )
             await worker.run(stop)
         log.info("worker stopped", extra={"processed": worker.processed})

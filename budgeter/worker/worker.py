@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from budgeter.admission.admission import Admission, Decision, Usage, format_ms
 from budgeter.domain.messages import MessageParams, first_error
+from budgeter.domain.passthrough import Passthrough
 from budgeter.domain.policy import TENANT_ID_RE
 from budgeter.domain.results import (
     BUDGET_ERROR_TYPE,
@@ -34,6 +35,7 @@ from budgeter.domain.results import (
 from budgeter.metrics import Metrics, reason_label
 from budgeter.queue.batches import BatchStore
 from budgeter.queue.jobqueue import JobQueue, LeasedJob
+from budgeter.store.outage import WARN, log_failure
 from budgeter.store.types import RedisClient
 from budgeter.tenants.store import TenantStore
 from budgeter.upstream.client import UpstreamClient, UpstreamError
@@ -138,7 +140,7 @@ class Worker:
                     await self._idle(stop)
                     continue
             except Exception:  # never lose a lane
-                log.exception("lane failed; retrying")
+                log_failure(log, "lane failed; retrying")
                 await _sleep_or_stop(stop, 1.0)
                 continue
             self._busy += 1
@@ -181,7 +183,7 @@ class Worker:
                 len(waiters), lease_ms=self.config.lease_ms, served=served
             )
         except Exception:
-            log.exception("pick failed; retrying")
+            log_failure(log, "pick failed; retrying")
             self._idle_wait_s = -1.0  # sleep, not wait for work
             jobs: list[LeasedJob] = []
         else:
@@ -206,7 +208,7 @@ class Worker:
                 await self.queue.requeue(job, head=True, count_attempt=False)
                 await self.queue.activate(job.tenant, wake=1)
             except Exception:
-                log.warning("could not give a job back", extra={"job": job.id}, exc_info=True)
+                log_failure(log, "could not give a job back", extra={"job": job.id}, level=WARN)
 
     async def _idle(self, stop: asyncio.Event) -> None:
         """Every lane with nothing to do waits on one shared wait for work, each no longer
@@ -254,7 +256,7 @@ class Worker:
             try:
                 await self.maintain()
             except Exception:
-                log.exception("maintenance failed")
+                log_failure(log, "maintenance failed")
             jitter = random.uniform(0.8, 1.2)
             await _sleep_or_stop(stop, self.config.maintenance_interval_s * jitter)
 
@@ -267,7 +269,7 @@ class Worker:
             try:
                 await self._maintain_tenant(tenant, now_ms)
             except Exception:  # one tenant's trouble must not skip the others' upkeep
-                log.exception("maintenance of a tenant failed", extra={"tenant": tenant})
+                log_failure(log, "maintenance of a tenant failed", extra={"tenant": tenant})
         reaped_globally = await self.admission.reap_global(now_ms=now_ms)
         if reaped_globally:
             log.warning(
@@ -332,11 +334,11 @@ class Worker:
             await self.queue.activate(job.tenant, wake=1)
             raise
         except Exception:
-            log.exception("job failed", extra={"tenant": job.tenant, "job": job.id})
+            log_failure(log, "job failed", extra={"tenant": job.tenant, "job": job.id})
             try:
                 await self._retry_or_dead(job, error_body("api_error", "internal error in worker"))
             except Exception:  # Redis away too: the lease expires and the job is reclaimed
-                log.warning("could not give the job back", extra={"job": job.id}, exc_info=True)
+                log_failure(log, "could not give the job back", extra={"job": job.id}, level=WARN)
         finally:
             self.processed += 1
 
@@ -367,8 +369,9 @@ class Worker:
                 job, "errored", errored(error_body("invalid_request_error", problem))
             )
             return
+        passthrough = await self.batches.passthrough(job.tenant, job.batch_id)  # betas, version
         try:
-            input_tokens = await self.counter.count_for(job.tenant, params)
+            input_tokens = await self.counter.count_for(job.tenant, params, passthrough)
         except UpstreamError as exc:
             await self._upstream_failed(job, exc)
             return
@@ -396,15 +399,16 @@ class Worker:
             max(0.0, (decision.now_ms - job.enqueued_ms) / 1000)
         )
         lease["rid"] = rid
-        await self._forward(job, params, rid, model, input_tokens)
+        await self._forward(job, params, rid, input_tokens, passthrough)
 
     async def _forward(
-        self, job: LeasedJob, params: dict[str, Any], rid: str, model: str, input_tokens: int
+        self, job: LeasedJob, params: dict[str, Any], rid: str, input_tokens: int, p: Passthrough
     ) -> None:
         # The reservation was marked sent when it was made (sent_at_once): from here on a
         # crash, a reap or a cancel charges it in full, never under-counts.
+        model = str(params["model"])
         try:
-            message = await self.upstream.create_message(params)
+            message = await self.upstream.create_message(params, p)
         except UpstreamError as exc:
             if exc.maybe_served:  # sent, then no answer: it may have been billed
                 await self.admission.charge_full(job.tenant, rid)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, NamedTuple
 
+from budgeter.domain.price_arg import PriceArg, Rates, parse_price_arg
+
 PERIODS: tuple[str, ...] = ("minute", "hour", "day", "month", "total")
 RATE_KINDS: tuple[str, ...] = ("rpm", "itpm", "otpm")
 USAGE_PERIODS: tuple[str, ...] = ("day", "month", "total")
@@ -53,15 +55,30 @@ def lua_str(x: float) -> str:
     return f"{x:.14g}"
 
 
-def usd_of(amounts: tuple[int, int, int, int], prices: tuple[float, ...]) -> float:
-    """Dollars for (input, output, cache_creation, cache_read) tokens at
-    'input output cache_write cache_read' USD per million tokens."""
+def usd_of(amounts: tuple[int, int, int, int], prices: PriceArg) -> float:
+    """Dollars for (input, output, cache_creation, cache_read) tokens at the rates of the
+    tier their input + cache_creation + cache_read falls in (lib/prices.lua prices_usage)."""
     a_in, a_out, a_cc, a_cr = amounts
-    return (a_in * prices[0] + a_out * prices[1] + a_cc * prices[2] + a_cr * prices[3]) / 1e6
+    r = prices.rates_at(a_in + a_cc + a_cr)
+    return (a_in * r.input + a_out * r.output + a_cc * r.cache_write + a_cr * r.cache_read) / 1e6
 
 
-def parse_prices(arg: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in arg.split())
+def reserve_usd(prices: PriceArg, input_tokens: int, max_tokens: int) -> float:
+    """lib/prices.lua prices_reserve: the dearest the request can turn out, all its input
+    written to the cache, in the base tier or any tier its counted input is over."""
+
+    def cost(r: Rates) -> float:
+        return (input_tokens * max(r.input, r.cache_write) + max_tokens * r.output) / 1e6
+
+    usd = cost(prices.base)
+    for tier in prices.tiers:
+        if input_tokens > tier.above:
+            usd = max(usd, cost(tier.rates))
+    return usd
+
+
+def parse_prices(arg: str) -> PriceArg:
+    return parse_price_arg(arg)
 
 
 def period_of(period: str, ms: int) -> tuple[str, int]:
@@ -272,8 +289,9 @@ def reserve(
 ) -> ReserveResult:
     """reserve.lua: ADMIT applies every limit, DEFER and REJECT change nothing (but the flag).
 
-    ``prices``: the model's 'input output cache_write cache_read' (USD per million tokens),
-    None when it has no price. ``sent``: the reservation is marked sent when admitted."""
+    ``prices``: the model's price argument (budgeter/domain/price_arg.py: base rates and
+    long-context tiers), None when it has no price. ``sent``: the reservation is marked
+    sent when admitted."""
     now = now_ms
     if rid in state.reservations:
         return ReserveResult("ADMIT", 0, "already_reserved")
@@ -286,9 +304,7 @@ def reserve(
     est = input_tokens + max_tokens
     price = parse_prices(prices) if prices is not None else None
     # priced at the dearest the request can turn out: all input written to the cache
-    usd_est = (
-        (input_tokens * max(price[0], price[2]) + max_tokens * price[1]) / 1e6 if price else 0.0
-    )
+    usd_est = reserve_usd(price, input_tokens, max_tokens) if price is not None else 0.0
     settle_wait, wait_reason = False, None
     exhausted_until, exhausted_reason = 0, None
 

@@ -34,7 +34,7 @@ from redis.commands.core import Script
 
 from budgeter.admission.admission import reserve_keys, settle_keys
 from budgeter.domain.policy import ModelLimits, RateLimits, TenantPolicy
-from budgeter.domain.pricing import ModelPrice
+from budgeter.domain.pricing import ModelPrice, PriceTier
 from budgeter.store.keys import TenantKeys
 from budgeter.store.scripts import lua_source
 from tests.admission import reference_model as ref
@@ -153,13 +153,24 @@ def policies(draw: st.DrawFn) -> TenantPolicy | None:
     )
 
 
-# a model's price argument as Admission passes it (ModelPrice.lua_arg), or none (unpriced)
+# a model's price argument as Admission passes it (ModelPrice.lua_arg), or none (unpriced);
+# long-context tiers at thresholds within the examples' token counts, dearer (as Anthropic's
+# are) or not (a dearer lower tier is what a reservation must cover when the input shrinks)
+price_tiers = st.builds(
+    PriceTier,
+    above=st.sampled_from([1, 50, 300, 1000, 2500]) | st.integers(1, 6000),
+    input=st.sampled_from([0.0, 1.0, 6.0, 10.0, 30.0]),
+    output=st.sampled_from([0.0, 5.0, 22.5, 37.5, 100.0]),
+    cache_write=st.none() | st.sampled_from([0.0, 7.5, 60.0]),
+    cache_read=st.none() | st.sampled_from([0.0, 0.6, 3.0]),
+)
 model_prices = st.builds(
     ModelPrice,
     input=st.sampled_from([0.0, 0.8, 1.0, 3.0, 5.0, 15.0]),
     output=st.sampled_from([0.0, 4.0, 5.0, 15.0, 25.0, 75.0]),
     cache_write=st.none() | st.sampled_from([0.0, 1.0, 3.75, 30.0]),
     cache_read=st.none() | st.sampled_from([0.0, 0.1, 1.5]),
+    tiers=st.just([]) | st.lists(price_tiers, max_size=3, unique_by=lambda t: t.above),
 ).map(ModelPrice.lua_arg)
 price_tables = st.fixed_dictionaries(
     {}, optional={m: model_prices for m in MODELS}
@@ -322,6 +333,12 @@ class Harness:
     def count(self, what: str) -> None:
         self.stats[what] = self.stats.get(what, 0) + 1
 
+    def count_tier(self, what: str, price: str, input_tokens: int) -> None:
+        """'reserve:tier' / 'settle:tier': priced in a long-context tier."""
+        tiers = ref.parse_prices(price).tiers
+        if tiers and input_tokens > tiers[0].above:
+            self.count(f"{what}:tier")
+
     def count_decision(self, got: ref.ReserveResult) -> None:
         self.count(f"{got.decision}:{got.reason.split(':')[0]}")
         for scope in ("model:", "usd:"):
@@ -360,6 +377,8 @@ class Harness:
                 self.usd_writes += 1
                 if sent:
                     self.count("reserve:sent")
+                if price:
+                    self.count_tier("reserve", price, inp)
             if rid not in self.ids:
                 self.ids.append(rid)
             results.append(got)
@@ -456,6 +475,12 @@ class Harness:
             self.excess[(counter, pid)] = self.excess.get((counter, pid), 0) + extra
         if "p" in before:
             usd = ref.usd_of(usage, ref.parse_prices(before["p"]))
+            a_in, a_out, a_cc, a_cr = usage
+            self.count_tier("settle", before["p"], a_in + a_cc + a_cr)
+            if a_in + a_cc + a_cr <= before["i"] and a_out <= before["o"]:
+                # within its tokens, a request never costs more than its reservation,
+                # whatever tier its real input falls in
+                assert usd <= before["u"] * (1 + 1e-12), f"{usage} ${usd} > ${before['u']}"
             for counter, pid in before.get("d", {}).items():
                 extra_usd = max(0.0, usd - before["u"])
                 self.excess[(counter, pid)] = self.excess.get((counter, pid), 0) + extra_usd
@@ -541,8 +566,11 @@ def run_steps(h: Harness, steps: list[Op]) -> None:
             got = h.reserve(rid, inp * unit // 1000, out * unit // 1000, hold, model, sent)
             h.snap = h.check_state()
             if got.decision == "ADMIT" and got.reason == "":
+                # the buckets this request moved (the policy's and its model's) hold it;
+                # another model's may be past capacity after a settle over its reservation
                 for bucket, tat in h.snap["buckets"].items():
-                    assert float(tat) - h.now <= ref.BUCKET_CAPACITY_MS + 0.0005, bucket
+                    if ":" not in bucket or bucket.startswith(f"m:{model}:"):
+                        assert float(tat) - h.now <= ref.BUCKET_CAPACITY_MS + 0.0005, bucket
                 assert (rid in h.snap["sent"]) == sent
         elif kind == "settle":
             _, target, in_err, out_pct, out_over, cc, cr = op
@@ -618,6 +646,12 @@ class Scenario:
 
 
 PRICED = {m: ModelPrice(input=3.0, output=15.0).lua_arg() for m in MODELS[:2]}  # not claude-c
+# a long-context tier above 1000 input tokens: $6 in, $22.5 out (cache writes 7.5, reads 0.6)
+TIERED = {
+    MODELS[0]: ModelPrice(
+        input=3.0, output=15.0, tiers=[PriceTier(above=1000, input=6.0, output=22.5)]
+    ).lua_arg()
+}
 
 # fixed examples that reach every outcome, whatever the random runs draw: run first by
 # every profile, and each one's outcomes are checked by the property test itself
@@ -713,6 +747,20 @@ SCENARIOS = [
         ],
         PRICED,
     ),
+    Scenario(  # long-context tiers: a request over 1000 input tokens is priced at the tier
+        TenantPolicy(usd_budgets={"hour": 0.01}),  # unit: 500 tokens
+        BOUNDARIES[0],
+        [
+            # 2000 in + 100 out: $0.01725 at the tier (it would be $0.009 at the base)
+            ("reserve", None, 4000, 200, 90_000, MODELS[0]),  # REJECT too_large:budget:usd:hour
+            ("reserve", None, 2004, 100, 90_000, MODELS[0]),  # ADMIT 1002 in: $0.00864
+            ("settle", (False, 0), 0, 100, 0, 10, 5),  # 1002 in (cache incl.): at the tier
+            ("advance_to", "hour", 0),
+            ("reserve", None, 2004, 100, 90_000, MODELS[0]),  # ADMIT at the tier
+            ("settle", (False, 0), -3, 100, 0, 0, 0),  # 999 in: settled at the base prices
+        ],
+        TIERED,
+    ),
     Scenario(  # several requests decided, then settled, by one script call each
         TenantPolicy(budgets={"day": 3000}, max_concurrency=3),
         BOUNDARIES[2],
@@ -769,6 +817,8 @@ OUTCOMES = [
     "reap:sent",
     "reserve:batch",
     "settle:batch",
+    "reserve:tier",
+    "settle:tier",
 ]
 
 

@@ -181,7 +181,7 @@ async def test_tenants_see_only_their_own_batches(client: TestClient) -> None:
         ({"requests": [request_line("bad id")]}, "requests.0.custom_id"),
         ({"requests": [request_line("a", max_tokens=0)]}, "requests.0.params.max_tokens"),
         ({"requests": [request_line("a", max_tokens="8")]}, "requests.0.params.max_tokens"),
-        ({"requests": [request_line("a", messages=[{"role": "system", "content": "x"}])]}, "role"),
+        ({"requests": [request_line("a", messages=[{"role": "tool", "content": "x"}])]}, "role"),
         ({"requests": [request_line("a"), request_line("a")]}, "duplicate custom_id"),
         ({"requests": [{"custom_id": "a"}]}, "requests.0.params"),
         ({"reqs": []}, "requests"),

@@ -88,7 +88,7 @@ class CountingUpstream:
         self.calls = 0
         self.failing = False
 
-    async def count_tokens(self, _body: Any) -> int:
+    async def count_tokens(self, _body: Any, _passthrough: Any = None) -> int:
         self.calls += 1
         if self.failing:
             raise UpstreamError(503, error_body("api_error", "down"), retryable=True)

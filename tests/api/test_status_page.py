@@ -1,4 +1,6 @@
-"""The status page (served, and rendered by a real headless Chromium) and ``budgeter top``."""
+"""The status page (served, and rendered by a real headless Chromium) and ``budgeter top``,
+on a busy run: several tenants, one rate-limited and parked, one with an open batch half
+done, one with work in flight, and idle ones."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -22,7 +23,11 @@ from budgeter.admission.admission import Admission, Usage
 from budgeter.api.app import create_app
 from budgeter.api.status_page import add_status_page
 from budgeter.cli.top import run_top
+from budgeter.domain.messages import BatchRequest
 from budgeter.domain.policy import TenantPolicy
+from budgeter.domain.results import error_body, errored, succeeded
+from budgeter.queue.batches import BatchStore
+from budgeter.queue.jobqueue import JobQueue
 from budgeter.serving import serve_app
 from budgeter.settings import Settings
 from budgeter.tenants.store import TenantStore
@@ -30,6 +35,11 @@ from budgeter.tenants.store import TenantStore
 TOKEN = "admin-secret"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
 ROOT = Path(__file__).resolve().parents[2]
+OPUS = "claude-opus-4-5"  # shown exactly so, never 'Claude-Opus-4-5'
+SONNET = "claude-sonnet-4-5"
+IDLE = ("archive", "legacy-reports", "sandbox")
+REFRESH_MS = 2000  # the page's refresh interval (status_page.html)
+TIMES = "\N{MULTIPLICATION SIGN}"
 
 
 def settings_for(redis_url: str) -> Settings:
@@ -43,47 +53,102 @@ def make_app(redis: Redis, redis_url: str) -> web.Application:
     return app
 
 
-def request_line(custom_id: str) -> dict[str, Any]:
+def requests_of(prefix: str, count: int, model: str) -> list[BatchRequest]:
+    return [
+        BatchRequest.model_validate(
+            {
+                "custom_id": f"{prefix}-{i:03d}",
+                "params": {
+                    "model": model,
+                    "max_tokens": 64,
+                    "messages": [{"role": "user", "content": f"hello {i}"}],
+                },
+            }
+        )
+        for i in range(count)
+    ]
+
+
+def message(model: str) -> dict[str, Any]:
     return {
-        "custom_id": custom_id,
-        "params": {
-            "model": "claude-test",
-            "max_tokens": 64,
-            "messages": [{"role": "user", "content": f"hello {custom_id}"}],
-        },
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": "hi"}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 20, "output_tokens": 30},
     }
 
 
-async def populate(session: aiohttp.ClientSession, base: str, redis: Redis) -> None:
-    """Two tenants with budgets, queued batches, and ADMIT, DEFER and REJECT decisions."""
-    policies = {
-        "acme-corp": {"budgets": {"hour": 20_000, "day": 100_000, "month": 2_000_000}},
-        "globex": {
-            "budgets": {"day": 50_000, "total": 400_000},
-            "max_concurrency": 1,
-            "weight": 2,
-        },
-    }
-    for tenant, policy in policies.items():
-        async with session.put(f"{base}/admin/tenants/{tenant}", json=policy, headers=ADMIN) as r:
-            assert r.status in (200, 201), await r.text()
-        async with session.post(f"{base}/admin/tenants/{tenant}/keys", headers=ADMIN) as r:
-            assert r.status == 201, await r.text()
-            key = (await r.json())["key"]
-        for batch in range(2):
-            lines = [request_line(f"{tenant}-{batch}-{i}") for i in range(3 + batch)]
-            async with session.post(
-                f"{base}/v1/messages/batches", json={"requests": lines}, headers={"x-api-key": key}
-            ) as r:
-                assert r.status == 200, await r.text()
+async def busy_run(redis: Redis) -> dict[str, str]:
+    """What a busy afternoon looks like; returns the open batch ids by tenant."""
+    store = TenantStore(redis)
+    batches = BatchStore(redis)
+    queue = JobQueue(redis)
     adm = Admission(redis)
-    assert (await adm.reserve("acme-corp", "a1", 1200, 800)).kind == "ADMIT"
-    await adm.settle("acme-corp", "a1", Usage(1200, 650))
-    assert (await adm.reserve("acme-corp", "a2", 3000, 1000)).kind == "ADMIT"
-    assert (await adm.reserve("acme-corp", "a3", 30_000, 1000)).kind == "REJECT"
-    assert (await adm.reserve("globex", "g1", 500, 2000)).kind == "ADMIT"
-    deferred = await adm.reserve("globex", "g2", 500, 2000)
-    assert deferred.kind == "DEFER" and deferred.reason == "concurrency"
+    await store.put(
+        "nightly-etl",
+        TenantPolicy.model_validate(
+            {"weight": 2, "budgets": {"day": 2_000_000}, "rate": {"itpm": 400_000}}
+        ),
+    )
+    await store.put(
+        "search-api",
+        TenantPolicy.model_validate(
+            {"budgets": {"hour": 200_000}, "rate": {"rpm": 20, "otpm": 40_000}}
+        ),
+    )
+    await store.put(
+        "support-bot",
+        TenantPolicy.model_validate(
+            {
+                "budgets": {"day": 1_000_000},
+                "models": {OPUS: {"budgets": {"day": 300_000}}},
+                "max_concurrency": 8,
+            }
+        ),
+    )
+    for name in IDLE:
+        await store.put(name, TenantPolicy.model_validate({"budgets": {"day": 100_000}}))
+
+    # search-api: 20 rpm, all used; twelve more DEFER rate:rpm; its queue head parked
+    for i in range(20):
+        assert (await adm.reserve("search-api", f"s{i}", 100, 200, model=OPUS)).kind == "ADMIT"
+        await adm.settle("search-api", f"s{i}", Usage(100, 150))
+    until = 0
+    for i in range(12):
+        decision = await adm.reserve("search-api", f"d{i}", 100, 200, model=OPUS)
+        assert (decision.kind, decision.reason) == ("DEFER", "rate:rpm")
+        until = decision.until_ms
+    search = await batches.create("search-api", requests_of("q", 6, OPUS))
+    head = await queue.pick_many(1, lease_ms=600_000)
+    assert [job.tenant for job in head.jobs] == ["search-api"]
+    assert await queue.defer(head.jobs[0], until) == "requeued"
+
+    # nightly-etl: a batch of 40, 25 succeeded, 3 errored, 2 leased, 10 waiting
+    etl = await batches.create("nightly-etl", requests_of("etl", 40, SONNET))
+    picked = await queue.pick_many(30, lease_ms=600_000)
+    assert {job.tenant for job in picked.jobs} == {"nightly-etl"} and len(picked.jobs) == 30
+    for n, job in enumerate(picked.jobs[:28]):
+        rid = job.reservation_id
+        assert (await adm.reserve("nightly-etl", rid, 20, 64, model=SONNET)).kind == "ADMIT"
+        if n < 25:
+            await adm.settle("nightly-etl", rid, Usage(20, 30))
+            await queue.ack(job, "succeeded", succeeded(message(SONNET)))
+        else:
+            await adm.release("nightly-etl", rid)
+            await queue.ack(job, "errored", errored(error_body("api_error", "upstream 500")))
+    for job in picked.jobs[28:]:
+        assert (await adm.reserve("nightly-etl", job.reservation_id, 20, 64)).kind == "ADMIT"
+
+    # support-bot: opus calls settled, three in flight
+    for i in range(6):
+        assert (await adm.reserve("support-bot", f"b{i}", 900, 400, model=OPUS)).kind == "ADMIT"
+        await adm.settle("support-bot", f"b{i}", Usage(900, 350))
+    for i in range(3):
+        assert (await adm.reserve("support-bot", f"f{i}", 800, 400, model=SONNET)).kind == "ADMIT"
+    return {"nightly-etl": etl, "search-api": search}
 
 
 @pytest.fixture
@@ -112,6 +177,12 @@ async def test_page_is_served_self_contained(client: TestClient) -> None:
     assert not re.search(r"<(?:link|img|iframe)\b", html, re.I)
     assert not re.search(r"<script\b[^>]*\bsrc=", html, re.I)
     assert "@import" not in html and "url(" not in html
+    # model ids are shown as sent: nothing capitalises text, and only fixed labels are
+    # upper-cased (the stat labels and section titles, which never hold an id)
+    assert "capitalize" not in html
+    uppercased = re.findall(r"([^{}]+)\{[^}]*text-transform:\s*uppercase", html)
+    assert [s.strip() for s in uppercased] == [".stat .label", ".section-title"]
+    assert f"var REFRESH_MS = {REFRESH_MS};" in html
     # the page itself needs no token; the data does
     assert (await client.get("/admin/status")).status == 401
     snapshot = await (await client.get("/admin/status", headers=ADMIN)).json()
@@ -129,7 +200,11 @@ def chromium_binary() -> str:
     return found
 
 
-async def run_chromium(binary: str, profile: Path, *args: str) -> tuple[int, str, str]:
+async def run_chromium(
+    binary: str, profile: Path, *args: str, budget_ms: int, size: str = "1280,900"
+) -> tuple[int, str, str]:
+    """Chromium headless; ``budget_ms`` is virtual time (it does not pass while a fetch is
+    pending, so it bounds the page's own timers, not how fast the machine is)."""
     proc = await asyncio.create_subprocess_exec(
         binary,
         "--headless",
@@ -143,14 +218,14 @@ async def run_chromium(binary: str, profile: Path, *args: str) -> tuple[int, str
         "--disable-sync",
         "--hide-scrollbars",
         f"--user-data-dir={profile}",
-        "--window-size=1280,900",
-        "--virtual-time-budget=4000",
+        f"--window-size={size}",
+        f"--virtual-time-budget={budget_ms}",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=90)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
     except TimeoutError:
         proc.kill()
         await proc.wait()
@@ -158,29 +233,77 @@ async def run_chromium(binary: str, profile: Path, *args: str) -> tuple[int, str
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
 
-async def test_chromium_renders_status(
+def card(dom: str, tenant: str) -> str:
+    start = dom.index(f'data-tenant="{tenant}"')
+    end = dom.find('<section class="card', start)
+    return dom[start : end if end > 0 else len(dom)]
+
+
+def check_busy_dom(dom: str, batch_ids: dict[str, str]) -> None:
+    # the first render came from the fetch made at load, not from a refresh tick
+    assert 'data-renders="1"' in dom, dom[-3000:]
+    # busiest first: etl (10 queued + 2 in flight + its open batch), search-api (6 queued),
+    # support-bot (3 in flight); then the idle ones, folded away
+    order = re.findall(r'<section class="card tenant( idle)?" data-tenant="([^"]+)"', dom)
+    assert order == [
+        ("", "nightly-etl"),
+        ("", "search-api"),
+        ("", "support-bot"),
+        *((" idle", name) for name in IDLE),
+    ], order
+    details = dom.index('<details class="idle"')
+    assert dom.index('data-tenant="support-bot"') < details < dom.index('data-tenant="archive"')
+    assert "3 idle tenants" in dom
+    # the rate-limited tenant: its rpm bucket full, its DEFERs grouped, its park honest
+    search = card(dom, "search-api")
+    # (the bucket refills continuously: 20 of 20 at first, one less every 3 s)
+    in_use = re.search(r"(\d+) of 20 requests/min in use", search)
+    assert in_use and int(in_use.group(1)) >= 10, search
+    assert 'data-rate="rpm"' in search and 'data-rate="otpm"' in search
+    assert "rate-limited: rpm" in search and re.search(r"whole limit free in \d", search)
+    assert re.search(r'data-decision="DEFER" data-count="12"', search)
+    assert "rate:rpm" in search and f"{TIMES}12" in search
+    assert re.search(r'data-decision="ADMIT" data-count="8"', search)  # the list keeps 20
+    assert "parked, next try in" in search or "parked, due now" in search
+    assert not re.search(r"parked[^<]*\b0s", dom)
+    # the open batch: progress and an ETA
+    etl = card(dom, "nightly-etl")
+    assert f'data-batch="{batch_ids["nightly-etl"]}"' in etl
+    assert "28 / 40" in etl and "25 succeeded" in etl and "3 errored" in etl
+    assert "12 queued or in flight" in etl and re.search(r"ETA (now|in \d)", etl)  # pace-based
+    assert f'data-batch="{batch_ids["search-api"]}"' in search
+    # model ids exactly as sent
+    bot = card(dom, "support-bot")
+    assert f'<span class="model">{OPUS}</span>' in bot and 'data-period="day"' in bot
+    assert f'<span class="model">{SONNET}</span>' in etl
+    assert OPUS.title() not in dom and OPUS.upper() not in dom
+    assert TOKEN not in dom  # taken from the fragment, never rendered
+
+
+async def test_chromium_renders_a_busy_run(
     redis: Redis, redis_url: str, tmp_path: Path, artifacts_dir: Path
 ) -> None:
     binary = chromium_binary()
+    batch_ids = await busy_run(redis)
     app = make_app(redis, redis_url)
-    async with serve_app(app, "127.0.0.1", 0) as port, aiohttp.ClientSession() as session:
-        base = f"http://127.0.0.1:{port}"
-        await populate(session, base, redis)
-        url = f"{base}/#token={TOKEN}"
-
-        code, dom, err = await run_chromium(binary, tmp_path / "profile-dom", "--dump-dom", url)
+    async with serve_app(app, "127.0.0.1", 0) as port:
+        url = f"http://127.0.0.1:{port}/#token={TOKEN}"
+        # less virtual time than one refresh interval: what is there came with the load
+        code, dom, err = await run_chromium(
+            binary, tmp_path / "profile-dom", "--dump-dom", url, budget_ms=REFRESH_MS // 2
+        )
         assert code == 0, err[-2000:]
-        assert 'data-tenant="acme-corp"' in dom and 'data-tenant="globex"' in dom, dom[-3000:]
-        assert 'data-decision="ADMIT"' in dom
-        assert 'data-decision="DEFER"' in dom and "concurrency" in dom
-        assert 'data-decision="REJECT"' in dom and "too_large:budget:hour" in dom
-        assert 'data-period="hour"' in dom and 'class="bar"' in dom
-        assert TOKEN not in dom  # taken from the fragment, never rendered
+        check_busy_dom(dom, batch_ids)
 
         shot = artifacts_dir / "status-page.png"
         shot.unlink(missing_ok=True)
         code, _, err = await run_chromium(
-            binary, tmp_path / "profile-shot", f"--screenshot={shot.resolve()}", url
+            binary,
+            tmp_path / "profile-shot",
+            f"--screenshot={shot.resolve()}",
+            url,
+            budget_ms=REFRESH_MS // 2,
+            size="1400,1300",
         )
         assert code == 0, err[-2000:]
     assert shot.exists(), err[-2000:]
@@ -188,8 +311,8 @@ async def test_chromium_renders_status(
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(data) > 20_000, f"screenshot suspiciously small: {len(data)} bytes"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    assert (width, height) == (1280, 900)
-    if os.environ.get("BUDGETER_UPDATE_DOCS_SCREENSHOT") == "1":
+    assert (width, height) == (1400, 1300)
+    if os.environ.get("BUDGETER_UPDATE_DOCS") == "1":
         (ROOT / "docs").mkdir(exist_ok=True)
         shutil.copyfile(shot, ROOT / "docs" / "status-page.png")
 
@@ -200,33 +323,38 @@ async def test_chromium_without_token_shows_form(
     binary = chromium_binary()
     async with serve_app(make_app(redis, redis_url), "127.0.0.1", 0) as port:
         code, dom, err = await run_chromium(
-            binary, tmp_path / "profile", "--dump-dom", f"http://127.0.0.1:{port}/"
+            binary, tmp_path / "profile", "--dump-dom", f"http://127.0.0.1:{port}/", budget_ms=500
         )
     assert code == 0, err[-2000:]
     assert re.search(r'<form class="login" id="login"(?! hidden)', dom), dom[-2000:]
     assert "data-tenant=" not in dom
 
 
-async def test_top_once_prints_tenants(redis: Redis, redis_url: str) -> None:
-    app = make_app(redis, redis_url)
-    async with serve_app(app, "127.0.0.1", 0) as port, aiohttp.ClientSession() as session:
-        await populate(session, f"http://127.0.0.1:{port}", redis)
+async def test_top_orders_by_activity_and_folds_idle_tenants(redis: Redis, redis_url: str) -> None:
+    await busy_run(redis)
     out = io.StringIO()
     console = Console(file=out, width=200, color_system=None, force_terminal=False)
     assert await run_top(settings_for(redis_url), once=True, console=console) == 0
     text = out.getvalue()
-    assert "acme-corp" in text and "globex" in text
+    rows = [line.split()[0] for line in text.splitlines() if line.strip()]
+    active = [r for r in rows if r in ("nightly-etl", "search-api", "support-bot")]
+    assert active == ["nightly-etl", "search-api", "support-bot"], text
+    assert "3 idle: archive, legacy-reports, sandbox" in text
+    assert not any(line.startswith(IDLE) for line in text.splitlines())
+    assert f"DEFER rate:rpm {TIMES}12" in text
+    assert re.search(r"rpm \d+%", text)  # the fullest bucket
+    assert "28/40" in text  # the open batch
     assert "ready" in text and "parked" in text
-    assert "DEFER concurrency" in text and "REJECT too_large:budget:hour" in text
-    for period in ("hour", "day", "month", "total"):
+    for period in ("hour", "day"):
         assert period in text
+    assert not re.search(r"\b0s\)", text)  # a parked tenant due now is not 'parked 0s'
     narrow = io.StringIO()
     console = Console(file=narrow, width=80, color_system=None, force_terminal=False)
     assert await run_top(settings_for(redis_url), once=True, console=console) == 0
     lines = narrow.getvalue().splitlines()
     assert all(len(line) <= 80 for line in lines)
     assert "budgets: % remaining" in narrow.getvalue()
-    assert any("acme-corp" in line and "%" in line for line in lines)
+    assert any("nightly-etl" in line and "%" in line for line in lines)
 
 
 async def test_top_once_default_console(

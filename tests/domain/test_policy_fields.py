@@ -14,11 +14,15 @@ from budgeter.domain.policy import TenantPolicy
 from budgeter.domain.policy_fields import (
     RATE_KINDS,
     LimitField,
+    bucket_field,
     budget_counter,
     counter_field,
     field_models,
     format_field,
+    format_tat,
+    parse_bucket_field,
     parse_field,
+    parse_tat,
 )
 from budgeter.tenants.store import TenantStore
 
@@ -121,3 +125,37 @@ async def test_reserve_lua_keeps_the_counters_named_here(redis: Redis) -> None:
     for counter in (budget_counter("day"), budget_counter("hour", model="a:b")):
         assert fields[counter_field(counter, "reserved")] == "30"
         assert counter_field(counter, "id") in fields
+
+
+@given(st.sampled_from(RATE_KINDS), st.none() | models)
+def test_bucket_fields_round_trip(kind: str, model: str | None) -> None:
+    assert parse_bucket_field(bucket_field(kind, model)) == (kind, model)
+
+
+@pytest.mark.parametrize("name", ["", "rpm:", "m:rpm", "m::rpm", "tpm", "m:a:day", "rate:rpm"])
+def test_other_bucket_fields_are_none(name: str) -> None:
+    assert parse_bucket_field(name) is None
+
+
+@given(st.floats(0, 1e13, allow_nan=False))
+def test_tat_round_trips_as_lua_writes_it(tat: float) -> None:
+    parsed = parse_tat(format_tat(tat))
+    assert parsed is not None and abs(parsed - tat) <= 0.0005 + 1e-9 * tat
+    assert parse_tat(None) is None and parse_tat("nan") is None and parse_tat("x") is None
+
+
+async def test_the_bucket_fields_reserve_lua_writes(redis: Redis) -> None:
+    """reserve.lua writes the buckets hash in exactly this format (field and number)."""
+    policy = TenantPolicy.model_validate(
+        {"rate": {"rpm": 60, "otpm": 6000}, "models": {"a:b": {"rate": {"itpm": 1000}}}}
+    )
+    await TenantStore(redis).put("bk", policy)
+    assert (await Admission(redis).reserve("bk", "r1", 100, 50, model="a:b")).kind == "ADMIT"
+    tats = await redis.hgetall("budgeter:{t:bk}:buckets")
+    assert {parse_bucket_field(name) for name in tats} == {
+        ("rpm", None),
+        ("otpm", None),
+        ("itpm", "a:b"),
+    }
+    for name, value in tats.items():
+        assert format_tat(parse_tat(value) or -1) == value, name

@@ -17,11 +17,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from budgeter.api.app import create_app
 from budgeter.settings import Settings
 from tests.admission import test_admission
+from tests.api import test_admin_consistency
 from tests.api import test_app as test_api_http
 from tests.domain import test_policy as test_policy_depth
 from tests.queue import test_job_layout, test_jobqueue, test_priorities_and_deadlines
 from tests.store import test_hash_slots
 from tests.system import test_review_fixes
+from tests.tenants import test_merge_patch
 from tests.upstream import test_token_counter as test_count_fallback
 from tests.worker import test_worker
 
@@ -36,6 +38,8 @@ MODULES = (
     test_policy_depth,
     test_count_fallback,
     test_priorities_and_deadlines,
+    test_merge_patch,
+    test_admin_consistency,
 )
 SUPPORTED = {"redis", "client"}
 

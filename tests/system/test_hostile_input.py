@@ -234,6 +234,12 @@ VALID_BODIES: dict[tuple[str, str], list[dict[str, Any]]] = {
         {"model": "claude-test", "messages": [{"role": "user", "content": "hi"}]}
     ],
     ("/v1/messages/batches", "POST"): [{"requests": [request_line("a"), request_line("b")]}],
+    # a JSON merge patch of tenant fuzzed's policy: merged, deleting, and invalid once merged
+    ("/admin/tenants/{tenant}", "PATCH"): [
+        {"weight": 2, "budgets": {"day": 1000}},
+        {"rate": {"rpm": None}, "budgets": None},
+        {"rate": {"rpm": 0}},
+    ],
 }
 
 
@@ -263,8 +269,11 @@ def test_schemathesis_every_operation(
                         generation_mode=GenerationMode.POSITIVE, path_parameters=fixed
                     )
                 )
+            kinds = list(spec.get("requestBody", {}).get("content", {}))
             strategies += [
-                operation.as_strategy(body=body) for body in VALID_BODIES.get((path, method), [])
+                operation.as_strategy(body=body, media_type=kind)
+                for body in VALID_BODIES.get((path, method), [])
+                for kind in kinds
             ]
             strategy, examples = st.one_of(strategies), 30
         else:
@@ -429,7 +438,7 @@ HOSTILE_PARAMS: list[tuple[str, bytes, str]] = [
     ("max_tokens null", params_json(max_tokens="null").encode(), "max_tokens"),
     ("model number", params_json(model="5").encode(), "model"),
     ("messages empty", params_json(messages="[]").encode(), "messages"),
-    ("role system", params_json(messages='[{"role": "system", "content": "x"}]').encode(), "role"),
+    ("role tool", params_json(messages='[{"role": "tool", "content": "x"}]').encode(), "role"),
     (
         f"nested {MAX_JSON_DEPTH + 1} deep",
         params_json(metadata=nested(MAX_JSON_DEPTH)).encode(),
@@ -603,6 +612,43 @@ async def test_hostile_batch_ids_and_pagination(api: Api) -> None:
     assert await api.snapshot() == before
 
 
+HOSTILE_BETAS = ["a b", "x;y", "{t:victim}", "../x", "a" * 200, ",".join(["b"] * 2 + ["c d"])]
+
+
+async def test_hostile_betas_and_model_ids_are_refused(api: Api) -> None:
+    """A malformed anthropic-beta is a 400 before anything is counted, sent or queued; a
+    hostile model id or cursor on the Models API is a 404 (or a 400 for a bad limit)."""
+    before = await api.snapshot()
+    calls = await api.upstream_calls()
+    count_body = params_json().replace('"max_tokens": 16, ', "")
+    batch = json.dumps({"requests": [{"custom_id": "b", "params": json.loads(params_json())}]})
+    for beta in [*HOSTILE_BETAS, ",".join(f"b{i}" for i in range(65))]:
+        for path, body in [
+            ("/v1/messages", params_json()),
+            ("/v1/messages/count_tokens", count_body),
+            ("/v1/messages/batches", batch),
+        ]:
+            headers = {**api.attacker, "anthropic-beta": beta}
+            resp = await api.client.post(path, data=body.encode(), headers=headers)
+            message = await expect_refused(resp, 400, "invalid_request_error", f"{path} {beta!r}")
+            assert message.startswith("anthropic-beta: "), message
+    for model_id in HOSTILE_IDS:
+        path = f"/v1/models/{quote(model_id, safe='')}"
+        resp = await api.client.get(path, headers=api.attacker)
+        await expect_refused(resp, 404, "not_found_error", path)
+        for param in ("before_id", "after_id"):
+            resp = await api.client.get(
+                "/v1/models", params={param: model_id}, headers=api.attacker
+            )
+            await expect_refused(resp, 404, "not_found_error", f"models {param}={model_id!r}")
+    for limit in ("0", "1001", "ten", ""):
+        resp = await api.client.get("/v1/models", params={"limit": limit}, headers=api.attacker)
+        await expect_refused(resp, 400, "invalid_request_error", f"models limit={limit!r}")
+    assert await api.snapshot() == before
+    after = await api.upstream_calls()
+    assert (after["messages"], after["count_tokens"]) == (calls["messages"], calls["count_tokens"])
+
+
 async def raw_http(port: int, request: bytes) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -644,7 +690,7 @@ async def test_credentials_that_are_not_utf8_are_refused_with_401(api: Api) -> N
 
 
 # count_tokens forwards a JSON object of known fields as it is: the upstream judges the values
-UPSTREAM_JUDGES = {"model number", "messages empty", "role system"}
+UPSTREAM_JUDGES = {"model number", "messages empty", "role tool"}
 
 
 async def test_sync_proxy_refuses_hostile_bodies(api: Api) -> None:
@@ -673,9 +719,14 @@ async def test_sync_proxy_refuses_hostile_bodies(api: Api) -> None:
 
 async def test_sync_proxy_passes_unknown_params_fields_through(api: Api) -> None:
     """Unknown fields of a Messages request are the upstream's to judge (the API grows):
-    budgeter forwards them and answers whatever the upstream says, never a 5xx."""
+    budgeter forwards them and answers whatever the upstream says, never a 5xx. The strict
+    mock, as the real API, refuses a field it does not know: its verdict comes back."""
     body = params_json(future_option='{"nested": [1, 2, {"x": null}]}', metadata='{"user_id": "u"}')
     resp = await api.client.post("/v1/messages", data=body.encode(), headers=api.attacker)
+    message = await expect_refused(resp, 400, "invalid_request_error", "future_option")
+    assert message == "future_option: Extra inputs are not permitted"  # the upstream's words
+    known = params_json(metadata='{"user_id": "u"}', temperature="0.5")
+    resp = await api.client.post("/v1/messages", data=known.encode(), headers=api.attacker)
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["type"] == "message"
 
@@ -712,7 +763,7 @@ WRONG: dict[tuple[Any, ...], st.SearchStrategy[Any]] = {
     ("params", "messages"): st.one_of(SCALARS, st.text(), INTS, DICTS, st.just([])),
     ("params", "messages", 0): st.one_of(SCALARS, st.text(), INTS, DICTS),
     ("params", "messages", 0, "role"): st.one_of(
-        SCALARS, st.text().filter(lambda role: role not in ("user", "assistant"))
+        SCALARS, st.text().filter(lambda role: role not in ("user", "assistant", "system"))
     ),
     ("params", "messages", 0, "content"): st.one_of(SCALARS, INTS, DICTS),
 }

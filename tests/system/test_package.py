@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from budgeter.store.shared_redis import SharedRedis
+from tests.system.test_up import up_stack_and_sdk_example
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -65,3 +68,15 @@ def test_wheel_carries_the_lua_scripts_the_page_and_the_license(dist: Path) -> N
 def test_the_installed_command_runs_from_a_clean_venv(wheel_venv: Path, tmp_path: Path) -> None:
     out = _run(wheel_venv / "bin" / "budgeter", "--help", cwd=tmp_path)
     assert "usage: budgeter" in out
+    version = _run(wheel_venv / "bin" / "budgeter", "--version", cwd=tmp_path)
+    assert version.strip() == "budgeter 0.1.0"
+
+
+def test_the_wheel_alone_runs_budgeter_up_and_the_sdk_example(
+    wheel_venv: Path, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    try:
+        up_stack_and_sdk_example([str(wheel_venv / "bin" / "budgeter")], tmp_path, data_dir)
+    finally:
+        SharedRedis(data_dir).stop()

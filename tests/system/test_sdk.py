@@ -209,7 +209,7 @@ def test_sdk2_errors_are_the_sdk_exception_classes(stack: Stack) -> None:
         client.messages.batches.create(requests=huge)  # type: ignore[arg-type]
     assert too_large.value.status_code == 413
     sync_redis.Redis.from_url(stack.redis_url).delete(f"{PREFIX}:{{t:sdk-orphan}}:policy")
-    with pytest.raises(anthropic.PermissionDeniedError):
+    with pytest.raises(anthropic.NotFoundError):  # every route: a missing tenant is 404
         stack.client("sdk-orphan").messages.batches.create(requests=requests(1, "x"))  # type: ignore[arg-type]
 
 

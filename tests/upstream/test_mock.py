@@ -1,4 +1,5 @@
-"""The deterministic mock Messages API: counting, validation, faults, streaming, stats, auth."""
+"""The deterministic mock Messages API: counting, validation, faults, streaming, stats, auth
+(x-api-key or Authorization: Bearer, as the real API)."""
 
 from __future__ import annotations
 
@@ -262,7 +263,12 @@ async def test_auth_header_rules(aiohttp_client: ClientFactory, path: str) -> No
     cases: list[tuple[dict[str, str], int, str]] = [
         ({"anthropic-version": "2023-06-01"}, 401, "authentication_error"),
         (
-            {"authorization": "Bearer k", "anthropic-version": "2023-06-01"},
+            {"authorization": "Bearer wrong", "anthropic-version": "2023-06-01"},
+            401,
+            "authentication_error",
+        ),
+        (
+            {"authorization": "Basic k", "anthropic-version": "2023-06-01"},
             401,
             "authentication_error",
         ),
@@ -274,6 +280,9 @@ async def test_auth_header_rules(aiohttp_client: ClientFactory, path: str) -> No
         assert (got, error_type(payload)) == (status, kind), headers
     got, _, _ = await post(client, path, body)
     assert got == 200
+    bearer = {"authorization": "Bearer k", "anthropic-version": "2023-06-01"}
+    got, _, _ = await post(client, path, body, **bearer)
+    assert got == 200  # the real API takes a key as a Bearer token too
 
 
 async def test_any_key_accepted_without_configured_key(aiohttp_client: ClientFactory) -> None:
@@ -292,5 +301,7 @@ async def test_any_key_accepted_without_configured_key(aiohttp_client: ClientFac
         authorization="Bearer x",
         **{"anthropic-version": "2023-06-01"},
     )
+    assert got == 200
+    got, payload, _ = await post(client, "/v1/messages", PAYLOADS[0], **{"anthropic-version": "1"})
     assert got == 401
     assert "x-api-key" in payload["error"]["message"]

@@ -2,6 +2,7 @@
 request or for many (each decided in turn, as if called once per request in that order).
 -- needs: lib/periods.lua
 -- needs: lib/hash_cache.lua
+-- needs: lib/prices.lua
 A scope is a tenant ({t:<tenant>}) or one model of the upstream account ({g:<digest>}).
 All keys carry the scope's hash tag, so the call is correct on Redis Cluster.
 
@@ -25,8 +26,10 @@ ARGV[3] the requests, a JSON array of arrays, one per request:
   [4] hold ms: the reservation's deadline is now + hold
   [5] model (its m:<model>: limits apply too; recorded for usage accounting)
   [6] '1': mark the reservation sent at once (the reaper then charges it in full)
-  [7] the model's prices 'input output cache_write cache_read' in USD per million
-      tokens, or '' (then a usd budget refuses the request: 'unpriced_model')
+  [7] the model's price argument (lib/prices.lua: base prices 'input output cache_write
+      cache_read' in USD per million tokens, then its long-context tiers), or '' (then a
+      usd budget refuses the request: 'unpriced_model'). The dollars reserved are the
+      dearest the request can cost in the tier its input tokens fall in (prices_reserve)
 
 Returns decision, until_ms, reason, now_ms, detail for each request in order, one flat
 list of 5 per request:
@@ -126,18 +129,6 @@ local function plan_of(model)
   return plan
 end
 
-local prices_of = {}
-local function prices_from(arg)
-  if arg == '' then return nil end
-  local p = prices_of[arg]
-  if not p then
-    p = {}
-    for x in string.gmatch(arg, '%S+') do p[#p + 1] = tonumber(x) end
-    prices_of[arg] = p
-  end
-  return p
-end
-
 local function answer(n, decision, until_ms, reason, detail, tokens)
   local r = (n - 1) * 5
   replies[r + 1], replies[r + 2], replies[r + 3] = decision, until_ms, reason
@@ -160,11 +151,9 @@ local function reserve_one(n, id, input, output, hold, model, sent, price_arg)
   if paused and paused > now then
     return answer(n, 'DEFER', paused, 'paused', '', est)
   end
-  local prices = prices_from(price_arg)
+  local prices = prices_parse(price_arg)
   local usd_est = 0
-  if prices then
-    usd_est = (input * math.max(prices[1], prices[3]) + output * prices[2]) / 1000000
-  end
+  if prices then usd_est = prices_reserve(prices, input, output) end
   local settle_wait, wait_reason = false, nil
   local exhausted_until, exhausted_reason = 0, nil
 

@@ -2,6 +2,7 @@
 per call (each settled in turn, as if called once per reservation in that order).
 -- needs: lib/periods.lua
 -- needs: lib/hash_cache.lua
+-- needs: lib/prices.lua
 A reservation that is no longer in KEYS[3] was settled (or reaped) before: nothing happens.
 
 KEYS[1] buckets        hash  [m:<model>:]rpm|itpm|otpm -> GCRA theoretical arrival time (ms)
@@ -17,8 +18,11 @@ ARGV[2] 'reap', ARGV[3] max reservations: every reservation past its deadline is
         in full if marked sent, else released. Returns one
         {settled, waiting_settle, charged_full, released, actual_tokens, reserved_tokens}
 ARGV[2] otherwise the reservations, a JSON array of arrays, one per reservation:
-  [1] mode: 'usage'   charge what the upstream reported ([3]..[6])
-            'full'    charge the whole reservation (upstream may have served it)
+  [1] mode: 'usage'   charge what the upstream reported ([3]..[6]); in dollars at the
+                      reservation's prices (lib/prices.lua), in the tier of the real
+                      input + cache_creation + cache_read
+            'full'    charge the whole reservation (upstream may have served it; in
+                      dollars: what was reserved)
             'release' charge nothing (the upstream was never called)
   [2] reservation id
   [3] input, [4] output, [5] cache_creation_input, [6] cache_read_input tokens ('usage'
@@ -57,7 +61,7 @@ local function add(prefix, what, n)
   fields[what] = (fields[what] or 0) + n
 end
 
-local prices_of, kinds = {}, {}
+local kinds = {}
 
 local function settle_one(id, kind, a_in, a_out, a_cc, a_cr)
   local raw = hget(KEYS[3], id)
@@ -73,16 +77,10 @@ local function settle_one(id, kind, a_in, a_out, a_cc, a_cr)
   local total = total_in + a_out
   local usd = 0
   if r.p then
-    local p = prices_of[r.p]
-    if not p then
-      p = {}
-      for x in string.gmatch(r.p, '%S+') do p[#p + 1] = tonumber(x) end
-      prices_of[r.p] = p
-    end
     if kind == 'full' then
       usd = r.u
-    else
-      usd = (a_in * p[1] + a_out * p[2] + a_cc * p[3] + a_cr * p[4]) / 1000000
+    else  -- at the tier of the real input (input + cache creation + cache read)
+      usd = prices_usage(prices_parse(r.p), a_in, a_out, a_cc, a_cr)
     end
   end
 
