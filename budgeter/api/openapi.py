@@ -89,7 +89,17 @@ def _parameters(route: Route) -> list[JsonSchema]:
         }
         for name, kind in route.doc.query
     ]
-    return in_path + in_query
+    in_header = [
+        {
+            "name": name,
+            "in": "header",
+            "required": False,
+            "description": description,
+            "schema": {"type": "string"},
+        }
+        for name, description in route.doc.headers
+    ]
+    return in_path + in_query + in_header
 
 
 def _operation(route: Route) -> JsonSchema:

@@ -41,6 +41,7 @@ class Doc:
     body: type[BaseModel] | JsonSchema | None = None
     body_types: tuple[str, ...] = ("application/json",)  # content types the body may have
     query: tuple[tuple[str, str], ...] = ()  # (name, JSON type) of optional parameters
+    headers: tuple[tuple[str, str], ...] = ()  # (name, description) of optional headers
     status: str = "200"
     also: tuple[str, ...] = ()  # other statuses answering the same body
     content_type: str = "application/json"
@@ -107,6 +108,21 @@ TENANT_POLICY_PATCH: JsonSchema = {
 }
 
 BATCH = "/v1/messages/batches/{batch_id}"
+# the headers a call to the upstream carries through (issue 16): budgeter's own count uses them too
+_PASSED_THROUGH = (
+    (
+        "anthropic-beta",
+        "beta features, comma-separated: sent upstream with the call "
+        "(BUDGETER_ALLOWED_BETAS and the policy's allowed_betas may refuse one: 400)",
+    ),
+    ("anthropic-version", "sent upstream when BUDGETER_UPSTREAM_ANTHROPIC_VERSION=client"),
+)
+_BATCH_HEADERS = (
+    *_PASSED_THROUGH,
+    ("budgeter-priority", "high, normal or low: order among the tenant's own jobs"),
+    ("budgeter-deadline-seconds", "jobs not served by then expire"),
+)
+
 # {tenant:[^/]+}: braces too reach tenant_param, which refuses them with a clear 400
 TENANT = "/admin/tenants/{tenant:[^/]+}"
 
@@ -122,6 +138,7 @@ ROUTES: tuple[Route, ...] = (
             answer=schemas.MessageAnswer,
             body=MessageParams,
             alternatives={"text/event-stream": _SSE_EVENT},
+            headers=_PASSED_THROUGH,
         ),
     ),
     Route(
@@ -134,6 +151,7 @@ ROUTES: tuple[Route, ...] = (
             "tenant",
             answer=schemas.CountTokensAnswer,
             body=schemas.CountTokensBody,
+            headers=_PASSED_THROUGH,
         ),
     ),
     Route(
@@ -164,6 +182,7 @@ ROUTES: tuple[Route, ...] = (
             "tenant",
             answer=schemas.MessageBatch,
             body=schemas.CreateBatchBody,
+            headers=_BATCH_HEADERS,
         ),
     ),
     Route(

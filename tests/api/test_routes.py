@@ -67,3 +67,12 @@ def test_path_parameters_come_from_the_path() -> None:
     assert revoke.path_params == ("tenant", "key_id")
     operation = openapi_document()["paths"][revoke.openapi_path]["delete"]
     assert [p["name"] for p in operation["parameters"]] == ["tenant", "key_id"]
+
+
+def test_the_headers_passed_upstream_are_documented() -> None:
+    paths = openapi_document()["paths"]
+    for path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/messages/batches"):
+        headers = {p["name"] for p in paths[path]["post"]["parameters"] if p["in"] == "header"}
+        assert {"anthropic-beta", "anthropic-version"} <= headers, path
+    batch = {p["name"] for p in paths["/v1/messages/batches"]["post"]["parameters"]}
+    assert {"budgeter-priority", "budgeter-deadline-seconds"} <= batch
