@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from budgeter.domain.jobs import TERMINAL_STATES
+from budgeter.domain.periods import PERIODS
+from budgeter.domain.policy_fields import RATE_KINDS
 from budgeter.queue.jobqueue import oldest_queued_age_s
 from budgeter.store.keys import SchedKeys, TenantKeys
 from budgeter.store.server_time import server_time_ms
@@ -15,6 +17,18 @@ from budgeter.store.types import RedisClient
 
 OTHER = "other"
 TERMINAL_OUTCOMES = TERMINAL_STATES
+REAP_ACTIONS = ("charged", "released")
+TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
+COUNT_CACHE_RESULTS = ("hit", "miss")
+# the (decision, reason) series every known tenant exports from the start: the reasons are
+# open-ended per policy (periods, models, the account's limits), so these are the ones
+# without a model that a tenant's own policy can give; any other appears at its first use
+INITIAL_DECISIONS: tuple[tuple[str, str], ...] = (
+    ("ADMIT", "none"),
+    *(("DEFER", f"rate:{kind}") for kind in RATE_KINDS),
+    ("DEFER", "concurrency"),
+    *(("REJECT", f"exhausted:{period}") for period in PERIODS),
+)
 
 
 class BoundedLabel:
@@ -76,6 +90,50 @@ class DurableJobCounts:
 def reason_label(reason: str) -> str:
     """Admission reasons are already a bounded vocabulary ('rate:itpm', 'exhausted:day')."""
     return reason or "none"
+
+
+class TenantSeries:
+    """The children of one ``tenant`` label value, created together at 0 when the process
+    first learns the tenant, so that Prometheus' ``rate()``/``increase()`` see the first
+    increment; kept by :meth:`Metrics.for_tenant`, so the hot path calls no ``labels()``."""
+
+    def __init__(self, metrics: Metrics, label: str) -> None:
+        self.label = label
+        self._metrics = metrics
+        self.jobs: dict[str, Counter] = {
+            o: metrics.jobs.labels(label, o) for o in TERMINAL_OUTCOMES
+        }
+        self._decisions = {key: metrics.decisions.labels(label, *key) for key in INITIAL_DECISIONS}
+        self.reaped = {a: metrics.reaped.labels(label, a) for a in REAP_ACTIONS}
+        self.dead_lettered = metrics.dead_lettered.labels(label)
+        self.count_estimated = metrics.count_estimated.labels(label)
+        self.admission_wait = metrics.admission_wait.labels(label)
+        self._tokens: dict[str, dict[str, Counter]] = {}  # model label -> kind -> child
+
+    def job(self, outcome: str) -> Counter:
+        child = self.jobs.get(outcome)
+        if child is None:
+            child = self.jobs[outcome] = self._metrics.jobs.labels(self.label, outcome)
+        return child
+
+    def decision(self, kind: str, reason: str) -> Counter:
+        """The child of one decision; reasons are a bounded vocabulary (the dict too)."""
+        key = (kind, reason_label(reason))
+        child = self._decisions.get(key)
+        if child is None:
+            child = self._decisions[key] = self._metrics.decisions.labels(self.label, *key)
+        return child
+
+    def tokens(self, model: str) -> dict[str, Counter]:
+        """Every kind of token of one model at once (the model label is bounded too)."""
+        mlabel = self._metrics.model(model)
+        kinds = self._tokens.get(mlabel)
+        if kinds is None:
+            family = self._metrics.tokens
+            kinds = self._tokens[mlabel] = {
+                k: family.labels(self.label, mlabel, k) for k in TOKEN_KINDS
+            }
+        return kinds
 
 
 class Metrics:
@@ -170,8 +228,26 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        self.count_cache_results = {r: self.count_cache.labels(r) for r in COUNT_CACHE_RESULTS}
         self.durable = DurableJobCounts()
         r.register(self.durable)
+        # tenant label -> its children: at most max_tenants + 1 ("other") entries
+        self._series: dict[str, TenantSeries] = {}
+
+    def for_tenant(self, tenant: str) -> TenantSeries:
+        """The tenant's series (its label may be ``other``), created at 0 the first time."""
+        series = self._series.get(tenant)
+        if series is None:
+            label = self.tenant(tenant)
+            series = self._series.get(label)
+            if series is None:
+                series = self._series[label] = TenantSeries(self, label)
+        return series
+
+    def know_tenants(self, tenants: Iterable[str]) -> None:
+        """Export every tenant-labelled counter of these tenants (at 0 if new)."""
+        for tenant in tenants:
+            self.for_tenant(tenant)
 
     def observe_upstream(self, route: str, status: str, seconds: float) -> None:
         self.upstream_duration.labels(route, status).observe(seconds)
@@ -191,7 +267,7 @@ class Metrics:
         actual = input_tokens + output_tokens + cache_creation + cache_read
         if reserved:
             self.estimate_error.observe(actual / reserved)
-        label, mlabel = self.tenant(tenant), self.model(model)
+        kinds = self.for_tenant(tenant).tokens(model)
         for kind, n in (
             ("input", input_tokens),
             ("output", output_tokens),
@@ -199,7 +275,7 @@ class Metrics:
             ("cache_read", cache_read),
         ):
             if n:
-                self.tokens.labels(label, mlabel, kind).inc(n)
+                kinds[kind].inc(n)
 
 
 async def refresh_state_metrics(
@@ -255,6 +331,7 @@ async def _refresh_durable(
 ) -> None:
     members = await redis.smembers(SchedKeys(prefix).known)  # str: decode_responses
     known = sorted(set(tenants) | {str(member) for member in members})
+    metrics.know_tenants(known)
     async with redis.pipeline(transaction=False) as pipe:
         for tenant in known:
             pipe.hgetall(TenantKeys.of(prefix, tenant).outcomes)
@@ -262,9 +339,7 @@ async def _refresh_durable(
     submitted: dict[str, float] = {}
     terminal: dict[tuple[str, str], float] = {}
     for tenant, raw in zip(known, counts, strict=True):
-        if not raw:
-            continue
-        label = metrics.tenant(tenant)
+        label = metrics.tenant(tenant)  # no hash yet (no job): exported at 0
         submitted[label] = submitted.get(label, 0) + int(raw.get("submitted", 0))
         for outcome in TERMINAL_OUTCOMES:
             key = (label, outcome)

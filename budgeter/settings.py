@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from budgeter.domain.passthrough import CLIENT_VERSION, check_version, parse_betas
 from budgeter.domain.pricing import ModelPrice
+from budgeter.store.urls import check_redis_url
 
 
 def default_data_dir() -> Path:
@@ -142,15 +143,17 @@ class Settings(BaseSettings):
     )
     log_format: str = Field(default="text", description="'text' or 'json' log lines.")
     log_level: str = Field(default="INFO", description="Python logging level.")
+    event_loop: str = Field(
+        default="auto",
+        description="'auto' (uvloop when installed), 'uvloop' or 'asyncio' (the default loop).",
+    )
 
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        if not value.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
-            raise ValueError("must start with redis://, rediss://, unix:// or redis+cluster://")
-        return value
+        return check_redis_url(value)  # the URL forms: budgeter/store/urls.py
 
     @property
     def cluster_mode(self) -> bool:
@@ -208,6 +211,14 @@ class Settings(BaseSettings):
     def _log_format(cls, value: str) -> str:
         if value not in ("text", "json"):
             raise ValueError("must be 'text' or 'json'")
+        return value
+
+    @field_validator("event_loop")
+    @classmethod
+    def _event_loop(cls, value: str) -> str:
+        value = value.lower()
+        if value not in ("auto", "uvloop", "asyncio"):
+            raise ValueError("must be 'auto', 'uvloop' or 'asyncio'")
         return value
 
     @field_validator("log_level")

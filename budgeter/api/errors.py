@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from budgeter.domain import jsonio
 from budgeter.domain.results import STATUS_ERROR_TYPES, error_body
 from budgeter.store.outage import OUTAGE, RETRY_INTERVAL_S, unreachable_cause
 
@@ -48,7 +49,10 @@ REDIS_UNREACHABLE = ApiError(
 
 def error_response(exc: ApiError) -> web.Response:
     return web.json_response(
-        error_body(exc.error_type, exc.message), status=exc.status, headers=exc.headers
+        error_body(exc.error_type, exc.message),
+        status=exc.status,
+        headers=exc.headers,
+        dumps=jsonio.dumps_str,
     )
 
 

@@ -32,10 +32,11 @@ from budgeter.api.errors import REQUEST_ID, ApiError
 from budgeter.api.passthrough import BetaGate, read_passthrough, upstream_id_headers
 from budgeter.api.ratelimit_headers import tenant_ratelimit_headers
 from budgeter.api.request import PRINCIPAL, read_json
+from budgeter.domain import jsonio
 from budgeter.domain.messages import MessageParams, first_error
 from budgeter.domain.passthrough import NO_PASSTHROUGH, Passthrough
 from budgeter.domain.results import BUDGET_ERROR_TYPE, REFUSAL_TYPES, error_body
-from budgeter.metrics import Metrics, reason_label
+from budgeter.metrics import Metrics
 from budgeter.queue.jobqueue import JobQueue
 from budgeter.store.keys import TenantKeys
 from budgeter.store.types import RedisClient
@@ -116,7 +117,7 @@ class LocalCountCache(TokenCounter):
         if found is not None and found[1] > now:
             self._local.move_to_end(digest)
             if self.metrics is not None:
-                self.metrics.count_cache.labels("hit").inc()
+                self.metrics.count_cache_results["hit"].inc()
             return found[0]
         tokens = await super().count(params, passthrough)
         self._local[digest] = (tokens, now + min(float(self.ttl_s), LOCAL_COUNT_MAX_S))
@@ -159,7 +160,7 @@ def _upstream_error(
 ) -> web.Response:
     status = exc.status if exc.status >= 400 else 502
     headers = {**headers, **upstream_id_headers(request, exc.request_id)}
-    return web.json_response(exc.body, status=status, headers=headers)
+    return web.json_response(exc.body, status=status, headers=headers, dumps=jsonio.dumps_str)
 
 
 async def _passthrough(request: web.Request, deps: ProxyDeps, tenant: str) -> Passthrough:
@@ -308,7 +309,7 @@ async def _forward(
     headers.update(upstream_id_headers(request, answer.request_id))
     usage = Usage.from_message(answer.payload)
     await _settle(deps, tenant, rid, call.model, usage, call.reserved)
-    deps.metrics.jobs.labels(deps.metrics.tenant(tenant), "succeeded").inc()
+    deps.metrics.for_tenant(tenant).job("succeeded").inc()
     # the upstream's own bytes: no second encoding of the message
     return web.Response(body=answer.raw, content_type="application/json", headers=headers)
 
@@ -325,7 +326,7 @@ async def _admit(
 
     The policy's ``max_wait_seconds`` is read only at the first DEFER, so an admitted call
     costs one Redis round trip here."""
-    label = deps.metrics.tenant(tenant)
+    series = deps.metrics.for_tenant(tenant)
     started = time.monotonic()
     give_up: float | None = None
     while True:
@@ -338,7 +339,7 @@ async def _admit(
             hold_ms=deps.hold_ms,
             sent_at_once=True,
         )
-        deps.metrics.decisions.labels(label, decision.kind, reason_label(decision.reason)).inc()
+        series.decision(decision.kind, decision.reason).inc()
         if decision.kind != "DEFER" or decision.waits_for_reset:
             break
         pause = (
@@ -353,7 +354,7 @@ async def _admit(
             break
         await asyncio.sleep(max(pause, 0.001))
     if decision.kind == "ADMIT":
-        deps.metrics.admission_wait.labels(label).observe(time.monotonic() - started)
+        series.admission_wait.observe(time.monotonic() - started)
     return decision
 
 
@@ -443,7 +444,7 @@ async def _stream(
                         if not pending:
                             continue
                         with contextlib.suppress(ValueError):
-                            seen.feed(json.loads("\n".join(pending)))
+                            seen.feed(jsonio.loads("\n".join(pending)))
                         pending.clear()
                         if seen.stopped or seen.errored:
                             await _settle(deps, tenant, rid, model, seen.usage(), reserved)

@@ -8,6 +8,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from budgeter.admission.admission import format_ms
+from budgeter.domain import jsonio
 from budgeter.domain.messages import MAX_BATCH_REQUESTS, BatchRequest
 from budgeter.domain.policy import GlobalPolicy, TenantPolicy
 from budgeter.queue.batches import BatchStatus
@@ -156,4 +157,4 @@ def dump(model: BaseModel) -> dict[str, Any]:
 
 def ok(model: BaseModel, status: int = 200) -> web.Response:
     """A JSON answer made of one of the models above."""
-    return web.json_response(dump(model), status=status)
+    return web.json_response(dump(model), status=status, dumps=jsonio.dumps_str)

@@ -40,6 +40,7 @@ from budgeter.tenants.usage import tenant_usage
 if TYPE_CHECKING:
     from rich.console import Console
 
+from budgeter.cli import event_loop
 from budgeter.cli.batch_file import read_batch_file
 from budgeter.cli.errors import (
     EXIT_CLOSED_PIPE,
@@ -82,7 +83,8 @@ def run_command(argv: list[str] | None) -> int:
     try:
         settings = load_settings()
         setup_logging(settings.log_level, settings.log_format)
-        return asyncio.run(dispatch(args, settings))
+        process = args.command in ("api", "worker", "mock-upstream", "demo", "up")
+        return event_loop.run(dispatch(args, settings), settings.event_loop, process=process)
     except InputFileError as exc:
         for problem in exc.problems:
             print(f"budgeter: {problem}", file=sys.stderr)

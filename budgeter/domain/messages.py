@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 from typing import Any, Literal, NoReturn, TypeAlias
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -29,6 +30,9 @@ COUNT_TOKENS_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_c
 MAX_JSON_DEPTH = 100
 _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# orjson reads an integer beyond 64 bits as a float: input with such a long run of digits
+# takes the json module's path, which refuses it (18 digits always fit in 64 bits)
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
 JsonValue: TypeAlias = "dict[str, JsonValue] | list[JsonValue] | str | int | float | bool | None"
@@ -78,7 +82,19 @@ def _check_tree(value: JsonValue, *, surrogates: bool) -> None:
 
 def parse_json(raw: bytes) -> JsonValue:
     """Strict JSON from bytes: UTF-8, no NaN/Infinity, finite floats, 64-bit integers, no
-    lone surrogates, at most MAX_JSON_DEPTH levels; else :class:`JsonInputError`."""
+    lone surrogates, at most MAX_JSON_DEPTH levels; else :class:`JsonInputError`.
+
+    orjson reads it when it can: it refuses all of those but long integers (kept from it)
+    and depth (checked after); whatever it refuses is read again by ``json``, whose
+    messages say what is wrong (line and column)."""
+    if _LONG_DIGITS.search(raw) is None:
+        try:
+            fast: JsonValue = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            _check_tree(fast, surrogates=False)  # orjson refuses lone surrogates
+            return fast
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -5,7 +5,6 @@ anthropic-version, in the batch's hash: ``betas`` as ``format_betas`` writes it,
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
@@ -14,6 +13,7 @@ from typing import Any
 
 from redis.typing import EncodableT, FieldT
 
+from budgeter.domain import jsonio
 from budgeter.domain.jobs import DEFAULT_TTL_MS
 from budgeter.domain.messages import BatchRequest
 from budgeter.domain.passthrough import NO_PASSTHROUGH, Passthrough, format_betas, parse_betas
@@ -249,7 +249,7 @@ class BatchStore:
     ) -> AsyncIterator[dict[str, Any]]:
         """Result lines in submission order, read in chunks (never the whole batch)."""
         async for raw in self.raw_results(batch_id, tenant=tenant, chunk=chunk):
-            yield json.loads(raw)
+            yield jsonio.loads(raw)
 
     async def raw_results(
         self, batch_id: str, *, tenant: str | None = None, chunk: int = 500
@@ -264,7 +264,7 @@ class BatchStore:
             if not block:
                 return
             for packed in block:
-                ids = [prefix + cid for cid in json.loads(packed)]
+                ids = [prefix + cid for cid in jsonio.loads(packed)]
                 for start in range(0, len(ids), chunk):
                     for line in await self.redis.hmget(keys.results, ids[start : start + chunk]):
                         if line is not None:

@@ -10,7 +10,6 @@ keys. A worker therefore takes a job in two calls: ``sched_pick`` chooses the te
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from redis.asyncio.cluster import ClusterPipeline
 from redis.exceptions import WatchError
 from redis.typing import EncodableT, FieldT
 
-from budgeter.domain import policy_fields
+from budgeter.domain import jsonio, policy_fields
 from budgeter.domain.jobs import DEFAULT_TTL_MS, TERMINAL_STATES
 from budgeter.domain.policy import TENANT_ID_RE
 from budgeter.queue.batch_meta import BatchMeta, format_batch_meta, parse_batch_meta
@@ -39,7 +38,7 @@ class UnknownTenantError(LookupError):
     """Work submitted for a tenant without a policy."""
 
 
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
+_dumps = jsonio.dumps
 
 
 def job_id(batch_id: str, custom_id: str) -> str:
@@ -201,7 +200,7 @@ class JobQueue:
                             chunk_ids = [ids[i] for i in chunk]
                             chunk_bodies = [bodies[i] for i in chunk]
                             chunk_cids = [cids[i] for i in chunk]
-                        flat: list[str] = [""] * (2 * len(chunk_ids))
+                        flat: list[str | bytes] = [""] * (2 * len(chunk_ids))
                         flat[::2] = chunk_ids
                         flat[1::2] = chunk_bodies
                         pipe.execute_command("HSET", keys.jobs, *flat)
@@ -224,7 +223,7 @@ class JobQueue:
         """The custom ids the batch already has (from its packed order list)."""
         present: set[str] = set()
         for packed in await pipe.lrange(keys.batch_jobs(batch_id), 0, -1):
-            present.update(json.loads(packed))
+            present.update(jsonio.loads(packed))
         return present
 
     async def activate(self, tenant: str, *, wake: int = 0, unpark: bool = False) -> None:
@@ -325,7 +324,7 @@ class JobQueue:
         for i in range(3, len(reply), 5):
             jid, raw, attempt, meta, canceled = reply[i : i + 5]
             try:
-                params = json.loads(raw)
+                params = jsonio.loads(raw)
             except ValueError:
                 params = None
             if not isinstance(params, dict):  # a foreign producer's body: the worker ends
@@ -432,7 +431,7 @@ class JobQueue:
         if outcome not in TERMINAL_STATES:
             raise ValueError(f"not a terminal state: {outcome}")
         keys = self.keys(tenant)
-        line = json.dumps({"custom_id": custom_id, "result": result}, separators=(",", ":"))
+        line = jsonio.dumps({"custom_id": custom_id, "result": result})
         done = await self._ack(
             keys=[
                 keys.leases,
@@ -490,7 +489,7 @@ class JobQueue:
         if raw is None:
             return None
         batch_id, custom_id = split_job_id(jid)
-        return {"batch_id": batch_id, "custom_id": custom_id, "params": json.loads(raw)}
+        return {"batch_id": batch_id, "custom_id": custom_id, "params": jsonio.loads(raw)}
 
     async def wait_for_work(self, timeout_s: float) -> str | None:
         """Block until a producer signals work (or the timeout); returns the tenant named."""

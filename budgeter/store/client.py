@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -20,6 +23,11 @@ from budgeter.settings import Settings
 from budgeter.store.outage import OUTAGE
 from budgeter.store.shared_redis import SharedRedis
 from budgeter.store.types import RedisClient, ScriptArg
+from budgeter.store.urls import SentinelURL, is_cluster, is_sentinel, redacted_url
+
+__all__ = ["make_redis", "redacted_url", "redis_from_settings", "resolve_redis_url"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("budgeter.redis")
 
@@ -50,45 +58,103 @@ def _hiredis_packing(connection_class: type) -> type:
     return type(name, (HiredisPacking, connection_class), {})
 
 
+class LoginRetry(Retry):
+    """redis-py's Retry, except that a refused login (wrong password, disabled ACL user)
+    is not retried: it stays refused, and the caller hears so at once."""
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        def retryable(error: Exception) -> bool:
+            if isinstance(error, AuthenticationError | AuthorizationError):
+                return False
+            return is_retryable is None or is_retryable(error)
+
+        return await super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
+def _pool_options() -> dict[str, object]:
+    """What every client's pool takes, whichever the URL form."""
+    return {
+        "timeout": 60,  # wait this long for a free connection
+        "decode_responses": True,
+        "health_check_interval": 30,
+        "socket_timeout": 60,  # a 100,000-request batch is one large MULTI/EXEC
+        "socket_connect_timeout": 5,
+        "retry": LoginRetry(ExponentialBackoff(cap=2.0, base=0.05), retries=6),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    }
+
+
+class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The Sentinel pool (asks the Sentinels for the master before each new connection,
+    drops connections to a master that is no longer one) that waits for a free
+    connection, as the plain client's pool does."""
+
+
+class SentinelRedis(Redis):
+    """The master's client: closing it closes its connections to the Sentinels too."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        pool = self.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            await pool.sentinel_manager.aclose()
+
+
+def make_sentinel_redis(url: SentinelURL, *, max_connections: int = 512) -> Redis:
+    """A client of the master the Sentinels of ``url`` name. It follows a failover by
+    itself: a command that fails on a connection error is retried (as after a restart),
+    and each new connection asks the Sentinels where the master is now."""
+    sentinel_login: dict[str, object] = {
+        "username": url.sentinel_username,
+        "password": url.sentinel_password,
+    }
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        list(url.sentinels),
+        sentinel_kwargs={
+            "socket_timeout": 5,  # a Sentinel that hangs: ask the next one
+            "socket_connect_timeout": 5,
+            **{name: value for name, value in sentinel_login.items() if value is not None},
+        },
+    )
+    client: Redis = sentinel.master_for(
+        url.master,
+        redis_class=SentinelRedis,
+        connection_pool_class=BlockingSentinelConnectionPool,
+        connection_class=_hiredis_packing(SentinelManagedConnection),
+        max_connections=max_connections,
+        db=url.db,
+        username=url.username,
+        password=url.password,
+        **_pool_options(),
+    )
+    return client
+
+
 def make_redis(url: str, *, cluster: bool = False, max_connections: int = 512) -> RedisClient:
     """An asyncio client (hiredis parser when installed) that retries dropped connections;
-    a RedisCluster client for ``cluster`` or a ``redis+cluster://`` URL.
+    a RedisCluster client for ``cluster`` or a ``redis+cluster://`` URL; the master's
+    client for a ``redis+sentinel://`` URL (:func:`make_sentinel_redis`).
 
     The pool blocks when all ``max_connections`` are busy (redis-py's default pool raises
     "Too many connections" past 100, which would fail jobs under high concurrency)."""
-    if cluster or url.startswith("redis+cluster://"):
+    if is_sentinel(url):
+        return make_sentinel_redis(SentinelURL.parse(url), max_connections=max_connections)
+    if cluster or is_cluster(url):
         return RedisCluster.from_url(
             url.replace("redis+cluster://", "redis://", 1),
             decode_responses=True,
             socket_timeout=60,
             socket_connect_timeout=5,
         )
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=60,  # wait this long for a free connection
-        decode_responses=True,
-        health_check_interval=30,
-        socket_timeout=60,  # a 100,000-request batch is one large MULTI/EXEC
-        socket_connect_timeout=5,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=6),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, **_pool_options())
     pool.connection_class = _hiredis_packing(pool.connection_class)
     return Redis.from_pool(pool)
-
-
-def redacted_url(url: str) -> str:
-    """``url`` without its password and query (which may carry one), for log lines."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    netloc, slash, path = rest.partition("/")
-    if "@" in netloc:
-        userinfo, _, hosts = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}@{hosts}" if user else hosts
-    return f"{scheme}://{netloc}{slash}{path.split('?', 1)[0]}"
 
 
 async def resolve_redis_url(settings: Settings, *, announce: bool = False) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -24,6 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from budgeter.domain import jsonio
 from budgeter.store.types import RedisClient, Script, ScriptArg, ScriptReply
 
 MAX_BATCH = 512
@@ -240,7 +240,7 @@ class BatchedScript:
             for start in range(0, len(calls), self.max_items):
                 chunk = calls[start : start + self.max_items]
                 try:
-                    items = json.dumps([item for item, _ in chunk], separators=(",", ":"))
+                    items = jsonio.dumps([item for item, _ in chunk])
                 except (TypeError, ValueError) as exc:  # never leave a caller waiting
                     self._deliver(chunk, exc)
                     continue

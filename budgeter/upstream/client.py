@@ -10,7 +10,6 @@ the upstream's ``request-id`` goes back in every :class:`UpstreamAnswer` and err
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -21,6 +20,7 @@ from typing import Generic, TypeGuard, TypeVar
 
 import aiohttp
 
+from budgeter.domain import jsonio
 from budgeter.domain.messages import COUNT_TOKENS_FIELDS as COUNT_TOKENS_FIELDS
 from budgeter.domain.messages import JsonValue
 from budgeter.domain.passthrough import (
@@ -257,7 +257,7 @@ class UpstreamClient:
         have forwarded them).
         """
         url = self.base_url + "/v1/messages"
-        data = json.dumps({**params, "stream": True}).encode()
+        data = jsonio.dumps({**params, "stream": True})
         timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.count_timeout_s)
         headers = self._headers_for(passthrough)
 
@@ -305,7 +305,7 @@ class UpstreamClient:
         passthrough: Passthrough,
     ) -> UpstreamAnswer:
         url = self.base_url + path
-        data = json.dumps(body).encode()
+        data = jsonio.dumps(body)
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         headers = self._headers_for(passthrough)
 
@@ -445,7 +445,7 @@ def _status_error(status: int, raw: bytes, headers: Mapping[str, str]) -> Upstre
 
 def _parse_json(raw: bytes) -> JsonValue:
     try:
-        value: JsonValue = json.loads(raw)
+        value: JsonValue = jsonio.loads(raw)
     except ValueError:
         return None
     return value

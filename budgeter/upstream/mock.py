@@ -20,6 +20,7 @@ from typing import Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from budgeter.domain import jsonio
 from budgeter.domain.messages import COUNT_TOKENS_FIELDS, JsonValue
 from budgeter.domain.results import error_body as anthropic_error
 from budgeter.upstream.mock_models import add_models_routes
@@ -151,7 +152,9 @@ def _answer_text(body: Mapping[str, object], output_tokens: int) -> str:
 
 
 def _error(status: int, error_type: str, message: str, **headers: str) -> web.Response:
-    return web.json_response(anthropic_error(error_type, message), status=status, headers=headers)
+    return web.json_response(
+        anthropic_error(error_type, message), status=status, headers=headers, dumps=jsonio.dumps_str
+    )
 
 
 def _check_headers(request: web.Request, config: MockConfig) -> web.Response | None:
@@ -178,7 +181,7 @@ def _strict_problem(request: web.Request, route: Route, body: JsonObject) -> web
 
 async def _json_body(request: web.Request) -> JsonObject | web.Response:
     try:
-        body = await request.json()
+        body = await request.json(loads=jsonio.loads)
     except ValueError as exc:
         return _error(400, "invalid_request_error", f"invalid JSON body: {exc}")
     if not isinstance(body, dict):
@@ -279,7 +282,7 @@ async def _handle_messages(request: web.Request) -> web.StreamResponse:
     }
     if body.get("stream") is True:
         return await _stream(request, message, text, usage)
-    return web.json_response(message)
+    return web.json_response(message, dumps=jsonio.dumps_str)
 
 
 async def _stream(
@@ -291,7 +294,8 @@ async def _stream(
     await response.prepare(request)
 
     async def send(event: Mapping[str, object]) -> None:
-        await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+        head = f"event: {event['type']}\ndata: ".encode()
+        await response.write(head + jsonio.dumps(event) + b"\n\n")
 
     start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
     await send({"type": "message_start", "message": start})
@@ -334,7 +338,7 @@ async def _handle_count_tokens(request: web.Request) -> web.Response:
         return fault
     if state.config.count_latency_ms > 0:
         await asyncio.sleep(state.config.count_latency_ms / 1000)
-    return web.json_response({"input_tokens": count_input_tokens(body)})
+    return web.json_response({"input_tokens": count_input_tokens(body)}, dumps=jsonio.dumps_str)
 
 
 async def _handle_stats(request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@ import aiohttp
 from redis.asyncio.cluster import RedisCluster
 
 from budgeter.admission.global_limits import GlobalLimits
+from budgeter.domain import jsonio
 from budgeter.domain.passthrough import NO_PASSTHROUGH, Passthrough, format_betas
 from budgeter.metrics import Metrics
 from budgeter.settings import Settings
@@ -33,10 +34,10 @@ ATTACHMENT_TOKENS = 1600
 def payload_digest(body: Mapping[str, object], betas: tuple[str, ...] = ()) -> str:
     """What a count is cached under: the payload, and the betas it is counted with (in any
     order; without betas, the payload alone)."""
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = jsonio.dumps(body, sort_keys=True)
     if betas:
-        canonical += "\n" + format_betas(sorted(betas))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+        canonical += ("\n" + format_betas(sorted(betas))).encode()
+    return hashlib.sha256(canonical).hexdigest()
 
 
 def local_estimate(params: Mapping[str, object], margin: float) -> int:
@@ -127,7 +128,7 @@ class TokenCounter:
             if policy is None or policy.on_count_failure != "estimate":
                 raise
             if self.metrics is not None:
-                self.metrics.count_estimated.labels(self.metrics.tenant(tenant)).inc()
+                self.metrics.for_tenant(tenant).count_estimated.inc()
             return local_estimate(params, policy.estimate_margin)
 
     async def count(
@@ -150,7 +151,7 @@ class TokenCounter:
 
     def _hit(self, result: str) -> None:
         if self.metrics is not None:
-            self.metrics.count_cache.labels(result).inc()
+            self.metrics.count_cache_results[result].inc()
 
 
 def upstream_and_counter(

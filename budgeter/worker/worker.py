@@ -32,7 +32,7 @@ from budgeter.domain.results import (
     expired,
     succeeded,
 )
-from budgeter.metrics import Metrics, reason_label
+from budgeter.metrics import Metrics
 from budgeter.queue.batches import BatchStore
 from budgeter.queue.jobqueue import JobQueue, LeasedJob
 from budgeter.store.outage import WARN, log_failure
@@ -277,18 +277,18 @@ class Worker:
             )
 
     async def _maintain_tenant(self, tenant: str, now_ms: int | None) -> None:
-        """Reclaim, reap, re-activate and purge one tenant."""
+        """Reclaim, reap, re-activate and purge one tenant (its counters exported at 0)."""
+        series = self.metrics.for_tenant(tenant)
         _, dead = await self.queue.reclaim(
             tenant, max_attempts=self.config.max_attempts, now_ms=now_ms
         )
         for jid in dead:
             await self._dead_letter_reclaimed(tenant, jid)
         reaped = await self.admission.reap(tenant, now_ms=now_ms)
-        label = self.metrics.tenant(tenant)
         if reaped.charged_full:
-            self.metrics.reaped.labels(label, "charged").inc(reaped.charged_full)
+            series.reaped["charged"].inc(reaped.charged_full)
         if reaped.released:
-            self.metrics.reaped.labels(label, "released").inc(reaped.released)
+            series.reaped["released"].inc(reaped.released)
         if reaped.settled:
             log.warning(
                 "reaped reservations of a dead worker",
@@ -320,7 +320,7 @@ class Worker:
             dead=True,
         ):
             self._count_outcome(tenant, "errored")
-            self.metrics.dead_lettered.labels(self.metrics.tenant(tenant)).inc()
+            self.metrics.for_tenant(tenant).dead_lettered.inc()
 
     # one job ------------------------------------------------------------------------
 
@@ -387,17 +387,15 @@ class Worker:
             hold_ms=self.config.hold_ms,
             sent_at_once=True,  # _forward calls the upstream next, with no wait between
         )
-        label = self.metrics.tenant(job.tenant)
-        self.metrics.decisions.labels(label, decision.kind, reason_label(decision.reason)).inc()
+        series = self.metrics.for_tenant(job.tenant)
+        series.decision(decision.kind, decision.reason).inc()
         if decision.kind == "DEFER":
             await self._defer(job, decision, model)
             return
         if decision.kind == "REJECT":
             await self._finish(job, "errored", errored(_refusal(decision, model)))
             return
-        self.metrics.admission_wait.labels(label).observe(
-            max(0.0, (decision.now_ms - job.enqueued_ms) / 1000)
-        )
+        series.admission_wait.observe(max(0.0, (decision.now_ms - job.enqueued_ms) / 1000))
         lease["rid"] = rid
         await self._forward(job, params, rid, input_tokens, passthrough)
 
@@ -461,7 +459,7 @@ class Worker:
     async def _retry_or_dead(self, job: LeasedJob, body: dict[str, Any]) -> None:
         if job.attempt >= self.config.max_attempts:
             await self._finish(job, "errored", errored(body), dead=True)
-            self.metrics.dead_lettered.labels(self.metrics.tenant(job.tenant)).inc()
+            self.metrics.for_tenant(job.tenant).dead_lettered.inc()
         elif await self.queue.retry_later(job) == "canceled":
             await self._finish(job, "canceled", canceled())
 
@@ -472,7 +470,7 @@ class Worker:
             self._count_outcome(job.tenant, outcome)
 
     def _count_outcome(self, tenant: str, outcome: str) -> None:
-        self.metrics.jobs.labels(self.metrics.tenant(tenant), outcome).inc()
+        self.metrics.for_tenant(tenant).job(outcome).inc()
 
 
 def _refusal(decision: Decision, model: str) -> dict[str, Any]:

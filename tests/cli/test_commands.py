@@ -137,5 +137,5 @@ def test_bad_setting_stops_with_one_line_naming_the_variable() -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "budgeter: error: BUDGETER_REDIS_URL: Value error, must start with redis://, "
-        "rediss://, unix:// or redis+cluster://"
+        "rediss://, unix://, redis+cluster:// or redis+sentinel://"
     ]

@@ -364,10 +364,11 @@ def _promtool_unit_tests(rule_file: Path) -> dict[str, Any]:
     rare = {
         "interval": "1m",
         "input_series": [
-            # a counter born with its first event (3 reaps at minute 20) is seen
+            # a counter exported at 0 from the start (budgeter.metrics.TenantSeries) that
+            # moves for the first time (3 reaps at minute 20) is seen
             {
                 "series": f'budgeter_reaped_reservations_total{{tenant="r",action="charged",{wk}}}',
-                "values": "_x20 3x40",
+                "values": "0x20 3x40",
             },
             # an existing counter that moves is seen too
             {"series": f'budgeter_dead_lettered_total{{tenant="d",{wk}}}', "values": "1x20 2x40"},
@@ -748,28 +749,41 @@ async def test_every_dashboard_panel_and_alert_returns_data_from_real_prometheus
                 "the victim worker to have requests in flight", victim_in_flight, procs, 30, 0.005
             )
             await procs.kill("victim")
+            # no process is left to reap the victim's reservations or reclaim its leases;
+            # they are held until Prometheus has scraped the workers' counters at 0, so that
+            # increase() sees the reaped (and reclaimed) ones as a real worker's would
+            victim = await _hold(redis, TenantKeys.of(stack["prefix"], "alpha"))
+
+            # 2. the scraped workers: w2 gives up at the first failure (dead letters)
+            dead_letter_env = {
+                **env,
+                "BUDGETER_MAX_ATTEMPTS": "1",
+                "BUDGETER_UPSTREAM_MAX_ATTEMPTS": "1",
+            }
+            for name, worker_env in (("w1", env), ("w2", dead_letter_env)):
+                ports[name] = await procs.start_listening(
+                    name, *budgeter, "worker", "--concurrency", "8", env=worker_env
+                )
+            _scrape_workers(stack["workers_sd"], [ports["w1"], ports["w2"]])
+
+            # Prometheus scrapes every process before the rest of the workload, so that its
+            # counters are seen moving (rate() > 0), not only at their final values
+            async def targets_up() -> bool:
+                targets = (await prom.get("/api/v1/targets"))["activeTargets"]
+                return len(targets) == 3 and all(t["health"] == "up" for t in targets)
+
+            await _until("Prometheus to scrape all 3 targets", targets_up, procs, 30)
+
+            async def zeros_scraped() -> bool:  # before any event: budgeter.metrics.TenantSeries
+                found = await prom.query(
+                    'budgeter_reaped_reservations_total{job="budgeter-worker",tenant="alpha"} == 0'
+                )
+                return len({s["metric"]["instance"] for s in found}) == 2
+
+            await _until("the workers' counters at 0 in Prometheus", zeros_scraped, procs, 30)
+            await victim.release()
         finally:
             await redis.aclose()
-
-        # 2. the scraped workers: w2 gives up at the first failure (dead letters)
-        dead_letter_env = {
-            **env,
-            "BUDGETER_MAX_ATTEMPTS": "1",
-            "BUDGETER_UPSTREAM_MAX_ATTEMPTS": "1",
-        }
-        for name, worker_env in (("w1", env), ("w2", dead_letter_env)):
-            ports[name] = await procs.start_listening(
-                name, *budgeter, "worker", "--concurrency", "8", env=worker_env
-            )
-        _scrape_workers(stack["workers_sd"], [ports["w1"], ports["w2"]])
-
-        # Prometheus scrapes every process before the rest of the workload, so that its
-        # counters are seen moving (rate() > 0), not only at their final values
-        async def targets_up() -> bool:
-            targets = (await prom.get("/api/v1/targets"))["activeTargets"]
-            return len(targets) == 3 and all(t["health"] == "up" for t in targets)
-
-        await _until("Prometheus to scrape all 3 targets", targets_up, procs, 30)
 
         async def all_ended() -> bool:
             for batch_id, tenant in batches.items():
@@ -780,9 +794,10 @@ async def test_every_dashboard_panel_and_alert_returns_data_from_real_prometheus
                     return False
             return True
 
-        # warm-up: prometheus_client creates a labelled series at its first increment, and
-        # Prometheus cannot count a series' first value; a burst that starts and ends between
-        # two scrapes would show rate() == 0. So every tenant's series exist before the burst.
+        # warm-up: the tenant-labelled counters start at 0, but budgeter_tokens_total{model}
+        # (an open-ended label) is created at a model's first settle, and Prometheus cannot
+        # count a series' first value; a burst that starts and ends between two scrapes would
+        # show rate() == 0. So every tenant's token series exist before the burst.
         for tenant in policies:
             await submit(
                 tenant, _batch(f"{tenant[0]}w", 4, max_tokens=16, model="claude-sonnet-4-6")
@@ -853,8 +868,8 @@ async def test_every_dashboard_panel_and_alert_returns_data_from_real_prometheus
         evaluated_at = time.time()
 
         async def real_rare_events() -> bool:
-            reaped = await prom.query("budgeter_reaped_reservations_total")
-            dead = await prom.query("budgeter_dead_lettered_total")
+            reaped = await prom.query("sum(budgeter_reaped_reservations_total) > 0")
+            dead = await prom.query("sum(budgeter_dead_lettered_total) > 0")
             return bool(reaped and dead)
 
         await _until("real reaped and dead-lettered counters", real_rare_events, procs, 20)
@@ -988,6 +1003,40 @@ async def test_every_dashboard_panel_and_alert_returns_data_from_real_prometheus
             "",
         ]
         (artifacts_dir / "prometheus-queries.md").write_text("\n".join(lines))
+
+
+@dataclass
+class _Held:
+    """Reservations and leases of a dead worker, kept from the reaper and the reclaimer."""
+
+    redis: Any
+    keys: TenantKeys
+    reservations: list[str]
+    leases: list[str]
+
+    async def release(self) -> None:
+        """Past their deadline now: the next maintenance pass reaps and reclaims them."""
+        if self.reservations:
+            await self.redis.zadd(
+                self.keys.resv_deadline, dict.fromkeys(self.reservations, 0), xx=True
+            )
+        if self.leases:
+            await self.redis.zadd(self.keys.leases, dict.fromkeys(self.leases, 0), xx=True)
+
+
+async def _hold(redis: Any, keys: TenantKeys) -> _Held:
+    far = (time.time() + 3600) * 1000
+    held = _Held(
+        redis,
+        keys,
+        [str(m) for m in await redis.zrange(keys.resv_deadline, 0, -1)],
+        [str(m) for m in await redis.zrange(keys.leases, 0, -1)],
+    )
+    if held.reservations:
+        await redis.zadd(keys.resv_deadline, dict.fromkeys(held.reservations, far), xx=True)
+    if held.leases:
+        await redis.zadd(keys.leases, dict.fromkeys(held.leases, far), xx=True)
+    return held
 
 
 def _rfc3339(text: str) -> float:
