@@ -15,6 +15,12 @@ that script (found by one unmutated run that records which test runs which scrip
 stops at the first failure (``-x``). A mutant is killed when a test fails. The package's
 files are only read, so the runner can run beside anyone editing the tree.
 
+A mutant of the admission scripts (or of a helper they include) that the example tests
+let survive gets a second stage: the admission property test
+(``tests/admission/test_admission_property.py``, derandomized) with
+``--property-examples`` examples after its fixed scenarios (too slow to run for every
+mutant; 0 skips the stage).
+
 Prints a score per module, writes the survivors to ``mutation-survivors.txt`` (or
 ``--survivors``); with ``--check``, exits 1 when a module is below ``--target`` percent.
 
@@ -47,17 +53,30 @@ LUA = ROOT / "budgeter" / "lua"
 TESTS = [
     "tests/admission/test_admission.py",
     "tests/admission/test_pause.py",
+    "tests/admission/test_reserve_bookkeeping.py",
+    "tests/admission/test_settle_bookkeeping.py",
+    "tests/admission/test_usd_bookkeeping.py",
     "tests/queue/",
     "tests/api/test_app.py",
     "tests/api/test_admin_consistency.py",  # tenants/key_used.lua
     "tests/tenants/test_merge_patch.py",  # tenants/replace_policy.lua
 ]
-# tests that run a script by its text (EVAL), which the recording run cannot see
+# tests that run a script by its text (EVAL, or a sync client's Script), which the
+# recording run cannot see
+PROPERTY = "tests/admission/test_admission_property.py"
+SCENARIOS = f"{PROPERTY}::test_the_scenarios_alone_reach_every_outcome"
 EXTRA = {
-    "lib/periods.lua": [
-        "tests/admission/test_admission_property.py::test_calendar_periods_match_lua_periods"
-    ],
+    "lib/periods.lua": [f"{PROPERTY}::test_calendar_periods_match_lua_periods"],
+    "admission/reserve.lua": [SCENARIOS],
+    "admission/settle.lua": [SCENARIOS],
+    "admission/mark_sent.lua": [SCENARIOS],
+    "lib/prices.lua": [SCENARIOS],
+    "lib/hash_cache.lua": [SCENARIOS],
 }
+# the second stage: run only for a mutant that survived the first
+SECOND = f"{PROPERTY}::test_lua_admission_matches_the_reference_model"
+SECOND_STAGE = {"admission/reserve.lua", "admission/settle.lua", "admission/mark_sent.lua"}
+SECOND_STAGE |= {"lib/prices.lua", "lib/hash_cache.lua"}
 NEEDS = re.compile(r"^-- needs: (\S+\.lua)$", re.MULTILINE)
 WRITES = re.compile(r"^(redis\.call\(|hset\(|hdel\(|hincrby\(|add\(|flush\(\))")
 COMPARE = re.compile(r"<=|>=|<|>")
@@ -235,6 +254,24 @@ def record(texts: dict[str, str], source: Patched) -> tuple[dict[str, list[str]]
     return users, recorder.passed
 
 
+class Examples:
+    """A pytest plugin: the property test draws ``n`` examples (after its fixed ones),
+    through the module's ``PROFILE``, which the test applies when it runs."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        module = getattr(item, "module", None)
+        if module is None or not hasattr(module, "PROFILE"):
+            return
+        from hypothesis import settings
+
+        original = getattr(module, "_UNMUTATED_PROFILE", module.PROFILE)
+        module._UNMUTATED_PROFILE = original
+        module.PROFILE = settings(original, max_examples=self.n)
+
+
 def run_tests(args: list[str], plugins: list[object] | None = None) -> int:
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
@@ -263,6 +300,13 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=90.0, help="percent killed per module")
     parser.add_argument("--check", action="store_true", help="exit 1 below the target")
     parser.add_argument("--list", action="store_true", help="only list the mutants")
+    parser.add_argument(
+        "--property-examples",
+        type=int,
+        default=100,
+        help="examples of the admission property test for the survivors of the example "
+        "tests (0: no second stage)",
+    )
     options = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -279,6 +323,10 @@ def main() -> int:
     started = time.monotonic()
     users, _ = record(texts, source)
     print(f"recorded which test runs which script in {time.monotonic() - started:.0f} s")
+    examples = Examples(options.property_examples)
+    second = options.property_examples > 0 and any(m.script in SECOND_STAGE for m, _ in chosen)
+    if second and run_tests([SECOND], plugins=[examples]) != 0:
+        raise SystemExit(f"the unmutated {SECOND} fails: fix it first")
     killed: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
     survivors: list[str] = []
@@ -288,6 +336,10 @@ def main() -> int:
         tests = users.get(module, [])
         source.mutated = {module: text}
         code = run_tests(tests) if tests else 0
+        if code == 0 and second and module in SECOND_STAGE:
+            code = run_tests([SECOND], plugins=[examples])
+            if code == 1:
+                print(f"  killed by the property test: {mutant.describe()}", flush=True)
         source.mutated = {}
         if code == 1:
             killed[module] += 1
