@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -23,9 +22,7 @@ from budgeter.domain.jobs import MAX_DEADLINE_S
 from budgeter.domain.messages import (
     CUSTOM_ID_RE,
     BatchRequest,
-    JsonInputError,
     first_error,
-    parse_json,
 )
 from budgeter.domain.policy import TenantPolicy, check_tenant_id
 from budgeter.logs import setup_logging
@@ -195,17 +192,10 @@ async def operator_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def parse_policy(text: str) -> TenantPolicy:
-    if text.startswith("@"):
-        try:
-            raw = Path(text[1:]).read_bytes()
-        except OSError as exc:
-            raise CliError(f"cannot read policy file {text[1:]!r}: {exc.strerror}") from None
-    else:
-        raw = text.encode("utf-8", "surrogateescape")  # argv bytes as they were given
+    from budgeter.cli.policy_merge import read_policy_json
+
     try:
-        return TenantPolicy.model_validate(parse_json(raw))
-    except JsonInputError as exc:
-        raise CliError(f"invalid policy: invalid JSON: {exc}") from None
+        return TenantPolicy.model_validate(read_policy_json(text))
     except ValidationError as exc:
         raise CliError(f"invalid policy: {first_error(exc)}") from None
 

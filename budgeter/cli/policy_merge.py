@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from budgeter.settings import Settings
 
 
-def read_patch(text: str) -> JsonValue:
-    """The JSON of ``--policy``: inline, or ``@FILE``."""
+def read_policy_json(text: str) -> JsonValue:
+    """The JSON of ``--policy``: inline, or ``@FILE`` (a whole policy or a merge patch)."""
     if text.startswith("@"):
         try:
             raw = Path(text[1:]).read_bytes()
@@ -39,7 +39,7 @@ async def merge_policy_command(args: argparse.Namespace, settings: Settings) -> 
     from budgeter.tenants.store import PolicyConflictError, TenantStore
 
     tenant = check_tenant_id(args.tenant)
-    patch = read_patch(args.policy)
+    patch = read_policy_json(args.policy)
     async with redis_from_settings(settings) as redis:
         try:
             policy = await TenantStore(redis, prefix=settings.key_prefix).patch(tenant, patch)
