@@ -23,6 +23,10 @@ mutant; 0 skips the stage).
 
 Prints a score per module, writes the survivors to ``mutation-survivors.txt`` (or
 ``--survivors``); with ``--check``, exits 1 when a module is below ``--target`` percent.
+A survivor listed in ``tools/lua_equivalents.txt`` (each with why it is equivalent) is
+not counted against its module: the score is killed / (mutants - accepted equivalents).
+A listed mutant that a test kills, or that no longer exists, is reported so the list
+stays true.
 
     .venv/bin/python tools/mutate_lua.py                 # every mutant
     .venv/bin/python tools/mutate_lua.py --only queue/   # scripts whose path contains it
@@ -77,6 +81,7 @@ EXTRA = {
 SECOND = f"{PROPERTY}::test_lua_admission_matches_the_reference_model"
 SECOND_STAGE = {"admission/reserve.lua", "admission/settle.lua", "admission/mark_sent.lua"}
 SECOND_STAGE |= {"lib/prices.lua", "lib/hash_cache.lua"}
+EQUIVALENTS = ROOT / "tools" / "lua_equivalents.txt"
 NEEDS = re.compile(r"^-- needs: (\S+\.lua)$", re.MULTILINE)
 WRITES = re.compile(r"^(redis\.call\(|hset\(|hdel\(|hincrby\(|add\(|flush\(\))")
 COMPARE = re.compile(r"<=|>=|<|>")
@@ -91,6 +96,11 @@ class Mutant:
     kind: str
     before: str
     after: str
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """What identifies the mutant across edits elsewhere in its script (no line number)."""
+        return (self.script, self.kind, self.before.strip(), self.after.strip())
 
     def describe(self) -> str:
         return f"{self.script}:{self.line} {self.kind}: {self.before.strip()!r} -> " + (
@@ -162,6 +172,31 @@ def mutants_of(script: str, text: str) -> Iterator[tuple[Mutant, str]]:
                 text[:start] + dropped + text[start + len(line) :],
             )
         start += len(line)
+
+
+def parse_equivalent(line: str) -> tuple[tuple[str, str, str, str], str] | None:
+    """One line of tools/lua_equivalents.txt: ``script | kind | before | after | why``
+    (``before``/``after`` the stripped line, ``after`` empty for a dropped statement);
+    blank lines and ``#`` comments give None."""
+    if not line.strip() or line.lstrip().startswith("#"):
+        return None
+    parts = [part.strip() for part in line.split(" | ")]
+    if len(parts) != 5 or not all(parts[i] for i in (0, 1, 2, 4)):
+        raise SystemExit(f"{EQUIVALENTS.name}: not 'script | kind | before | after | why': {line}")
+    script, kind, before, after, why = parts
+    return (script, kind, before, after), why
+
+
+def format_equivalent(mutant: Mutant, why: str) -> str:
+    """The line of tools/lua_equivalents.txt that accepts ``mutant`` (parse's inverse)."""
+    return " | ".join((*mutant.key, why))
+
+
+def load_equivalents(path: Path = EQUIVALENTS) -> dict[tuple[str, str, str, str], str]:
+    if not path.exists():
+        return {}
+    found = (parse_equivalent(line) for line in path.read_text(encoding="utf-8").splitlines())
+    return dict(entry for entry in found if entry)
 
 
 def scripts() -> dict[str, str]:
@@ -293,6 +328,30 @@ def run_tests(args: list[str], plugins: list[object] | None = None) -> int:
         )
 
 
+def report(
+    total: dict[str, int], killed: dict[str, int], accepted: dict[str, int], target: float
+) -> list[str]:
+    """Print the score per module (accepted equivalents left out); the modules below target."""
+    below = []
+    for module in sorted(total):
+        counted = total[module] - accepted[module]
+        score = 100.0 * killed[module] / counted if counted else 100.0
+        print(
+            f"  {module:28} {killed[module]:4}/{total[module]:<4} killed, "
+            f"{accepted[module]:2} equivalent  {score:5.1f} % of the rest"
+        )
+        if score < target:
+            below.append(module)
+    all_killed, all_total = sum(killed.values()), sum(total.values())
+    all_counted = all_total - sum(accepted.values())
+    if all_counted:
+        print(
+            f"  {'all':28} {all_killed:4}/{all_total:<4} killed, "
+            f"{sum(accepted.values()):2} equivalent  {100.0 * all_killed / all_counted:5.1f} %"
+        )
+    return below
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="scripts whose path contains this")
@@ -329,7 +388,10 @@ def main() -> int:
         raise SystemExit(f"the unmutated {SECOND} fails: fix it first")
     killed: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
+    accepted: dict[str, int] = defaultdict(int)
     survivors: list[str] = []
+    equivalents = load_equivalents()
+    unused = {key for key in equivalents if options.only in key[0]}
     for n, (mutant, text) in enumerate(chosen, 1):
         module = mutant.script
         total[module] += 1
@@ -341,25 +403,22 @@ def main() -> int:
             if code == 1:
                 print(f"  killed by the property test: {mutant.describe()}", flush=True)
         source.mutated = {}
+        unused.discard(mutant.key)
         if code == 1:
             killed[module] += 1
+            if mutant.key in equivalents:
+                print(f"  listed as equivalent but killed: {mutant.describe()}", flush=True)
+        elif mutant.key in equivalents:
+            accepted[module] += 1
+            survivors.append(f"{mutant.describe()}  [equivalent: {equivalents[mutant.key]}]")
         else:
             why = "no test runs this script" if not tests else f"pytest exit {code}"
             survivors.append(f"{mutant.describe()}  [{why}]")
             print(f"  survived {n}/{len(chosen)}: {mutant.describe()}", flush=True)
-    below = []
     print(f"\nLua mutation score ({time.monotonic() - started:.0f} s):")
-    for module in sorted(total):
-        score = 100.0 * killed[module] / total[module]
-        print(f"  {module:28} {killed[module]:4}/{total[module]:<4} killed  {score:5.1f} %")
-        if score < options.target:
-            below.append(module)
-    all_killed, all_total = sum(killed.values()), sum(total.values())
-    if all_total:
-        print(
-            f"  {'all':28} {all_killed:4}/{all_total:<4} killed  "
-            f"{100.0 * all_killed / all_total:5.1f} %"
-        )
+    below = report(total, killed, accepted, options.target)
+    for key in sorted(unused):
+        print(f"  listed as equivalent, no such mutant now: {' | '.join(key)}")
     Path(options.survivors).write_text(
         "# Lua mutants that no test killed (tools/mutate_lua.py)\n"
         + "".join(f"{line}\n" for line in survivors)
