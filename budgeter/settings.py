@@ -6,9 +6,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from budgeter.domain.passthrough import CLIENT_VERSION, check_version, parse_betas
@@ -30,6 +30,22 @@ def default_data_dir() -> Path:
 
 class SettingsError(ValueError):
     """A bad configuration value; the message is one line naming the variable."""
+
+
+class AdminTokenSpec(BaseModel):
+    """One named admin token of ``BUDGETER_ADMIN_TOKENS``: an admin writes, a viewer reads."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token: SecretStr
+    role: Literal["admin", "viewer"] = "admin"
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 16:
+            raise ValueError("each token must be at least 16 characters")
+        return value
 
 
 class Settings(BaseSettings):
@@ -66,6 +82,17 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(
         default=None, description="Bearer token for /admin routes."
+    )
+    admin_tokens: dict[str, AdminTokenSpec] = Field(
+        default_factory=dict,
+        description='Named admin tokens, JSON {"name": {"token": "...", "role": '
+        '"admin"|"viewer"}}; viewers only read. Beside BUDGETER_ADMIN_TOKEN (an admin).',
+    )
+    audit_retention_days: float = Field(
+        default=400.0, gt=0, description="Audit log entries are trimmed after this long."
+    )
+    audit_max_entries: int = Field(
+        default=100_000, ge=100, description="At most this many audit log entries are kept."
     )
     public_url: str | None = Field(
         default=None,

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from budgeter.api.appkeys import KEYS, REDIS, SETTINGS, TENANTS
 from budgeter.api.errors import ApiError
-from budgeter.api.request import principal, read_json, tenant_param
+from budgeter.api.request import admin_actor, limit_param, principal, read_json, tenant_param
 from budgeter.api.schemas import (
     GlobalPolicyAnswer,
     KeyCreated,
@@ -27,6 +27,14 @@ from budgeter.api.schemas import (
 from budgeter.domain.messages import JsonValue, first_error
 from budgeter.domain.policy import GlobalPolicy, TenantPolicy
 from budgeter.store.keys import global_policy_key
+from budgeter.tenants.audit import (
+    AuditLog,
+    BadQueryError,
+    FieldChange,
+    check_cursor,
+    parse_since,
+    policy_changes,
+)
 from budgeter.tenants.merge_patch import (
     MERGE_PATCH_TYPE,
     InvalidPolicyError,
@@ -38,6 +46,15 @@ from budgeter.tenants.store import PolicyConflictError
 from budgeter.tenants.usage import tenant_usage
 
 PATCH_TYPES = (MERGE_PATCH_TYPE, "application/json")
+
+
+async def _audit(
+    request: web.Request, action: str, target: str, changes: list[FieldChange] | None = None
+) -> None:
+    """One audit log entry for this admin write (after the write succeeded)."""
+    log = AuditLog.of(request.app[REDIS], request.app[SETTINGS])
+    now_ms = int(time.time() * 1000)
+    await log.record(admin_actor(request), action, target, changes or [], now_ms=now_ms)
 
 
 def _policy(payload: JsonValue) -> TenantPolicy:
@@ -63,9 +80,11 @@ async def put_tenant(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     policy = _policy(await read_json(request))
     tenants = request.app[TENANTS]
-    existed = await tenants.exists(tenant)
+    before = await tenants.get(tenant)
     await tenants.put(tenant, policy)
-    return web.json_response(policy_answer(tenant, policy), status=200 if existed else 201)
+    action = "tenant.create" if before is None else "tenant.update"
+    await _audit(request, action, tenant, policy_changes(before, policy))
+    return web.json_response(policy_answer(tenant, policy), status=201 if before is None else 200)
 
 
 async def patch_tenant(request: web.Request) -> web.Response:
@@ -80,13 +99,15 @@ async def patch_tenant(request: web.Request) -> web.Response:
         )
     patch = await read_json(request)
     try:
-        policy = await request.app[TENANTS].patch(tenant, patch)
+        both = await request.app[TENANTS].patch_with_before(tenant, patch)
     except InvalidPolicyError as exc:
         raise ApiError(400, str(exc)) from None
     except PolicyConflictError as exc:
         raise ApiError(409, str(exc)) from None
-    if policy is None:
+    if both is None:
         raise _not_found(tenant)
+    before, policy = both
+    await _audit(request, "tenant.update", tenant, policy_changes(before, policy))
     return web.json_response(policy_answer(tenant, policy))
 
 
@@ -110,14 +131,17 @@ async def list_tenants(request: web.Request) -> web.Response:
 
 async def delete_tenant(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
+    before = await request.app[TENANTS].get(tenant)
     if not await request.app[TENANTS].delete(tenant):  # (revokes its keys too)
         raise _not_found(tenant)
+    await _audit(request, "tenant.delete", tenant, policy_changes(before, None))
     return web.json_response({"tenant": tenant, "deleted": True})
 
 
 async def create_key(request: web.Request) -> web.Response:
     tenant = await _existing_tenant(request)
     key_id, key = await request.app[KEYS].create(tenant)
+    await _audit(request, "key.create", f"{tenant}/key:{key_id}")  # the id, never the key
     return ok(KeyCreated(id=key_id, key=key, tenant=tenant), 201)
 
 
@@ -132,6 +156,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     key_id = request.match_info["key_id"]
     if not await request.app[KEYS].revoke(tenant, key_id):
         raise ApiError(404, f"key {key_id!r} of tenant {tenant!r} not found")
+    await _audit(request, "key.revoke", f"{tenant}/key:{key_id}")
     return web.json_response({"id": key_id, "revoked": True})
 
 
@@ -174,8 +199,29 @@ async def put_global_policy(request: web.Request) -> web.Response:
         policy = GlobalPolicy.model_validate(await read_json(request))
     except ValidationError as exc:
         raise ApiError(400, first_error(exc)) from None
-    await request.app[REDIS].set(
-        global_policy_key(request.app[SETTINGS].key_prefix),
-        policy.model_dump_json(exclude_defaults=True),
-    )
+    redis, key = request.app[REDIS], global_policy_key(request.app[SETTINGS].key_prefix)
+    before = GlobalPolicy.from_stored(await redis.get(key))
+    await redis.set(key, policy.model_dump_json(exclude_defaults=True))
+    await _audit(request, "global_policy.update", "global-policy", policy_changes(before, policy))
     return ok(GlobalPolicyAnswer(policy=policy))
+
+
+async def get_audit(request: web.Request) -> web.Response:
+    """The audit log, newest first: ``target`` (a tenant, with its keys), ``actor``,
+    ``since`` (RFC 3339 or unix milliseconds), ``cursor``, ``limit``."""
+    query = request.query
+    try:
+        since = query.get("since")
+        since_ms = None if not since else parse_since(since, now_ms=int(time.time() * 1000))
+        cursor = check_cursor(query["cursor"]) if query.get("cursor") else None
+    except BadQueryError as exc:
+        raise ApiError(400, str(exc)) from None
+    log = AuditLog.of(request.app[REDIS], request.app[SETTINGS])
+    page = await log.read(
+        target=query.get("target") or None,
+        actor=query.get("actor") or None,
+        since_ms=since_ms,
+        cursor=cursor,
+        limit=limit_param(request, default=100),
+    )
+    return ok(page)

@@ -1,5 +1,7 @@
 """Who may call what: tenant keys on ``/v1/...`` (``x-api-key`` or ``Authorization:
-Bearer``), the admin token on ``/admin...``, and a throttle on failed attempts."""
+Bearer``), admin tokens on ``/admin...`` (``BUDGETER_ADMIN_TOKEN``, an admin named
+``admin``, and the named ones of ``BUDGETER_ADMIN_TOKENS``: an ``admin`` may do anything,
+a ``viewer`` only read), and a throttle on failed attempts."""
 
 from __future__ import annotations
 
@@ -8,9 +10,13 @@ import hmac
 from aiohttp import web
 
 from budgeter.api.appkeys import AUTH_THROTTLE, KEYS, SETTINGS
-from budgeter.api.errors import ApiError, Handler
-from budgeter.api.request import PRINCIPAL
+from budgeter.api.errors import REQUEST_ID, ApiError, Handler
+from budgeter.api.request import ADMIN_ACTOR, PRINCIPAL
+from budgeter.settings import Settings
+from budgeter.tenants.audit import Actor
 from budgeter.tenants.credentials import NoPolicyError, Principal
+
+READ_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -82,10 +88,34 @@ async def _tenant_principal(request: web.Request) -> Principal:
     return principal
 
 
+def _admin_tokens(settings: Settings) -> list[tuple[str, str, bytes]]:
+    """(name, role, token) of every configured admin token."""
+    tokens: list[tuple[str, str, bytes]] = [
+        (name, spec.role, spec.token.get_secret_value().encode())
+        for name, spec in settings.admin_tokens.items()
+    ]
+    if settings.admin_token is not None and settings.admin_token.get_secret_value():
+        tokens.append(("admin", "admin", settings.admin_token.get_secret_value().encode()))
+    return tokens
+
+
+def _match(tokens: list[tuple[str, str, bytes]], token: str) -> tuple[str, str] | None:
+    """The (name, role) of ``token``; every configured token is compared in constant time."""
+    found = None
+    for name, role, expected in tokens:
+        if hmac.compare_digest(token.encode(), expected):
+            found = (name, role)
+    return found
+
+
 async def _check_admin(request: web.Request) -> None:
-    expected = request.app[SETTINGS].admin_token
-    if expected is None or not expected.get_secret_value():
-        raise ApiError(403, "the admin API is disabled: BUDGETER_ADMIN_TOKEN is not set")
+    tokens = _admin_tokens(request.app[SETTINGS])
+    if not tokens:
+        raise ApiError(
+            403,
+            "the admin API is disabled: BUDGETER_ADMIN_TOKEN is not set "
+            "(nor BUDGETER_ADMIN_TOKENS)",
+        )
     token = _bearer(request)
     if token is None:
         raise await _refuse(
@@ -93,5 +123,15 @@ async def _check_admin(request: web.Request) -> None:
             401,
             "missing admin token: send Authorization: Bearer $BUDGETER_ADMIN_TOKEN",
         )
-    if not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
+    found = _match(tokens, token)
+    if found is None:
         raise await _refuse(request, 401, "invalid admin token")
+    name, role = found
+    if role != "admin" and request.method not in READ_METHODS:
+        raise ApiError(
+            403,
+            f"the {role} token {name!r} may only read the admin API, not {request.method}",
+            error_type="permission_error",
+        )
+    client = request.app[AUTH_THROTTLE].client_of(request)
+    request[ADMIN_ACTOR] = Actor(name, client, request.get(REQUEST_ID, ""))

@@ -14,6 +14,7 @@ from budgeter.api.routes import ROUTES, Doc, JsonSchema, Route
 from budgeter.domain.messages import MessageParams
 from budgeter.domain.policy import TENANT_ID_RE, GlobalPolicy, TenantPolicy
 from budgeter.domain.results import STATUS_ERROR_TYPES
+from budgeter.tenants.audit import AuditPage
 
 REF = "#/components/schemas/{model}"
 _MODELS: tuple[type[BaseModel], ...] = (
@@ -34,6 +35,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     m.GlobalPolicyAnswer,
     TenantPolicy,
     GlobalPolicy,
+    AuditPage,
 )
 
 _ERRORS = {

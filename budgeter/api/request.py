@@ -9,9 +9,11 @@ from budgeter.api.appkeys import SETTINGS
 from budgeter.api.errors import ApiError
 from budgeter.domain.messages import JsonInputError, JsonValue, parse_json
 from budgeter.domain.policy import InvalidTenantError, check_tenant_id
+from budgeter.tenants.audit import Actor
 from budgeter.tenants.credentials import Principal
 
 PRINCIPAL = web.RequestKey("principal", Principal)
+ADMIN_ACTOR = web.RequestKey("admin_actor", Actor)
 
 
 async def read_json(request: web.Request) -> JsonValue:
@@ -29,6 +31,12 @@ def principal(request: web.Request) -> Principal:
     return request[PRINCIPAL]
 
 
+def admin_actor(request: web.Request) -> Actor:
+    """Who called an ``/admin`` route (set by the auth middleware): the token's name, the
+    client address and the request id, for the audit log."""
+    return request[ADMIN_ACTOR]
+
+
 def base_url(request: web.Request) -> str:
     public = request.app[SETTINGS].public_url
     return public or f"{request.scheme}://{request.host}"
@@ -42,8 +50,8 @@ def tenant_param(request: web.Request) -> str:
         raise ApiError(400, str(exc)) from None
 
 
-def limit_param(request: web.Request) -> int:
-    raw = request.query.get("limit", "20")
+def limit_param(request: web.Request, *, default: int = 20) -> int:
+    raw = request.query.get("limit", str(default))
     try:
         limit = int(raw)
     except ValueError:

@@ -17,6 +17,7 @@ from budgeter.api.errors import Handler
 from budgeter.api.status_page import status_page
 from budgeter.domain.messages import MessageParams
 from budgeter.domain.policy import GlobalPolicy, TenantPolicy
+from budgeter.tenants.audit import AuditPage
 
 JsonSchema: TypeAlias = dict[str, Any]
 """A JSON Schema (or a piece of the OpenAPI document): JSON of any shape."""
@@ -363,6 +364,24 @@ ROUTES: tuple[Route, ...] = (
             "admin",
             answer=schemas.GlobalPolicyAnswer,
             body=GlobalPolicy,
+        ),
+    ),
+    Route(
+        "GET",
+        "/admin/audit",
+        admin.get_audit,
+        Doc(
+            "The audit log of admin writes, newest first (viewers may read it)",
+            "admin",
+            "admin",
+            answer=AuditPage,
+            query=(
+                ("target", "string"),
+                ("actor", "string"),
+                ("since", "string"),
+                ("cursor", "string"),
+                ("limit", "integer"),
+            ),
         ),
     ),
     Route("GET", "/healthz", health.healthz, Doc("healthz", "operations", "public")),

@@ -30,6 +30,7 @@ from budgeter.queue.batches import BatchNotFoundError, BatchStatus, BatchStore
 from budgeter.serving import stop_event_on_signals, stopped_by_sigint
 from budgeter.settings import Settings, load_settings
 from budgeter.store.client import redis_from_settings
+from budgeter.tenants.audit import policy_changes
 from budgeter.tenants.merge_patch import policy_answer
 from budgeter.tenants.store import TenantStore
 from budgeter.tenants.usage import tenant_usage
@@ -37,7 +38,7 @@ from budgeter.tenants.usage import tenant_usage
 if TYPE_CHECKING:
     from rich.console import Console
 
-from budgeter.cli import event_loop
+from budgeter.cli import audit_cmd, event_loop
 from budgeter.cli.batch_file import read_batch_file
 from budgeter.cli.errors import (
     EXIT_CLOSED_PIPE,
@@ -217,7 +218,12 @@ async def tenants_command(args: argparse.Namespace, settings: Settings) -> int:
         store = TenantStore(redis, prefix=settings.key_prefix)
         if action == "set":
             assert policy is not None
+            before = await store.get(args.tenant)
             await store.put(args.tenant, policy)
+            what = "tenant.create" if before is None else "tenant.update"
+            await audit_cmd.record(
+                redis, settings, what, args.tenant, policy_changes(before, policy)
+            )
             print(json.dumps(policy_answer(args.tenant, policy)))  # as PUT /admin/tenants/{t}
         elif action == "get":
             found = await store.get(args.tenant)
@@ -225,8 +231,12 @@ async def tenants_command(args: argparse.Namespace, settings: Settings) -> int:
                 raise CliError(f"tenant {args.tenant!r} not found")
             print(found.model_dump_json(exclude_defaults=True))
         elif action == "delete":
+            before = await store.get(args.tenant)
             if not await store.delete(args.tenant):
                 raise CliError(f"tenant {args.tenant!r} not found")
+            await audit_cmd.record(
+                redis, settings, "tenant.delete", args.tenant, policy_changes(before, None)
+            )
             print(json.dumps({"tenant": args.tenant, "deleted": True}))
         else:
             for tenant in await store.list_ids():
@@ -263,6 +273,7 @@ async def tenants_apply_command(args: argparse.Namespace, settings: Settings) ->
             console.print(text, style=style, markup=False)
         if not args.dry_run:
             await ta.apply(store, changes)
+            await audit_cmd.record_apply(redis, settings, changes, current)
         console.print(ta.summary_line(changes, dry_run=args.dry_run), markup=False)
     has_changes = any(c.is_change for c in changes)
     return 1 if args.exit_code and has_changes else 0

@@ -57,6 +57,7 @@ def register(sub: argparse._SubParsersAction[ParserT]) -> None:
 
 
 async def handler(args: argparse.Namespace, settings: Settings) -> int:
+    from budgeter.cli import audit_cmd
     from budgeter.domain.policy import InvalidTenantError, check_tenant_id
     from budgeter.store.client import redis_from_settings
     from budgeter.tenants.credentials import KeyStore
@@ -73,10 +74,12 @@ async def handler(args: argparse.Namespace, settings: Settings) -> int:
         action = args.keys_command
         if action == "create":
             key_id, key = await keys.create(tenant)
+            await audit_cmd.record(redis, settings, "key.create", f"{tenant}/key:{key_id}")
             print(json.dumps({"id": key_id, "key": key, "tenant": tenant}))
         elif action == "revoke":
             if not await keys.revoke(tenant, args.key_id):
                 raise CliError(f"key {args.key_id!r} of tenant {tenant!r} not found")
+            await audit_cmd.record(redis, settings, "key.revoke", f"{tenant}/key:{args.key_id}")
             print(json.dumps({"id": args.key_id, "revoked": True}))
         else:
             await _list(keys, tenant, as_json=args.json)

@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     from budgeter.cli import redis_cmd
 
     redis_cmd.register(sub)
+    from budgeter.cli import audit_cmd
+
+    audit_cmd.register(sub)
     return parser
 
 

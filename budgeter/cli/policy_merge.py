@@ -33,19 +33,25 @@ def read_policy_json(text: str) -> JsonValue:
 
 
 async def merge_policy_command(args: argparse.Namespace, settings: Settings) -> int:
+    from budgeter.cli import audit_cmd
     from budgeter.domain.policy import check_tenant_id
     from budgeter.store.client import redis_from_settings
+    from budgeter.tenants.audit import policy_changes
     from budgeter.tenants.merge_patch import InvalidPolicyError, policy_answer
     from budgeter.tenants.store import PolicyConflictError, TenantStore
 
     tenant = check_tenant_id(args.tenant)
     patch = read_policy_json(args.policy)
     async with redis_from_settings(settings) as redis:
+        store = TenantStore(redis, prefix=settings.key_prefix)
         try:
-            policy = await TenantStore(redis, prefix=settings.key_prefix).patch(tenant, patch)
+            both = await store.patch_with_before(tenant, patch)
         except (InvalidPolicyError, PolicyConflictError) as exc:
             raise CliError(str(exc)) from None
-    if policy is None:
-        raise CliError(f"tenant {tenant!r} not found (--merge changes an existing policy)")
+        if both is None:
+            raise CliError(f"tenant {tenant!r} not found (--merge changes an existing policy)")
+        before, policy = both
+        changes = policy_changes(before, policy)
+        await audit_cmd.record(redis, settings, "tenant.update", tenant, changes)
     print(json.dumps(policy_answer(tenant, policy)))
     return 0

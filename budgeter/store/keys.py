@@ -248,6 +248,11 @@ def auth_failures_key(prefix: str, client: str) -> str:
     return f"{prefix}:{{auth}}:failures:{client}"
 
 
+def audit_log_key(prefix: str) -> str:
+    """stream: the admin writes (budgeter.tenants.audit), trimmed by age and count."""
+    return f"{prefix}:{{audit}}:log"
+
+
 @dataclass(frozen=True, slots=True)
 class GlobalModelKeys(AdmissionKeys):
     """The upstream account's limits of one model: a scope of its own, ``{g:<digest>}``

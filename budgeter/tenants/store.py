@@ -50,17 +50,25 @@ class TenantStore:
         validated whole (:class:`~budgeter.tenants.merge_patch.InvalidPolicyError`:
         nothing stored). None when the tenant has no policy. A concurrent change of the
         policy is never lost: the write is a compare-and-set, retried on the new policy."""
+        both = await self.patch_with_before(tenant, patch)
+        return None if both is None else both[1]
+
+    async def patch_with_before(
+        self, tenant: str, patch: JsonValue
+    ) -> tuple[TenantPolicy, TenantPolicy] | None:
+        """:meth:`patch`, answering the policy it replaced too (for the audit log)."""
         key = TenantKeys.of(self.prefix, tenant).policy
         for _ in range(PATCH_ATTEMPTS):
             raw = await self.redis.hget(key, policy_fields.JSON)
             if raw is None:
                 return None
-            policy = patched_policy(TenantPolicy.model_validate_json(raw), patch)
+            before = TenantPolicy.model_validate_json(raw)
+            policy = patched_policy(before, patch)
             flat = [part for pair in policy.redis_fields().items() for part in pair]
             replaced = int(await self._replace(keys=[key], args=[raw, *flat]))
             if replaced == 1:
                 await self._schedule(tenant, policy)
-                return policy
+                return before, policy
             if replaced == -1:
                 return None
         raise PolicyConflictError(f"tenant {tenant!r}: the policy kept changing; try again")
