@@ -64,6 +64,7 @@ TESTS = [
     "tests/api/test_app.py",
     "tests/api/test_admin_consistency.py",  # tenants/key_used.lua
     "tests/tenants/test_merge_patch.py",  # tenants/replace_policy.lua
+    "tests/tenants/test_tree_store.py",  # tenants/tree_set.lua
 ]
 # tests that run a script by its text (EVAL, or a sync client's Script), which the
 # recording run cannot see

@@ -26,6 +26,7 @@ from budgeter.api.schemas import (
 )
 from budgeter.domain.messages import JsonValue, first_error
 from budgeter.domain.policy import GlobalPolicy, TenantPolicy
+from budgeter.domain.tree import HasChildrenError, TreeError
 from budgeter.store.keys import global_policy_key
 from budgeter.tenants.audit import (
     AuditLog,
@@ -39,6 +40,7 @@ from budgeter.tenants.merge_patch import (
     MERGE_PATCH_TYPE,
     InvalidPolicyError,
     policy_answer,
+    reparent_note,
     validate_policy,
 )
 from budgeter.tenants.status import status_snapshot
@@ -81,10 +83,16 @@ async def put_tenant(request: web.Request) -> web.Response:
     policy = _policy(await read_json(request))
     tenants = request.app[TENANTS]
     before = await tenants.get(tenant)
-    await tenants.put(tenant, policy)
+    try:
+        await tenants.put(tenant, policy)
+    except TreeError as exc:
+        raise ApiError(400, str(exc)) from None
+    except PolicyConflictError as exc:
+        raise ApiError(409, str(exc)) from None
     action = "tenant.create" if before is None else "tenant.update"
     await _audit(request, action, tenant, policy_changes(before, policy))
-    return web.json_response(policy_answer(tenant, policy), status=201 if before is None else 200)
+    answer = policy_answer(tenant, policy) | reparent_note(before, policy)
+    return web.json_response(answer, status=201 if before is None else 200)
 
 
 async def patch_tenant(request: web.Request) -> web.Response:
@@ -100,7 +108,7 @@ async def patch_tenant(request: web.Request) -> web.Response:
     patch = await read_json(request)
     try:
         both = await request.app[TENANTS].patch_with_before(tenant, patch)
-    except InvalidPolicyError as exc:
+    except (InvalidPolicyError, TreeError) as exc:
         raise ApiError(400, str(exc)) from None
     except PolicyConflictError as exc:
         raise ApiError(409, str(exc)) from None
@@ -108,7 +116,7 @@ async def patch_tenant(request: web.Request) -> web.Response:
         raise _not_found(tenant)
     before, policy = both
     await _audit(request, "tenant.update", tenant, policy_changes(before, policy))
-    return web.json_response(policy_answer(tenant, policy))
+    return web.json_response(policy_answer(tenant, policy) | reparent_note(before, policy))
 
 
 async def get_tenant(request: web.Request) -> web.Response:
@@ -132,7 +140,11 @@ async def list_tenants(request: web.Request) -> web.Response:
 async def delete_tenant(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     before = await request.app[TENANTS].get(tenant)
-    if not await request.app[TENANTS].delete(tenant):  # (revokes its keys too)
+    try:
+        deleted = await request.app[TENANTS].delete(tenant)  # (revokes its keys too)
+    except HasChildrenError as exc:
+        raise ApiError(409, str(exc)) from None
+    if not deleted:
         raise _not_found(tenant)
     await _audit(request, "tenant.delete", tenant, policy_changes(before, None))
     return web.json_response({"tenant": tenant, "deleted": True})

@@ -25,14 +25,15 @@ from budgeter.domain.messages import (
     first_error,
 )
 from budgeter.domain.policy import TenantPolicy, check_tenant_id
+from budgeter.domain.tree import HasChildrenError, TreeError
 from budgeter.logs import setup_logging
 from budgeter.queue.batches import BatchNotFoundError, BatchStatus, BatchStore
 from budgeter.serving import stop_event_on_signals, stopped_by_sigint
 from budgeter.settings import Settings, load_settings
 from budgeter.store.client import redis_from_settings
 from budgeter.tenants.audit import policy_changes
-from budgeter.tenants.merge_patch import policy_answer
-from budgeter.tenants.store import TenantStore
+from budgeter.tenants.merge_patch import policy_answer, reparent_note
+from budgeter.tenants.store import PolicyConflictError, TenantStore
 from budgeter.tenants.usage import tenant_usage
 
 if TYPE_CHECKING:
@@ -218,32 +219,46 @@ async def tenants_command(args: argparse.Namespace, settings: Settings) -> int:
         store = TenantStore(redis, prefix=settings.key_prefix)
         if action == "set":
             assert policy is not None
-            before = await store.get(args.tenant)
-            await store.put(args.tenant, policy)
-            what = "tenant.create" if before is None else "tenant.update"
-            await audit_cmd.record(
-                redis, settings, what, args.tenant, policy_changes(before, policy)
-            )
-            print(json.dumps(policy_answer(args.tenant, policy)))  # as PUT /admin/tenants/{t}
+            await _tenants_set(store, settings, args.tenant, policy)
         elif action == "get":
             found = await store.get(args.tenant)
             if found is None:
                 raise CliError(f"tenant {args.tenant!r} not found")
             print(found.model_dump_json(exclude_defaults=True))
         elif action == "delete":
-            before = await store.get(args.tenant)
-            if not await store.delete(args.tenant):
-                raise CliError(f"tenant {args.tenant!r} not found")
-            await audit_cmd.record(
-                redis, settings, "tenant.delete", args.tenant, policy_changes(before, None)
-            )
-            print(json.dumps({"tenant": args.tenant, "deleted": True}))
+            await _tenants_delete(store, settings, args.tenant)
         else:
             for tenant in await store.list_ids():
                 found = await store.get(tenant)
                 policy_json = found.model_dump(exclude_defaults=True) if found else None
                 print(json.dumps({"tenant": tenant, "policy": policy_json}))
     return 0
+
+
+async def _tenants_set(
+    store: TenantStore, settings: Settings, tenant: str, policy: TenantPolicy
+) -> None:
+    before = await store.get(tenant)
+    try:
+        await store.put(tenant, policy)
+    except (TreeError, PolicyConflictError) as exc:
+        raise CliError(str(exc)) from None
+    what = "tenant.create" if before is None else "tenant.update"
+    await audit_cmd.record(store.redis, settings, what, tenant, policy_changes(before, policy))
+    print(json.dumps(policy_answer(tenant, policy) | reparent_note(before, policy)))  # as PUT
+
+
+async def _tenants_delete(store: TenantStore, settings: Settings, tenant: str) -> None:
+    before = await store.get(tenant)
+    try:
+        deleted = await store.delete(tenant)
+    except HasChildrenError as exc:
+        raise CliError(str(exc)) from None
+    if not deleted:
+        raise CliError(f"tenant {tenant!r} not found")
+    changes = policy_changes(before, None)
+    await audit_cmd.record(store.redis, settings, "tenant.delete", tenant, changes)
+    print(json.dumps({"tenant": tenant, "deleted": True}))
 
 
 async def tenants_apply_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -266,6 +281,11 @@ async def tenants_apply_command(args: argparse.Namespace, settings: Settings) ->
         except ta.StoredPolicyError as exc:
             raise CliError(str(exc)) from None
         changes = ta.plan(current, desired.tenants, prune=prune)
+        problems = ta.tree_problems(await store.parents(), current, changes)
+        for problem in problems:
+            print(f"budgeter: error: {args.file}: {problem}", file=sys.stderr)
+        if problems:
+            return 2
         deleted = [c.tenant for c in changes if c.action == "delete"]
         queued = await ta.queued_jobs(store, deleted)
         console = Console(soft_wrap=True, highlight=False, emoji=False)

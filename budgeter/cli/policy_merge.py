@@ -35,9 +35,10 @@ def read_policy_json(text: str) -> JsonValue:
 async def merge_policy_command(args: argparse.Namespace, settings: Settings) -> int:
     from budgeter.cli import audit_cmd
     from budgeter.domain.policy import check_tenant_id
+    from budgeter.domain.tree import TreeError
     from budgeter.store.client import redis_from_settings
     from budgeter.tenants.audit import policy_changes
-    from budgeter.tenants.merge_patch import InvalidPolicyError, policy_answer
+    from budgeter.tenants.merge_patch import InvalidPolicyError, policy_answer, reparent_note
     from budgeter.tenants.store import PolicyConflictError, TenantStore
 
     tenant = check_tenant_id(args.tenant)
@@ -46,12 +47,12 @@ async def merge_policy_command(args: argparse.Namespace, settings: Settings) -> 
         store = TenantStore(redis, prefix=settings.key_prefix)
         try:
             both = await store.patch_with_before(tenant, patch)
-        except (InvalidPolicyError, PolicyConflictError) as exc:
+        except (InvalidPolicyError, PolicyConflictError, TreeError) as exc:
             raise CliError(str(exc)) from None
         if both is None:
             raise CliError(f"tenant {tenant!r} not found (--merge changes an existing policy)")
         before, policy = both
         changes = policy_changes(before, policy)
         await audit_cmd.record(redis, settings, "tenant.update", tenant, changes)
-    print(json.dumps(policy_answer(tenant, policy)))
+    print(json.dumps(policy_answer(tenant, policy) | reparent_note(before, policy)))
     return 0

@@ -94,6 +94,11 @@ class TenantPolicy(BaseModel):
     model_config = POLICY_CONFIG
 
     weight: PositiveFloat = Field(default=1.0, description="Share in the fair scheduler.")
+    parent: str | None = Field(
+        default=None,
+        description="The parent tenant in the organisation tree (it must exist; at most "
+        "4 levels below a root, no cycles).",
+    )
     budgets: dict[Period, PositiveInt] = Field(
         default_factory=dict,
         description="Total tokens (input + output, cache included) per UTC calendar period.",
@@ -152,6 +157,11 @@ class TenantPolicy(BaseModel):
         if value:
             _check_models(list(value))
         return value
+
+    @field_validator("parent")
+    @classmethod
+    def _parent_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_tenant_id(value)
 
     @field_validator("allowed_betas")
     @classmethod

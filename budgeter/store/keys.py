@@ -248,6 +248,17 @@ def auth_failures_key(prefix: str, client: str) -> str:
     return f"{prefix}:{{auth}}:failures:{client}"
 
 
+def tree_parents_key(prefix: str) -> str:
+    """hash: tenant -> its parent tenant ('' for a root), every tenant with a policy
+    (budgeter.domain.tree; one slot, so a change is one compare-and-set)."""
+    return f"{prefix}:{{tree}}:parents"
+
+
+def tree_version_key(prefix: str) -> str:
+    """string: incremented by every change of the tree (tenants/tree_set.lua)."""
+    return f"{prefix}:{{tree}}:version"
+
+
 def audit_log_key(prefix: str) -> str:
     """stream: the admin writes (budgeter.tenants.audit), trimmed by age and count."""
     return f"{prefix}:{{audit}}:log"

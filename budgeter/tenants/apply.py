@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
 from budgeter.domain.policy import InvalidTenantError, TenantPolicy, check_tenant_id
+from budgeter.domain.tree import HasChildrenError, check_tree, children, parents_first
 from budgeter.queue.jobqueue import JobQueue
 from budgeter.tenants.store import TenantStore
 
@@ -311,15 +312,52 @@ async def queued_jobs(store: TenantStore, tenants: Iterable[str]) -> dict[str, i
     }
 
 
+def tree_after(
+    parents: Mapping[str, str | None], current: Iterable[str], changes: Iterable[Change]
+) -> dict[str, str | None]:
+    """The organisation tree once ``changes`` are made: ``parents`` (the stored tree) with
+    every current tenant in it (one made before the tree existed is a root)."""
+    tree = dict(parents)
+    for tenant in current:
+        tree.setdefault(tenant, None)
+    for change in changes:
+        if change.action == "delete":
+            tree.pop(change.tenant, None)
+        elif change.is_change:
+            assert change.policy is not None
+            tree[change.tenant] = change.policy.parent
+    return tree
+
+
+def tree_problems(
+    parents: Mapping[str, str | None], current: Iterable[str], changes: list[Change]
+) -> list[str]:
+    """What the changes would break in the tree (a missing parent, a cycle, a depth over
+    the limit, a deleted tenant's remaining children): one line each, nothing applied."""
+    after = tree_after(parents, current, changes)
+    problems = [f"tenants.{line}" for line in check_tree(after)]
+    for change in changes:
+        if change.action == "delete":
+            left = children(after, change.tenant)
+            if left:
+                problems.append(f"tenants.{change.tenant}: {HasChildrenError(change.tenant, left)}")
+    return problems
+
+
 async def apply(store: TenantStore, changes: Iterable[Change]) -> dict[Action, int]:
-    """Make the changes: creates and updates first, then deletes. Returns counts.
+    """Make the changes: creates and updates first, parents before their children, then
+    deletes, children before their parents. Returns counts.
 
     An update replaces the policy hash only: API keys, queues and budget usage stay.
     A delete is ``TenantStore.delete``, as ``budgeter tenants delete``. Each change is
     its own Redis write; after a failure, applying the file again finishes the job."""
-    todo = sorted(
-        (c for c in changes if c.is_change), key=lambda c: (c.action == "delete", c.tenant)
-    )
+    made = [c for c in changes if c.is_change]
+    before = await store.parents()
+    after = tree_after(before, [], made)
+    writes = {c.tenant: c for c in made if c.action != "delete"}
+    deletes = {c.tenant: c for c in made if c.action == "delete"}
+    todo = [writes[t] for t in parents_first(after, writes)]
+    todo += [deletes[t] for t in reversed(parents_first(before, deletes))]
     counts: dict[Action, int] = {action: 0 for action in CHANGES}
     for change in todo:
         if change.action == "delete":

@@ -59,3 +59,16 @@ def policy_answer(tenant: str, policy: TenantPolicy) -> dict[str, Any]:
     """What ``PUT``/``PATCH``/``GET /admin/tenants/{t}`` and ``budgeter tenants set``
     answer: the tenant and its whole policy, defaults included."""
     return {"tenant": tenant, "policy": policy.model_dump(mode="json")}
+
+
+def reparent_note(before: TenantPolicy | None, after: TenantPolicy) -> dict[str, str]:
+    """``{"note": ...}`` when a change moved the tenant to another parent (else ``{}``):
+    what it was charged so far stays where it was counted; only future charges move."""
+    if before is None or before.parent == after.parent:
+        return {}
+    old = repr(before.parent) if before.parent else "no parent"
+    new = repr(after.parent) if after.parent else "no parent"
+    return {
+        "note": f"moved from {old} to {new}: usage already charged stays counted where it "
+        "was; only charges from now on count toward the new parent"
+    }

@@ -5,22 +5,30 @@ policy instead of reading its fields (``admission/reserve.lua`` reads the flat l
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from redis.typing import EncodableT, FieldT
 
 from budgeter.domain import policy_fields
 from budgeter.domain.messages import JsonValue
 from budgeter.domain.policy import TenantPolicy, check_tenant_id
-from budgeter.store.keys import SchedKeys, TenantKeys
+from budgeter.domain.tree import HasChildrenError, check_parent, children
+from budgeter.store.keys import SchedKeys, TenantKeys, tree_parents_key, tree_version_key
 from budgeter.store.scripts import register
 from budgeter.store.types import RedisClient
 from budgeter.tenants.credentials import KeyStore
 from budgeter.tenants.merge_patch import patched_policy
 
 PATCH_ATTEMPTS = 50  # read-merge-write rounds before a patch gives up on concurrent writers
+TREE_ATTEMPTS = 50  # read-check-write rounds of the organisation tree
 
 
 class PolicyConflictError(RuntimeError):
     """The policy kept changing under a patch (another writer each time)."""
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _sorted_texts(members: set[bytes | str]) -> list[str]:
@@ -34,9 +42,14 @@ class TenantStore:
         self.prefix = prefix
         self.sched = SchedKeys(prefix)
         self._replace = register(redis, "tenants/replace_policy.lua")
+        self._tree_set = register(redis, "tenants/tree_set.lua")
+        self._tree_keys = [tree_parents_key(prefix), tree_version_key(prefix)]
 
     async def put(self, tenant: str, policy: TenantPolicy) -> None:
-        """Create or replace a tenant's policy (the flat hash admission/reserve.lua reads)."""
+        """Create or replace a tenant's policy (the flat hash admission/reserve.lua reads).
+        Its ``parent`` is checked against the tree first
+        (:class:`~budgeter.domain.tree.TreeError`: nothing stored)."""
+        await self._set_parent(tenant, policy.parent)
         keys = TenantKeys.of(self.prefix, tenant)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.policy)
@@ -64,6 +77,8 @@ class TenantStore:
                 return None
             before = TenantPolicy.model_validate_json(raw)
             policy = patched_policy(before, patch)
+            if policy.parent != before.parent:
+                await self._set_parent(tenant, policy.parent)
             flat = [part for pair in policy.redis_fields().items() for part in pair]
             replaced = int(await self._replace(keys=[key], args=[raw, *flat]))
             if replaced == 1:
@@ -72,6 +87,44 @@ class TenantStore:
             if replaced == -1:
                 return None
         raise PolicyConflictError(f"tenant {tenant!r}: the policy kept changing; try again")
+
+    async def tree(self) -> tuple[str, dict[str, str | None]]:
+        """(version, tenant -> parent or None) of the organisation tree."""
+        parents_key, version_key = self._tree_keys
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(version_key)
+            pipe.hgetall(parents_key)
+            version, raw = await pipe.execute()
+        parents = {_str(t): (_str(p) or None) for t, p in (raw or {}).items()}
+        return ("" if version is None else _str(version)), parents
+
+    async def parents(self) -> dict[str, str | None]:
+        """tenant -> parent (None for a root) of every tenant in the tree."""
+        return (await self.tree())[1]
+
+    async def _change_tree(self, build: Callable[[dict[str, str | None]], list[str]]) -> None:
+        """Read the tree, let ``build`` check it and answer the ops of tenants/tree_set.lua,
+        and write them if the tree did not change meanwhile (else again)."""
+        for _ in range(TREE_ATTEMPTS):
+            version, parents = await self.tree()
+            ops = build(parents)
+            if int(await self._tree_set(keys=self._tree_keys, args=[version, *ops])) == 1:
+                return
+        raise PolicyConflictError("the organisation tree kept changing; try again")
+
+    async def _set_parent(self, tenant: str, parent: str | None) -> None:
+        # a parent made by a version without the tree has a policy but no entry yet
+        older = parent is not None and await self.exists(parent)
+
+        def build(parents: dict[str, str | None]) -> list[str]:
+            ops = []
+            if parent is not None and parent not in parents and older:
+                parents[parent] = None
+                ops += ["set", parent, ""]
+            check_parent(parents, tenant, parent)
+            return [*ops, "set", tenant, parent or ""]
+
+        await self._change_tree(build)
 
     async def _schedule(self, tenant: str, policy: TenantPolicy) -> None:
         """The scheduler's copy of the weight and the tenant sets (their own slot)."""
@@ -100,8 +153,17 @@ class TenantStore:
 
     async def delete(self, tenant: str) -> bool:
         """Remove the policy and revoke the tenant's API keys (a tenant created again later
-        never inherits them); queued work of the tenant is refused from then on."""
+        never inherits them); queued work of the tenant is refused from then on. A tenant
+        with children is refused (:class:`~budgeter.domain.tree.HasChildrenError`)."""
         check_tenant_id(tenant)
+
+        def build(parents: dict[str, str | None]) -> list[str]:
+            below = children(parents, tenant)
+            if below:
+                raise HasChildrenError(tenant, below)
+            return ["del", tenant, ""]
+
+        await self._change_tree(build)
         removed = await self.redis.delete(TenantKeys.of(self.prefix, tenant).policy)
         await KeyStore(self.redis, prefix=self.prefix).revoke_all(tenant)
         async with self.redis.pipeline(transaction=True) as pipe:
