@@ -228,6 +228,15 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        self.webhook_events = Counter(
+            "budgeter_webhook_events_total",
+            "Notification events sent to BUDGETER_WEBHOOK_URL: delivered, retried (an "
+            "attempt after a failed one), failed (given up after 24 h).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("delivered", "retried", "failed"):
+            self.webhook_events.labels(result)
         self.count_cache_results = {r: self.count_cache.labels(r) for r in COUNT_CACHE_RESULTS}
         self.durable = DurableJobCounts()
         r.register(self.durable)

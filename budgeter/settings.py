@@ -94,6 +94,17 @@ class Settings(BaseSettings):
     audit_max_entries: int = Field(
         default=100_000, ge=100, description="At most this many audit log entries are kept."
     )
+    webhook_url: str | None = Field(
+        default=None,
+        description="Where notification events are POSTed (unset: none are delivered).",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs each event (budgeter-signature: t=...,v1=HMAC-SHA256 hex).",
+    )
+    webhook_format: Literal["json", "slack"] = Field(
+        default="json", description="'json' events, or 'slack': {\"text\": ...} messages."
+    )
     public_url: str | None = Field(
         default=None,
         description="Base URL clients reach budgeter at (results_url); else the request's host.",

@@ -171,6 +171,12 @@ class TenantKeys(AdmissionKeys):
         """set: batch ids being canceled (their jobs are not served any more)."""
         return self._k("canceled_batches")
 
+    @property
+    def outbox(self) -> str:
+        """stream: the tenant's notification events, fields ``type`` and ``data``
+        (budgeter.notify.events), consumer group ``delivery`` (budgeter.notify.outbox)."""
+        return self._k("outbox")
+
     def batch(self, batch_id: str) -> str:
         """hash: batch meta and request counts; ``betas`` and ``anthropic_version`` when the
         batch was created with them (what its jobs send upstream, ``BatchStore.passthrough``)."""
@@ -257,6 +263,11 @@ def tree_parents_key(prefix: str) -> str:
 def tree_version_key(prefix: str) -> str:
     """string: incremented by every change of the tree (tenants/tree_set.lua)."""
     return f"{prefix}:{{tree}}:version"
+
+
+def notify_pending_key(prefix: str) -> str:
+    """set: tenants whose outbox may hold events not delivered yet (a hint)."""
+    return f"{prefix}:{{notify}}:pending"
 
 
 def audit_log_key(prefix: str) -> str:

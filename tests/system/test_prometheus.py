@@ -384,6 +384,21 @@ def _promtool_unit_tests(rule_file: Path) -> dict[str, Any]:
             alert("JobsDeadLettered", "50m"),
         ],
     }
+    hooks = 'budgeter_webhook_events_total{result="%s",' + wk + "}"
+    webhook = {  # the receiver answers 500 for 40 minutes, then recovers
+        "interval": "1m",
+        "input_series": [
+            {"series": hooks % "delivered", "values": "0+2x10 20x40 20+2x40"},
+            {"series": hooks % "retried", "values": "0x10 0+3x40 120x40"},
+            {"series": hooks % "failed", "values": "0x90"},
+        ],
+        "alert_rule_test": [
+            alert("WebhookDeliveriesFailing", "8m"),
+            alert("WebhookDeliveriesFailing", "20m"),  # failing, but `for` not elapsed
+            alert("WebhookDeliveriesFailing", "40m", {"severity": "warning"}),
+            alert("WebhookDeliveriesFailing", "85m"),  # delivering again
+        ],
+    }
     under = {  # half of the settles bill 1.1-1.5x the reservation
         "interval": "1m",
         "input_series": _histogram(lambda le: 0.0 if le < 0.9 else 0.5 if le < 1.5 else 1.0),
@@ -405,7 +420,7 @@ def _promtool_unit_tests(rule_file: Path) -> dict[str, Any]:
     return {
         "rule_files": [str(rule_file)],
         "evaluation_interval": "1m",
-        "tests": [healthy, budget, queue, upstream, down, absent, rare, under, over],
+        "tests": [healthy, budget, queue, upstream, down, absent, rare, webhook, under, over],
     }
 
 
