@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from budgeter.admission.global_limits import GlobalLimits
 from budgeter.admission.reasons import Reason, parse_reason
 from budgeter.domain.pricing import GENAI_PRICES_VERSION, ModelPrice, PriceTable
-from budgeter.store.keys import GlobalModelKeys, TenantKeys
+from budgeter.store.keys import GlobalModelKeys, TenantKeys, notify_pending_key
 from budgeter.store.scripts import BatchedScript, register
 from budgeter.store.types import RedisClient
 
@@ -209,11 +209,12 @@ class SettleResult:
     released: int
     actual_tokens: int
     reserved_tokens: int
+    events: int = 0  # notification events the settle appended to the outbox
 
     @classmethod
     def from_reply(cls, reply: Sequence[ReplyItem]) -> SettleResult:
-        settled, waiting, full, released, actual, reserved = (int(x) for x in reply)
-        return cls(settled, bool(waiting), full, released, actual, reserved)
+        settled, waiting, full, released, actual, reserved, events = (int(x) for x in reply)
+        return cls(settled, bool(waiting), full, released, actual, reserved, events)
 
 
 Scope = TenantKeys | GlobalModelKeys
@@ -242,6 +243,7 @@ def settle_keys(keys: Scope) -> tuple[str, ...]:
         keys.resv_sent,
         keys.usage,
         keys.state,
+        keys.outbox,
     )
 
 
@@ -273,7 +275,7 @@ class Admission:
         self.global_limits = global_limits
         self.prices = prices if isinstance(prices, PriceTable) else PriceTable(prices)
         self._reserve = BatchedScript(redis, "admission/reserve.lua", width=5)
-        self._settle = BatchedScript(redis, "admission/settle.lua", width=6)
+        self._settle = BatchedScript(redis, "admission/settle.lua", width=7)
         self._reap = self._settle.script
         self._mark_sent = register(redis, "admission/mark_sent.lua")
         self._held_globally: dict[str, str] = {}  # reservation id -> model
@@ -386,6 +388,7 @@ class Admission:
         result = await self._settle_scope(
             self._names(tenant)[1], mode, reservation_id, *usage, now_ms=now_ms
         )
+        await self._hint(tenant, result)
         model = self._held_globally.pop(reservation_id, None)
         if model is not None and self.global_limits is not None:
             names = settle_keys(self.global_limits.keys(model))
@@ -423,7 +426,15 @@ class Admission:
         reply = await self._reap(
             keys=settle_keys(self.keys(tenant)), args=[_now_arg(now_ms), "reap", int(limit)]
         )
-        return SettleResult.from_reply(reply)
+        result = SettleResult.from_reply(reply)
+        await self._hint(tenant, result)
+        return result
+
+    async def _hint(self, tenant: str, result: SettleResult) -> None:
+        """A settle that appended notification events names the tenant for delivery
+        (budgeter.notify.outbox; a lost hint is found by the delivery's sweep)."""
+        if result.events:
+            await self.redis.sadd(notify_pending_key(self.prefix), tenant)
 
     async def reap_global(self, *, limit: int = 1000, now_ms: int | None = None) -> int:
         """Reap the account scopes' reservations whose process died (all charged in full:

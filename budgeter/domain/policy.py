@@ -88,6 +88,28 @@ class ModelLimits(BaseModel):
         return fields
 
 
+class NotifyPolicy(BaseModel):
+    """Budget notifications: an event when the used share of any budget first reaches
+    each threshold in a period (and ``budget.exhausted`` at 1.0)."""
+
+    model_config = POLICY_CONFIG
+
+    thresholds: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        min_length=1,
+        max_length=10,
+        description="Fractions of each budget (0 < t <= 1), e.g. [0.5, 0.8, 1.0].",
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _sorted(cls, value: list[float]) -> list[float]:
+        return sorted(set(value))
+
+    def flat(self) -> str:
+        """The policy hash's ``notify`` field: the thresholds, ascending, comma-separated."""
+        return ",".join(repr(float(t)) for t in self.thresholds)
+
+
 class TenantPolicy(BaseModel):
     """What one tenant may spend. Every field may be absent (no limit)."""
 
@@ -120,6 +142,10 @@ class TenantPolicy(BaseModel):
     )
     max_concurrency: PositiveInt | None = Field(
         default=None, description="Reservations in flight at once."
+    )
+    notify: NotifyPolicy | None = Field(
+        default=None,
+        description="Budget notifications to BUDGETER_WEBHOOK_URL: thresholds of each budget.",
     )
     on_exhausted: Literal["reject", "wait"] = Field(
         default="reject",
@@ -189,6 +215,8 @@ class TenantPolicy(BaseModel):
                 fields[pf.allow_field(model)] = "1"
         if self.max_concurrency is not None:
             fields[pf.MAX_CONCURRENCY] = str(self.max_concurrency)
+        if self.notify is not None:
+            fields[pf.NOTIFY] = self.notify.flat()
         return fields
 
 

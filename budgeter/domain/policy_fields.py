@@ -32,6 +32,7 @@ JSON = "json"
 WEIGHT = "weight"
 ON_EXHAUSTED = "on_exhausted"
 MAX_CONCURRENCY = "max_concurrency"
+NOTIFY = "notify"  # budget notification thresholds, "0.5,0.8,1.0" (NotifyPolicy.flat)
 ALLOWLIST = "allowlist"
 ALLOW_PREFIX = "allow:"
 MODEL_PREFIX = "m:"

@@ -61,6 +61,13 @@ class AdmissionKeys:
         """hash: flags: waiting_settle; paused_until (ms): DEFER everything until then."""
         return self._k("state")
 
+    @property
+    def outbox(self) -> str:
+        """stream: the scope's notification events (admission/settle.lua appends budget
+        crossings), fields ``type`` and ``data`` (budgeter.notify.events), consumer group
+        ``delivery`` (budgeter.notify.outbox); never written for an account scope."""
+        return self._k("outbox")
+
 
 @dataclass(frozen=True, slots=True)
 class TenantKeys(AdmissionKeys):
@@ -170,12 +177,6 @@ class TenantKeys(AdmissionKeys):
     def canceled_batches(self) -> str:
         """set: batch ids being canceled (their jobs are not served any more)."""
         return self._k("canceled_batches")
-
-    @property
-    def outbox(self) -> str:
-        """stream: the tenant's notification events, fields ``type`` and ``data``
-        (budgeter.notify.events), consumer group ``delivery`` (budgeter.notify.outbox)."""
-        return self._k("outbox")
 
     def batch(self, batch_id: str) -> str:
         """hash: batch meta and request counts; ``betas`` and ``anthropic_version`` when the

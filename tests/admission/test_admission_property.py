@@ -401,7 +401,9 @@ class Harness:
             else:
                 wants.append(ref.release(self.model, rid, self.now))
         flat = self.scripts.settle(settle_keys(self.keys), args)
-        got = [ref.SettleResult(*(int(x) for x in flat[i : i + 6])) for i in range(0, len(flat), 6)]
+        # 7 per reservation; the 7th (notification events) is 0: no policy here notifies
+        assert all(int(flat[i + 6]) == 0 for i in range(0, len(flat), 7))
+        got = [ref.SettleResult(*(int(x) for x in flat[i : i + 6])) for i in range(0, len(flat), 7)]
         assert got == wants, f"settle {items}"
         self.usd_writes += len(items)
         if len(items) > 1:
@@ -410,7 +412,8 @@ class Harness:
 
     def reap(self, limit: int) -> ref.SettleResult:
         reply = self.scripts.settle(settle_keys(self.keys), [self.now, "reap", limit])
-        got = ref.SettleResult(*(int(x) for x in reply))
+        assert int(reply[6]) == 0
+        got = ref.SettleResult(*(int(x) for x in reply[:6]))
         want = ref.reap(self.model, self.now, limit)
         assert got == want, f"reap({limit}) at {self.now}"
         self.usd_writes += got.settled

@@ -8,7 +8,7 @@ All keys carry the scope's hash tag, so the call is correct on Redis Cluster.
 
 KEYS[1] policy         hash  flattened policy (budget:<period>, usd:<period>, rate:<kind>,
                              m:<model>:<same>, allowlist, allow:<model>, max_concurrency,
-                             on_exhausted); not read when ARGV[2] gives the policy
+                             on_exhausted, notify); not read when ARGV[2] gives the policy
 KEYS[2] buckets        hash  [m:<model>:]rpm|itpm|otpm -> GCRA theoretical arrival time (ms)
 KEYS[3] budget         hash  <counter>:id, <counter>:used, <counter>:reserved where counter
                              is [m:<model>:][usd:]<period> (usd counters in US dollars)
@@ -84,7 +84,7 @@ local function plan_of(model)
   plan = {budgets = {}, rates = {}, any_usd = false}
   local scopes = {{'', ''}}
   if model ~= '' then scopes[2] = {'m:' .. model .. ':', 'model:'} end
-  local periods, usd_periods, intervals = {}, {}, {}
+  local periods, usd_periods, intervals, limits = {}, {}, {}, {}
   for _, scope in ipairs(scopes) do
     for _, unit in ipairs({'budget:', 'usd:'}) do
       for _, per in ipairs({'minute', 'hour', 'day', 'month', 'total'}) do
@@ -98,6 +98,7 @@ local function plan_of(model)
           end
           local pid, reset = period_of(per, now)
           if usd then usd_periods[counter] = pid else periods[counter] = pid end
+          limits[counter] = limit
           plan.budgets[#plan.budgets + 1] = {
             usd = usd, limit = limit, pid = pid, reset = reset, label = label,
             id = counter .. ':id', used = counter .. ':used', reserved = counter .. ':reserved',
@@ -120,9 +121,13 @@ local function plan_of(model)
     end
   end
   plan.allowed = not pol['allowlist'] or pol['allow:' .. model]
-  -- the reservation record: {"i":..,"o":..,"t":..,"m":..,"b":..,"r":..[,"p","u","d"]}
+  -- the reservation record: {"i":..,"o":..,"t":..,"m":..,"b":..,"r":..[,"n","th"][,"p","u","d"]}
+  -- with notify thresholds, "n" (counter -> limit) and "th" let settle.lua tell crossings
   local tail = ',"m":' .. cjson.encode(model) .. ',"b":' .. cjson.encode(periods)
     .. ',"r":' .. cjson.encode(intervals)
+  if pol['notify'] and next(limits) then
+    tail = tail .. ',"n":' .. cjson.encode(limits) .. ',"th":' .. cjson.encode(pol['notify'])
+  end
   plan.tail = tail .. '}'
   if plan.any_usd then plan.usd_tail = tail .. ',"d":' .. cjson.encode(usd_periods) end
   plans[model] = plan

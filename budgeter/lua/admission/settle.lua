@@ -13,10 +13,17 @@ KEYS[4] resv_deadline  zset  reservation id -> deadline (ms)
 KEYS[5] resv_sent      hash  reservation id -> 1 once the upstream may have been called
 KEYS[6] usage          hash  <period>:<period id>:<model>:<kind> -> tokens (kind usd: dollars)
 KEYS[7] state          hash  waiting_settle flag
+KEYS[8] outbox         stream (optional) notification events: a reservation made with notify
+                             thresholds (its "n" limits and "th") appends 'budget.threshold'
+                             the first time, in a period, a budget's used share reaches each
+                             threshold, and 'budget.exhausted' when it reaches 1; fields
+                             'type' and 'data' (JSON), budgeter/notify/events.py. The budget
+                             hash keeps '<counter>:notified' = '<period id> <highest threshold>'
 ARGV[1] now in ms, or '' to use Redis server TIME
 ARGV[2] 'reap', ARGV[3] max reservations: every reservation past its deadline is charged
         in full if marked sent, else released. Returns one
-        {settled, waiting_settle, charged_full, released, actual_tokens, reserved_tokens}
+        {settled, waiting_settle, charged_full, released, actual_tokens, reserved_tokens,
+        events}
 ARGV[2] otherwise the reservations, a JSON array of arrays, one per reservation:
   [1] mode: 'usage'   charge what the upstream reported ([3]..[6]); in dollars at the
                       reservation's prices (lib/prices.lua), in the tier of the real
@@ -27,8 +34,9 @@ ARGV[2] otherwise the reservations, a JSON array of arrays, one per reservation:
   [2] reservation id
   [3] input, [4] output, [5] cache_creation_input, [6] cache_read_input tokens ('usage'
       only; anything for the other modes)
-  Returns settled, waiting_settle, charged_full, released, actual_tokens, reserved_tokens
-  for each reservation in order, one flat list of 6 per reservation.
+  Returns settled, waiting_settle, charged_full, released, actual_tokens, reserved_tokens,
+  events for each reservation in order, one flat list of 7 per reservation (events: the
+  notification events appended for it; the reap's single answer has 7 values too).
 
   settled: reservations settled (0: already settled)
   waiting_settle: 1 when a DEFER was waiting for in-flight work to settle (flag cleared;
@@ -62,6 +70,38 @@ local function add(prefix, what, n)
 end
 
 local kinds = {}
+local events = 0  -- notification events appended by the reservation being settled
+
+-- the used share of a budget after a charge: one event per threshold first reached in the
+-- period (however many settles race: the mark is in the same hash as the counter)
+local function notify(r, per, pid, used)
+  local limit = r.n[per]
+  if not limit or not KEYS[8] then return end
+  local mark_field = per .. ':notified'
+  local done = 0
+  local mark = hget(KEYS[2], mark_field)
+  if mark then
+    local mark_pid, mark_t = string.match(mark, '^(%S+) (%S+)$')
+    if mark_pid == pid then done = tonumber(mark_t) end
+  end
+  local highest = done
+  for t in string.gmatch(r.th, '[^,]+') do
+    local share = tonumber(t)
+    if share > done and used >= share * limit then
+      local data = {budget = per, period = pid, threshold = share, used = used, limit = limit}
+      redis.call('XADD', KEYS[8], 'MAXLEN', '~', 10000, '*', 'type', 'budget.threshold',
+        'data', cjson.encode(data))
+      events = events + 1
+      if share >= 1 then
+        redis.call('XADD', KEYS[8], 'MAXLEN', '~', 10000, '*', 'type', 'budget.exhausted',
+          'data', cjson.encode(data))
+        events = events + 1
+      end
+      highest = share
+    end
+  end
+  if highest > done then hset(KEYS[2], mark_field, pid .. ' ' .. highest) end
+end
 
 local function settle_one(id, kind, a_in, a_out, a_cc, a_cr)
   local raw = hget(KEYS[3], id)
@@ -104,8 +144,10 @@ local function settle_one(id, kind, a_in, a_out, a_cc, a_cr)
     if hget(KEYS[2], per .. ':id') == pid then
       local reserved = (tonumber(hget(KEYS[2], per .. ':reserved')) or 0) - est
       if reserved < 0 then reserved = 0 end
-      hset(KEYS[2], per .. ':used', (tonumber(hget(KEYS[2], per .. ':used')) or 0) + total)
+      local used = (tonumber(hget(KEYS[2], per .. ':used')) or 0) + total
+      hset(KEYS[2], per .. ':used', used)
       hset(KEYS[2], per .. ':reserved', reserved)
+      if r.n then notify(r, per, pid, used) end
     end
   end
 
@@ -113,8 +155,10 @@ local function settle_one(id, kind, a_in, a_out, a_cc, a_cr)
     if hget(KEYS[2], per .. ':id') == pid then
       local reserved = (tonumber(hget(KEYS[2], per .. ':reserved')) or 0) - r.u
       if reserved < 0.0000005 then reserved = 0 end
-      hset(KEYS[2], per .. ':used', fmt6((tonumber(hget(KEYS[2], per .. ':used')) or 0) + usd))
+      local used = fmt6((tonumber(hget(KEYS[2], per .. ':used')) or 0) + usd)
+      hset(KEYS[2], per .. ':used', used)
       hset(KEYS[2], per .. ':reserved', fmt6(reserved))
+      if r.n then notify(r, per, pid, tonumber(used)) end
     end
   end
 
@@ -174,7 +218,7 @@ if ARGV[2] == 'reap' then
     end
   end
   finish()
-  return {settled, waiting_flag(settled), full, released, actual, reserved}
+  return {settled, waiting_flag(settled), full, released, actual, reserved, events}
 end
 
 local items = cjson.decode(ARGV[2])
@@ -189,17 +233,19 @@ hprefetch(KEYS[3], ids)
 local replies, first_settled = {}, nil
 for n, q in ipairs(items) do
   local kind = q[1]
+  events = 0
   local ok, actual, est = settle_one(tostring(q[2]), kind, tonumber(q[3]) or 0,
     tonumber(q[4]) or 0, tonumber(q[5]) or 0, tonumber(q[6]) or 0)
-  local r = (n - 1) * 6
+  local r = (n - 1) * 7
   if ok then
     first_settled = first_settled or r
     replies[r + 1], replies[r + 2] = 1, 0
     replies[r + 3] = kind == 'full' and 1 or 0
     replies[r + 4] = kind == 'release' and 1 or 0
     replies[r + 5], replies[r + 6] = actual, est
+    replies[r + 7] = events
   else
-    for i = 1, 6 do replies[r + i] = 0 end
+    for i = 1, 7 do replies[r + i] = 0 end
   end
 end
 finish()
