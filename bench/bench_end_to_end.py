@@ -1,11 +1,13 @@
 """Row 2 — end to end: jobs/s through queue → count_tokens → admit → /messages → settle
-with a real ``budgeter worker`` process, next to a plain aiohttp client that calls
-count_tokens and /messages of the same mock directly, at the same concurrency.
+with a real ``budgeter worker`` process, next to the direct client (bench/direct_client.py:
+count_tokens then /messages of the same mock, nothing else) at the same concurrency.
 
-The mock answers at once. The worker stays up for the whole row and the two pipelines
-alternate round by round (direct, worker, direct, worker, ...), so both see the same
-machine. The worker's count_tokens cache misses (every prompt is new), as the direct
-client does one count_tokens per job.
+Both run in their own process on the same event loop (uvloop, which the worker's default
+``BUDGETER_EVENT_LOOP=auto`` picks), with the same JSON codec, against the same mock, which
+answers at once. Both stay up for the whole row and alternate round by round (direct,
+worker, direct, worker, ...), so both see the same machine. The worker's count_tokens
+cache misses (every prompt is new), as the direct client does one count_tokens per job.
+CPU seconds per job of every process come from /proc (psutil) over the rounds.
 
     .venv/bin/python bench/bench_end_to_end.py [--quick] [--concurrency 64]
 """
@@ -16,15 +18,17 @@ import asyncio
 import time
 from typing import Any
 
-import aiohttp
 from common import (
     CpuMeter,
+    DirectClient,
     Options,
     RedisMonitor,
     Row,
     base_env,
     client_addrs,
+    cpu_wait_s,
     procs,
+    profile_digest,
     profile_path,
     redis_pid,
     redis_server,
@@ -52,45 +56,20 @@ def params(tag: str, i: int) -> dict[str, Any]:
     }
 
 
-async def direct_round(mock_url: str, tag: str, jobs: int, concurrency: int) -> tuple[float, int]:
-    """count_tokens then /messages per job, ``concurrency`` coroutines, one session."""
-    headers = {"x-api-key": "bench-upstream", "anthropic-version": "2023-06-01"}
-    todo = iter(range(jobs))
-    done = 0
-    async with aiohttp.ClientSession() as http:
-
-        async def lane() -> None:
-            nonlocal done
-            for i in todo:
-                body = params(tag, i)
-                count = {k: v for k, v in body.items() if k != "max_tokens"}
-                async with http.post(
-                    f"{mock_url}/v1/messages/count_tokens", json=count, headers=headers
-                ) as r:
-                    assert "input_tokens" in await r.json()
-                async with http.post(f"{mock_url}/v1/messages", json=body, headers=headers) as r:
-                    assert r.status == 200, await r.text()
-                    await r.json()
-                done += 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(lane() for _ in range(concurrency)))
-        return time.perf_counter() - started, done
-
-
 async def worker_round(store: BatchStore, tag: str, jobs: int) -> tuple[float, int]:
     requests = [
         BatchRequest.model_validate({"custom_id": f"j{i}", "params": params(tag, i)})
         for i in range(jobs)
     ]
     batch_id = await store.create("bench", requests)
-    started = time.perf_counter()  # the jobs are visible to the worker from here
+    started = time.time()  # the jobs are visible to the worker from here
     while True:
         status = await store.status(batch_id)
         if status.ended:
             break
-        await asyncio.sleep(0.01)
-    elapsed = time.perf_counter() - started
+        await asyncio.sleep(0.02)  # the batch's end time is its own: no need to poll faster
+    ended = status.ended_ms / 1000 if status.ended_ms else time.time()
+    elapsed = ended - started
     if status.succeeded != jobs:
         raise RuntimeError(f"worker round {tag}: {status}")
     return elapsed, status.succeeded
@@ -112,6 +91,7 @@ async def count_round(url: str, port: int, jobs: int) -> tuple[float, float, str
 async def run(opts: Options) -> list[Row]:
     concurrency = int(opts.extra.get("concurrency", 64))
     rounds, jobs = (2, 500) if opts.quick else (3, 1000)
+    profiled = opts.profile_dir is not None
     async with redis_server("e2e") as (server, redis):
         await TenantStore(redis).put("bench", POLICY)
         store = BatchStore(redis)
@@ -119,31 +99,42 @@ async def run(opts: Options) -> list[Row]:
             env = base_env(server.url)
             mock, mock_url = await start_mock(0, env)
             started.append(mock)
-            worker, _ = await start_worker(base_env(server.url, mock_url), concurrency)
+            worker_env = base_env(server.url, mock_url)
+            worker, _ = await start_worker(worker_env, concurrency, profiled=profiled)
             started.append(worker)
+            direct = DirectClient("direct", mock_url, env)
+            started.append(direct)
             # warm-up both paths (connections, imports, scripts)
-            await direct_round(mock_url, "warm", 200, concurrency)
+            await direct.call("round", tag="warm", jobs=200, concurrency=concurrency)
             await worker_round(store, "warm", 200)
-            d_s = d_n = w_s = w_n = 0.0
-            meters = {}
+            d_s = d_n = w_s = w_n = d_wait = w_wait = 0.0
             redis_proc = redis_pid(server)
+            d_meter = CpuMeter({"direct client": direct, "mock": mock, "redis": redis_proc})
+            w_meter = CpuMeter({"worker": worker, "mock": mock, "redis": redis_proc})
             out = profile_path(opts, "end_to_end-worker")
             if out is not None:
                 worker.start_profile(out)
             for r in range(rounds):
-                with CpuMeter({"mock": mock, "redis": redis_proc}) as meter:
-                    s, n = await direct_round(mock_url, f"d{r}", jobs, concurrency)
-                meters.setdefault("direct", (meter, n))
-                d_s, d_n = d_s + s, d_n + n
-                with CpuMeter({"worker": worker, "mock": mock, "redis": redis_proc}) as meter:
+                wait = cpu_wait_s(direct)
+                with d_meter:
+                    got = await direct.call(
+                        "round", tag=f"d{r}", jobs=jobs, concurrency=concurrency
+                    )
+                d_s, d_n = d_s + got["elapsed"], d_n + got["done"]
+                d_wait += cpu_wait_s(direct) - wait
+                wait = cpu_wait_s(worker)
+                with w_meter:
                     s, n = await worker_round(store, f"w{r}", jobs)
-                meters.setdefault("worker", (meter, n))
                 w_s, w_n = w_s + s, w_n + n
+                w_wait += cpu_wait_s(worker) - wait
             worker.stop_profile()
+            digest = profile_digest(worker)
             calls, lua_calls, top = await count_round(server.url, int(server.port or 0), 200)
             errors = worker.log_count("Traceback")
     direct_rate, worker_rate = d_n / d_s, w_n / w_s
-    cpu = {k: m.per_job_ms(n) for k, (m, n) in meters.items()}
+    worker_ms = 1000 * w_meter.used["worker"] / w_n
+    direct_ms = 1000 * d_meter.used["direct client"] / d_n
+    profiled_note = " (worker under pyinstrument: --profile slows it)" if profiled else ""
     return [
         Row(
             "end_to_end",
@@ -151,18 +142,36 @@ async def run(opts: Options) -> list[Row]:
             worker_rate,
             "jobs/s",
             direct_rate,
-            f"aiohttp client → mock direct, {concurrency} coroutines",
+            f"direct client → mock, {concurrency} coroutines, same loop",
             worker_rate / direct_rate,
             "≥ 0.8x direct",
             worker_rate / direct_rate >= 0.8,
             note=(
-                f"{rounds} alternating rounds of {jobs} jobs. CPU ms/job — worker path: "
-                f"{cpu['worker']}; direct path: {cpu['direct']} (bench = the direct client). "
-                f"Redis commands sent per job by the worker: {calls:.1f} ({top}); "
+                f"{rounds} alternating rounds of {jobs} jobs{profiled_note}. CPU ms/job "
+                f"(/proc) — worker path: {w_meter.per_job_ms(int(w_n))}; direct path: "
+                f"{d_meter.per_job_ms(int(d_n))} (bench = this process, which only submits "
+                f"and polls). Redis commands sent per job by the worker: {calls:.1f} ({top}); "
                 f"{lua_calls:.1f} more run inside Lua"
                 + (f"; {errors} tracebacks in the worker log" if errors else "")
+                + (f". {digest}" if digest else "")
             ),
-        )
+        ),
+        Row(
+            "end_to_end",
+            "worker CPU per job vs direct client CPU per job",
+            worker_ms,
+            "ms",
+            direct_ms,
+            "direct client process, same rounds",
+            worker_ms / direct_ms,
+            "≤ 2x direct",
+            worker_ms / direct_ms <= 2,
+            note="CPU seconds (user + system, /proc) of the worker process and of the direct "
+            "client process over their rounds, divided by the jobs each finished. Runnable but "
+            f"waiting for a CPU (/proc/PID/schedstat): worker {1000 * w_wait / w_n:.2f} ms/job "
+            f"({100 * w_wait / w_s:.0f}% of its rounds), direct client "
+            f"{1000 * d_wait / d_n:.2f} ms/job ({100 * d_wait / d_s:.0f}% of its rounds)",
+        ),
     ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -131,16 +132,28 @@ def base_env(redis_url: str, upstream_url: str = "http://127.0.0.1:9", **extra: 
 class Proc:
     """A child process started by the bench; ``stop`` ends it (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str] | None = None, *, pipes: bool = False
+    ) -> None:
         self.name = name
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
             prefix=f"bench-{name}-", suffix=".log", delete=False
         )
+        std = subprocess.PIPE if pipes else subprocess.DEVNULL
         self.popen = subprocess.Popen(
-            args, env=env, stdin=subprocess.DEVNULL, stderr=self.log, cwd=str(ROOT)
+            args,
+            env=env,
+            stdin=std,
+            stdout=subprocess.PIPE if pipes else None,
+            stderr=self.log,
+            cwd=str(ROOT),
         )
         self.ps = psutil.Process(self.popen.pid)
         self.spy: subprocess.Popen[bytes] | None = None
+        # set: the process runs bench/worker_unlimited.py with BENCH_PROFILE=<this path>,
+        # and start_profile / stop_profile drive its pyinstrument by SIGUSR1 / SIGUSR2
+        self.pyinstrument: Path | None = None
+        self._profile_out: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -171,7 +184,12 @@ class Proc:
         return self.log_text().count(needle)
 
     def start_profile(self, out: Path) -> None:
-        """Attach py-spy (sampling, non-blocking) until :meth:`stop_profile`."""
+        """Attach py-spy (sampling, non-blocking) until :meth:`stop_profile`; a process
+        started with pyinstrument inside (``start_worker(..., profiled=True)``) starts it."""
+        if getattr(self, "pyinstrument", None) is not None:
+            self._profile_out = out.with_name(out.name.replace(".pyspy", ".pyinstrument"))
+            self.popen.send_signal(signal.SIGUSR1)
+            return
         spy = Path(PY).with_name("py-spy")
         if not spy.exists():
             print(f"  (py-spy not installed in the venv: no profile of {self.name})")
@@ -196,6 +214,19 @@ class Proc:
         )
 
     def stop_profile(self) -> None:
+        out, self._profile_out = getattr(self, "_profile_out", None), None
+        if out is not None and getattr(self, "pyinstrument", None) is not None:
+            assert self.pyinstrument is not None
+            self.pyinstrument.unlink(missing_ok=True)
+            self.popen.send_signal(signal.SIGUSR2)
+            deadline = time.monotonic() + 30
+            while not self.pyinstrument.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if self.pyinstrument.exists():
+                self.pyinstrument.replace(out)
+                self.last_profile = out
+                print(f"  profile of {self.name}: {out}")
         spy, self.spy = self.spy, None
         if spy is None:
             return
@@ -262,17 +293,79 @@ async def start_mock(latency_ms: float, env: dict[str, str]) -> tuple[Proc, str]
     return proc, url
 
 
+async def start_mocks(count: int, latency_ms: float, env: dict[str, str]) -> tuple[list[Proc], str]:
+    """``count`` mock processes listening on one port with SO_REUSEPORT (the kernel
+    spreads the connections between them), so that the mock is not what a row measures."""
+    port = free_port()
+    argv = ["mock-upstream", "--port", str(port), "--latency-ms", str(latency_ms), "--reuse-port"]
+    files = Path(tempfile.mkdtemp(prefix="bench-mocks-"))
+    mocks = [
+        budgeter_proc(f"mock{i}", [*argv, "--port-file", str(files / str(i))], env)
+        for i in range(count)
+    ]
+    for i, mock in enumerate(mocks):  # each writes its port file once it listens
+        for _ in range(600):
+            if (files / str(i)).exists() or mock.popen.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        if not (files / str(i)).exists():
+            raise RuntimeError(f"{mock.name} did not start: {mock.log_text()[-2000:]}")
+    url = f"http://127.0.0.1:{port}"
+    await wait_http(f"{url}/healthz")
+    return mocks, url
+
+
+class DirectClient(Proc):
+    """bench/direct_client.py in its own process (the worker's event loop), driven by
+    JSON lines on its stdin (see that file)."""
+
+    def __init__(self, name: str, url: str, env: dict[str, str]) -> None:
+        super().__init__(name, [PY, str(ROOT / "bench" / "direct_client.py"), url], env, pipes=True)
+
+    def _call(self, command: dict[str, Any]) -> dict[str, Any]:
+        assert self.popen.stdin is not None and self.popen.stdout is not None
+        self.popen.stdin.write(json.dumps(command).encode() + b"\n")
+        self.popen.stdin.flush()
+        line = self.popen.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} exited: {self.log_text()[-2000:]}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    async def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+        return await asyncio.to_thread(self._call, {"cmd": cmd, **args})
+
+    def stop(self, *, kill: bool = False, timeout_s: float = 15.0) -> None:
+        if self.popen.stdin is not None and not self.popen.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.popen.stdin.close()
+        super().stop(kill=kill, timeout_s=timeout_s)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+
 async def start_worker(
-    env: dict[str, str], concurrency: int, *, script: str | None = None
+    env: dict[str, str],
+    concurrency: int,
+    *,
+    script: str | None = None,
+    profiled: bool = False,
 ) -> tuple[Proc, int]:
     """``budgeter worker`` (or a bench script taking the same arguments); waits for its
-    /healthz."""
+    /healthz. ``profiled``: run it inside bench/worker_unlimited.py (with no pool patched
+    unless ``BENCH_UNLIMITED`` says so) with pyinstrument ready for ``start_profile``."""
     port = free_port()
     args = ["--concurrency", str(concurrency), "--metrics-port", str(port)]
+    profile: Path | None = None
+    if profiled:
+        profile = Path(tempfile.mkdtemp(prefix="bench-profile-")) / "worker.txt"
+        env = {"BENCH_UNLIMITED": "", **env, "BENCH_PROFILE": str(profile)}
+        script = script or "worker_unlimited.py"
     if script is None:
         proc = budgeter_proc("worker", ["worker", *args], env)
     else:
         proc = Proc("worker", [PY, str(ROOT / "bench" / script), *args], env)
+    proc.pyinstrument = profile
     await wait_http(f"http://127.0.0.1:{port}/healthz")
     return proc, port
 
@@ -337,6 +430,35 @@ def profiled(opts: Options, name: str) -> Iterator[None]:
         opts.profile_dir.mkdir(parents=True, exist_ok=True)
         text = profiler.output_text(unicode=False, color=False, show_all=False)
         (opts.profile_dir / f"{name}.pyinstrument.txt").write_text(text)
+
+
+def cpu_wait_s(proc: Proc) -> float:
+    """Seconds the process's main thread spent runnable, waiting for a CPU
+    (/proc/PID/schedstat, second field; 0 where the kernel keeps no schedstat)."""
+    try:
+        return int(Path(f"/proc/{proc.pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def profile_digest(proc: Proc, packages: int = 6, functions: int = 4) -> str:
+    """One line for a row's note from the pyinstrument profile ``proc`` last wrote (see
+    bench/worker_unlimited.py): its top packages and functions by self time; "" if none."""
+    path: Path | None = getattr(proc, "last_profile", None)
+    if path is None or not path.exists():
+        return ""
+    sections = path.read_text().split("\n\n")
+    by_package = [ln.strip() for ln in sections[0].splitlines()[1:]][:packages]
+    top = (
+        [ln.strip() for ln in sections[1].splitlines()[1:]][:functions] if len(sections) > 1 else []
+    )
+    collector = next((x.strip() for x in sections[2:3] if x.startswith("garbage")), "")
+    clock = os.environ.get("BENCH_PROFILE_CLOCK", "cpu")
+    return (
+        f"profile of the {proc.name} ({path.name}, pyinstrument, {clock} clock), self time by "
+        f"package: {', '.join(by_package)}; top functions: {', '.join(top)}"
+        + (f"; {collector}" if collector else "")
+    )
 
 
 def profile_path(opts: Options, name: str) -> Path | None:

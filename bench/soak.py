@@ -181,7 +181,7 @@ async def take_sample(
 
 _PATTERNS = (
     (re.compile(r"msgbatch_[A-Za-z0-9]+"), "<batch>"),
-    (re.compile(r":ct:[0-9a-f]{16,}"), ":ct:<digest>"),
+    (re.compile(r":\{ct:[0-9a-f]{16,}\}"), ":{ct:<digest>}"),
     (re.compile(r"\{t:[a-z0-9_-]+\}"), "{t:<tenant>}"),
     (re.compile(r"\{g:[0-9a-f]+\}"), "{g:<model>}"),
     (re.compile(r"\{auth\}:failures:.*"), "{auth}:failures:<client>"),
@@ -233,7 +233,7 @@ MEMORY_FIELDS = (
 
 
 # keys that belong to one batch, one job or one cached count: they must all go away
-TRANSIENT = ("<batch>", ":ct:<digest>")
+TRANSIENT = ("<batch>", ":{ct:<digest>}")
 PER_JOB_HASHES = (
     ":jobs",
     ":jstate",

@@ -19,7 +19,7 @@ OTHER = "other"
 TERMINAL_OUTCOMES = TERMINAL_STATES
 REAP_ACTIONS = ("charged", "released")
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
-COUNT_CACHE_RESULTS = ("hit", "miss")
+COUNT_CACHE_RESULTS = ("hit", "miss", "error")  # error: a failed read or write
 # the (decision, reason) series every known tenant exports from the start: the reasons are
 # open-ended per policy (periods, models, the account's limits), so these are the ones
 # without a model that a tenant's own policy can give; any other appears at its first use

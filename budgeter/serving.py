@@ -67,13 +67,19 @@ def upstream_session(settings: Settings) -> aiohttp.ClientSession:
 
 @asynccontextmanager
 async def serve_app(
-    app: web.Application, host: str, port: int, *, port_file: Path | None = None
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    port_file: Path | None = None,
+    reuse_port: bool = False,
 ) -> AsyncIterator[int]:
     """Serve ``app`` on host:port (0 = a free port); yields the bound port, also written to
-    ``port_file`` (when given) once the socket listens."""
+    ``port_file`` (when given) once the socket listens. ``reuse_port``: SO_REUSEPORT, so
+    several processes can listen on one port (the kernel spreads connections)."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024)
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as exc:

@@ -8,7 +8,15 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from budgeter.domain.passthrough import CLIENT_VERSION, check_version, parse_betas
@@ -64,6 +72,14 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(
         default=False,
         description="Talk to a Redis Cluster (also implied by a redis+cluster:// URL).",
+    )
+    redis_wait_replicas: int = Field(
+        default=0,
+        ge=0,
+        description="Replicas that must have each acknowledged write (Redis WAIT); 0: none.",
+    )
+    redis_wait_timeout_ms: int = Field(
+        default=1000, ge=1, description="How long that WAIT may take before the write fails."
     )
     upstream_url: str = Field(
         default="http://127.0.0.1:8788",
@@ -192,6 +208,14 @@ class Settings(BaseSettings):
         if value in (None, ""):
             return None
         return check_redis_url(value)  # the URL forms: budgeter/store/urls.py
+
+    @field_validator("redis_wait_replicas")
+    @classmethod
+    def _wait_not_on_cluster(cls, value: int, info: ValidationInfo) -> int:
+        url = info.data.get("redis_url") or ""
+        if value and (info.data.get("redis_cluster") or url.startswith("redis+cluster://")):
+            raise ValueError("not supported on Redis Cluster yet (single Redis, Sentinel)")
+        return value
 
     @property
     def cluster_mode(self) -> bool:

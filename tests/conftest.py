@@ -77,11 +77,18 @@ async def redis(redis_url: str) -> AsyncIterator[RedisClient]:
 
 
 @pytest.fixture(scope="session")
-def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real three-master Redis Cluster on loopback ports (no replicas, no persistence)."""
-    cluster = EmbeddedRedisCluster(tmp_path_factory.mktemp("cluster"))
-    url = cluster.start()
-    yield url
+def redis_cluster_url(embedded_cluster: EmbeddedRedisCluster) -> Iterator[str]:
+    """A real Redis Cluster on loopback ports: three masters with one replica each, every
+    replica in sync before the first test (no persistence)."""
+    yield embedded_cluster.url
+
+
+@pytest.fixture(scope="session")
+def embedded_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedisCluster]:
+    """The session's cluster itself (its servers, topology, and a way to kill a master)."""
+    cluster = EmbeddedRedisCluster(tmp_path_factory.mktemp("cluster"), replicas=1)
+    cluster.start()
+    yield cluster
     cluster.stop()
 
 

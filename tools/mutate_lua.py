@@ -259,11 +259,11 @@ def record(texts: dict[str, str], source: Patched) -> tuple[dict[str, list[str]]
     call = AsyncScript.__call__
 
     def recorded_command(
-        self: module.RoundPipeline, *args: ScriptArg, fallback: Fallback = None
+        self: module.RoundPipeline, *args: ScriptArg, **options: Fallback | bool
     ) -> asyncio.Future[ScriptReply]:
         if args and args[0] == "EVALSHA":
             recorder.seen(str(args[1]))
-        return command(self, *args, fallback=fallback)
+        return command(self, *args, **options)  # fallback=, durable=: passed on
 
     async def recorded_call(
         self: AsyncScript, keys: object = None, args: object = None, client: object = None

@@ -12,6 +12,7 @@ call (``BatchedScript``), each decided in turn exactly as if it had been called 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from budgeter.admission.global_limits import GlobalLimits
 from budgeter.admission.reasons import Reason, parse_reason
 from budgeter.domain.pricing import GENAI_PRICES_VERSION, ModelPrice, PriceTable
+from budgeter.store.durability import NotReplicated
 from budgeter.store.keys import GlobalModelKeys, TenantKeys, notify_pending_key
 from budgeter.store.scripts import BatchedScript, register
 from budgeter.store.types import RedisClient
@@ -333,9 +335,13 @@ class Admission:
         prices = self.price_arg(model, now_ms)
         now = _now_arg(now_ms)
         item = [reservation_id, int(input_tokens), int(max_tokens), int(hold_ms), model]
-        reply = await self._reserve(
-            self._names(tenant)[0], (now, ""), [*item, "1" if sent_at_once else "", prices]
-        )
+        try:
+            reply = await self._reserve(
+                self._names(tenant)[0], (now, ""), [*item, "1" if sent_at_once else "", prices]
+            )
+        except NotReplicated:
+            await self._release_unreplicated(tenant, reservation_id, None, now_ms)
+            raise
         decision = Decision.from_reply(reply)
         if decision.kind != "ADMIT" or limits is None:
             return decision
@@ -344,9 +350,13 @@ class Admission:
             return decision
         await limits.remember(model)
         # the account's scope: its policy passed in, always marked sent (reaped in full)
-        reply = await self._reserve(
-            reserve_keys(limits.keys(model)), (now, policy), [*item, "1", prices]
-        )
+        try:
+            reply = await self._reserve(
+                reserve_keys(limits.keys(model)), (now, policy), [*item, "1", prices]
+            )
+        except NotReplicated:
+            await self._release_unreplicated(tenant, reservation_id, model, now_ms)
+            raise
         account = Decision.from_reply(reply)
         if account.kind == "ADMIT":
             self._held_globally[reservation_id] = model
@@ -359,6 +369,20 @@ class Admission:
             account.now_ms,
             account.detail,
         )
+
+    async def _release_unreplicated(
+        self, tenant: str, reservation_id: str, model: str | None, now_ms: int | None
+    ) -> None:
+        """A reservation the master made but too few replicas acknowledged (see
+        budgeter/store/durability.py): the caller gets the error and never calls the
+        upstream on it, so it is released here (a failover would have lost it anyway); if
+        even that fails, it stays marked sent and the reaper charges it in full."""
+        scopes = [self._names(tenant)[1]]
+        if model is not None and self.global_limits is not None:
+            scopes.append(settle_keys(self.global_limits.keys(model)))
+        for names in scopes:
+            with contextlib.suppress(Exception):
+                await self._settle_scope(names, "release", reservation_id, now_ms=now_ms)
 
     async def mark_sent(self, tenant: str, reservation_id: str) -> bool:
         """Record that the upstream may now be called: a crash from here on charges in full.
@@ -389,10 +413,11 @@ class Admission:
             self._names(tenant)[1], mode, reservation_id, *usage, now_ms=now_ms
         )
         await self._hint(tenant, result)
-        model = self._held_globally.pop(reservation_id, None)
+        model = self._held_globally.get(reservation_id)
         if model is not None and self.global_limits is not None:
             names = settle_keys(self.global_limits.keys(model))
             await self._settle_scope(names, mode, reservation_id, *usage, now_ms=now_ms)
+        self._held_globally.pop(reservation_id, None)  # only once settled: a retry settles it
         return result
 
     async def settle(

@@ -45,7 +45,7 @@ from budgeter.tenants.merge_patch import (
 )
 from budgeter.tenants.status import status_snapshot
 from budgeter.tenants.store import PolicyConflictError
-from budgeter.tenants.usage import tenant_usage
+from budgeter.tenants.usage_tree import usage_report
 
 PATCH_TYPES = (MERGE_PATCH_TYPE, "application/json")
 
@@ -181,7 +181,7 @@ async def get_own_usage(request: web.Request) -> web.Response:
 
 
 async def _usage_of(request: web.Request, tenant: str) -> web.Response:
-    report = await tenant_usage(
+    report = await usage_report(
         request.app[REDIS],
         tenant,
         prefix=request.app[SETTINGS].key_prefix,

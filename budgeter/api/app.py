@@ -98,6 +98,7 @@ def resources(settings: Settings, redis: RedisClient | None, metrics: Metrics) -
             try:
                 yield
             finally:
+                await app[PROXY].settles.drain()  # the settles of answers sent: before Redis closes
                 await keys.aclose()
 
     return context

@@ -4,8 +4,9 @@
 One reservation per call: ADMIT forwards; DEFER waits up to the tenant's
 ``max_wait_seconds`` and otherwise answers 429 ``rate_limit_error`` with ``retry-after``;
 REJECT answers 429 ``budget_exhausted_error`` with ``x-should-retry: false``. The
-reservation is settled exactly once: by the usage of the answer, at ``message_stop`` of
-a stream, on an upstream error, or with what was generated when the client goes away.
+reservation is settled exactly once: by the usage of the answer (right after the answer
+is sent; see :mod:`budgeter.api.settles`), at ``message_stop`` of a stream, on an
+upstream error, or with what was generated when the client goes away.
 The caller's betas, version and query go upstream with both calls (budgeter's own count
 and the call it admits); see :mod:`budgeter.api.passthrough`.
 """
@@ -20,7 +21,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -32,6 +33,7 @@ from budgeter.api.errors import REQUEST_ID, ApiError
 from budgeter.api.passthrough import BetaGate, read_passthrough, upstream_id_headers
 from budgeter.api.ratelimit_headers import tenant_ratelimit_headers
 from budgeter.api.request import PRINCIPAL, read_json
+from budgeter.api.settles import PendingSettles
 from budgeter.domain import jsonio
 from budgeter.domain.messages import MessageParams, first_error
 from budgeter.domain.passthrough import NO_PASSTHROUGH, Passthrough
@@ -67,6 +69,7 @@ class ProxyDeps:
     prefix: str
     hold_ms: int
     betas: BetaGate
+    settles: PendingSettles = field(default_factory=PendingSettles)  # after the answers
 
 
 PROXY = web.AppKey("proxy", ProxyDeps)  # built by the app's cleanup context at start-up
@@ -307,11 +310,24 @@ async def _forward(
         raise
     headers = await _headers(reading)  # before the settle: the state the decision left
     headers.update(upstream_id_headers(request, answer.request_id))
+    headers["request-id"] = request[REQUEST_ID]  # (the middleware adds none to a sent answer)
     usage = Usage.from_message(answer.payload)
-    await _settle(deps, tenant, rid, call.model, usage, call.reserved)
-    deps.metrics.for_tenant(tenant).job("succeeded").inc()
     # the upstream's own bytes: no second encoding of the message
-    return web.Response(body=answer.raw, content_type="application/json", headers=headers)
+    response = web.Response(body=answer.raw, content_type="application/json", headers=headers)
+    try:  # the answer goes out first; the settle right after, beside the next requests
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionResetError:  # settled all the same: the upstream served it
+        log.info("client left before the answer", extra={"tenant": tenant, "reservation": rid})
+        return web.Response(status=499)
+    finally:
+        deps.settles.start(_settle_served(deps, call, usage), reservation=rid)
+    return response
+
+
+async def _settle_served(deps: ProxyDeps, call: _Call, usage: Usage) -> None:
+    await _settle(deps, call.tenant, call.rid, call.model, usage, call.reserved)
+    deps.metrics.for_tenant(call.tenant).job("succeeded").inc()
 
 
 async def _admit(

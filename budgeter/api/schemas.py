@@ -13,6 +13,10 @@ from budgeter.domain.messages import MAX_BATCH_REQUESTS, BatchRequest
 from budgeter.domain.policy import GlobalPolicy, TenantPolicy
 from budgeter.queue.batches import BatchStatus
 from budgeter.tenants.usage import BudgetRow as BudgetRow  # re-exported: in the document
+from budgeter.tenants.usage import ChildUsage as ChildUsage
+from budgeter.tenants.usage import KeyUsage as KeyUsage
+from budgeter.tenants.usage import PeriodTotals as PeriodTotals
+from budgeter.tenants.usage import Rollup as Rollup
 from budgeter.tenants.usage import UsageAnswer as UsageAnswer
 from budgeter.tenants.usage import UsageRow as UsageRow
 

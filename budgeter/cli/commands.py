@@ -34,7 +34,7 @@ from budgeter.store.client import redis_from_settings
 from budgeter.tenants.audit import policy_changes
 from budgeter.tenants.merge_patch import policy_answer, reparent_note
 from budgeter.tenants.store import PolicyConflictError, TenantStore
-from budgeter.tenants.usage import tenant_usage
+from budgeter.tenants.usage_tree import usage_report
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -54,6 +54,7 @@ from budgeter.cli.errors import (
     describe,
 )
 from budgeter.cli.parser import Handler, build_parser
+from budgeter.cli.usage_view import print_tree_usage
 
 log = logging.getLogger("budgeter.cli")
 
@@ -409,7 +410,7 @@ async def results_command(batch_id: str, settings: Settings) -> int:
 
 async def usage_command(args: argparse.Namespace, settings: Settings) -> int:
     async with redis_from_settings(settings) as redis:
-        report = await tenant_usage(
+        report = await usage_report(
             redis, args.tenant, prefix=settings.key_prefix, now_ms=int(time.time() * 1000)
         )
     if report is None:
@@ -461,6 +462,7 @@ async def usage_command(args: argparse.Namespace, settings: Settings) -> int:
             f"{usd:,.6f}" if usd is not None else "-",
         )
     console.print(usage)
+    print_tree_usage(console, report)
     return 0
 
 

@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the real API's header and body-field checks (strict by default)",
     )
+    mock.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="listen with SO_REUSEPORT: several mock processes share one --port",
+    )
 
     demo = sub.add_parser("demo", help="run the whole pipeline on embedded defaults")
     demo.add_argument(

@@ -146,7 +146,9 @@ def _cells(
         for b in tenant["budgets"]
         if b.get("unit", "tokens") == "tokens" and b.get("model") is None
     }
-    name = Text(tenant["tenant"])
+    depth = int(tenant.get("depth") or 0)
+    name = Text("  " * (depth - 1) + "└ " if depth else "", style="dim")
+    name.append(tenant["tenant"])
     if parked:
         name.append(" (parked)", style="yellow")
     last, decision = _last_decision(tenant.get("recent_groups", []), now_ms)
@@ -168,18 +170,49 @@ def _cells(
     }
 
 
+def tree_rows(snapshot: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], list[str]]:
+    """(the rows to show: the organisation tree depth first, siblings busiest first as the
+    snapshot orders them; the tenants folded away: every tenant of an idle subtree). A
+    parent shows while anything below it is busy, even when it is idle itself."""
+    tenants = snapshot["tenants"]
+    by_name = {t["tenant"]: t for t in tenants}
+    roots = [by_name[r] for r in snapshot.get("roots", [t["tenant"] for t in tenants])]
+    shown: list[Mapping[str, Any]] = []
+    folded: list[str] = []
+
+    def quiet(t: Mapping[str, Any]) -> bool:
+        return bool(t.get("subtree_idle", t.get("idle")))
+
+    def fold(t: Mapping[str, Any]) -> None:
+        folded.append(t["tenant"])
+        for child in t.get("children", []):
+            fold(by_name[child])
+
+    def walk(t: Mapping[str, Any]) -> None:
+        if quiet(t):
+            fold(t)
+            return
+        shown.append(t)
+        for child in t.get("children", []):
+            walk(by_name[child])
+
+    for root in roots:
+        walk(root)
+    return shown, sorted(folded)
+
+
 def render_snapshot(snapshot: Mapping[str, Any], *, width: int = 200) -> Group:
-    """The header line, one table row per active tenant, busiest first (the snapshot's
-    order), and one line naming the idle ones. When narrow, budgets show as % only and
-    the age, batch and time columns are left out."""
+    """The header line, one table row per active tenant in the organisation tree (children
+    indented under their parent, siblings busiest first: the snapshot's order), and one
+    line naming the idle ones. When narrow, budgets show as % only and the age, batch and
+    time columns are left out."""
     now_ms = int(snapshot["now_ms"])
     tenants = snapshot["tenants"]
     parked = {p["tenant"]: p["until_ms"] for p in snapshot["scheduler"]["parked"]}
     header = _header(snapshot, parked)
     if not tenants:
         return Group(header, Text("no tenants yet", style="dim"))
-    active = [t for t in tenants if not t.get("idle")]
-    idle = [t["tenant"] for t in tenants if t.get("idle")]
+    active, idle = tree_rows(snapshot)
     periods = [p for p in PERIODS if any(b["period"] == p for t in active for b in t["budgets"])]
     compact = width < 150 + 22 * len(periods)
     columns = ["tenant", "queued", "inflight", "oldest", *periods, "rate", "batches", "last"]

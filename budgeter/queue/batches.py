@@ -5,6 +5,7 @@ anthropic-version, in the batch's hash: ``betas`` as ``format_betas`` writes it,
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
@@ -18,6 +19,7 @@ from budgeter.domain.jobs import DEFAULT_TTL_MS
 from budgeter.domain.messages import BatchRequest
 from budgeter.domain.passthrough import NO_PASSTHROUGH, Passthrough, format_betas, parse_betas
 from budgeter.queue.jobqueue import JobQueue, NewJob
+from budgeter.store.durability import NotReplicated
 from budgeter.store.keys import TenantKeys, batch_index_key
 from budgeter.store.scripts import register
 from budgeter.store.types import RedisClient
@@ -92,6 +94,7 @@ class BatchStore:
         ``ttl_ms`` is every job's deadline (after it, a job not yet served is expired);
         ``priority`` (high, normal, low) orders the tenant's own jobs; ``passthrough``'s
         betas and version go upstream with every job (its query does not)."""
+        new = batch_id is None  # a retried submission of a given id adds what is missing
         batch_id = batch_id or new_batch_id()
         index = batch_index_key(self.prefix)
         batch_key = TenantKeys.of(self.prefix, tenant).batch(batch_id)
@@ -103,15 +106,29 @@ class BatchStore:
             fields[VERSION_FIELD] = passthrough.version
         if fields:  # before the jobs: no worker can take one without them
             await self.redis.hset(batch_key, mapping=fields)
-        jobs = [NewJob(r.custom_id, r.params_dict()) for r in requests]
+        # validated BatchRequests: the worker does not validate their params again
+        jobs = [NewJob(r.custom_id, r.params_dict(), validated=True) for r in requests]
         try:
             await self.queue.submit(tenant, batch_id, jobs, ttl_ms=ttl_ms, priority=priority)
+        except NotReplicated:
+            if new:  # the caller hears "not created" (503): it must not run, nor be billed
+                await self._undo_unreplicated(tenant, batch_id)
+            raise
         except Exception:
             if await self.redis.hget(batch_key, "expires_ms") is None:  # never created
                 await self.redis.delete(batch_key)
                 await self.redis.hdel(index, batch_id)
             raise
         return batch_id
+
+    async def _undo_unreplicated(self, tenant: str, batch_id: str) -> None:
+        """A new batch the master queued but too few replicas acknowledged (see
+        budgeter/store/durability.py): canceled and deleted (best effort: a job leased
+        meanwhile keeps the canceled batch until it ends; a failover loses it all anyway)."""
+        with contextlib.suppress(Exception):
+            await self.cancel(batch_id, tenant=tenant)
+        with contextlib.suppress(Exception):
+            await self.delete(batch_id, tenant=tenant)
 
     async def passthrough(self, tenant: str, batch_id: str) -> Passthrough:
         """What the batch's jobs carry upstream; read once per batch and process (it never

@@ -1,15 +1,15 @@
 """Per-tenant FIFO queues and the fair scheduler over them.
 
-Submission is one MULTI/EXEC on the tenant's keys. Tenant-side scripts (dequeue, requeue,
-ack, reclaim, heartbeat) touch only keys
-with the tenant's hash tag; scheduler scripts (activate, pick, park) touch only ``{sched}``
-keys. A worker therefore takes a job in two calls: ``sched_pick`` chooses the tenant,
-``dequeue`` leases its head job.
+Submission is one MULTI/EXEC on the tenant's keys (durable: budgeter/store/durability.py).
+Tenant-side scripts (dequeue, requeue, ack, reclaim, heartbeat) touch only keys with the
+tenant's hash tag; scheduler scripts (activate, pick, park) touch only ``{sched}`` keys.
+A worker takes a job in two calls: ``sched_pick`` chooses the tenant, ``dequeue`` leases.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +20,12 @@ from redis.exceptions import WatchError
 from redis.typing import EncodableT, FieldT
 
 from budgeter.domain import jsonio, policy_fields
+from budgeter.domain.job_params import format_params, parse_params
 from budgeter.domain.jobs import DEFAULT_TTL_MS, TERMINAL_STATES
 from budgeter.domain.policy import TENANT_ID_RE
 from budgeter.queue.batch_meta import BatchMeta, format_batch_meta, parse_batch_meta
+from budgeter.queue.probes import ProbeEnd, wanted_from
+from budgeter.store.durability import durable_pipeline
 from budgeter.store.keys import SchedKeys, TenantKeys
 from budgeter.store.scripts import register
 from budgeter.store.server_time import server_time_ms
@@ -55,6 +58,7 @@ def split_job_id(jid: str) -> tuple[str, str]:
 class NewJob:
     custom_id: str
     params: dict[str, Any]
+    validated: bool = False  # by MessageParams: stored tagged, not validated again
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,7 @@ class LeasedJob:
     batch_id: str
     custom_id: str
     params: dict[str, Any]
+    validated: bool  # its params carry the tag of this version's validation
     attempt: int
     enqueued_ms: int
     deadline_ms: int
@@ -73,6 +78,7 @@ class LeasedJob:
     canceled: bool = False
     orphaned: bool = False  # its tenant was deleted
     priority: str = "normal"
+    probe: bool = False  # its tenant came due off a park: the worker ends the probe
 
     @property
     def reservation_id(self) -> str:
@@ -123,6 +129,7 @@ class JobQueue:
         self._activate = register(redis, "sched/activate.lua")
         self._pick = register(redis, "sched/pick.lua")
         self._park = register(redis, "sched/park.lua")
+        self.end_probe = ProbeEnd(redis, self.sched)  # await self.end_probe(t, decided=...)
         self._deactivating: set[str] = set()  # tenants whose _deactivate is running
 
     def keys(self, tenant: str) -> TenantKeys:
@@ -158,10 +165,10 @@ class JobQueue:
         cids = [job.custom_id for job in jobs]
         prefix = batch_id + ":"
         ids = [prefix + cid for cid in cids]
-        bodies = [_dumps(job.params) for job in jobs]
+        bodies = [format_params(job.params, validated=job.validated) for job in jobs]
         batch_key = keys.batch(batch_id)
         for _ in range(20):
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with durable_pipeline(self.redis) as pipe:  # WAITs when configured
                 try:
                     await pipe.watch(keys.policy, batch_key)
                     # (HGET, not EXISTS: redis-py's cluster pipeline mishandles EXISTS
@@ -229,7 +236,7 @@ class JobQueue:
     async def activate(self, tenant: str, *, wake: int = 0, unpark: bool = False) -> None:
         """The tenant has work: put it in the ready set and wake idle workers."""
         await self._activate(
-            keys=[self.sched.ready, self.sched.parked, self.sched.vtime],
+            keys=[self.sched.ready, self.sched.parked, self.sched.vtime, self.sched.held],
             args=[tenant, "1" if unpark else "0"],
         )
         if wake > 0:
@@ -261,33 +268,29 @@ class JobQueue:
         now_ms: int | None = None,
         served: dict[str, tuple[int, int]] | None = None,
     ) -> Picks:
-        """Lease up to ``slots`` jobs at once: one scheduler call chooses a tenant per slot
-        (the same fair order as one pick at a time), then one call per chosen tenant
-        leases its jobs. Jobs leased before a failure of another tenant's call are
-        returned (the failure is raised only when nothing was leased)."""
+        """Lease up to ``slots`` jobs: one scheduler call chooses a tenant per slot (fair
+        order; a probing tenant one slot), then one call per tenant leases its jobs. Jobs
+        leased before another tenant's call failed are returned (else it raises)."""
         now_arg = "" if now_ms is None else str(now_ms)
         report = [x for t, (tokens, jobs) in (served or {}).items() for x in (t, tokens, jobs)]
         next_parked = now = -1
         s = self.sched
         for _ in range(8):
             reply = await self._pick(
-                keys=[s.ready, s.parked, s.vtime, s.weight, s.cost],
-                args=[now_arg, 100, int(slots), *report],
+                keys=[s.ready, s.parked, s.vtime, s.weight, s.cost, s.probe, s.held],
+                args=[now_arg, 100, int(slots), int(lease_ms), *report],
             )
             report = []
             next_parked, now = int(reply[0]), int(reply[1])
-            wanted: dict[str, int] = {}
-            for tenant in reply[2:]:
-                wanted[tenant] = wanted.get(tenant, 0) + 1
+            wanted, probes = wanted_from(reply[2:])
             if not wanted:
                 return Picks([], next_parked, now)
             for tenant in [t for t in wanted if not TENANT_ID_RE.fullmatch(t)]:
                 del wanted[tenant]  # written by a foreign producer: drop it
                 await self.redis.zrem(self.sched.ready, tenant)
-            taken = await asyncio.gather(
-                *(self._take(t, n, lease_ms=lease_ms, now_arg=now_arg) for t, n in wanted.items()),
-                return_exceptions=True,
-            )
+            take = functools.partial(self._take, lease_ms=lease_ms, now_arg=now_arg)
+            takes = [take(t, n, probe=t in probes) for t, n in wanted.items()]
+            taken = await asyncio.gather(*takes, return_exceptions=True)
             jobs = [job for some in taken if isinstance(some, list) for job in some]
             failed = [exc for exc in taken if isinstance(exc, BaseException)]
             if failed and not jobs:
@@ -299,7 +302,7 @@ class JobQueue:
         return Picks([], -1, now)
 
     async def _take(
-        self, tenant: str, count: int, *, lease_ms: int, now_arg: str
+        self, tenant: str, count: int, *, lease_ms: int, now_arg: str, probe: bool = False
     ) -> list[LeasedJob]:
         keys = self.keys(tenant)
         reply = await self._dequeue(
@@ -320,17 +323,14 @@ class JobQueue:
         left, now, has_policy = int(reply[0]), int(reply[1]), bool(int(reply[2]))
         if left == 0:
             await self._deactivate(tenant)
+        if probe and len(reply) <= 3:  # nothing to probe with: end the hold at once
+            await self.end_probe(tenant, decided=False)
         jobs = []
         for i in range(3, len(reply), 5):
             jid, raw, attempt, meta, canceled = reply[i : i + 5]
-            try:
-                params = jsonio.loads(raw)
-            except ValueError:
-                params = None
-            if not isinstance(params, dict):  # a foreign producer's body: the worker ends
-                # the job as errored (empty params fail validation); the others go on
-                log.warning("job %s has a body that is not a JSON object", jid)
-                params = {}
+            stored = parse_params(raw)
+            if not stored.readable:  # a foreign producer's body: the worker ends the job
+                log.warning("job %s has a body that is not a JSON object", jid)  # errored
             batch_id, custom_id = split_job_id(jid)
             shared = parse_batch_meta(meta)
             jobs.append(
@@ -339,7 +339,8 @@ class JobQueue:
                     id=jid,
                     batch_id=batch_id,
                     custom_id=custom_id,
-                    params=params,
+                    params=stored.params,
+                    validated=stored.validated,
                     attempt=int(attempt),
                     enqueued_ms=now if shared.enqueued_ms is None else shared.enqueued_ms,
                     deadline_ms=shared.deadline_ms,
@@ -347,6 +348,7 @@ class JobQueue:
                     canceled=bool(int(canceled)),
                     orphaned=not has_policy,
                     priority=shared.priority,
+                    probe=probe,
                 )
             )
         return jobs
@@ -397,16 +399,15 @@ class JobQueue:
         """Return a deferred job to the head of its queue and park its tenant until then."""
         outcome = await self.requeue(job, head=True, count_attempt=False)
         if outcome == "requeued":
-            await self._park(
-                keys=[self.sched.ready, self.sched.parked], args=[job.tenant, until_ms]
-            )
+            s = self.sched
+            await self._park(keys=[s.ready, s.parked, s.probe, s.held], args=[job.tenant, until_ms])
         return outcome
 
     async def retry_later(self, job: LeasedJob) -> str:
         """A failed attempt: the job goes to the tail of its queue."""
         outcome = await self.requeue(job, head=False, count_attempt=True)
-        if outcome == "requeued":
-            await self.activate(job.tenant, wake=1)
+        if outcome == "requeued":  # (a probe's failed attempt ends its hold: not deferred)
+            await (self.end_probe(job.tenant) if job.probe else self.activate(job.tenant, wake=1))
         return outcome
 
     async def ack(
@@ -489,7 +490,7 @@ class JobQueue:
         if raw is None:
             return None
         batch_id, custom_id = split_job_id(jid)
-        return {"batch_id": batch_id, "custom_id": custom_id, "params": jsonio.loads(raw)}
+        return {"batch_id": batch_id, "custom_id": custom_id, "params": parse_params(raw).params}
 
     async def wait_for_work(self, timeout_s: float) -> str | None:
         """Block until a producer signals work (or the timeout); returns the tenant named."""

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
@@ -20,6 +21,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budgeter.settings import Settings
+from budgeter.store.cluster_client import FailoverRedisCluster
+from budgeter.store.durability import configure as configure_durability
 from budgeter.store.outage import OUTAGE
 from budgeter.store.shared_redis import SharedRedis
 from budgeter.store.types import RedisClient, ScriptArg
@@ -136,6 +139,15 @@ def make_sentinel_redis(url: SentinelURL, *, max_connections: int = 512) -> Redi
     return client
 
 
+def _pack_with_hiredis(client: RedisCluster) -> None:
+    """The cluster client's connections, to every node it knows now or finds later, pack
+    commands with hiredis too (RedisCluster takes no connection class of its own)."""
+    packing = _hiredis_packing(Connection)
+    client.nodes_manager.connection_kwargs["connection_class"] = packing
+    for node in client.nodes_manager.startup_nodes.values():
+        node.connection_class = packing
+
+
 def make_redis(url: str, *, cluster: bool = False, max_connections: int = 512) -> RedisClient:
     """An asyncio client (hiredis parser when installed) that retries dropped connections;
     a RedisCluster client for ``cluster`` or a ``redis+cluster://`` URL; the master's
@@ -145,13 +157,16 @@ def make_redis(url: str, *, cluster: bool = False, max_connections: int = 512) -
     "Too many connections" past 100, which would fail jobs under high concurrency)."""
     if is_sentinel(url):
         return make_sentinel_redis(SentinelURL.parse(url), max_connections=max_connections)
-    if cluster or is_cluster(url):
-        return RedisCluster.from_url(
+    if cluster or is_cluster(url):  # retries that outlast a failover (cluster_client.py)
+        cluster_client = FailoverRedisCluster.from_url(
             url.replace("redis+cluster://", "redis://", 1),
             decode_responses=True,
             socket_timeout=60,
             socket_connect_timeout=5,
+            max_connections=max_connections,  # per node
         )
+        _pack_with_hiredis(cluster_client)
+        return cluster_client
     pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, **_pool_options())
     pool.connection_class = _hiredis_packing(pool.connection_class)
     return Redis.from_pool(pool)
@@ -189,6 +204,7 @@ async def redis_from_settings(
     client = make_redis(
         url, cluster=settings.cluster_mode, max_connections=settings.redis_max_connections
     )
+    configure_durability(client, settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
     try:
         yield client
     finally:

@@ -19,7 +19,10 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from redis.crc import key_slot
 
 log = logging.getLogger("budgeter.embedded_redis")
 
@@ -161,14 +164,15 @@ class EmbeddedRedis:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         if process.stderr:
             process.stderr.close()
 
@@ -180,50 +184,194 @@ class EmbeddedRedis:
         self.stop()
 
 
-class EmbeddedRedisCluster:
-    """A Redis Cluster of ``masters`` embedded servers on loopback (no replicas, no
-    persistence), made with redis-cli; for tests and benchmarks."""
+@dataclass(frozen=True)
+class ClusterNodeInfo:
+    """One line of ``CLUSTER NODES``: a node's id, port, role and, for a replica, its
+    master's id; for a master, the slot ranges it serves."""
 
-    def __init__(self, root: Path | str, *, masters: int = 3) -> None:
+    id: str
+    port: int
+    role: str  # "master" or "replica"
+    master_id: str | None
+    slots: tuple[tuple[int, int], ...]
+    failed: bool
+
+    def serves(self, slot: int) -> bool:
+        return any(low <= slot <= high for low, high in self.slots)
+
+    @classmethod
+    def parse(cls, line: str) -> ClusterNodeInfo:
+        fields = line.split()
+        flags = set(fields[2].split(","))
+        slots = []
+        for spec in fields[8:]:
+            if spec.startswith("["):  # a slot being migrated
+                continue
+            low, _, high = spec.partition("-")
+            slots.append((int(low), int(high or low)))
+        return cls(
+            id=fields[0],
+            port=int(fields[1].split("@")[0].rsplit(":", 1)[1]),
+            role="replica" if "slave" in flags else "master",
+            master_id=None if fields[3] == "-" else fields[3],
+            slots=tuple(slots),
+            failed=bool(flags & {"fail", "fail?", "handshake", "noaddr"}),
+        )
+
+
+class EmbeddedRedisCluster:
+    """A Redis Cluster of ``masters`` embedded servers on loopback, each with ``replicas``
+    replicas (no persistence unless ``appendonly``), made with redis-cli; for tests and
+    benchmarks. :meth:`start` returns once every node agrees on the whole topology and every
+    replica is in sync with its master. :meth:`master_of` and :meth:`kill` find and SIGKILL
+    the master of a key's slot; :meth:`wait_promoted` waits for its replica to take over."""
+
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        masters: int = 3,
+        replicas: int = 0,
+        appendonly: bool = False,
+        node_timeout_ms: int = 2000,
+        extra_args: list[str] | None = None,
+    ) -> None:
         self.root = Path(root)
         self.masters = masters
+        self.replicas = replicas
+        self.appendonly = appendonly
+        self.node_timeout_ms = node_timeout_ms
+        self.extra_args = list(extra_args or [])
         self.servers: list[EmbeddedRedis] = []
 
     @property
     def url(self) -> str:
-        return f"redis+cluster://127.0.0.1:{self.servers[0].port}/0"
+        """The URL of the cluster through its first running node."""
+        first = (self.running() or self.servers)[0]
+        return f"redis+cluster://127.0.0.1:{first.port}/0"
 
-    def start(self, timeout_s: float = 30.0) -> str:
-        for index in range(self.masters):
+    def master_ports(self) -> list[int]:
+        return sorted(n.port for n in self.nodes() if n.role == "master" and not n.failed)
+
+    def start(self, timeout_s: float = 60.0) -> str:
+        for index in range(self.masters * (1 + self.replicas)):
             server = EmbeddedRedis(
                 self.root / f"node{index}",
                 port=free_cluster_port(),
-                appendonly=False,
-                extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
+                appendonly=self.appendonly,
+                extra_args=[
+                    *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                    *("--cluster-node-timeout", str(self.node_timeout_ms)),
+                    *("--appendfsync", "everysec"),
+                    *self.extra_args,
+                ],
             )
             server.start()
             self.servers.append(server)
-        cli = str(Path(find_redis_server()).with_name("redis-cli"))
         nodes = [f"127.0.0.1:{server.port}" for server in self.servers]
-        subprocess.run(
-            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
-            check=True,
-            capture_output=True,
-            timeout=60,
+        replicas = str(self.replicas)
+        create = [self._cli, "--cluster", "create", *nodes, "--cluster-replicas", replicas]
+        done = subprocess.run(
+            [*create, "--cluster-yes"], capture_output=True, text=True, timeout=60
         )
+        if done.returncode != 0:
+            self.stop()
+            reason = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
+            raise EmbeddedRedisError(f"redis-cli --cluster create failed: {reason[0][:300]}")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            info = subprocess.run(
-                [cli, "-p", str(self.servers[0].port), "cluster", "info"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout
-            if "cluster_state:ok" in info:
+            if self.ready():
                 return self.url
             time.sleep(0.1)
         self.stop()
-        raise EmbeddedRedisError("the embedded cluster did not reach cluster_state:ok")
+        raise EmbeddedRedisError("the embedded cluster did not become ready (state ok, in sync)")
+
+    @property
+    def _cli(self) -> str:
+        return str(Path(find_redis_server()).with_name("redis-cli"))
+
+    def cli(self, port: int, *args: str) -> str:
+        """``redis-cli -p port args...``'s output ("" when the node does not answer)."""
+        try:
+            done = subprocess.run(
+                [self._cli, "-p", str(port), *args], capture_output=True, text=True, timeout=10
+            )
+        except subprocess.TimeoutExpired:
+            return ""
+        return done.stdout if done.returncode == 0 else ""
+
+    def running(self) -> list[EmbeddedRedis]:
+        return [s for s in self.servers if s.process is not None and s.process.poll() is None]
+
+    def nodes(self) -> list[ClusterNodeInfo]:
+        """The topology as the first running node answering ``CLUSTER NODES`` sees it."""
+        for server in self.running():
+            assert server.port is not None
+            text = self.cli(server.port, "cluster", "nodes")
+            if text.strip():
+                return [ClusterNodeInfo.parse(line) for line in text.strip().splitlines()]
+        return []
+
+    def ready(self) -> bool:
+        """Every running node says cluster_state:ok and knows every running node, every
+        master is seen serving slots, and every replica's link to its master is up."""
+        running = self.running()
+        for server in running:
+            assert server.port is not None
+            info = self.cli(server.port, "cluster", "info")
+            if "cluster_state:ok" not in info:
+                return False
+            seen = [
+                ClusterNodeInfo.parse(line)
+                for line in self.cli(server.port, "cluster", "nodes").strip().splitlines()
+            ]
+            live = [node for node in seen if not node.failed]
+            if len(live) != len(running):
+                return False
+            masters = [node for node in live if node.role == "master" and node.slots]
+            if len(masters) != self.masters:
+                return False
+            if sum(node.role == "replica" for node in live) != len(running) - self.masters:
+                return False
+        for node in self.nodes():
+            if node.role == "replica" and not node.failed:
+                replication = self.cli(node.port, "info", "replication")
+                if "master_link_status:up" not in replication:
+                    return False
+        return True
+
+    def server(self, port: int) -> EmbeddedRedis:
+        return next(server for server in self.servers if server.port == port)
+
+    def master_of(self, key: str) -> EmbeddedRedis:
+        """The server that is master of ``key``'s hash slot now."""
+        slot = key_slot(key.encode())
+        for node in self.nodes():
+            if node.role == "master" and not node.failed and node.serves(slot):
+                return self.server(node.port)
+        raise EmbeddedRedisError(f"no master serves slot {slot}")
+
+    def kill(self, server: EmbeddedRedis) -> None:
+        """SIGKILL ``server`` (no shutdown, no save: as a crash)."""
+        process = server.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+
+    def wait_promoted(self, key: str, old: EmbeddedRedis, timeout_s: float = 30.0) -> EmbeddedRedis:
+        """Wait until another server than ``old`` is master of ``key``'s slot and the
+        cluster says cluster_state:ok again; that server."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(EmbeddedRedisError, StopIteration):
+                master = self.master_of(key)
+                assert master.port is not None
+                if master is not old and "cluster_state:ok" in self.cli(
+                    master.port, "cluster", "info"
+                ):
+                    return master
+            time.sleep(0.05)
+        raise EmbeddedRedisError(f"no replica took over {key!r}'s slot in {timeout_s:g} s")
 
     def stop(self) -> None:
         for server in self.servers:

@@ -1,6 +1,8 @@
 """Redis key names. Everything about one tenant carries the hash tag ``{t:<tenant>}``;
-the scheduler's global sets live under ``{sched}``; nothing global is ever touched in the
-same script as a tenant's keys, so every script is correct on Redis Cluster."""
+the scheduler's global sets live under ``{sched}``; every key that belongs to no tenant
+has a deliberate tag of its own (``{sched}``, ``{idx}``, ``{g:<model>}``, ``{ct:<digest>}``,
+...); nothing global is ever touched in the same script as a tenant's keys, so every
+script is correct on Redis Cluster."""
 
 from __future__ import annotations
 
@@ -224,6 +226,17 @@ class SchedKeys:
         return self._k("cost")
 
     @property
+    def probe(self) -> str:
+        """hash: tenant that came due off a park -> its probes in a row not deferred; it is
+        leased one job at a time until its next decision (sched/pick.lua)."""
+        return self._k("probe")
+
+    @property
+    def held(self) -> str:
+        """zset: probing tenant with its probe lease out -> ms the hold ends at the latest."""
+        return self._k("held")
+
+    @property
     def wake(self) -> str:
         """list: tenant names pushed by producers; idle workers block on it."""
         return self._k("wake")
@@ -313,5 +326,8 @@ def global_policy_key(prefix: str) -> str:
 
 
 def count_cache_key(prefix: str, digest: str) -> str:
-    """string: cached count_tokens answer for a payload digest."""
-    return f"{prefix}:ct:{digest}"
+    """string: cached count_tokens answer for a payload digest. Its hash tag is the digest
+    itself, ``{ct:<digest>}``, on purpose: the cache belongs to no tenant, and a tag per
+    payload spreads it over every master of a cluster (a fixed ``{ct}`` would put all
+    of it, and all its traffic, on one node, whose failure would then cost every hit)."""
+    return f"{prefix}:{{ct:{digest}}}"

@@ -6,8 +6,10 @@ shared Lua functions (calendar periods, server time) are written once.
 Script calls from many coroutines are pipelined: the calls made while the event loop
 runs one round, of every script on one client, go to Redis together, as one
 non-transactional pipeline (one write and one read instead of one round trip each). Each
-call is still its own atomic script; only the network trips are shared. (On Redis Cluster
-every call goes alone: redis-py's cluster pipeline would split the batch per node anyway.)
+call is still its own atomic script; only the network trips are shared. On Redis Cluster
+the round's calls go as one pipeline per node, sent concurrently: each call goes to the
+master of its keys' slot, so a round costs one round trip per node it touches, and a node
+that fails fails only the calls sent to it.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budgeter.domain import jsonio
+from budgeter.store import durability
 from budgeter.store.types import RedisClient, Script, ScriptArg, ScriptReply
 
 MAX_BATCH = 512
@@ -36,6 +40,7 @@ _Pending = tuple[
 _Group = tuple[tuple[str, ...], tuple["ScriptArg", ...]]  # the keys and head of a batched call
 _Call = tuple[list[object], "asyncio.Future[list[ScriptReply]]"]  # an item and its answer
 
+_ROUND_ATTRIBUTE = "_budgeter_round_pipeline"
 _NEEDS = re.compile(r"^-- needs: (\S+\.lua)$", re.MULTILINE)
 
 
@@ -51,23 +56,31 @@ class RoundPipeline:
     """The calls made on one Redis client while the event loop runs one round (script
     calls of every script, and the commands given to :meth:`command`) go to Redis
     together, as one non-transactional pipeline: one write and one read for all of them.
-    Each call keeps its own answer or error."""
+    On a cluster, one such pipeline per node (the master of each call's hash slot), the
+    nodes' pipelines sent at the same time. Each call keeps its own answer or error."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self.redis = redis
         self._pending: list[_Pending] = []
         self._batchers: list[BatchedScript] = []  # BatchedScripts with calls gathered this round
         self._scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
+        self._durable: set[asyncio.Future[ScriptReply]] = set()  # calls to WAIT for
 
     def command(
-        self, *args: ScriptArg, fallback: Callable[[], Awaitable[ScriptReply]] | None = None
+        self,
+        *args: ScriptArg,
+        fallback: Callable[[], Awaitable[ScriptReply]] | None = None,
+        durable: bool = False,
     ) -> asyncio.Future[ScriptReply]:
         """Queue ``args`` (a command with its arguments) for this round's pipeline; the
         future gets its reply. ``fallback``: a coroutine function that answers instead
-        when the reply is NoScriptError (the script is loaded again)."""
+        when the reply is NoScriptError (the script is loaded again). ``durable``: the
+        round WAITs for the replicas (see budgeter/store/durability.py)."""
         future: asyncio.Future[ScriptReply] = asyncio.get_running_loop().create_future()
         self._pending.append((args, fallback, future))
+        if durable:
+            self._durable.add(future)
         self._schedule()
         return future
 
@@ -88,17 +101,35 @@ class RoundPipeline:
             batcher.emit()
         self._scheduled = False
         pending, self._pending = self._pending, []
-        for start in range(0, len(pending), MAX_BATCH):
-            task = asyncio.ensure_future(self._send(pending[start : start + MAX_BATCH]))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+        groups = self._by_node(pending) if isinstance(self.redis, RedisCluster) else {None: pending}
+        for node, group in groups.items():
+            for start in range(0, len(group), MAX_BATCH):
+                task = asyncio.ensure_future(self._send(node, group[start : start + MAX_BATCH]))
+                self._sending.add(task)
+                task.add_done_callback(self._sending.discard)
 
-    async def _send(self, batch: list[_Pending]) -> None:
+    def _by_node(self, pending: list[_Pending]) -> dict[ClusterNode | None, list[_Pending]]:
+        """The round's calls by the node that holds their first key's slot, as this
+        client's slot table says now (None: not known yet, or no key: the cluster pipeline
+        routes them itself). The table may be stale: a call answered MOVED or ASK is sent
+        again on its own, routed by its slot, and a pipeline retried after a connection
+        error is routed again call by call."""
+        assert isinstance(self.redis, RedisCluster)
+        groups: dict[ClusterNode | None, list[_Pending]] = {}
+        slots = self.redis.nodes_manager.slots_cache
+        for call in pending:
+            args = call[0]
+            key = _first_key(args)  # a call whose keys span slots: Redis says CROSSSLOT
+            holders = None if key is None else slots.get(self.redis.keyslot(key))
+            groups.setdefault(holders[0] if holders else None, []).append(call)
+        return groups
+
+    async def _send(self, node: ClusterNode | None, batch: list[_Pending]) -> None:
+        durable = {future for _, _, future in batch if future in self._durable}
+        self._durable.difference_update(durable)
+        not_replicated: durability.NotReplicated | None = None
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for args, _, _ in batch:
-                    pipe.execute_command(*args)
-                replies = await pipe.execute(raise_on_error=False)
+            replies, not_replicated = await self._execute(node, batch, bool(durable))
         except BaseException as exc:  # the connection failed even after its retries
             replies = [exc] * len(batch)
             if not isinstance(exc, Exception):
@@ -109,6 +140,8 @@ class RoundPipeline:
         for (_, fallback, future), reply in zip(batch, replies, strict=True):
             if isinstance(reply, NoScriptError) and fallback is not None:
                 reply = await _settled(fallback())  # Redis restarted: load it, call again
+            elif not_replicated is not None and future in durable:
+                reply = reply if isinstance(reply, BaseException) else not_replicated
             if future.done():  # its caller was cancelled
                 continue
             if isinstance(reply, BaseException):
@@ -116,25 +149,91 @@ class RoundPipeline:
             else:
                 future.set_result(reply)
 
+    async def _execute(
+        self, node: ClusterNode | None, batch: list[_Pending], durable: bool
+    ) -> tuple[list[ScriptReply], durability.NotReplicated | None]:
+        """The one place where a node's pipeline is built and sent: ``batch``'s commands
+        to ``node`` (None: the one Redis, or a cluster node not known yet); their replies,
+        errors as replies, and whether the WAIT for the replicas fell short."""
+        redis = self.redis
+        if isinstance(redis, RedisCluster):  # WAIT here too, once on a cluster (refused now)
+            return await _on_node(redis, node, [args for args, _, _ in batch]), None
+        async with redis.pipeline(transaction=False) as pipe:
+            for args, _, _ in batch:
+                pipe.execute_command(*args)
+            return await durability.execute_round(pipe, redis, durable)
 
-def round_pipeline(redis: Redis) -> RoundPipeline:
-    """The one RoundPipeline of ``redis`` (a plain client, not a cluster client), kept on
-    the client itself so that it lives and dies with it."""
-    found = getattr(redis, "_budgeter_round_pipeline", None)
+
+# answers after which a call goes again on its own, routed by its slot, with the client's
+# redirections and failover retries (a connection error: as a lone call would be retried)
+_ALONE_AGAIN = (
+    MovedError,
+    AskError,
+    TryAgainError,
+    ClusterDownError,
+    RedisConnectionError,
+    RedisTimeoutError,
+)
+
+
+async def _on_node(
+    redis: RedisCluster, node: ClusterNode | None, calls: list[tuple[ScriptArg, ...]]
+) -> list[ScriptReply]:
+    """``calls`` as one pipeline to ``node``, their replies (errors as replies). A call
+    answered MOVED, ASK, TRYAGAIN, CLUSTERDOWN or a connection error, or all of them when
+    the pipeline could not be sent, goes again alone through the client (which follows the
+    redirection, refreshes its slot table and rides out a failover), so a failing node
+    holds up only its own calls and never closes the other nodes' connections (as
+    redis-py's cluster pipeline does when it retries). ``node`` None: the cluster
+    pipeline routes the calls itself."""
+    if node is None:
+        async with redis.pipeline(transaction=False) as pipe:
+            for args in calls:
+                pipe.execute_command(*args)
+            return await pipe.execute(raise_on_error=False)
+    commands = [PipelineCommand(n, *args) for n, args in enumerate(calls)]
+    try:
+        await node.execute_pipeline(commands)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        for command in commands:
+            command.result = exc
+    again = [c for c in commands if isinstance(c.result, _ALONE_AGAIN)]
+    if again:
+        answers = await asyncio.gather(
+            *(redis.execute_command(*c.args) for c in again), return_exceptions=True
+        )
+        for command, answer in zip(again, answers, strict=True):
+            command.result = answer
+    return [command.result for command in commands]
+
+
+def _first_key(args: tuple[ScriptArg, ...]) -> ScriptArg | None:
+    """The first key of a command given to :meth:`RoundPipeline.command`: a script call's
+    KEYS[1] (None: no keys), else the key of a single-key command (GET, SET, ...)."""
+    if args[0] in ("EVALSHA", "EVAL"):
+        return args[3] if int(args[2]) else None
+    return args[1] if len(args) > 1 else None
+
+
+def round_pipeline(redis: RedisClient) -> RoundPipeline:
+    """The one RoundPipeline of ``redis`` (one server or a cluster), kept on the client
+    itself so that it lives and dies with it."""
+    found = getattr(redis, _ROUND_ATTRIBUTE, None)
     if not isinstance(found, RoundPipeline):
         found = RoundPipeline(redis)
-        redis._budgeter_round_pipeline = found  # type: ignore[attr-defined]  # lives on the client
+        setattr(redis, _ROUND_ATTRIBUTE, found)  # lives on the client
     return found
 
 
 class PipelinedScript:
     """An AsyncScript whose calls go in the client's round pipeline (same call signature)."""
 
-    def __init__(self, redis: Redis, script: AsyncScript) -> None:
+    def __init__(self, redis: RedisClient, script: AsyncScript, *, durable: bool = False) -> None:
         self.redis = redis
         self.script = script
         self.sha = script.sha
         self.round = round_pipeline(redis)
+        self.durable = durable  # its writes WAIT for the replicas (when configured)
 
     async def __call__(
         self, keys: Sequence[str] = (), args: Sequence[ScriptArg] = ()
@@ -144,13 +243,22 @@ class PipelinedScript:
     def submit(self, keys: Sequence[str], args: Sequence[ScriptArg]) -> asyncio.Future[ScriptReply]:
         """Queue the call in this round's pipeline at once (no task): the future answers."""
         key_list, arg_list = list(keys), list(args)
+        redis = self.redis
+        fallback: Callable[[], Awaitable[ScriptReply]]
+        if isinstance(redis, RedisCluster):  # loads it on every master, calls again
+            fallback = functools.partial(self.script, keys=key_list, args=arg_list)
+        else:
+            fallback = functools.partial(
+                durability.call_script, redis, self.script, key_list, arg_list, durable=self.durable
+            )
         return self.round.command(
             "EVALSHA",
             self.sha,
             len(key_list),
             *key_list,
             *arg_list,
-            fallback=lambda: self.script(keys=key_list, args=arg_list),
+            fallback=fallback,
+            durable=self.durable,
         )
 
 
@@ -163,11 +271,10 @@ async def _settled(call: Awaitable[ScriptReply]) -> ScriptReply:
 
 def register(redis: RedisClient, name: str) -> Script:
     """Register a script with an async Redis (or RedisCluster) client: an AsyncScript-like
-    callable ``await script(keys=[...], args=[...])`` with a ``sha``."""
+    callable ``await script(keys=[...], args=[...])`` with a ``sha``, whose calls go in the
+    client's round pipeline."""
     script: AsyncScript = redis.register_script(lua_source(name))
-    if isinstance(redis, RedisCluster):
-        return script  # AsyncScript has the same call signature
-    return PipelinedScript(redis, script)
+    return PipelinedScript(redis, script, durable=name in durability.DURABLE_SCRIPTS)
 
 
 class BatchedScript:

@@ -6,12 +6,17 @@ ones (nothing queued, in flight or open, no decision for ``IDLE_AFTER_MS``) last
 name, flagged ``idle`` so a view can fold them away. Each tenant carries its rate buckets
 as ``admission/reserve.lua`` stores them (fill level, when full again), its open batches
 with progress and ETA, and its recent decisions grouped into runs of identical ones.
+
+The organisation tree rides along (``arrange_tree``): each tenant names its ``parent``,
+its ``children`` (busiest subtree first) and its ``depth``, and the snapshot its ``roots``,
+so a view draws the tree with siblings ordered by activity and idle subtrees folded.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TypedDict
+from collections.abc import Mapping
+from typing import NotRequired, TypedDict
 
 from budgeter.admission.recent import RecentDecision, parse_recent
 from budgeter.domain.policy_fields import RATE_KINDS, bucket_field, parse_field, parse_tat
@@ -79,6 +84,20 @@ class TenantStatus(TypedDict):
     batches: list[BatchProgress]
     parked_until_ms: int | None
     idle: bool
+    parent: NotRequired[str | None]  # in the organisation tree (None: a root)
+    children: NotRequired[list[str]]  # direct children, busiest subtree first
+    depth: NotRequired[int]  # levels below its root (0: a root)
+    subtree_idle: NotRequired[bool]  # it and every tenant below it idle: fold it away
+    subtree_today: NotRequired[SubtreeToday | None]  # set for a tenant with children
+
+
+class SubtreeToday(TypedDict):
+    """What the tenant and every tenant below it used today (their own records summed)."""
+
+    tenants: int
+    requests: int
+    tokens: int
+    usd: float
 
 
 class ParkedTenant(TypedDict):
@@ -94,6 +113,7 @@ class SchedulerStatus(TypedDict):
 class StatusSnapshot(TypedDict):
     now_ms: int
     tenants: list[TenantStatus]  # by activity, the idle ones last
+    roots: list[str]  # the tree's roots, busiest subtree first, idle subtrees last by name
     idle: int  # how many of them are idle
     scheduler: SchedulerStatus
 
@@ -213,6 +233,74 @@ def order_by_activity(rows: list[TenantStatus], now_ms: int) -> list[TenantStatu
     return active + idle
 
 
+_TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
+
+
+def _today(row: TenantStatus) -> SubtreeToday:
+    usage = row["usage_today"]
+    return {
+        "tenants": 1,
+        "requests": sum(int(str(u.get("requests") or 0)) for u in usage),
+        "tokens": sum(int(str(u.get(k) or 0)) for u in usage for k in _TOKEN_KINDS),
+        "usd": sum(float(str(u.get("usd") or 0)) for u in usage),
+    }
+
+
+def arrange_tree(
+    rows: list[TenantStatus], parents: Mapping[str, str | None], now_ms: int
+) -> list[str]:
+    """Give each row its place in the organisation tree (``parent``, ``children``,
+    ``depth``, ``subtree_idle``, ``subtree_today``) and answer the roots. Siblings come
+    busiest subtree first (a subtree is as busy as its busiest tenant, see
+    ``activity_key``), idle subtrees last by name. A parent without a row is left out
+    (its children become roots). ``rows`` must have been through ``order_by_activity``."""
+    by_name = {r["tenant"]: r for r in rows}
+    below: dict[str, list[str]] = {}
+    for row in rows:
+        parent = parents.get(row["tenant"])
+        row["parent"] = parent if parent in by_name else None
+        if row["parent"] is not None:
+            below.setdefault(row["parent"], []).append(row["tenant"])
+    keys: dict[str, tuple[int, int, int, int, int]] = {}
+    today: dict[str, SubtreeToday] = {}
+
+    def visit(tenant: str, depth: int, seen: set[str]) -> None:
+        row = by_name[tenant]
+        seen.add(tenant)
+        row["depth"] = depth
+        own = activity_key(row, now_ms)[:-1]
+        best, summed = own, _today(row)
+        kids = [c for c in below.get(tenant, []) if c not in seen]
+        for child in kids:
+            visit(child, depth + 1, seen)
+            best = min(best, keys[child])
+            summed["tenants"] += today[child]["tenants"]
+            summed["requests"] += today[child]["requests"]
+            summed["tokens"] += today[child]["tokens"]
+            summed["usd"] += today[child]["usd"]
+        keys[tenant], today[tenant] = best, summed
+        row["subtree_idle"] = bool(best[0])
+        row["children"] = _by_key(kids, keys)
+        summed["usd"] = round(summed["usd"], 6)
+        row["subtree_today"] = summed if kids else None
+
+    roots = [r["tenant"] for r in rows if r["parent"] is None]
+    seen: set[str] = set()
+    for root in roots:
+        visit(root, 0, seen)
+    for row in rows:  # a cycle (never stored: the tree refuses it) shows as roots
+        if row["tenant"] not in seen:
+            row["parent"] = None
+            roots.append(row["tenant"])
+            visit(row["tenant"], 0, seen)
+    return _by_key(roots, keys)
+
+
+def _by_key(names: list[str], keys: Mapping[str, tuple[int, int, int, int, int]]) -> list[str]:
+    active = sorted((n for n in names if not keys[n][0]), key=lambda n: (keys[n], n))
+    return active + sorted(n for n in names if keys[n][0])
+
+
 async def _open_batches(batches: BatchStore, tenant: str, now_ms: int) -> list[BatchProgress]:
     page, _ = await batches.list_batches(tenant, limit=BATCHES_SCANNED)
     return [batch_progress(b, now_ms) for b in page if not b.ended]
@@ -283,9 +371,11 @@ async def status_snapshot(
         if row is not None:
             rows.append(row)
     ordered = order_by_activity(rows, now_ms)
+    roots = arrange_tree(ordered, await store.parents(), now_ms)
     return {
         "now_ms": now_ms,
         "tenants": ordered,
+        "roots": roots,
         "idle": sum(1 for r in ordered if r["idle"]),
         "scheduler": {"ready": int(ready), "parked": parked},
     }

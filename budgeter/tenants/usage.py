@@ -52,14 +52,71 @@ class UsageRow(BaseModel):
         return value if isinstance(value, int | float) else None
 
 
+class PeriodTotals(BaseModel):
+    """What one tenant's own records hold for one period (``day``, ``month``, ``total``):
+    the usage settle.lua recorded, and what its reservations in flight hold."""
+
+    period: str
+    period_id: str
+    requests: int = 0
+    used: int = Field(default=0, description="Tokens: input + output + cache, settled.")
+    reserved: int = Field(default=0, description="Tokens held by reservations in flight.")
+    usd_used: float = 0.0
+    usd_reserved: float = 0.0
+
+
+class ChildUsage(BaseModel):
+    """A direct child of the tenant: its own totals and those of its whole subtree."""
+
+    tenant: str
+    descendants: int = Field(description="Tenants below this child.")
+    totals: list[PeriodTotals] = Field(description="The child's own records.")
+    rollup: list[PeriodTotals] = Field(description="The child and everything below it.")
+
+
+class KeyUsage(BaseModel):
+    """One API key of the tenant (never the key nor its hash)."""
+
+    id: str
+    name: str | None = None
+    hint: str = Field(description="The key's last 4 characters.")
+    created_at_ms: int
+    last_used_at_ms: int | None = None
+    usage: list[PeriodTotals] | None = Field(
+        default=None, description="null: no per-key usage is recorded (yet)."
+    )
+
+
+class Rollup(BaseModel):
+    """The tenant's subtree (the tenant and every descendant) summed per period."""
+
+    tenants: int = Field(description="How many tenants were read and summed.")
+    descendants: int = Field(description="Tenants below this one in the tree.")
+    capped: bool = Field(description="True when only the first descendants were read.")
+    counters_include_descendants: bool = Field(
+        description="Whether a tenant's own records already hold its descendants' usage "
+        "(false: each records only what was charged to itself, and the rollup adds them)."
+    )
+    totals: list[PeriodTotals]
+
+
 class UsageAnswer(BaseModel):
-    """What ``tenant_usage`` answers (and ``GET /admin/tenants/{t}/usage`` shows)."""
+    """What ``tenant_usage`` answers; ``usage_report`` (``GET /admin/tenants/{t}/usage``,
+    ``GET /v1/usage``, ``budgeter usage``) adds the tree fields (null otherwise)."""
 
     tenant: str
     inflight: int
     queued: int
     budgets: list[BudgetRow]
     usage: list[UsageRow]
+    parent: str | None = None
+    totals: list[PeriodTotals] | None = Field(
+        default=None, description="The tenant's own records per period."
+    )
+    children: list[ChildUsage] | None = None
+    keys: list[KeyUsage] | None = None
+    keys_note: str | None = None
+    rollup: Rollup | None = None
 
 
 def _budget_row(

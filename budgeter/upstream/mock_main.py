@@ -37,7 +37,10 @@ async def run_mock_upstream(args: argparse.Namespace) -> int:
     config = mock_config_from_args(args)
     stop = stop_event_on_signals()
     app = create_app(config)
-    async with serve_app(app, args.host, args.port, port_file=args.port_file) as port:
+    reuse_port = bool(getattr(args, "reuse_port", False))
+    async with serve_app(
+        app, args.host, args.port, port_file=args.port_file, reuse_port=reuse_port
+    ) as port:
         mode = "strict" if config.strict else "lenient"
         log.info("listening on %s", listen_url(args.host, port), extra={"mode": mode})
         await stop.wait()

@@ -11,7 +11,6 @@ import math
 from collections.abc import Mapping
 
 import aiohttp
-from redis.asyncio.cluster import RedisCluster
 
 from budgeter.admission.global_limits import GlobalLimits
 from budgeter.domain import jsonio
@@ -67,29 +66,57 @@ class CountCacheIO:
     """The count cache's reads and writes go in the client's round pipeline, with the
     other calls of the same event-loop round (scripts of the jobs moving with them), so a
     job costs no round trip of its own here. A SET is not waited for: the cache is only an
-    optimisation, and a lost write costs one more count_tokens call. (On Redis Cluster,
-    where keys live on different nodes, each call goes alone.)"""
+    optimisation, and a lost write costs one more count_tokens call. (On Redis Cluster
+    they go in the pipeline of the node that holds the key.)
 
-    def __init__(self, redis: RedisClient) -> None:
+    A read or write that fails (Redis or the key's cluster node away, any Redis error) is
+    a miss, or a write not made: never the job's failure. Each failure is counted
+    (``budgeter_count_tokens_cache_total{result="error"}``); the first of an outage is
+    logged once at WARNING, and the first success after it at INFO."""
+
+    def __init__(self, redis: RedisClient, metrics: Metrics | None = None) -> None:
         self.redis = redis
-        self.round = None if isinstance(redis, RedisCluster) else round_pipeline(redis)
+        self.round = round_pipeline(redis)
+        self.metrics = metrics
+        self.failing = False  # since the last failure, nothing succeeded
 
     async def get(self, key: str) -> bytes | str | None:
-        if self.round is None:
-            return await self.redis.get(key)
-        value: bytes | str | None = await self.round.command("GET", key)
+        try:
+            value: bytes | str | None = await self.round.command("GET", key)
+        except Exception as exc:  # a miss: the count comes from the upstream
+            self._failed("read", exc)
+            return None
+        self._answered()
         return value
 
     async def set(self, key: str, value: int, ttl_s: int) -> None:
-        if self.round is None:
-            await self.redis.set(key, value, ex=ttl_s)
+        self.round.command("SET", key, value, "EX", ttl_s).add_done_callback(self._written)
+
+    def _written(self, future: asyncio.Future[object]) -> None:
+        if future.cancelled():
             return
-        self.round.command("SET", key, value, "EX", ttl_s).add_done_callback(_log_failed_write)
+        exc = future.exception()
+        if exc is None:
+            self._answered()
+        else:
+            self._failed("write", exc)
 
+    def _failed(self, what: str, exc: BaseException) -> None:
+        if self.metrics is not None:
+            self.metrics.count_cache_results["error"].inc()
+        if not self.failing:
+            self.failing = True
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            log.warning(
+                "count cache %s failed: %s; counting with the upstream until it answers",
+                what,
+                reason,
+            )
 
-def _log_failed_write(future: asyncio.Future[object]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("count cache write failed: %s", future.exception())
+    def _answered(self) -> None:
+        if self.failing:
+            self.failing = False
+            log.info("count cache answers again")
 
 
 class TokenCounter:
@@ -108,7 +135,7 @@ class TokenCounter:
         self.ttl_s = ttl_s
         self.metrics = metrics
         self.tenants = TenantStore(redis, prefix=prefix)
-        self.cache = CountCacheIO(redis)
+        self.cache = CountCacheIO(redis, metrics)
 
     async def count_for(
         self,

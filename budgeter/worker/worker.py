@@ -40,7 +40,10 @@ from budgeter.store.types import RedisClient
 from budgeter.tenants.store import TenantStore
 from budgeter.upstream.client import UpstreamClient, UpstreamError
 from budgeter.upstream.token_counter import TokenCounter
+from budgeter.worker.finish_retry import AnswerKeeper
 from budgeter.worker.heartbeat import Heartbeats
+from budgeter.worker.lease_pacing import ProbeTracker
+from budgeter.worker.reserving import reserve_or_defer
 
 log = logging.getLogger("budgeter.worker")
 
@@ -97,12 +100,14 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self.heartbeats = Heartbeats(self.queue, lease_ms=config.lease_ms, hold_ms=config.hold_ms)
         self._beating = self.heartbeats.beating  # the jobs in flight
+        self.keeper = AnswerKeeper(self.queue, lease_ms=config.lease_ms, hold_ms=config.hold_ms)
         self._served: dict[str, tuple[int, int]] = {}  # tenant -> (tokens, jobs) since a pick
         self._lease_waiters: list[asyncio.Future[LeaseAnswer]] = []  # lanes asking for a job
         self._picking: set[asyncio.Task[None]] = set()
         self._idler: asyncio.Task[None] | None = None
         self._idle_wait_s = config.idle_max_s
         self._busy = 0  # lanes processing a job
+        self.probes = ProbeTracker(self.queue, self._spawn)
         self.processed = 0
 
     # main loops ---------------------------------------------------------------------
@@ -148,10 +153,10 @@ class Worker:
                 await self._process(job)
             finally:
                 self._busy -= 1
+                await self.probes.done(job)
 
     async def _lease(self) -> LeaseAnswer:
-        """A leased job; ``_RETRY`` when others of the same round got the jobs there were;
-        None when there was none (then wait for work)."""
+        """A leased job; ``_RETRY``: others of the round got the jobs; None: no work."""
         future: asyncio.Future[LeaseAnswer] = asyncio.get_running_loop().create_future()
         self._lease_waiters.append(future)
         if len(self._lease_waiters) == 1:
@@ -188,6 +193,7 @@ class Worker:
             jobs: list[LeasedJob] = []
         else:
             jobs = picks.jobs
+            self.probes.leased(jobs)
             if not jobs and picks.next_parked_ms >= 0:
                 due_s = (picks.next_parked_ms - picks.now_ms) / 1000
                 self._idle_wait_s = min(self._idle_wait_s, max(due_s, 0.01))
@@ -201,12 +207,12 @@ class Worker:
         await self._give_back(orphans)
 
     async def _give_back(self, jobs: list[LeasedJob]) -> None:
-        """Jobs leased for lanes that were cancelled: never started, so they go back at
-        the head of their queues without counting an attempt."""
+        """Jobs leased for cancelled lanes go back at the head, not counting an attempt."""
         for job in jobs:
             try:
                 await self.queue.requeue(job, head=True, count_attempt=False)
                 await self.queue.activate(job.tenant, wake=1)
+                await self.probes.done(job, decided=False)
             except Exception:
                 log_failure(log, "could not give a job back", extra={"job": job.id}, level=WARN)
 
@@ -329,9 +335,10 @@ class Worker:
             await self._handle(job)
         except asyncio.CancelledError:
             # drain timed out: the job keeps its place; the attempt counts, so that its next
-            # lease gets a fresh reservation id (this one was charged or released)
-            await self.queue.requeue(job, head=True, count_attempt=True)
-            await self.queue.activate(job.tenant, wake=1)
+            # lease gets a fresh reservation id (this one was charged or released); an
+            if not self.keeper.holds(job):  # upstream answer held is never given back
+                await self.queue.requeue(job, head=True, count_attempt=True)
+                await self.queue.activate(job.tenant, wake=1)
             raise
         except Exception:
             log_failure(log, "job failed", extra={"tenant": job.tenant, "job": job.id})
@@ -363,7 +370,7 @@ class Worker:
             )
             return
         params = {k: v for k, v in job.params.items() if k != "stream"}
-        problem = _params_problem(params)
+        problem = None if job.validated else _params_problem(params)  # validated by the API
         if problem:
             await self._finish(
                 job, "errored", errored(error_body("invalid_request_error", problem))
@@ -378,17 +385,10 @@ class Worker:
 
         model = str(params["model"])
         rid = job.reservation_id
-        decision = await self.admission.reserve(
-            job.tenant,
-            rid,
-            input_tokens,
-            int(params["max_tokens"]),
-            model=model,
-            hold_ms=self.config.hold_ms,
-            sent_at_once=True,  # _forward calls the upstream next, with no wait between
-        )
+        decision = await reserve_or_defer(self, job, rid, input_tokens, params)  # marked sent
         series = self.metrics.for_tenant(job.tenant)
         series.decision(decision.kind, decision.reason).inc()
+        self.probes.decided(job, decision.kind)
         if decision.kind == "DEFER":
             await self._defer(job, decision, model)
             return
@@ -420,10 +420,10 @@ class Worker:
         usage = Usage.from_message(message)
         # settle and record the result together (one round trip): a crash between the two
         # can only charge in full (the reaper) or serve again, never under-count
-        settled, _ = await asyncio.gather(
-            self.admission.settle(job.tenant, rid, usage),
-            self._finish(job, "succeeded", succeeded(message)),
-        )
+        settled, _ = await self.keeper.settle_and_ack(  # retried until Redis has both
+            job, rid, lambda: self.admission.settle(job.tenant, rid, usage),
+            lambda: self._finish(job, "succeeded", succeeded(message)),
+        )  # fmt: skip
         tokens, jobs = self._served.get(job.tenant, (0, 0))
         self._served[job.tenant] = (tokens + usage.total, jobs + 1)
         usage.record(self.metrics, job.tenant, model, input_tokens + int(params["max_tokens"]))
@@ -482,8 +482,8 @@ def _refusal(decision: Decision, model: str) -> dict[str, Any]:
 
 
 def _params_problem(params: dict[str, Any]) -> str | None:
-    """What the Messages API requires (the same model the Batches API validates with): jobs
-    may come from producers that wrote Redis directly."""
+    """What the Messages API requires (the model the Batches API validates with), for params
+    stored untagged (budgeter/domain/job_params.py): a producer that wrote Redis directly."""
     try:
         MessageParams.model_validate(params)
     except ValidationError as exc:

@@ -13,6 +13,7 @@ from openapi_spec_validator import validate
 from redis.asyncio import Redis
 
 from budgeter.api.app import create_app
+from budgeter.domain.job_params import parse_params
 from budgeter.settings import Settings
 
 ADMIN = {"authorization": "Bearer admin-secret"}
@@ -78,8 +79,9 @@ async def test_create_retrieve_list_cancel_delete(client: TestClient, redis: Red
     assert batch["results_url"] is None and batch["archived_at"] is None
     assert batch["created_at"].endswith("Z") and batch["expires_at"] > batch["created_at"]
     # unknown params fields pass through unchanged
-    stored = json.loads(await redis.hget("budgeter:{t:acme}:jobs", f"{batch['id']}:a"))
-    assert stored["cache_control"] == {"type": "ephemeral"}  # the jobs hash holds params
+    stored = parse_params(await redis.hget("budgeter:{t:acme}:jobs", f"{batch['id']}:a"))
+    assert stored.params["cache_control"] == {"type": "ephemeral"}  # the jobs hash: params
+    assert stored.validated  # tagged: the worker does not validate them again
 
     bearer = {"authorization": f"Bearer {key}", "anthropic-version": "2025-01-01"}
     got = await (await client.get(f"/v1/messages/batches/{batch['id']}", headers=bearer)).json()

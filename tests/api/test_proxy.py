@@ -21,6 +21,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from budgeter.api.app import create_app
+from budgeter.api.proxy import PROXY
 from budgeter.serving import serve_app
 from budgeter.settings import Settings
 from budgeter.upstream.mock import MockConfig
@@ -39,6 +40,12 @@ class Proxy:
     upstream_url: str
     seen_headers: list[dict[str, str]] = field(default_factory=list)
     clients: list[anthropic.AsyncAnthropic] = field(default_factory=list)
+    app: web.Application | None = None
+
+    async def settled(self) -> None:
+        """Wait for the settles of the answers sent (each runs right after its answer)."""
+        assert self.app is not None
+        await self.app[PROXY].settles.drain()
 
     async def tenant(self, name: str, policy: dict[str, Any]) -> str:
         async with aiohttp.ClientSession() as http:
@@ -81,8 +88,9 @@ async def proxy(redis: Redis, redis_url: str) -> AsyncIterator[Proxy]:
             upstream_url=upstream_url,
             upstream_api_key=UPSTREAM_KEY,  # type: ignore[arg-type]
         )
-        async with serve_app(create_app(settings, redis=redis), "127.0.0.1", 0) as port:
-            found = Proxy(f"http://127.0.0.1:{port}", upstream_url, seen)
+        app = create_app(settings, redis=redis)
+        async with serve_app(app, "127.0.0.1", 0) as port:
+            found = Proxy(f"http://127.0.0.1:{port}", upstream_url, seen, app=app)
             try:
                 yield found
             finally:
@@ -118,6 +126,7 @@ async def test_create_settles_the_reported_usage_and_sends_rate_limit_headers(
     assert h["anthropic-ratelimit-tokens-limit"] == "9000"
     assert h["request-id"].startswith("req_")
     used = message.usage.input_tokens + message.usage.output_tokens
+    await proxy.settled()  # right after the answer
     state = await budget(redis, "px")
     assert (int(state["day:used"]), state["day:reserved"]) == (used, "0")
     stats = await proxy.mock_stats()

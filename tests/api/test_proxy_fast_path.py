@@ -136,6 +136,7 @@ async def test_headers_that_cannot_be_read_cost_only_the_headers(
     message = await raw.parse()
     assert raw.http_response.status_code == 200
     assert "anthropic-ratelimit-requests-limit" not in raw.headers
+    await proxy.settled()  # right after the answer
     used = int((await budget(redis, "px")).get("day:used", 0))
     assert used == message.usage.input_tokens + message.usage.output_tokens
 

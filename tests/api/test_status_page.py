@@ -364,3 +364,54 @@ async def test_top_once_default_console(
     assert await run_top(settings_for(redis_url), once=True) == 0
     out = capsys.readouterr().out
     assert "budgeter top" in out and "solo" in out
+
+
+async def test_chromium_draws_the_tree_expanded_and_collapsed(
+    redis: Redis, redis_url: str, tmp_path: Path, artifacts_dir: Path
+) -> None:
+    from tests.tenants.test_status_tree import busy_tree
+
+    binary = chromium_binary()
+    await busy_tree(redis)  # org > research > (nlp, vision), org > sales (idle); api; solo
+    async with serve_app(make_app(redis, redis_url), "127.0.0.1", 0) as port:
+        base = f"http://127.0.0.1:{port}/#token={TOKEN}"
+        doms = {}
+        for name, url in (("open", base), ("folded", base + "&fold=research")):
+            code, dom, err = await run_chromium(
+                binary, tmp_path / f"profile-{name}", "--dump-dom", url, budget_ms=REFRESH_MS // 2
+            )
+            assert code == 0, err[-2000:]
+            assert 'data-renders="1"' in dom, dom[-3000:]
+            doms[name] = dom
+        shot = artifacts_dir / "status-page-tree.png"
+        shot.unlink(missing_ok=True)
+        code, _, err = await run_chromium(
+            binary,
+            tmp_path / "profile-shot",
+            f"--screenshot={shot.resolve()}",
+            base,
+            budget_ms=REFRESH_MS // 2,
+            size="1400,1300",
+        )
+        assert code == 0 and shot.exists(), err[-2000:]
+    if os.environ.get("BUDGETER_UPDATE_DOCS") == "1":
+        (ROOT / "docs").mkdir(exist_ok=True)
+        shutil.copyfile(shot, ROOT / "docs" / "status-page-tree.png")
+    dom = doms["open"]
+    order = re.findall(r'<section class="card tenant(?: idle)?" data-tenant="([^"]+)"', dom)
+    # depth first, siblings busiest first; sales (idle) folded under org, solo at the end
+    assert order == ["org", "research", "nlp", "vision", "sales", "api", "solo"], order
+    # children sit inside their parent's subtree, which is open by default
+    org = dom[dom.index('<div class="node" data-node="org">') : dom.index('data-tenant="api"')]
+    assert re.search(r'<details class="subtree" data-parent="org" open=""', org)
+    assert re.search(r'<details class="subtree" data-parent="research" open=""', org)
+    assert org.index('data-parent="research"') < org.index('data-tenant="nlp"')
+    assert "4 tenants below org" in org and "150 tokens, 3 requests" in org
+    assert re.search(r'<details class="idle-below" data-parent="org"(?! open)', org)
+    assert "1 idle below org: sales" in org
+    assert "1 idle tenant" in dom and dom.index('<details class="idle"') > org.index("sales")
+    # '#fold=research': that subtree is collapsed (its cards stay in the document), org not
+    folded = doms["folded"]
+    assert re.search(r'<details class="subtree" data-parent="research">', folded)
+    assert re.search(r'<details class="subtree" data-parent="org" open=""', folded)
+    assert 'data-tenant="nlp"' in folded and TOKEN not in folded

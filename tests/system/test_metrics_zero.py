@@ -78,7 +78,7 @@ def test_a_fresh_metrics_exports_every_tenant_counter_at_0_for_a_known_tenant() 
     before = parse(generate_latest(metrics.registry).decode())
     assert not tenant_values(before, "budgeter_jobs_total")
     # the count_tokens cache results are a fixed enum: there from the start
-    for result in ("hit", "miss"):
+    for result in ("hit", "miss", "error"):
         assert before[key("budgeter_count_tokens_cache_total", result=result)] == 0
 
     metrics.know_tenants(["acme"])

@@ -1,0 +1,131 @@
+"""A TCP relay on loopback between a process and a server (Redis), that a test pauses.
+
+    async with TcpRelay("127.0.0.1", redis_port) as relay:
+        client = make_redis(f"redis://127.0.0.1:{relay.port}/0")
+        await relay.pause()            # a partition: bytes are held, connections hang
+        await relay.pause(drop=True)   # the server gone: connections closed, new ones too
+        await relay.resume()           # forwarding again (held bytes go on their way)
+
+``pause()`` keeps every connection open and forwards nothing in either direction (new
+connections are accepted and held the same way): what a network partition looks like to
+both ends. ``pause(drop=True)`` closes every connection and closes each new one at once:
+what a dead server looks like. ``resume()`` forwards again; ``stop()`` (or leaving the
+``async with``) closes everything. ``connections`` counts the connections accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from types import TracebackType
+
+
+class TcpRelay:
+    def __init__(self, target_host: str, target_port: int, *, host: str = "127.0.0.1") -> None:
+        self.target_host = target_host
+        self.target_port = target_port
+        self.host = host
+        self.port = 0
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._dropping = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        """A redis:// URL through the relay."""
+        return f"redis://{self.host}:{self.port}/0"
+
+    async def start(self) -> TcpRelay:
+        self._server = await asyncio.start_server(self._accept, self.host, 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def pause(self, *, drop: bool = False) -> None:
+        """Stop forwarding; with ``drop``, also close every connection (and new ones)."""
+        if drop:  # the pipes of closed connections end; nothing waits on them
+            self._dropping = True
+            await self._close_all()
+        else:
+            self._flowing.clear()
+
+    async def resume(self) -> None:
+        self._dropping = False
+        self._flowing.set()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        await self._close_all()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    async def __aenter__(self) -> TcpRelay:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        if self._dropping:
+            await _close(writer)
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
+        except OSError:
+            await _close(writer)
+            return
+        if self._dropping:  # dropped while connecting
+            await _close(writer)
+            await _close(up_writer)
+            return
+        self._writers.update((writer, up_writer))
+        pipes = [
+            asyncio.ensure_future(self._pipe(reader, up_writer)),
+            asyncio.ensure_future(self._pipe(up_reader, writer)),
+        ]
+        for pipe in pipes:
+            self._tasks.add(pipe)
+            pipe.add_done_callback(self._tasks.discard)
+        await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        for pipe in pipes:
+            pipe.cancel()
+        for end in (writer, up_writer):
+            self._writers.discard(end)
+            await _close(end)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                await self._flowing.wait()
+                if self._dropping:
+                    return
+                writer.write(data)
+                await writer.drain()
+
+    async def _close_all(self) -> None:
+        writers, self._writers = list(self._writers), set()
+        for writer in writers:
+            await _close(writer)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, ConnectionError):
+        await writer.wait_closed()
