@@ -60,6 +60,7 @@ TESTS = [
     "tests/admission/test_reserve_bookkeeping.py",
     "tests/admission/test_settle_bookkeeping.py",
     "tests/admission/test_usd_bookkeeping.py",
+    "tests/admission/test_notify_thresholds.py",  # settle.lua's budget notifications
     "tests/queue/",
     "tests/api/test_app.py",
     "tests/api/test_admin_consistency.py",  # tenants/key_used.lua
