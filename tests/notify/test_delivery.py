@@ -7,6 +7,7 @@ events are claimed by another; an event older than the give-up age is dropped an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -89,6 +90,20 @@ async def receiver(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     finally:
         proc.terminate()
         await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Any) -> AsyncIterator[str]:
+    """An in-process receiver on a free loopback port: its /hook URL."""
+    app = web.Application()
+    app.router.add_post("/hook", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    finally:
+        await runner.cleanup()
 
 
 def received(log: Path) -> list[dict[str, Any]]:
@@ -174,25 +189,19 @@ async def test_a_hanging_receiver_delays_only_its_own_events(redis: Redis) -> No
         await hang.wait()
         return web.Response()
 
-    app = web.Application()
-    app.router.add_post("/hook", slow)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
     try:
-        outbox = Outbox(redis)
-        await outbox.emit("acme", "test", {})
-        config = DeliveryConfig(f"http://127.0.0.1:{port}/hook", timeout_s=0.2)
-        async with aiohttp.ClientSession() as session:
-            delivery = Delivery(redis, session, config)
-            async with asyncio.timeout(10):  # the attempt times out; the pass returns
-                assert await delivery.deliver_once() == 1
-        assert len(await outbox.pending("acme")) == 1  # kept for a retry
+        async with serving(slow) as url:
+            outbox = Outbox(redis)
+            await outbox.emit("acme", "test", {})
+            config = DeliveryConfig(url, timeout_s=0.2)
+            async with aiohttp.ClientSession() as session:
+                delivery = Delivery(redis, session, config)
+                async with asyncio.timeout(10):  # the attempt times out; the pass returns
+                    assert await delivery.deliver_once() == 1
+            assert len(await outbox.pending("acme")) == 1  # kept for a retry
+            hang.set()
     finally:
         hang.set()
-        await runner.cleanup()
 
 
 async def test_slack_format_posts_text(redis: Redis) -> None:
@@ -202,18 +211,9 @@ async def test_slack_format_posts_text(redis: Redis) -> None:
         got.append(await request.json())
         return web.Response()
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
+    async with serving(hook) as url:
         await Outbox(redis).emit("acme", "budget.exhausted", {"budget": "day"})
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
         async with aiohttp.ClientSession() as session:
             delivery = Delivery(redis, session, DeliveryConfig(url, format="slack"))
             assert await delivery.deliver_once() == 1
-        assert got == [{"text": "budgeter: tenant acme exhausted its day"}]
-    finally:
-        await runner.cleanup()
+    assert got == [{"text": "budgeter: tenant acme exhausted its day"}]
