@@ -9,7 +9,8 @@ that reproduces each row.
         [--peers]
 
 Rows (modules bench/bench_<name>.py, each with ``async def run(opts) -> list[Row]``):
-admission, end_to_end, concurrency, proxy_latency, queue_scale, fairness, durability.
+admission, end_to_end, concurrency, proxy_latency, queue_scale, fairness, tree_fairness,
+durability, ledger.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ ROWS = (
     "proxy_latency",
     "queue_scale",
     "fairness",
+    "tree_fairness",
     "durability",
+    "ledger",
 )
 # rows run only when asked for: ``--peers`` adds bench/bench_peers.py (LiteLLM's proxy in
 # its own venv .venv-peers/, installed on first use)

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from budgeter.admission.reasons import metric_reason
 from budgeter.domain.jobs import TERMINAL_STATES
 from budgeter.domain.periods import PERIODS
 from budgeter.domain.policy_fields import RATE_KINDS
@@ -88,8 +89,9 @@ class DurableJobCounts:
 
 
 def reason_label(reason: str) -> str:
-    """Admission reasons are already a bounded vocabulary ('rate:itpm', 'exhausted:day')."""
-    return reason or "none"
+    """Admission reasons are a bounded vocabulary ('rate:itpm', 'exhausted:day'); an
+    ancestor's id is dropped ('parent:exhausted:day')."""
+    return metric_reason(reason) if reason else "none"
 
 
 class TenantSeries:

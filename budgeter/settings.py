@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     audit_retention_days: float = Field(
         default=400.0, gt=0, description="Audit log entries are trimmed after this long."
     )
+    ledger_retention_days: float = Field(
+        default=35.0, gt=0, description="Per-request ledger entries are trimmed after this long."
+    )
     audit_max_entries: int = Field(
         default=100_000, ge=100, description="At most this many audit log entries are kept."
     )

@@ -56,11 +56,14 @@ ROOT = Path(__file__).resolve().parents[1]
 LUA = ROOT / "budgeter" / "lua"
 TESTS = [
     "tests/admission/test_admission.py",
+    "tests/admission/test_chain.py",  # reserve.lua's check-only item, meta, key scopes
     "tests/admission/test_pause.py",
     "tests/admission/test_reserve_bookkeeping.py",
     "tests/admission/test_settle_bookkeeping.py",
     "tests/admission/test_usd_bookkeeping.py",
     "tests/admission/test_notify_thresholds.py",  # settle.lua's budget notifications
+    "tests/admission/test_rollups.py",  # settle.lua's per-minute rollups
+    "tests/ledger/test_settle_ledger.py",  # settle.lua's ledger entries and per-key usage
     "tests/queue/",
     "tests/api/test_app.py",
     "tests/api/test_admin_consistency.py",  # tenants/key_used.lua

@@ -5,6 +5,14 @@ tenant at once and answers ADMIT, DEFER(until) or REJECT(reason); ``admission/se
 a reservation by the real usage exactly once, and the reaper charges or releases
 reservations whose worker died.
 
+Along the organisation tree a request is reserved scope by scope, in a fixed order: its
+tenant's, its API key's limits (when the key has any), each ancestor's nearest first, then
+the upstream account's. When a scope refuses, the scopes already reserved are released and
+the rest are only checked (reserve.lua's check-only item), so that the answer is the
+latest DEFER of them all, or a REJECT naming the scope (``parent:<id>:...``, ``key:...``,
+``global:...``). Settle, charge-full and release settle every scope the reservation was
+made in; each scope's reaper reaps its own (they were made with the same sent flag).
+
 Both scripts decide many requests per call: the decisions asked for by concurrent
 coroutines for one tenant while the event loop runs one round go to Redis as one script
 call (``BatchedScript``), each decided in turn exactly as if it had been called alone.
@@ -15,238 +23,48 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
+from budgeter.admission.decision import (
+    Decision,
+    DecisionKind,
+    ReplyItem,
+    SettleResult,
+    Usage,
+    format_ms,
+    text_of,
+)
 from budgeter.admission.global_limits import GlobalLimits
-from budgeter.admission.reasons import Reason, parse_reason
-from budgeter.domain.pricing import GENAI_PRICES_VERSION, ModelPrice, PriceTable
+from budgeter.admission.reasons import KEY_PREFIX
+from budgeter.admission.scopes import ChainScope, Scope, reserve_keys, settle_keys
+from budgeter.admission.tree_view import TreeView
+from budgeter.domain.jsonio import dumps_str
+from budgeter.domain.pricing import ModelPrice, PriceTable
+from budgeter.ledger.entry import DEFAULT_RETENTION_DAYS, retention_ms
 from budgeter.store.durability import NotReplicated
-from budgeter.store.keys import GlobalModelKeys, TenantKeys, notify_pending_key
+from budgeter.store.keys import KeyScopeKeys, TenantKeys, notify_pending_key
 from budgeter.store.scripts import BatchedScript, register
 from budgeter.store.types import RedisClient
 
 if TYPE_CHECKING:
-    from budgeter.metrics import Metrics
     from budgeter.settings import Settings
 
-DecisionKind = Literal["ADMIT", "DEFER", "REJECT"]
-
-
-ReplyItem = str | bytes | int
-"""One element of a script's reply, as redis-py decodes it."""
-
-
-def _text(value: ReplyItem) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The answer of admission/reserve.lua."""
-
-    kind: DecisionKind
-    until_ms: int
-    reason: str
-    now_ms: int
-    detail: str = ""
-
-    @classmethod
-    def from_reply(cls, reply: Sequence[ReplyItem]) -> Decision:
-        if not reply[2] and reply[0] in ("ADMIT", b"ADMIT"):  # the common answer, at once
-            return cls("ADMIT", 0, "", int(reply[3]))
-        kind = _text(reply[0])
-        if kind not in ("ADMIT", "DEFER", "REJECT"):
-            raise ValueError(f"unexpected admission/reserve.lua reply {reply!r}")
-        return cls(
-            cast(DecisionKind, kind), int(reply[1]), _text(reply[2]), int(reply[3]), _text(reply[4])
-        )
-
-    @property
-    def waits_for_settle(self) -> bool:
-        """DEFER with no time: it may fit once in-flight reservations settle."""
-        return self.kind == "DEFER" and self.until_ms == 0
-
-    @property
-    def waits_for_reset(self) -> bool:
-        """DEFER on an exhausted budget of the tenant (its policy says on_exhausted 'wait'):
-        it fits no sooner than the period's reset."""
-        reason = self.parsed_reason
-        return (
-            self.kind == "DEFER"
-            and reason is not None
-            and reason.kind == "exhausted"
-            and not reason.account
-        )
-
-    @property
-    def parsed_reason(self) -> Reason | None:
-        """The typed reason (None for ADMIT or a reason outside the vocabulary)."""
-        try:
-            return parse_reason(self.reason) if self.reason else None
-        except ValueError:
-            return None
-
-    def describe(self, model: str | None = None) -> str:
-        """A sentence for error messages: which limit, and when it resets."""
-        if self.kind == "ADMIT":
-            return "admitted"
-        reason = self.parsed_reason
-        if reason is None:
-            return self.reason
-        owner = "the upstream account's " if reason.account else "the "
-        if reason.limit is not None:
-            return _LIMIT_SENTENCES[reason.kind](self, owner, reason.limit.label(model))
-        return _SENTENCES[reason.kind](self, model)
-
-    def _when(self, words: str) -> str:
-        return f"{words}{format_ms(self.until_ms)}" if self.until_ms else ""
-
-    def _too_large(self, owner: str, label: str) -> str:
-        cost, _, limit = self.detail.partition("/")
-        unit = "" if "USD" in label else (" request" if label.startswith("rpm ") else " tokens")
-        return f"request needs {cost}{unit} but {owner}{label} is {limit}"
-
-    def _exhausted(self, owner: str, label: str) -> str:
-        if self.kind == "DEFER":
-            return f"{owner}{label} exhausted; waiting for its reset{self._when(' until ')}"
-        used, _, limit = self.detail.partition("/")
-        return f"{owner}{label} exhausted ({used} of {limit} used){self._when('; it resets at ')}"
-
-    def _rate(self, owner: str, label: str) -> str:
-        return f"{owner}{label} reached{self._when('; fits again at ')}"
-
-    @staticmethod
-    def _inflight(owner: str, label: str) -> str:
-        return f"{owner}{label} is held by in-flight requests; waiting for them to settle"
-
-    def _paused(self, model: str | None) -> str:
-        which = f"model {model}" if model else "this model"
-        return f"the upstream rate-limited {which} (429); paused{self._when(' until ')}"
-
-    def _model_not_allowed(self, model: str | None) -> str:
-        return f"model {model or self.detail!r} is not in this tenant's allowed_models"
-
-    def _unpriced_model(self, model: str | None) -> str:
-        return (
-            f"model {model or self.detail!r} has no price (genai-prices "
-            f"{GENAI_PRICES_VERSION} does not know it): a usd budget cannot admit it "
-            "until BUDGETER_PRICES prices it"
-        )
-
-
-_LIMIT_SENTENCES: dict[str, Callable[[Decision, str, str], str]] = {
-    "too_large": Decision._too_large,
-    "exhausted": Decision._exhausted,
-    "rate": Decision._rate,
-    "inflight": lambda _decision, owner, label: Decision._inflight(owner, label),
-}
-_SENTENCES: dict[str, Callable[[Decision, str | None], str]] = {
-    "concurrency": lambda _d, _m: "max_concurrency reached; waiting for in-flight requests",
-    "paused": Decision._paused,
-    "model_not_allowed": Decision._model_not_allowed,
-    "unpriced_model": Decision._unpriced_model,
-    "unknown_tenant": lambda _d, _m: "tenant has no policy",
-}
-
-
-def format_ms(ms: int, *, precise: bool = False) -> str:
-    """RFC 3339 in UTC with a Z (milliseconds when ``precise``)."""
-    return (
-        dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
-        .isoformat(timespec="milliseconds" if precise else "seconds")
-        .replace("+00:00", "Z")
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """What the upstream reported for one message."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
-
-    @classmethod
-    def from_message(cls, message: dict[str, Any]) -> Usage:
-        usage = message.get("usage") or {}
-        return cls(
-            int(usage.get("input_tokens") or 0),
-            int(usage.get("output_tokens") or 0),
-            int(usage.get("cache_creation_input_tokens") or 0),
-            int(usage.get("cache_read_input_tokens") or 0),
-        )
-
-    def record(self, metrics: Metrics, tenant: str, model: str, reserved: int) -> None:
-        """Count this usage in ``metrics``."""
-        metrics.record_settled(
-            tenant,
-            model,
-            input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens,
-            cache_creation=self.cache_creation_input_tokens,
-            cache_read=self.cache_read_input_tokens,
-            reserved=reserved,
-        )
-
-    @property
-    def total(self) -> int:
-        return (
-            self.input_tokens
-            + self.output_tokens
-            + self.cache_creation_input_tokens
-            + self.cache_read_input_tokens
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class SettleResult:
-    """The answer of admission/settle.lua."""
-
-    settled: int
-    waiting_settle: bool
-    charged_full: int
-    released: int
-    actual_tokens: int
-    reserved_tokens: int
-    events: int = 0  # notification events the settle appended to the outbox
-
-    @classmethod
-    def from_reply(cls, reply: Sequence[ReplyItem]) -> SettleResult:
-        settled, waiting, full, released, actual, reserved, events = (int(x) for x in reply)
-        return cls(settled, bool(waiting), full, released, actual, reserved, events)
-
-
-Scope = TenantKeys | GlobalModelKeys
-"""An admission scope: a tenant's keys or one model's of the upstream account."""
-
-
-def reserve_keys(keys: Scope) -> tuple[str, ...]:
-    return (
-        keys.policy,
-        keys.buckets,
-        keys.budget,
-        keys.resv,
-        keys.resv_deadline,
-        keys.state,
-        keys.recent,
-        keys.resv_sent,
-    )
-
-
-def settle_keys(keys: Scope) -> tuple[str, ...]:
-    return (
-        keys.buckets,
-        keys.budget,
-        keys.resv,
-        keys.resv_deadline,
-        keys.resv_sent,
-        keys.usage,
-        keys.state,
-        keys.outbox,
-    )
+__all__ = [  # the answers live in budgeter/admission/decision.py; callers import them here too
+    "Admission",
+    "ChainScope",
+    "Decision",
+    "DecisionKind",
+    "ReplyItem",
+    "Scope",
+    "SettleResult",
+    "Usage",
+    "admission_from_settings",
+    "format_ms",
+    "reserve_keys",
+    "settle_keys",
+]
 
 
 def _now_arg(now_ms: int | None) -> str:
@@ -261,7 +79,8 @@ class Admission:
     the tenant's reservation is released and their answer (reason ``global:...``) is the
     decision. Settling settles both. ``prices`` price ``usd_budgets``: a
     :class:`PriceTable`, or a mapping of model -> price that overrides genai-prices' table
-    (the default: that table alone).
+    (the default: that table alone). ``tree``: the view of the organisation tree whose
+    ancestors' scopes a request reserves in too (default: one refreshed every second).
     """
 
     def __init__(
@@ -271,16 +90,21 @@ class Admission:
         prefix: str = "budgeter",
         global_limits: GlobalLimits | None = None,
         prices: PriceTable | Mapping[str, ModelPrice] | None = None,
+        tree: TreeView | None = None,
+        ledger_retention_days: float = DEFAULT_RETENTION_DAYS,
     ) -> None:
         self.redis = redis
+        self.ledger_retention_ms = retention_ms(ledger_retention_days)
         self.prefix = prefix
         self.global_limits = global_limits
+        self.tree = tree if tree is not None else TreeView(redis, prefix=prefix)
         self.prices = prices if isinstance(prices, PriceTable) else PriceTable(prices)
         self._reserve = BatchedScript(redis, "admission/reserve.lua", width=5)
         self._settle = BatchedScript(redis, "admission/settle.lua", width=7)
         self._reap = self._settle.script
         self._mark_sent = register(redis, "admission/mark_sent.lua")
         self._held_globally: dict[str, str] = {}  # reservation id -> model
+        self._chains: dict[str, tuple[ChainScope, ...]] = {}  # reservation id -> its scopes
         # per-call work done once: a tenant's key names, a model's price argument
         self._key_names: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._price_args: dict[str, str] = {}
@@ -296,7 +120,7 @@ class Admission:
             if len(self._key_names) >= 10_000:
                 self._key_names.clear()
             keys = self.keys(tenant)
-            names = self._key_names[tenant] = (reserve_keys(keys), settle_keys(keys))
+            names = self._key_names[tenant] = (reserve_keys(keys), settle_keys(keys, ledger=True))
         return names
 
     def price_arg(self, model: str, now_ms: int | None = None) -> str:
@@ -312,6 +136,16 @@ class Admission:
             arg = self._price_args[model] = "" if price is None else price.lua_arg()
         return arg
 
+    async def chain(self, tenant: str, key: str | None = None) -> tuple[ChainScope, ...]:
+        """The scopes after ``tenant``'s own a request reserves in: the API key's limits
+        (``key``: its id, given when the key has limits), then each ancestor, nearest first."""
+        scopes: list[ChainScope] = []
+        if key:
+            scopes.append(ChainScope.api_key(self.prefix, tenant, key))
+        ancestors = await self.tree.ancestors(tenant)
+        scopes.extend(ChainScope.ancestor(self.prefix, a) for a in ancestors)
+        return tuple(scopes)
+
     async def reserve(
         self,
         tenant: str,
@@ -323,26 +157,45 @@ class Admission:
         hold_ms: int = 90_000,
         now_ms: int | None = None,
         sent_at_once: bool = False,
+        key: str | None = None,
+        meta: Mapping[str, object] | None = None,
     ) -> Decision:
         """``sent_at_once``: the caller calls the upstream right after an ADMIT, so the
         reservation is marked sent in the same call (one round trip fewer than
-        :meth:`mark_sent`; a crash in between is charged in full, never under-counted)."""
+        :meth:`mark_sent`; a crash in between is charged in full, never under-counted).
+        ``key``: the id of the API key the request came with, when that key has limits.
+        ``meta``: what the tenant's reservation records for its ledger entry (``"x"``;
+        the ancestors are added as ``"a"``)."""
         limits = self.global_limits
         if limits is not None:
             paused = await limits.paused_until_ms(model)
             if paused:
                 return Decision("DEFER", paused, "global:paused", int(limits.wall() * 1000))
+        chain = await self.chain(tenant, key)
         prices = self.price_arg(model, now_ms)
         now = _now_arg(now_ms)
-        item = [reservation_id, int(input_tokens), int(max_tokens), int(hold_ms), model]
+        item: list[str | int] = [
+            reservation_id, int(input_tokens), int(max_tokens), int(hold_ms), model
+        ]  # fmt: skip
+        sent = "1" if sent_at_once else ""
+        ancestors = [s.keys.tenant for s in chain if s.prefix != KEY_PREFIX]
+        record = dict(meta or {})
+        if ancestors:
+            record["a"] = ancestors
         try:
             reply = await self._reserve(
-                self._names(tenant)[0], (now, ""), [*item, "1" if sent_at_once else "", prices]
+                self._names(tenant)[0],
+                (now, ""),
+                [*item, sent, prices, dumps_str(record) if record else ""],
             )
         except NotReplicated:
-            await self._release_unreplicated(tenant, reservation_id, None, now_ms)
+            await self._release_unreplicated(tenant, reservation_id, (), None, now_ms)
             raise
         decision = Decision.from_reply(reply)
+        if chain and decision.kind != "REJECT":
+            decision = await self._reserve_chain(
+                tenant, chain, decision, [*item, sent, prices], now, now_ms
+            )
         if decision.kind != "ADMIT" or limits is None:
             return decision
         policy = await limits.limits_json(model)
@@ -355,31 +208,88 @@ class Admission:
                 reserve_keys(limits.keys(model)), (now, policy), [*item, "1", prices]
             )
         except NotReplicated:
-            await self._release_unreplicated(tenant, reservation_id, model, now_ms)
+            await self._release_unreplicated(tenant, reservation_id, chain, model, now_ms)
             raise
         account = Decision.from_reply(reply)
         if account.kind == "ADMIT":
             self._held_globally[reservation_id] = model
             return decision
-        await self._settle_scope(self._names(tenant)[1], "release", reservation_id, now_ms=now_ms)
-        return Decision(
-            account.kind,
-            account.until_ms,
-            f"global:{account.reason}",
-            account.now_ms,
-            account.detail,
+        await self._roll_back(tenant, reservation_id, self._chains.pop(reservation_id, ()), now_ms)
+        return account.named("global:")
+
+    async def _reserve_chain(
+        self,
+        tenant: str,
+        chain: tuple[ChainScope, ...],
+        decision: Decision,
+        item: list[str | int],
+        now: str,
+        now_ms: int | None,
+    ) -> Decision:
+        """Reserve in each scope of ``chain`` after the tenant's ``decision`` (ADMIT or
+        DEFER). After a refusal the remaining scopes are only checked: the answer is the
+        latest DEFER, or the first REJECT; the scopes reserved so far are released."""
+        rid = str(item[0])
+        reserved: list[ChainScope] = []
+        refusal = None if decision.kind == "ADMIT" else decision
+        for scope in chain:
+            checking = refusal is not None
+            try:
+                reply = await self._reserve(
+                    reserve_keys(scope.keys),
+                    (now, scope.policy),
+                    [*item, "", "1" if checking else ""],
+                )
+            except NotReplicated:
+                await self._release_unreplicated(tenant, rid, (*reserved, scope), None, now_ms)
+                raise
+            answer = Decision.from_reply(reply)
+            if answer.kind == "ADMIT":
+                if not checking:
+                    reserved.append(scope)
+                continue
+            if refusal is None or answer.kind == "REJECT" or answer.until_ms > refusal.until_ms:
+                refusal = answer.named(scope.prefix)
+            if answer.kind == "REJECT":
+                break
+        if refusal is None:
+            self._chains[rid] = tuple(reserved)
+            return decision
+        if decision.kind == "ADMIT":
+            await self._roll_back(tenant, rid, tuple(reserved), now_ms)
+        return refusal
+
+    async def _roll_back(
+        self, tenant: str, reservation_id: str, chain: Sequence[ChainScope], now_ms: int | None
+    ) -> None:
+        """Release a reservation a later scope refused: in the scopes of ``chain`` already
+        reserved, newest first, then the tenant's (no ledger entry: nothing was asked of
+        the upstream, and the request is answered by the refusal)."""
+        for scope in reversed(chain):
+            await self._settle_scope(
+                settle_keys(scope.keys), "release", reservation_id, now_ms=now_ms
+            )
+        await self._settle_scope(
+            settle_keys(self.keys(tenant)), "release", reservation_id, now_ms=now_ms
         )
 
     async def _release_unreplicated(
-        self, tenant: str, reservation_id: str, model: str | None, now_ms: int | None
+        self,
+        tenant: str,
+        reservation_id: str,
+        chain: Sequence[ChainScope],
+        model: str | None,
+        now_ms: int | None,
     ) -> None:
         """A reservation the master made but too few replicas acknowledged (see
         budgeter/store/durability.py): the caller gets the error and never calls the
-        upstream on it, so it is released here (a failover would have lost it anyway); if
-        even that fails, it stays marked sent and the reaper charges it in full."""
-        scopes = [self._names(tenant)[1]]
+        upstream on it, so it is released here, in every scope it may have been made in (a
+        failover would have lost it anyway); if even that fails, it stays marked sent and
+        the reapers charge it in full."""
+        scopes = [self._names(tenant)[1], *(settle_keys(s.keys) for s in chain)]
         if model is not None and self.global_limits is not None:
             scopes.append(settle_keys(self.global_limits.keys(model)))
+        self._chains.pop(reservation_id, None)
         for names in scopes:
             with contextlib.suppress(Exception):
                 await self._settle_scope(names, "release", reservation_id, now_ms=now_ms)
@@ -387,8 +297,14 @@ class Admission:
     async def mark_sent(self, tenant: str, reservation_id: str) -> bool:
         """Record that the upstream may now be called: a crash from here on charges in full.
 
-        False when the reservation is gone (the reaper released it): the caller must not
-        call the upstream, only release what it still holds (:meth:`release`)."""
+        The chain's scopes are marked first and the tenant's last, so that a crash between
+        leaves them charged at least as much as the tenant. False when the tenant's
+        reservation is gone (the reaper released it): the caller must not call the
+        upstream, only release what it still holds (:meth:`release`)."""
+        for scope in self._chains.get(reservation_id, ()):
+            await self._mark_sent(
+                keys=[scope.keys.resv, scope.keys.resv_sent], args=[reservation_id]
+            )
         keys = self.keys(tenant)
         marked = await self._mark_sent(keys=[keys.resv, keys.resv_sent], args=[reservation_id])
         return bool(marked)
@@ -403,21 +319,39 @@ class Admission:
     ) -> SettleResult:
         """Settle in one scope (``names``: its settle_keys)."""
         amounts = list(usage) if usage else [0, 0, 0, 0]
-        reply = await self._settle(names, (_now_arg(now_ms),), [mode, reservation_id, *amounts])
+        head: tuple[str | int, ...] = (_now_arg(now_ms),)
+        if len(names) > 8:  # the tenant's own scope: its ledger's retention too
+            head = (*head, self.ledger_retention_ms)
+        reply = await self._settle(names, head, [mode, reservation_id, *amounts])
         return SettleResult.from_reply(reply)
 
     async def _settle_both(
         self, tenant: str, mode: str, reservation_id: str, *usage: int, now_ms: int | None
     ) -> SettleResult:
+        """Settle in every scope of the reservation: the tenant's (its answer is the
+        result), its chain's (as made, else the chain as it is now), the account's."""
         result = await self._settle_scope(
             self._names(tenant)[1], mode, reservation_id, *usage, now_ms=now_ms
         )
         await self._hint(tenant, result)
+        chain = self._chains.get(reservation_id)
+        if chain is None:  # made by another process, or before a restart
+            chain = await self.chain(tenant)
+        waiting: list[str] = []
+        for scope in chain:
+            done = await self._settle_scope(
+                settle_keys(scope.keys), mode, reservation_id, *usage, now_ms=now_ms
+            )
+            if done.waiting_settle and isinstance(scope.keys, TenantKeys):
+                waiting.append(scope.keys.tenant)
         model = self._held_globally.get(reservation_id)
         if model is not None and self.global_limits is not None:
             names = settle_keys(self.global_limits.keys(model))
             await self._settle_scope(names, mode, reservation_id, *usage, now_ms=now_ms)
         self._held_globally.pop(reservation_id, None)  # only once settled: a retry settles it
+        self._chains.pop(reservation_id, None)
+        if waiting:
+            result = replace(result, waiting_ancestors=tuple(waiting))
         return result
 
     async def settle(
@@ -448,12 +382,39 @@ class Admission:
         self, tenant: str, *, limit: int = 1000, now_ms: int | None = None
     ) -> SettleResult:
         """Settle every reservation past its deadline: sent -> charged in full, else released."""
+        keys = self.keys(tenant)
         reply = await self._reap(
-            keys=settle_keys(self.keys(tenant)), args=[_now_arg(now_ms), "reap", int(limit)]
+            keys=settle_keys(keys, ledger=True),
+            args=[_now_arg(now_ms), "reap", int(limit), self.ledger_retention_ms],
         )
         result = SettleResult.from_reply(reply)
         await self._hint(tenant, result)
+        for key_id in await self.redis.smembers(keys.limited_keys):  # the keys' scopes too
+            scope = KeyScopeKeys(self.prefix, tenant, text_of(key_id))
+            await self._reap(keys=settle_keys(scope), args=[_now_arg(now_ms), "reap", int(limit)])
         return result
+
+    async def to_wake(self, tenant: str, result: SettleResult, limit: int = 100) -> list[str]:
+        """The tenants whose parked work may fit now that ``result`` settled: ``tenant``
+        when a DEFER of its own waited, and the tenants below each ancestor where one
+        waited (at most ``limit``; the rest look again after their fallback wait)."""
+        wake = [tenant] if result.waiting_settle else []
+        if not result.waiting_ancestors:
+            return wake
+        parents = await self.tree.parents()
+        below: dict[str, list[str]] = {}
+        for child, parent in parents.items():
+            if parent is not None:
+                below.setdefault(parent, []).append(child)
+        todo = list(result.waiting_ancestors)
+        seen = {tenant, *todo}
+        while todo and len(wake) < limit:
+            for child in sorted(below.get(todo.pop(0), [])):
+                if child not in seen:
+                    seen.add(child)
+                    wake.append(child)
+                    todo.append(child)
+        return wake[:limit]
 
     async def _hint(self, tenant: str, result: SettleResult) -> None:
         """A settle that appended notification events names the tenant for delivery
@@ -484,4 +445,6 @@ def admission_from_settings(redis: RedisClient, settings: Settings) -> Admission
         prefix=settings.key_prefix,
         global_limits=GlobalLimits(redis, prefix=settings.key_prefix),
         prices=PriceTable(settings.prices),
+        tree=TreeView(redis, prefix=settings.key_prefix),
+        ledger_retention_days=settings.ledger_retention_days,
     )

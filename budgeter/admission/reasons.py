@@ -12,6 +12,11 @@ The vocabulary (the script's opening comment is its contract)::
 
 where <counter> is ``[model:][usd:]<period>`` and ``global:`` (added by Python, not Lua)
 marks the upstream account's limits. The model's name is never part of a reason.
+
+Along a chain of scopes (budgeter/admission/chain.py) Python prefixes the scope that
+refused: ``parent:<tenant>:`` for an ancestor's limit (``parent:research:exhausted:day``) and
+``key:`` for the limits of the API key the request came with. :func:`metric_reason` drops
+the ancestor's id, so metric labels stay a bounded vocabulary.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ REASON_KINDS: frozenset[str] = frozenset(get_args(ReasonKind))
 LIMIT_KINDS: frozenset[str] = frozenset({"rate", "exhausted", "inflight", "too_large"})
 """The kinds that name a limit (the others stand alone)."""
 GLOBAL_PREFIX = "global:"
+PARENT_PREFIX = "parent:"
+KEY_PREFIX = "key:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +64,15 @@ class Limit:
 
 @dataclass(frozen=True, slots=True)
 class Reason:
-    """A parsed reason: its kind, the limit it names (kinds in LIMIT_KINDS) and whether it
-    is the upstream account's (``global:``)."""
+    """A parsed reason: its kind, the limit it names (kinds in LIMIT_KINDS), whether it
+    is the upstream account's (``global:``), and the scope of the chain that refused:
+    ``parent`` (an ancestor tenant's id) or ``key`` (the API key's limits)."""
 
     kind: ReasonKind
     limit: Limit | None = None
     account: bool = False
+    parent: str = ""
+    key: bool = False
 
 
 def format_limit(limit: Limit) -> str:
@@ -89,23 +99,50 @@ def format_reason(reason: Reason) -> str:
         if reason.kind == "too_large":
             text += ":budget" if limit.budget else ":rate"
         text += ":" + format_limit(limit)
-    return (GLOBAL_PREFIX if reason.account else "") + text
+    return scope_prefix(reason.parent, key=reason.key, account=reason.account) + text
+
+
+def scope_prefix(parent: str = "", *, key: bool = False, account: bool = False) -> str:
+    """What names the scope of a chain in a reason ('' for the tenant's own)."""
+    if account:
+        return GLOBAL_PREFIX
+    if parent:
+        return f"{PARENT_PREFIX}{parent}:"
+    return KEY_PREFIX if key else ""
+
+
+def metric_reason(text: str) -> str:
+    """``text`` for a metric label: an ancestor's id dropped (``parent:exhausted:day``)."""
+    if text.startswith(PARENT_PREFIX):
+        _, _, rest = text.removeprefix(PARENT_PREFIX).partition(":")
+        return PARENT_PREFIX + rest
+    return text
 
 
 def parse_reason(text: str) -> Reason:
     """The :class:`Reason` of a reply's reason string; ValueError when it is none."""
-    account = text.startswith(GLOBAL_PREFIX)
-    kind, _, rest = text.removeprefix(GLOBAL_PREFIX).partition(":")
+    parent, key = "", False
+    body = text
+    if body.startswith(PARENT_PREFIX):
+        parent, _, body = body.removeprefix(PARENT_PREFIX).partition(":")
+        if not parent:
+            raise ValueError(f"unknown admission reason {text!r}")
+    elif body.startswith(KEY_PREFIX):
+        key, body = True, body.removeprefix(KEY_PREFIX)
+    account = body.startswith(GLOBAL_PREFIX)
+    if account and (parent or key):
+        raise ValueError(f"unknown admission reason {text!r}")
+    kind, _, rest = body.removeprefix(GLOBAL_PREFIX).partition(":")
     if kind not in REASON_KINDS:
         raise ValueError(f"unknown admission reason {text!r}")
     if kind not in LIMIT_KINDS:
         if rest:
             raise ValueError(f"unknown admission reason {text!r}")
-        return Reason(cast(ReasonKind, kind), None, account)
+        return Reason(cast(ReasonKind, kind), None, account, parent, key)
     budget = kind != "rate"
     if kind == "too_large":
         scope, _, rest = rest.partition(":")
         if scope not in ("budget", "rate"):
             raise ValueError(f"unknown admission reason {text!r}")
         budget = scope == "budget"
-    return Reason(cast(ReasonKind, kind), parse_limit(rest, budget=budget), account)
+    return Reason(cast(ReasonKind, kind), parse_limit(rest, budget=budget), account, parent, key)

@@ -18,12 +18,11 @@ from budgeter.api.request import admin_actor, limit_param, principal, read_json,
 from budgeter.api.schemas import (
     GlobalPolicyAnswer,
     KeyCreated,
-    KeyInfo,
-    KeyList,
     TenantAnswer,
     TenantList,
     ok,
 )
+from budgeter.domain.key_limits import InvalidKeyLimitsError, validate_new_key
 from budgeter.domain.messages import JsonValue, first_error
 from budgeter.domain.policy import GlobalPolicy, TenantPolicy
 from budgeter.domain.tree import HasChildrenError, TreeError
@@ -36,6 +35,7 @@ from budgeter.tenants.audit import (
     parse_since,
     policy_changes,
 )
+from budgeter.tenants.key_usage import key_list
 from budgeter.tenants.merge_patch import (
     MERGE_PATCH_TYPE,
     InvalidPolicyError,
@@ -151,16 +151,22 @@ async def delete_tenant(request: web.Request) -> web.Response:
 
 
 async def create_key(request: web.Request) -> web.Response:
+    """An optional body ``{"name", "limits"}`` (budgeter/domain/key_limits.py)."""
     tenant = await _existing_tenant(request)
-    key_id, key = await request.app[KEYS].create(tenant)
+    body = await read_json(request) if request.can_read_body else {}
+    try:
+        new = validate_new_key(body)
+    except InvalidKeyLimitsError as exc:
+        raise ApiError(400, str(exc)) from None
+    key_id, key = await request.app[KEYS].create(tenant, name=new.name, limits=new.limits)
     await _audit(request, "key.create", f"{tenant}/key:{key_id}")  # the id, never the key
-    return ok(KeyCreated(id=key_id, key=key, tenant=tenant), 201)
+    limits = new.limits if new.limits is not None and not new.limits.empty else None
+    return ok(KeyCreated(id=key_id, key=key, tenant=tenant, name=new.name, limits=limits), 201)
 
 
 async def list_keys(request: web.Request) -> web.Response:
     tenant = await _existing_tenant(request)
-    keys = await request.app[KEYS].list_keys(tenant)
-    return ok(KeyList(data=[KeyInfo.model_validate(k) for k in keys]))
+    return ok(await key_list(request.app[KEYS], tenant, now_ms=int(time.time() * 1000)))
 
 
 async def revoke_key(request: web.Request) -> web.Response:

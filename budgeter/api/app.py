@@ -20,10 +20,11 @@ from budgeter.api.appkeys import AUTH_THROTTLE, BATCHES, KEYS, REDIS, SETTINGS, 
 from budgeter.api.auth import auth_middleware
 from budgeter.api.errors import errors_middleware
 from budgeter.api.health import HEALTH, HealthState
+from budgeter.api.local_count import LocalCountCache
 from budgeter.api.models import MODELS, ModelCatalog
 from budgeter.api.openapi import openapi_document
 from budgeter.api.passthrough import BetaGate
-from budgeter.api.proxy import PROXY, LocalCountCache, ProxyDeps
+from budgeter.api.proxy import PROXY, ProxyDeps
 from budgeter.api.routes import OPENAPI, add_routes
 from budgeter.domain.pricing import PriceTable
 from budgeter.metrics import Metrics, refresh_state_metrics

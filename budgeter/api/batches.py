@@ -3,6 +3,8 @@ results of, and delete a tenant's batches."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -20,6 +22,8 @@ from budgeter.api.schemas import (
 from budgeter.domain.jobs import MAX_DEADLINE_S
 from budgeter.domain.messages import JsonValue, first_error
 from budgeter.domain.policy import PRIORITIES
+from budgeter.ledger.tags import HEADER as TAGS_HEADER
+from budgeter.ledger.tags import TagError, parse_tags_header
 from budgeter.queue.batches import BatchNotEndedError, BatchNotFoundError, BatchStatus
 from budgeter.queue.jobqueue import UnknownTenantError
 
@@ -47,6 +51,13 @@ async def create_batch(request: web.Request) -> web.Response:
     who = principal(request)
     settings = request.app[SETTINGS]
     passthrough = read_passthrough(request)  # its betas and version go with every job
+    try:  # its tags go in every job's ledger entry
+        tags = parse_tags_header(request.headers.get(TAGS_HEADER))
+    except TagError as exc:
+        raise ApiError(400, f"{TAGS_HEADER}: {exc}") from None
+    passthrough = replace(
+        passthrough, tags=tuple(tags.items()), key=who.key_id, key_limited=who.limited
+    )
     check_betas(passthrough.betas, settings.allowed_betas)
     body = _body(await read_json(request))
     policy = await request.app[TENANTS].get(who.tenant)

@@ -10,11 +10,15 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from budgeter.api import schemas as m
-from budgeter.api.routes import ROUTES, Doc, JsonSchema, Route
+from budgeter.api.route_types import Doc, JsonSchema, Route
+from budgeter.api.routes import ROUTES
+from budgeter.domain.key_limits import NewKey
 from budgeter.domain.messages import MessageParams
 from budgeter.domain.policy import TENANT_ID_RE, GlobalPolicy, TenantPolicy
 from budgeter.domain.results import STATUS_ERROR_TYPES
+from budgeter.ledger.read import LedgerPage
 from budgeter.tenants.audit import AuditPage
+from budgeter.tenants.rollups import MinutesAnswer
 
 REF = "#/components/schemas/{model}"
 _MODELS: tuple[type[BaseModel], ...] = (
@@ -36,6 +40,9 @@ _MODELS: tuple[type[BaseModel], ...] = (
     TenantPolicy,
     GlobalPolicy,
     AuditPage,
+    NewKey,
+    LedgerPage,
+    MinutesAnswer,
 )
 
 _ERRORS = {
@@ -66,10 +73,16 @@ def _answer(doc: Doc) -> JsonSchema:
         return {"description": doc.description}
     schema = doc.answer if isinstance(doc.answer, dict) else _ref(doc.answer)
     alternatives = {kind: {"schema": other} for kind, other in doc.alternatives.items()}
-    return {
+    answer: JsonSchema = {
         "description": doc.description,
         "content": {doc.content_type: {"schema": schema}, **alternatives},
     }
+    if doc.answer_headers:
+        answer["headers"] = {
+            name: {"description": description, "schema": {"type": "string"}}
+            for name, description in doc.answer_headers
+        }
+    return answer
 
 
 def _parameters(route: Route) -> list[JsonSchema]:
@@ -131,7 +144,7 @@ def _operation(route: Route) -> JsonSchema:
     if doc.body is not None:
         body = doc.body if isinstance(doc.body, dict) else _ref(doc.body)
         operation["requestBody"] = {
-            "required": True,
+            "required": doc.body_required,
             "content": {kind: {"schema": body} for kind in doc.body_types},
         }
     return operation

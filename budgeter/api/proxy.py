@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from budgeter.admission.admission import Admission, Decision, Usage
+from budgeter.admission.fallback import as_served, fallback_models_of, reserve_with_fallback
 from budgeter.api.errors import REQUEST_ID, ApiError
 from budgeter.api.passthrough import BetaGate, read_passthrough, upstream_id_headers
 from budgeter.api.ratelimit_headers import tenant_ratelimit_headers
@@ -36,8 +36,10 @@ from budgeter.api.request import PRINCIPAL, read_json
 from budgeter.api.settles import PendingSettles
 from budgeter.domain import jsonio
 from budgeter.domain.messages import MessageParams, first_error
-from budgeter.domain.passthrough import NO_PASSTHROUGH, Passthrough
+from budgeter.domain.passthrough import Passthrough
 from budgeter.domain.results import BUDGET_ERROR_TYPE, REFUSAL_TYPES, error_body
+from budgeter.ledger.tags import HEADER as TAGS_HEADER
+from budgeter.ledger.tags import TagError, proxy_meta
 from budgeter.metrics import Metrics
 from budgeter.queue.jobqueue import JobQueue
 from budgeter.store.keys import TenantKeys
@@ -47,9 +49,8 @@ from budgeter.upstream.client import (
     COUNT_TOKENS_FIELDS,
     UpstreamClient,
     UpstreamError,
-    count_tokens_body,
 )
-from budgeter.upstream.token_counter import TokenCounter, payload_digest
+from budgeter.upstream.token_counter import TokenCounter
 
 log = logging.getLogger("budgeter.proxy")
 
@@ -73,61 +74,6 @@ class ProxyDeps:
 
 
 PROXY = web.AppKey("proxy", ProxyDeps)  # built by the app's cleanup context at start-up
-
-LOCAL_COUNT_ENTRIES = 4096
-LOCAL_COUNT_MAX_S = 600.0
-
-
-class LocalCountCache(TokenCounter):
-    """The API's token counter: in front of the shared Redis cache, the counts of this
-    process's recent payloads (at most ``LOCAL_COUNT_ENTRIES``, least recently used
-    first out), so a repeated payload costs no Redis round trip. A count only depends on
-    the content hashed, so a local copy is never wrong; it is kept no longer than the
-    Redis cache's TTL (and at most ``LOCAL_COUNT_MAX_S``). Local estimates (the
-    ``on_count_failure: estimate`` fallback of :meth:`count_for`) are never cached."""
-
-    @classmethod
-    def over(cls, counter: TokenCounter) -> LocalCountCache:
-        return cls(
-            counter.redis,
-            counter.upstream,
-            prefix=counter.prefix,
-            ttl_s=counter.ttl_s,
-            metrics=counter.metrics,
-        )
-
-    def __init__(
-        self,
-        redis: RedisClient,
-        upstream: UpstreamClient,
-        *,
-        prefix: str = "budgeter",
-        ttl_s: int = 3600,
-        metrics: Metrics | None = None,
-    ) -> None:
-        super().__init__(redis, upstream, prefix=prefix, ttl_s=ttl_s, metrics=metrics)
-        self._local: OrderedDict[str, tuple[int, float]] = OrderedDict()
-
-    async def count(
-        self, params: Mapping[str, Any], passthrough: Passthrough = NO_PASSTHROUGH
-    ) -> int:
-        if self.ttl_s <= 0:
-            return await super().count(params, passthrough)
-        betas = passthrough.betas
-        digest = payload_digest(count_tokens_body(params, betas), betas)
-        now = time.monotonic()
-        found = self._local.get(digest)
-        if found is not None and found[1] > now:
-            self._local.move_to_end(digest)
-            if self.metrics is not None:
-                self.metrics.count_cache_results["hit"].inc()
-            return found[0]
-        tokens = await super().count(params, passthrough)
-        self._local[digest] = (tokens, now + min(float(self.ttl_s), LOCAL_COUNT_MAX_S))
-        self._local.move_to_end(digest)
-        while len(self._local) > LOCAL_COUNT_ENTRIES:
-            self._local.popitem(last=False)
-        return tokens
 
 
 def _deps(request: web.Request) -> ProxyDeps:
@@ -214,6 +160,11 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     keys = TenantKeys.of(deps.prefix, tenant)
     passthrough = await _passthrough(request, deps, tenant)
     params = await _params(request)
+    try:  # bad tags: 400 before anything is counted or reserved
+        header = request.headers.get(TAGS_HEADER)
+        meta = proxy_meta(request[REQUEST_ID], header, params, request[PRINCIPAL].key_id)
+    except TagError as exc:
+        raise ApiError(400, f"{TAGS_HEADER}: {exc}") from None
     try:
         input_tokens = await deps.counter.count_for(tenant, params, passthrough)
     except UpstreamError as exc:
@@ -221,10 +172,12 @@ async def create_message(request: web.Request) -> web.StreamResponse:
         return _upstream_error(request, exc, headers)
     rid = f"sync:{request[REQUEST_ID]}"
     model = str(params["model"])
-    decision = await _admit(deps, tenant, rid, input_tokens, params, model)
+    key = request[PRINCIPAL].scope_key  # the key's id when it has limits of its own
+    decision, served = await _admit(deps, tenant, rid, input_tokens, params, model, meta, key)
     if decision.kind != "ADMIT":
         headers = await tenant_ratelimit_headers(deps.redis, keys, now_ms=decision.now_ms)
         raise _refusal(decision, model, headers)
+    params, fallback = as_served(params, served)  # the policy's fallback model is called
     # the reservation is marked sent by reserve itself (sent_at_once): a refusal below
     # releases it explicitly; a crash or a client gone mid-call charges it in full.
     # The rate-limit headers (the buckets just after this reservation) are read while the
@@ -233,7 +186,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
         tenant_ratelimit_headers(deps.redis, keys, now_ms=decision.now_ms)
     )
     try:
-        call = _Call(tenant, rid, params, passthrough, input_tokens)
+        call = _Call(tenant, rid, params, passthrough, input_tokens, fallback)
         if params.get("stream"):
             return await _stream(request, deps, call, reading)
         return await _forward(request, deps, call, reading)
@@ -283,6 +236,7 @@ class _Call:
     params: dict[str, Any]
     passthrough: Passthrough
     input_tokens: int
+    headers: dict[str, str] = field(default_factory=dict)  # budgeter's own answer headers
 
     @property
     def model(self) -> str:
@@ -310,6 +264,7 @@ async def _forward(
         raise
     headers = await _headers(reading)  # before the settle: the state the decision left
     headers.update(upstream_id_headers(request, answer.request_id))
+    headers.update(call.headers)
     headers["request-id"] = request[REQUEST_ID]  # (the middleware adds none to a sent answer)
     usage = Usage.from_message(answer.payload)
     # the upstream's own bytes: no second encoding of the message
@@ -337,8 +292,12 @@ async def _admit(
     input_tokens: int,
     params: dict[str, Any],
     model: str,
-) -> Decision:
-    """Reserve; while DEFER and the tenant's max_wait allows, wait and try again.
+    meta: Mapping[str, object] | None = None,
+    key: str | None = None,
+) -> tuple[Decision, str]:
+    """Reserve (also in the API key's scope: ``key``, when it has limits); while DEFER
+    and the tenant's max_wait allows, wait and try again. Answers
+    the decision and the model to call (see budgeter/admission/fallback.py).
 
     The policy's ``max_wait_seconds`` is read only at the first DEFER, so an admitted call
     costs one Redis round trip here."""
@@ -346,14 +305,18 @@ async def _admit(
     started = time.monotonic()
     give_up: float | None = None
     while True:
-        decision = await deps.admission.reserve(
+        decision, served = await reserve_with_fallback(
+            deps.admission,
             tenant,
             rid,
             input_tokens,
             int(params["max_tokens"]),
             model=model,
+            fallback_models=fallback_models_of(deps.tenants).lookup(tenant),
             hold_ms=deps.hold_ms,
             sent_at_once=True,
+            key=key,
+            meta=meta,
         )
         series.decision(decision.kind, decision.reason).inc()
         if decision.kind != "DEFER" or decision.waits_for_reset:
@@ -371,7 +334,7 @@ async def _admit(
         await asyncio.sleep(max(pause, 0.001))
     if decision.kind == "ADMIT":
         series.admission_wait.observe(time.monotonic() - started)
-    return decision
+    return decision, served
 
 
 async def _settle(
@@ -379,8 +342,8 @@ async def _settle(
 ) -> None:
     settled = await deps.admission.settle(tenant, rid, usage)
     usage.record(deps.metrics, tenant, model, reserved)
-    if settled.waiting_settle:  # batch jobs of this tenant waited for this settle
-        await deps.queue.activate(tenant, unpark=True, wake=1)
+    for waiting in await deps.admission.to_wake(tenant, settled):  # their jobs waited
+        await deps.queue.activate(waiting, unpark=True, wake=1)
 
 
 class StreamUsage:
@@ -440,6 +403,7 @@ async def _stream(
                 headers={
                     **headers,
                     **upstream_id_headers(request, upstream_id),
+                    **call.headers,
                     "content-type": "text/event-stream; charset=utf-8",
                     "cache-control": "no-cache",
                     "request-id": request[REQUEST_ID],

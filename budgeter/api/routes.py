@@ -4,90 +4,43 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias
-
 from aiohttp import web
-from pydantic import BaseModel
 
-from budgeter.api import admin, batches, health, models, proxy, schemas
-from budgeter.api.errors import Handler
+from budgeter.api import (
+    admin,
+    batches,
+    health,
+    ledger_routes,
+    models,
+    proxy,
+    schemas,
+    usage_minutes,
+)
+from budgeter.api.route_types import (
+    SSE_EVENT,
+    Doc,
+    JsonSchema,
+    Route,
+    object_schema,
+)
 from budgeter.api.status_page import status_page
+from budgeter.domain.key_limits import NewKey
 from budgeter.domain.messages import MessageParams
 from budgeter.domain.policy import GlobalPolicy, TenantPolicy
+from budgeter.ledger.read import LedgerPage
 from budgeter.tenants.audit import AuditPage
-
-JsonSchema: TypeAlias = dict[str, Any]
-"""A JSON Schema (or a piece of the OpenAPI document): JSON of any shape."""
-
-Method: TypeAlias = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
-Security: TypeAlias = Literal["tenant", "admin", "public"]
+from budgeter.tenants.rollups import MinutesAnswer
 
 OPENAPI = web.AppKey[JsonSchema]("openapi")  # the document served by GET /openapi.json
 
-_PATTERN = re.compile(r"\{(\w+)(?::[^}]*)?\}")  # {name} or {name:regex} in an aiohttp path
-
-
-@dataclass(frozen=True)
-class Doc:
-    """What the OpenAPI document says about one operation."""
-
-    summary: str
-    tag: str
-    security: Security
-    answer: type[BaseModel] | JsonSchema | None = None  # None: no body documented
-    description: str = "OK"
-    body: type[BaseModel] | JsonSchema | None = None
-    body_types: tuple[str, ...] = ("application/json",)  # content types the body may have
-    query: tuple[tuple[str, str], ...] = ()  # (name, JSON type) of optional parameters
-    headers: tuple[tuple[str, str], ...] = ()  # (name, description) of optional headers
-    status: str = "200"
-    also: tuple[str, ...] = ()  # other statuses answering the same body
-    content_type: str = "application/json"
-    alternatives: Mapping[str, JsonSchema] = field(default_factory=dict)  # content type: schema
-    responses: Mapping[str, JsonSchema] = field(default_factory=dict)  # further statuses
-
-
-@dataclass(frozen=True)
-class Route:
-    method: Method
-    path: str  # as aiohttp takes it: {name} or {name:regex} parameters
-    handler: Handler
-    doc: Doc
-
-    @property
-    def openapi_path(self) -> str:
-        """The path as OpenAPI writes it (and aiohttp's ``resource.canonical``)."""
-        return _PATTERN.sub(r"{\1}", self.path)
-
-    @property
-    def path_params(self) -> tuple[str, ...]:
-        return tuple(_PATTERN.findall(self.path))
-
-
-def _object(**properties: JsonSchema) -> JsonSchema:
-    return {"type": "object", "properties": properties, "required": sorted(properties)}
-
-
-# one event of a streamed Message (stream: true), as the upstream sends it
-_SSE_EVENT: JsonSchema = {
-    "type": "object",
-    "required": ["event", "data"],
-    "properties": {
-        "event": {"type": "string", "description": "message_start, content_block_delta, ..."},
-        "data": {
-            "type": "string",
-            "contentMediaType": "application/json",
-            "contentSchema": {
-                "type": "object",
-                "required": ["type"],
-                "properties": {"type": {"type": "string"}},
-            },
-        },
-    },
-}
+LEDGER_QUERY: tuple[tuple[str, str], ...] = (
+    ("since", "string"),
+    ("until", "string"),
+    ("model", "string"),
+    ("tag", "string"),
+    ("cursor", "string"),
+    ("limit", "integer"),
+)
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -118,10 +71,16 @@ _PASSED_THROUGH = (
     ),
     ("anthropic-version", "sent upstream when BUDGETER_UPSTREAM_ANTHROPIC_VERSION=client"),
 )
+_TAGS_HEADER = (
+    "budgeter-tags",
+    "up to 8 tags key=value,... for the ledger (keys ^[a-z][a-z0-9_]{0,31}$, values at "
+    "most 128 characters; metadata.user_id is tag user); a bad tag: 400 naming it",
+)
 _BATCH_HEADERS = (
     *_PASSED_THROUGH,
     ("budgeter-priority", "high, normal or low: order among the tenant's own jobs"),
     ("budgeter-deadline-seconds", "jobs not served by then expire"),
+    _TAGS_HEADER,
 )
 
 # {tenant:[^/]+}: braces too reach tenant_param, which refuses them with a clear 400
@@ -138,8 +97,15 @@ ROUTES: tuple[Route, ...] = (
             "tenant",
             answer=schemas.MessageAnswer,
             body=MessageParams,
-            alternatives={"text/event-stream": _SSE_EVENT},
-            headers=_PASSED_THROUGH,
+            alternatives={"text/event-stream": SSE_EVENT},
+            headers=(*_PASSED_THROUGH, _TAGS_HEADER),
+            answer_headers=(
+                (
+                    "budgeter-fallback-model",
+                    "the model that served the request, when a budget could not hold the "
+                    "model asked for and the tenant's fallback_models named this one",
+                ),
+            ),
         ),
     ),
     Route(
@@ -278,7 +244,7 @@ ROUTES: tuple[Route, ...] = (
             "Delete a tenant (and revoke its keys)",
             "admin",
             "admin",
-            answer=_object(tenant={"type": "string"}, deleted={"type": "boolean"}),
+            answer=object_schema(tenant={"type": "string"}, deleted={"type": "boolean"}),
         ),
     ),
     Route(
@@ -286,10 +252,13 @@ ROUTES: tuple[Route, ...] = (
         f"{TENANT}/keys",
         admin.create_key,
         Doc(
-            "Create a tenant API key (shown once)",
+            "Create a tenant API key (shown once), with an optional name and limits of its "
+            "own (they only narrow the tenant's: both scopes must hold)",
             "admin",
             "admin",
             answer=schemas.KeyCreated,
+            body=NewKey,
+            body_required=False,
             status="201",
         ),
     ),
@@ -312,7 +281,7 @@ ROUTES: tuple[Route, ...] = (
             "Revoke a key",
             "admin",
             "admin",
-            answer=_object(id={"type": "string"}, revoked={"type": "boolean"}),
+            answer=object_schema(id={"type": "string"}, revoked={"type": "boolean"}),
         ),
     ),
     Route(
@@ -331,6 +300,42 @@ ROUTES: tuple[Route, ...] = (
         f"{TENANT}/usage",
         admin.get_usage,
         Doc("Budgets and usage per period and model", "admin", "admin", answer=schemas.UsageAnswer),
+    ),
+    Route(
+        "GET",
+        "/v1/usage/minutes",
+        usage_minutes.get_own_minutes,
+        Doc(
+            "The calling tenant's tokens and USD per minute (kept 48 h), since a time",
+            "usage",
+            "tenant",
+            answer=MinutesAnswer,
+            query=(("since", "string"),),
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/usage/ledger",
+        ledger_routes.get_own_ledger,
+        Doc(
+            "The calling tenant's per-request ledger, oldest first, filtered, a page at a time",
+            "usage",
+            "tenant",
+            answer=LedgerPage,
+            query=LEDGER_QUERY,
+        ),
+    ),
+    Route(
+        "GET",
+        f"{TENANT}/usage/minutes",
+        usage_minutes.get_minutes,
+        Doc(
+            "A tenant's tokens and USD per minute (kept 48 h), since a time (default 1h)",
+            "admin",
+            "admin",
+            answer=MinutesAnswer,
+            query=(("since", "string"),),
+        ),
     ),
     Route(
         "GET",
@@ -364,6 +369,18 @@ ROUTES: tuple[Route, ...] = (
             "admin",
             answer=schemas.GlobalPolicyAnswer,
             body=GlobalPolicy,
+        ),
+    ),
+    Route(
+        "GET",
+        "/admin/ledger",
+        ledger_routes.get_ledger,
+        Doc(
+            "A tenant's per-request ledger (?tenant=), oldest first (viewers may read it)",
+            "admin",
+            "admin",
+            answer=LedgerPage,
+            query=(("tenant", "string"), *LEDGER_QUERY),
         ),
     ),
     Route(

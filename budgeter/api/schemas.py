@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from budgeter.admission.admission import format_ms
 from budgeter.domain import jsonio
+from budgeter.domain.key_limits import KeyLimits
 from budgeter.domain.messages import MAX_BATCH_REQUESTS, BatchRequest
 from budgeter.domain.policy import GlobalPolicy, TenantPolicy
 from budgeter.queue.batches import BatchStatus
@@ -136,15 +137,28 @@ class KeyCreated(BaseModel):
     id: str
     key: str = Field(description="Shown this once; only its hash is stored.")
     tenant: str
+    name: str | None = None
+    limits: KeyLimits | None = Field(
+        default=None, description="The key's own limits (null: only its tenant's apply)."
+    )
 
 
 class KeyInfo(BaseModel):
     id: str
+    name: str | None = None
     created_at_ms: int
     last_used_at_ms: int | None = Field(
         default=None, description="When the key was last used (to the minute); null: never."
     )
     hint: str = Field(description="The key's last 4 characters.")
+    limits: KeyLimits | None = Field(
+        default=None, description="The key's own limits (null: only its tenant's apply)."
+    )
+    usage: list[PeriodTotals] | None = Field(
+        default=None,
+        description="What was charged to this key, per period (null: not read, or nothing "
+        "recorded yet).",
+    )
 
 
 class KeyList(BaseModel):

@@ -186,6 +186,19 @@ async def operator_command(args: argparse.Namespace, settings: Settings) -> int:
     if command == "results":
         return await results_command(args.batch_id, settings)
     if command == "usage":
+        from budgeter.cli.usage_chart_cmd import check_chart_flags, print_chart
+
+        check_chart_flags(args)
+    if command == "usage" and args.action != "show":
+        from budgeter.cli.ledger_run import ledger_command
+
+        code = await ledger_command(args, settings)
+        if code == 0 and args.chart:  # under the report's table
+            await print_chart(args, settings)
+        return code
+    if command == "usage":
+        if not args.tenant:
+            raise CliError("usage: --tenant is required")
         check_tenant_id(args.tenant)
         return await usage_command(args, settings)
     raise CliError(f"unknown command {command}")

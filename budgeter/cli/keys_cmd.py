@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from budgeter.cli.errors import CliError
 
 if TYPE_CHECKING:
+    from budgeter.domain.key_limits import NewKey
+    from budgeter.domain.messages import JsonValue
     from budgeter.settings import Settings
     from budgeter.tenants.credentials import KeyStore
 
@@ -31,10 +33,18 @@ def register(sub: argparse._SubParsersAction[ParserT]) -> None:
     create = ksub.add_parser(
         "create",
         help="create a key and print it, this once",
-        description='Create a key for TENANT and print {"id", "key", "tenant"}: the key is '
-        "shown this once.",
+        description='Create a key for TENANT and print {"id", "key", "tenant", "name", '
+        '"limits"} as the API answers: the key is shown this once. A key\'s limits are '
+        "one more scope under its tenant: they only ever narrow what the tenant may do.",
     )
     create.add_argument("tenant", metavar="TENANT", help="tenant id")
+    create.add_argument("--name", metavar="N", help="a label for the key (shown by list)")
+    create.add_argument(
+        "--limits",
+        metavar="JSON|@FILE",
+        help="the key's own limits: budgets, usd_budgets, rate, max_concurrency, "
+        "allowed_models, as in a policy (inline JSON or @FILE)",
+    )
     listing = ksub.add_parser(
         "list",
         help="the tenant's keys: id, created, last used (never the key)",
@@ -73,9 +83,10 @@ async def handler(args: argparse.Namespace, settings: Settings) -> int:
         keys = KeyStore(redis, prefix=settings.key_prefix)
         action = args.keys_command
         if action == "create":
-            key_id, key = await keys.create(tenant)
+            new = _new_key(args)
+            key_id, key = await keys.create(tenant, name=new.name, limits=new.limits)
             await audit_cmd.record(redis, settings, "key.create", f"{tenant}/key:{key_id}")
-            print(json.dumps({"id": key_id, "key": key, "tenant": tenant}))
+            print(json.dumps(_created(key_id, key, tenant, new)))
         elif action == "revoke":
             if not await keys.revoke(tenant, args.key_id):
                 raise CliError(f"key {args.key_id!r} of tenant {tenant!r} not found")
@@ -86,11 +97,41 @@ async def handler(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _list(keys: KeyStore, tenant: str, *, as_json: bool) -> None:
-    from budgeter.admission.admission import format_ms
-    from budgeter.api.schemas import KeyInfo, KeyList, dump
+def _created(key_id: str, key: str, tenant: str, new: NewKey) -> dict[str, Any]:
+    """What ``POST /admin/tenants/{t}/keys`` answers."""
+    from budgeter.api.schemas import KeyCreated, dump
 
-    found = KeyList(data=[KeyInfo.model_validate(k) for k in await keys.list_keys(tenant)])
+    limits = new.limits if new.limits is not None and not new.limits.empty else None
+    return dump(KeyCreated(id=key_id, key=key, tenant=tenant, name=new.name, limits=limits))
+
+
+def _new_key(args: argparse.Namespace) -> NewKey:
+    """The name and limits given to ``keys create``, validated as the API validates them."""
+    from budgeter.cli.policy_merge import read_policy_json
+    from budgeter.domain.key_limits import InvalidKeyLimitsError, validate_new_key
+
+    body: dict[str, JsonValue] = {}
+    if args.name is not None:
+        body["name"] = args.name
+    if args.limits is not None:
+        try:
+            body["limits"] = read_policy_json(args.limits)
+        except CliError as exc:
+            raise CliError(str(exc).replace("policy", "limits")) from None
+    try:
+        return validate_new_key(body)
+    except InvalidKeyLimitsError as exc:
+        raise CliError(str(exc)) from None
+
+
+async def _list(keys: KeyStore, tenant: str, *, as_json: bool) -> None:
+    import time
+
+    from budgeter.admission.admission import format_ms
+    from budgeter.api.schemas import dump
+    from budgeter.tenants.key_usage import key_list
+
+    found = await key_list(keys, tenant, now_ms=int(time.time() * 1000))
     if as_json:
         print(json.dumps(dump(found)))
         return
@@ -100,8 +141,14 @@ async def _list(keys: KeyStore, tenant: str, *, as_json: bool) -> None:
     for info in found.data:
         row: dict[str, Any] = {
             "id": info.id,
+            "name": info.name or "-",
             "created": format_ms(info.created_at_ms),
             "last used": format_ms(info.last_used_at_ms) if info.last_used_at_ms else "never",
             "ends with": info.hint,
         }
+        if info.limits is not None:
+            row["limits"] = json.dumps(info.limits.model_dump(mode="json", exclude_defaults=True))
+        day = next((t for t in info.usage or [] if t.period == "day"), None)
+        if day is not None:
+            row["today"] = f"{day.used} tokens, {day.requests} requests"
         print("  ".join(f"{name}: {value}" for name, value in row.items()))

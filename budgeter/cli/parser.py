@@ -248,9 +248,31 @@ def build_parser() -> argparse.ArgumentParser:
     results = sub.add_parser("results", help="print a batch's results as JSONL")
     results.add_argument("batch_id", help="the id submit printed")
 
-    usage = sub.add_parser("usage", help="a tenant's budgets and usage")
-    usage.add_argument("--tenant", required=True, help="tenant id")
+    usage = sub.add_parser("usage", help="a tenant's budgets and usage; its ledger")
+    usage.add_argument(
+        "action",
+        nargs="?",
+        default="show",
+        choices=("show", "export", "report"),
+        help="show: budgets and counters; export: the ledger as CSV/JSONL; report: the "
+        "ledger grouped (--group-by)",
+    )
+    usage.add_argument("--tenant", help="tenant id (show, export; report: all tenants if unset)")
     usage.add_argument("--json", action="store_true", help="one JSON document instead of tables")
+    usage.add_argument("--since", help="export/report: from (RFC 3339, unix ms, 24h, 30d)")
+    usage.add_argument("--until", help="export/report: up to, excluded (same forms)")
+    usage.add_argument(
+        "--format",
+        help="export: csv (default) or jsonl; report: table (default) or csv",
+    )
+    usage.add_argument(
+        "--group-by",
+        default="tenant",
+        help="report: tenant, model, tag:<name>, day or batch",
+    )
+    from budgeter.cli.usage_chart_cmd import add_chart_flags
+
+    add_chart_flags(usage)  # report --chart: the per-minute rollups as sparklines
 
     # command groups in modules of their own (each: register(sub), handlers set as `run`)
     from budgeter.cli import batches_cmd

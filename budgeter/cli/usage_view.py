@@ -76,8 +76,16 @@ def print_tree_usage(console: Console, report: UsageAnswer) -> None:
                 key.name or "-",
                 f"…{key.hint}",
                 "never" if key.last_used_at_ms is None else format_ms(key.last_used_at_ms),
-                "not recorded",
+                _key_today(key.usage),
             )
         console.print(keys)
         if report.keys_note:
             console.print(report.keys_note, style="dim")
+
+
+def _key_today(usage: list[PeriodTotals] | None) -> str:
+    """A key's tokens today (+ reserved), as the tenant's rows show them."""
+    today = next((t for t in usage or [] if t.period == "day"), None)
+    if today is None:
+        return "-"
+    return f"{today.used:,} (+{today.reserved:,}) today, {today.requests:,} requests"

@@ -33,6 +33,17 @@ class Passthrough:
     betas: tuple[str, ...] = ()
     version: str | None = None
     query: tuple[tuple[str, str], ...] = ()
+    # a batch's budgeter-tags (budgeter/ledger/tags.py): for its ledger entries, never sent
+    tags: tuple[tuple[str, str], ...] = ()
+    # the API key a batch was created with (its jobs are charged to it), never sent; and
+    # whether that key had limits of its own then (its jobs reserve in the key's scope too)
+    key: str | None = None
+    key_limited: bool = False
+
+    @property
+    def scope_key(self) -> str | None:
+        """What ``Admission.reserve(..., key=)`` takes for the batch's jobs."""
+        return self.key if self.key_limited else None
 
 
 NO_PASSTHROUGH = Passthrough()

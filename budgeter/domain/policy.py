@@ -6,7 +6,14 @@ import json
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    field_validator,
+    model_validator,
+)
 
 from budgeter.domain import policy_fields as pf
 from budgeter.domain.passthrough import check_beta_name
@@ -140,6 +147,12 @@ class TenantPolicy(BaseModel):
         default=None,
         description="When set, a request with any other anthropic-beta value is refused.",
     )
+    fallback_models: dict[ModelName, ModelName] = Field(
+        default_factory=dict,
+        description="Model -> model served instead when a budget (tokens or USD: the "
+        "tenant's, a model's, an ancestor's) cannot hold a request for it: admitted once "
+        "as the fallback (one hop, no self-map).",
+    )
     max_concurrency: PositiveInt | None = Field(
         default=None, description="Reservations in flight at once."
     )
@@ -183,6 +196,29 @@ class TenantPolicy(BaseModel):
         if value:
             _check_models(list(value))
         return value
+
+    @field_validator("fallback_models")
+    @classmethod
+    def _fallbacks(cls, value: dict[str, str]) -> dict[str, str]:
+        _check_models([*value, *value.values()])
+        for model, fallback in value.items():
+            if fallback == model:
+                raise ValueError(f"{model!r} falls back to itself")
+            if fallback in value:
+                raise ValueError(
+                    f"{model!r} -> {fallback!r} -> {value[fallback]!r} is a chain (one hop only)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _fallbacks_allowed(self) -> TenantPolicy:
+        for model, fallback in self.fallback_models.items():
+            if not self.allows(fallback):
+                raise ValueError(
+                    f"fallback_models: {model!r} falls back to {fallback!r}, which is not in "
+                    "allowed_models"
+                )
+        return self
 
     @field_validator("parent")
     @classmethod

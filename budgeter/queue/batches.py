@@ -28,6 +28,9 @@ _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 PASSTHROUGH_ENTRIES = 4096  # batches whose pass-through a process remembers
 BETAS_FIELD = "betas"
 VERSION_FIELD = "anthropic_version"
+TAGS_FIELD = "tags"  # the batch's budgeter-tags, a JSON object (budgeter/ledger/tags.py)
+KEY_FIELD = "key"  # the id of the API key the batch was created with
+KEY_LIMITED_FIELD = "key_limited"  # '1': that key had limits of its own
 
 
 def new_batch_id() -> str:
@@ -104,6 +107,12 @@ class BatchStore:
             fields[BETAS_FIELD] = format_betas(passthrough.betas)
         if passthrough.version:
             fields[VERSION_FIELD] = passthrough.version
+        if passthrough.tags:
+            fields[TAGS_FIELD] = jsonio.dumps_str(dict(passthrough.tags))
+        if passthrough.key:
+            fields[KEY_FIELD] = passthrough.key
+            if passthrough.key_limited:
+                fields[KEY_LIMITED_FIELD] = "1"
         if fields:  # before the jobs: no worker can take one without them
             await self.redis.hset(batch_key, mapping=fields)
         # validated BatchRequests: the worker does not validate their params again
@@ -138,10 +147,18 @@ class BatchStore:
             self._passthrough.move_to_end((tenant, batch_id))
             return found
         key = TenantKeys.of(self.prefix, tenant).batch(batch_id)
-        betas, version = await self.redis.hmget(key, [BETAS_FIELD, VERSION_FIELD])
+        betas, version, tags, api_key, limited = await self.redis.hmget(
+            key, [BETAS_FIELD, VERSION_FIELD, TAGS_FIELD, KEY_FIELD, KEY_LIMITED_FIELD]
+        )
         try:
-            found = Passthrough(parse_betas([str(betas or "")]), str(version) if version else None)
-        except ValueError:  # written by hand or by a foreign producer: send none
+            found = Passthrough(
+                parse_betas([str(betas or "")]),
+                str(version) if version else None,
+                tags=tuple((str(k), str(v)) for k, v in jsonio.loads(tags).items()) if tags else (),
+                key=str(api_key) if api_key else None,
+                key_limited=bool(api_key) and str(limited) == "1",
+            )
+        except (ValueError, AttributeError):  # written by hand or by a foreign producer: send none
             found = NO_PASSTHROUGH
         self._passthrough[(tenant, batch_id)] = found
         while len(self._passthrough) > PASSTHROUGH_ENTRIES:

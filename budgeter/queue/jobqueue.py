@@ -236,7 +236,7 @@ class JobQueue:
     async def activate(self, tenant: str, *, wake: int = 0, unpark: bool = False) -> None:
         """The tenant has work: put it in the ready set and wake idle workers."""
         await self._activate(
-            keys=[self.sched.ready, self.sched.parked, self.sched.vtime, self.sched.held],
+            keys=self.sched.activate_keys,
             args=[tenant, "1" if unpark else "0"],
         )
         if wake > 0:
@@ -277,7 +277,7 @@ class JobQueue:
         s = self.sched
         for _ in range(8):
             reply = await self._pick(
-                keys=[s.ready, s.parked, s.vtime, s.weight, s.cost, s.probe, s.held],
+                keys=s.pick_keys,
                 args=[now_arg, 100, int(slots), int(lease_ms), *report],
             )
             report = []

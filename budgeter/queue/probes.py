@@ -35,7 +35,7 @@ class ProbeEnd:
         """End the tenant's probe hold; wakes one idle worker when it did."""
         s = self.sched
         done = await self._script(
-            keys=[s.ready, s.vtime, s.probe, s.held],
+            keys=[s.ready, s.vtime, s.probe, s.held, s.parent, s.hfq],
             args=[tenant, PROBE_RAMP, "1" if decided else "0"],
         )
         if int(done):

@@ -72,6 +72,24 @@ class AdmissionKeys:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyScopeKeys(AdmissionKeys):
+    """The admission scope of one API key's limits: under its tenant's hash tag, so in the
+    tenant's slot. ``policy`` holds the key's flat limits (an empty hash: none)."""
+
+    prefix: str
+    tenant: str
+    key_id: str
+
+    def _k(self, name: str) -> str:
+        return f"{self.prefix}:{{t:{self.tenant}}}:k:{self.key_id}:{name}"
+
+    @property
+    def policy(self) -> str:
+        """hash: the key's limits, flattened as a policy's (TenantPolicy.redis_fields)."""
+        return self._k("policy")
+
+
+@dataclass(frozen=True, slots=True)
 class TenantKeys(AdmissionKeys):
     prefix: str
     tenant: str
@@ -87,6 +105,24 @@ class TenantKeys(AdmissionKeys):
     def policy(self) -> str:
         """hash: flattened policy (see TenantPolicy.redis_fields)."""
         return self._k("policy")
+
+    @property
+    def limited_keys(self) -> str:
+        """set: ids of the tenant's API keys that have limits (their scopes are reaped with
+        the tenant's)."""
+        return self._k("limited_keys")
+
+    @property
+    def ledger(self) -> str:
+        """stream: one entry per settled reservation of the tenant (admission/settle.lua's
+        KEYS[9], written in the same call as the counters)."""
+        return self._k("ledger")
+
+    @property
+    def minutes(self) -> str:
+        """hash: per-minute usage rollups for 48 h, '<minute>:<kind>' -> tokens (usd: dollars)
+        and 'trimmed' (admission/settle.lua's KEYS[10]; format in budgeter.tenants.rollups)."""
+        return self._k("minutes")
 
     @property
     def queue(self) -> str:
@@ -235,6 +271,29 @@ class SchedKeys:
     def held(self) -> str:
         """zset: probing tenant with its probe lease out -> ms the hold ends at the latest."""
         return self._k("held")
+
+    @property
+    def parent(self) -> str:
+        """hash: tenant -> its parent, for tenants that have one (the scheduler's copy of
+        the organisation tree; empty: flat weighted fair queueing, see lib/hfq.lua)."""
+        return self._k("parent")
+
+    @property
+    def hfq(self) -> str:
+        """Base of the hierarchical fair queueing keys (lib/hfq.lua): '<hfq>:<node>' zsets
+        (node '' the root) and the '<hfq>|v' hash of their virtual times."""
+        return self._k("hfq")
+
+    @property
+    def activate_keys(self) -> list[str]:
+        """KEYS of sched/activate.lua."""
+        return [self.ready, self.parked, self.vtime, self.held, self.parent, self.hfq]
+
+    @property
+    def pick_keys(self) -> list[str]:
+        """KEYS of sched/pick.lua."""
+        s = self
+        return [s.ready, s.parked, s.vtime, s.weight, s.cost, s.probe, s.held, s.parent, s.hfq]
 
     @property
     def wake(self) -> str:

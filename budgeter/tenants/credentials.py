@@ -25,7 +25,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from budgeter.store.keys import TenantKeys, key_index_key
+from redis.typing import EncodableT, FieldT
+
+from budgeter.domain.key_limits import KeyLimits
+from budgeter.store.keys import KeyScopeKeys, TenantKeys, key_index_key
 from budgeter.store.scripts import register
 from budgeter.store.types import RedisClient
 
@@ -46,6 +49,12 @@ def hash_key(key: str) -> str:
 class Principal:
     tenant: str
     key_id: str
+    limited: bool = False  # the key has limits of its own (a scope under its tenant's)
+
+    @property
+    def scope_key(self) -> str | None:
+        """What ``Admission.reserve(..., key=)`` takes: the key's id when it has limits."""
+        return self.key_id if self.limited else None
 
 
 class NoPolicyError(LookupError):
@@ -118,17 +127,54 @@ class KeyStore:
         self._used: dict[str, float] = {}  # key id -> when this process last recorded a use
         self._key_used = register(redis, "tenants/key_used.lua")
 
-    async def create(self, tenant: str) -> tuple[str, str]:
-        """A new key for ``tenant``: returns (key id, key). The key is not kept."""
+    async def create(
+        self, tenant: str, *, name: str | None = None, limits: KeyLimits | None = None
+    ) -> tuple[str, str]:
+        """A new key for ``tenant``: returns (key id, key). The key is not kept. With
+        ``limits`` (not empty), the key's scope policy and the tenant's ``limited_keys``
+        are written, in one transaction with the key's record, before the key works."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         key_id = "key_" + secrets.token_hex(8)
         digest = hash_key(key)
-        meta = {"id": key_id, "created_at_ms": int(time.time() * 1000), "hint": key[-4:]}
-        await self.redis.hset(
-            TenantKeys.of(self.prefix, tenant).api_keys, key_id, json.dumps(meta | {"hash": digest})
-        )
+        meta: dict[str, Any] = {
+            "id": key_id,
+            "created_at_ms": int(time.time() * 1000),
+            "hint": key[-4:],
+        }
+        if name is not None:
+            meta["name"] = name
+        flat: dict[FieldT, EncodableT] = dict(limits.redis_fields().items()) if limits else {}
+        if flat and limits:
+            meta["limits"] = limits.model_dump(mode="json", exclude_defaults=True)
+        keys = TenantKeys.of(self.prefix, tenant)
+        async with self.redis.pipeline(transaction=True) as pipe:  # one slot: the tenant's
+            pipe.hset(keys.api_keys, key_id, json.dumps(meta | {"hash": digest}))
+            if flat:
+                pipe.hset(KeyScopeKeys(self.prefix, tenant, key_id).policy, mapping=flat)
+                pipe.sadd(keys.limited_keys, key_id)
+            await pipe.execute()
         await self.redis.hset(self.index, digest, f"{tenant} {key_id}")
         return key_id, key
+
+    async def _drop_scope(self, tenant: str, key_id: str) -> None:
+        """Delete a key's limits and its scope's counters (in-flight reservations of the
+        key then settle in its tenant's scopes only, which stay exact)."""
+        scope = KeyScopeKeys(self.prefix, tenant, key_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.srem(TenantKeys.of(self.prefix, tenant).limited_keys, key_id)
+            pipe.delete(
+                scope.policy,
+                scope.buckets,
+                scope.budget,
+                scope.resv,
+                scope.resv_deadline,
+                scope.resv_sent,
+                scope.usage,
+                scope.state,
+                scope.recent,
+                scope.outbox,
+            )
+            await pipe.execute()
 
     async def list_keys(self, tenant: str) -> list[dict[str, Any]]:
         """The tenant's keys, oldest first: id, created_at_ms, last_used_at_ms (None: never
@@ -141,6 +187,7 @@ class KeyStore:
         keys = [json.loads(item) for item in raw]
         for key in keys:
             key.pop("hash", None)
+            key.setdefault("limits", None)
             last = used.get(key["id"])
             key["last_used_at_ms"] = int(last) if last is not None else None
         return sorted(keys, key=lambda k: k["created_at_ms"])
@@ -156,6 +203,7 @@ class KeyStore:
             await self.redis.hdel(self.index, digest)
             await self.redis.hdel(keys.api_keys, key_id)
             await self.redis.hdel(keys.api_keys_used, key_id)
+            await self._drop_scope(tenant, key_id)
         finally:
             _CACHE.drop(self.prefix, [digest])  # and what a racing lookup may have stored
         return True
@@ -165,8 +213,11 @@ class KeyStore:
         _CACHE.drop(self.prefix, [], tenant)
         try:
             for raw in await self.redis.hvals(keys.api_keys):
-                await self.redis.hdel(self.index, json.loads(raw)["hash"])
-            await self.redis.delete(keys.api_keys, keys.api_keys_used)
+                record = json.loads(raw)
+                await self.redis.hdel(self.index, record["hash"])
+                if record.get("limits"):
+                    await self._drop_scope(tenant, str(record["id"]))
+            await self.redis.delete(keys.api_keys, keys.api_keys_used, keys.limited_keys)
         finally:
             _CACHE.drop(self.prefix, [], tenant)
 
@@ -222,9 +273,14 @@ class KeyStore:
         if found is None:
             return None
         tenant, _, key_id = str(found).partition(" ")
-        if not await self.redis.exists(TenantKeys.of(self.prefix, tenant).policy):
+        keys = TenantKeys.of(self.prefix, tenant)
+        async with self.redis.pipeline(transaction=False) as pipe:  # one slot: the tenant's
+            pipe.exists(keys.policy)
+            pipe.sismember(keys.limited_keys, key_id)
+            exists, limited = await pipe.execute()
+        if not exists:
             raise NoPolicyError(tenant)
-        return Principal(tenant, key_id)
+        return Principal(tenant, key_id, limited=bool(limited))
 
     async def note_use(self, principal: Principal) -> None:
         """Record that the key served a request (at most once per LAST_USED_EVERY_S per key

@@ -24,6 +24,7 @@ from budgeter.queue.batches import BatchStatus, BatchStore
 from budgeter.queue.jobqueue import oldest_queued_age_s
 from budgeter.store.keys import SchedKeys, TenantKeys
 from budgeter.store.types import RedisClient
+from budgeter.tenants.rollups import read_minutes
 from budgeter.tenants.store import TenantStore
 from budgeter.tenants.usage import tenant_usage
 
@@ -33,6 +34,8 @@ BATCHES_SCANNED = 50
 """How many of a tenant's newest batches are looked at for the open ones."""
 BUCKET_WINDOW_MS = 60_000
 """A rate bucket holds one minute of its limit (GCRA, continuous refill)."""
+CHART_MINUTES = 60
+"""The status page's tokens-per-minute chart: the last hour (budgeter.tenants.rollups)."""
 
 
 class RateBucket(TypedDict):
@@ -89,6 +92,8 @@ class TenantStatus(TypedDict):
     depth: NotRequired[int]  # levels below its root (0: a root)
     subtree_idle: NotRequired[bool]  # it and every tenant below it idle: fold it away
     subtree_today: NotRequired[SubtreeToday | None]  # set for a tenant with children
+    minutes: NotRequired[list[int]]  # tokens settled per minute, the last CHART_MINUTES
+    minutes_start_ms: NotRequired[int]  # start of the first of them
 
 
 class SubtreeToday(TypedDict):
@@ -274,10 +279,9 @@ def arrange_tree(
         for child in kids:
             visit(child, depth + 1, seen)
             best = min(best, keys[child])
+            # a tenant's own records already hold its descendants' (each request is
+            # charged along its chain): only the count of tenants adds up
             summed["tenants"] += today[child]["tenants"]
-            summed["requests"] += today[child]["requests"]
-            summed["tokens"] += today[child]["tokens"]
-            summed["usd"] += today[child]["usd"]
         keys[tenant], today[tenant] = best, summed
         row["subtree_idle"] = bool(best[0])
         row["children"] = _by_key(kids, keys)
@@ -328,6 +332,8 @@ async def _tenant_status(
     policy = await store.get(tenant)
     oldest_age_s = await oldest_queued_age_s(redis, keys, now_ms)
     recent = [parse_recent(str(entry)) for entry in raw_recent]
+    since = now_ms - (CHART_MINUTES - 1) * 60_000
+    minutes = await read_minutes(redis, keys, since_ms=since, now_ms=now_ms)
     return {
         "tenant": tenant,
         "policy": None if policy is None else policy.model_dump_json(exclude_defaults=True),
@@ -342,6 +348,8 @@ async def _tenant_status(
         "batches": await _open_batches(batches, tenant, now_ms),
         "parked_until_ms": parked_until,
         "idle": False,
+        "minutes": [m.tokens for m in minutes],
+        "minutes_start_ms": minutes[0].start_ms,
     }
 
 

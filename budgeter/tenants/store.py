@@ -130,6 +130,10 @@ class TenantStore:
         """The scheduler's copy of the weight and the tenant sets (their own slot)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.sched.weight, tenant, repr(float(policy.weight)))
+            if policy.parent is None:
+                pipe.hdel(self.sched.parent, tenant)
+            else:  # the scheduler's copy of the tree (lib/hfq.lua): future picks only
+                pipe.hset(self.sched.parent, tenant, policy.parent)
             pipe.sadd(self.sched.tenants, tenant)
             pipe.sadd(self.sched.known, tenant)
             await pipe.execute()
@@ -169,6 +173,7 @@ class TenantStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.srem(self.sched.tenants, tenant)
             pipe.hdel(self.sched.weight, tenant)
+            pipe.hdel(self.sched.parent, tenant)
             pipe.hdel(self.sched.cost, tenant)
             await pipe.execute()
         return bool(removed)

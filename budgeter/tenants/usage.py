@@ -83,7 +83,7 @@ class KeyUsage(BaseModel):
     created_at_ms: int
     last_used_at_ms: int | None = None
     usage: list[PeriodTotals] | None = Field(
-        default=None, description="null: no per-key usage is recorded (yet)."
+        default=None, description="What was charged to the key per period (day, month, total)."
     )
 
 

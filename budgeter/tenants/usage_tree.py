@@ -7,11 +7,11 @@ reservations in flight (``resv``: input + max_tokens, and the dollars reserved).
 rollup reads the same records of every descendant (breadth first, nearest first, at most
 ``max_descendants`` of them; ``capped`` says when some were left out) and sums them.
 
-Until ancestors are charged for their descendants (issue 17 item 2), each tenant's records
-hold only what was charged to itself: :data:`COUNTERS_INCLUDE_DESCENDANTS` is False and the
-rollup is the plain sum. Should the usage records ever include the descendants' usage, set
-it True: each tenant then contributes its records minus its direct children's, so the sum
-still counts every request once (and equals the tenant's own totals).
+Every request is charged in its tenant's scope and in each ancestor's
+(budgeter/admission/admission.py), so a tenant's records already hold its descendants'
+usage: :data:`COUNTERS_INCLUDE_DESCENDANTS` is True, and in the rollup each tenant
+contributes its records minus its direct children's, so the sum counts every request once
+and equals the tenant's own totals (a check of the two ways of counting).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from budgeter.domain.periods import period_of
 from budgeter.store.keys import TenantKeys
 from budgeter.store.types import RedisClient
 from budgeter.tenants.credentials import KeyStore
+from budgeter.tenants.key_usage import read_key_totals
 from budgeter.tenants.store import TenantStore
 from budgeter.tenants.usage import (
     ChildUsage,
@@ -33,7 +34,7 @@ from budgeter.tenants.usage import (
     tenant_usage,
 )
 
-COUNTERS_INCLUDE_DESCENDANTS = False
+COUNTERS_INCLUDE_DESCENDANTS = True
 """Whether a tenant's usage records already hold its descendants' usage (see the module)."""
 MAX_DESCENDANTS = 1000
 """How many descendants one rollup reads at most."""
@@ -43,8 +44,8 @@ READ_CHUNK = 100
 """Tenants read per pipeline."""
 TOKEN_KINDS = ("input", "output", "cache_creation", "cache_read")
 KEYS_NOTE = (
-    "per-key usage is not recorded yet: each key's usage is null; the tenant's totals "
-    "hold every key's"
+    "each key's usage is what was charged to it (budgeter/tenants/key_usage.py); the "
+    "tenant's totals hold every key's and its descendants'"
 )
 
 _Sums = dict[str, list[float]]  # period -> [requests, used, reserved, usd_used, usd_reserved]
@@ -192,6 +193,9 @@ async def usage_report(
             )
         )
     stored_keys = await KeyStore(redis, prefix=prefix).list_keys(tenant)
+    per_key = await read_key_totals(
+        redis, tenant, [str(k["id"]) for k in stored_keys], prefix=prefix, now_ms=now_ms
+    )
     keys = [
         KeyUsage(
             id=str(key["id"]),
@@ -199,6 +203,7 @@ async def usage_report(
             hint=str(key.get("hint", "")),
             created_at_ms=int(key["created_at_ms"]),
             last_used_at_ms=key.get("last_used_at_ms"),
+            usage=per_key.get(str(key["id"])),
         )
         for key in stored_keys
     ]

@@ -427,8 +427,8 @@ class Worker:
         tokens, jobs = self._served.get(job.tenant, (0, 0))
         self._served[job.tenant] = (tokens + usage.total, jobs + 1)
         usage.record(self.metrics, job.tenant, model, input_tokens + int(params["max_tokens"]))
-        if settled.waiting_settle:
-            await self.queue.activate(job.tenant, unpark=True, wake=1)
+        for tenant in await self.admission.to_wake(job.tenant, settled):  # theirs waited
+            await self.queue.activate(tenant, unpark=True, wake=1)
 
     async def _defer(self, job: LeasedJob, decision: Decision, model: str) -> None:
         until = decision.until_ms

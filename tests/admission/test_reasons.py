@@ -15,6 +15,7 @@ from budgeter.admission.reasons import (
     Limit,
     Reason,
     format_reason,
+    metric_reason,
     parse_reason,
 )
 from budgeter.domain.periods import PERIODS
@@ -28,19 +29,36 @@ NOW = 1_764_201_600_000  # 2025-11-27T00:00:00Z
 @st.composite
 def reasons(draw: st.DrawFn) -> Reason:
     kind = draw(st.sampled_from(sorted(REASON_KINDS)))
-    account = draw(st.booleans())
+    scope = draw(st.sampled_from(["tenant", "account", "key", "parent"]))
+    account, key = scope == "account", scope == "key"
+    parent = draw(st.sampled_from(["research", "a", "team_1-x"])) if scope == "parent" else ""
     if kind not in LIMIT_KINDS:
-        return Reason(kind, None, account)  # type: ignore[arg-type]
+        return Reason(kind, None, account, parent, key)  # type: ignore[arg-type]
     budget = kind != "rate" and (kind != "too_large" or draw(st.booleans()))
     name = draw(st.sampled_from(PERIODS if budget else RATE_KINDS))
     usd = budget and draw(st.booleans())
     limit = Limit(name, budget=budget, of_model=draw(st.booleans()), usd=usd)
-    return Reason(kind, limit, account)  # type: ignore[arg-type]
+    return Reason(kind, limit, account, parent, key)  # type: ignore[arg-type]
 
 
 @given(reasons())
 def test_parse_inverts_format(reason: Reason) -> None:
     assert parse_reason(format_reason(reason)) == reason
+
+
+def test_an_ancestors_reason_names_it_and_its_metric_label_does_not() -> None:
+    reason = parse_reason("parent:research:exhausted:day")
+    assert (reason.parent, reason.kind, reason.limit) == (
+        "research",
+        "exhausted",
+        Limit("day", budget=True),
+    )
+    assert metric_reason("parent:research:exhausted:day") == "parent:exhausted:day"
+    assert metric_reason("key:rate:rpm") == "key:rate:rpm"
+    assert parse_reason("key:concurrency").key
+    for bad in ("parent::exhausted:day", "parent:research:global:rate:rpm", "key:global:paused"):
+        with pytest.raises(ValueError):
+            parse_reason(bad)
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,8 @@ def concrete(route: Route, tenant: str) -> str:
     path = route.openapi_path
     for name in route.path_params:
         path = path.replace("{" + name + "}", values.get(name, "x"))
+    if ("tenant", "string") in route.doc.query:  # GET /admin/ledger?tenant=
+        path += f"?tenant={tenant}"
     return path
 
 
@@ -278,7 +280,9 @@ async def test_the_key_list_says_when_each_key_last_served_a_request(
     assert [k["id"] for k in listed] == [first["id"], second["id"]]
     assert listed[0]["last_used_at_ms"] >= listed[0]["created_at_ms"]
     assert listed[1]["last_used_at_ms"] is None
-    assert set(listed[0]) == {"id", "created_at_ms", "last_used_at_ms", "hint"}
+    assert set(listed[0]) == {
+        *("id", "name", "created_at_ms", "last_used_at_ms", "hint", "limits", "usage")
+    }
     # a revoked key leaves no "last used" behind, and none is written for it afterwards
     keys = TenantKeys.of("budgeter", "acme")
     resp = await client.delete(f"/admin/tenants/acme/keys/{first['id']}", headers=ADMIN)

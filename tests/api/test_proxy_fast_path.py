@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from budgeter.api import proxy as proxy_module
 from budgeter.api.app import create_app
-from budgeter.api.proxy import LocalCountCache
+from budgeter.api.local_count import LocalCountCache
 from budgeter.domain.policy import TenantPolicy
 from budgeter.domain.results import error_body
 from budgeter.serving import serve_app

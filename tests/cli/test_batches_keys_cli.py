@@ -137,7 +137,8 @@ async def test_batches_list_get_cancel_delete_answer_as_the_api(
 async def test_keys_create_list_revoke(env: dict[str, str], redis: Redis, api: str) -> None:
     await TenantStore(redis).put("acme", TenantPolicy())
     created = await ok(env, "keys", "create", "acme")
-    assert set(created) == {"id", "key", "tenant"} and created["tenant"] == "acme"
+    assert set(created) == {"id", "key", "tenant", "name", "limits"}
+    assert created["tenant"] == "acme" and created["limits"] is None
     assert created["key"].startswith("sk-bgt-")
     second = await ok(env, "keys", "create", "acme")
 

@@ -1,5 +1,5 @@
-"""A real Sentinel set on loopback for tests: a master, one replica and three Sentinels
-(``redis-server --sentinel`` with generated config files; quorum 2,
+"""A real Sentinel set on loopback for tests: a master, one replica (or ``replicas``) and
+three Sentinels (``redis-server --sentinel`` with generated config files; quorum 2,
 ``down-after-milliseconds 1000``, ``failover-timeout 3000``), all from
 :func:`find_redis_server`, on free ports, stopped by :meth:`SentinelSet.stop`."""
 
@@ -46,6 +46,7 @@ class SentinelSet:
         root: Path,
         *,
         sentinels: int = 3,
+        replicas: int = 1,
         server_args: list[str] | None = None,
         username: str | None = None,
         password: str | None = None,
@@ -56,7 +57,9 @@ class SentinelSet:
         self.username = username  # the master's login, for the URL and the Sentinels
         self.password = password
         self.master: EmbeddedRedis | None = None
-        self.replica: EmbeddedRedis | None = None
+        self.replica: EmbeddedRedis | None = None  # the first of ``replicas``
+        self.replicas: list[EmbeddedRedis] = []
+        self.replica_count = replicas
         self.sentinel_ports: list[int] = []
         self._sentinels: list[subprocess.Popen[bytes]] = []
 
@@ -86,18 +89,21 @@ class SentinelSet:
             self.root / "master", appendonly=False, extra_args=[*self.server_args, *auth]
         )
         self.master.start()
-        self.replica = EmbeddedRedis(
-            self.root / "replica",
-            appendonly=False,
-            extra_args=[
-                *self.server_args,
-                *auth,
-                "--replicaof",
-                "127.0.0.1",
-                str(self.master.port),
-            ],
-        )
-        self.replica.start()
+        for index in range(self.replica_count):
+            replica = EmbeddedRedis(
+                self.root / ("replica" if index == 0 else f"replica{index}"),
+                appendonly=False,
+                extra_args=[
+                    *self.server_args,
+                    *auth,
+                    "--replicaof",
+                    "127.0.0.1",
+                    str(self.master.port),
+                ],
+            )
+            replica.start()
+            self.replicas.append(replica)
+        self.replica = self.replicas[0]
         _wait("replica in sync", self._in_sync, timeout_s)
         for index in range(self.count):
             self._start_sentinel(index)
@@ -105,9 +111,12 @@ class SentinelSet:
         return self.url
 
     def _in_sync(self) -> bool:
-        assert self.replica is not None and self.replica.port is not None
-        with self._client(self.replica.port) as client:
-            return bool(client.info("replication").get("master_link_status") == "up")
+        for replica in self.replicas:
+            assert replica.port is not None
+            with self._client(replica.port) as client:
+                if client.info("replication").get("master_link_status") != "up":
+                    return False
+        return True
 
     def _start_sentinel(self, index: int) -> None:
         assert self.master is not None
@@ -145,7 +154,10 @@ class SentinelSet:
         for port in self.sentinel_ports:
             with self._sentinel(port) as sentinel:
                 state = sentinel.sentinel_master(MASTER_NAME)
-                if state["num-other-sentinels"] < self.count - 1 or state["num-slaves"] < 1:
+                if (
+                    state["num-other-sentinels"] < self.count - 1
+                    or state["num-slaves"] < self.replica_count
+                ):
                     return False
         return True
 
@@ -201,6 +213,6 @@ class SentinelSet:
                 process.kill()
                 process.wait()
         self._sentinels.clear()
-        for server in (self.replica, self.master):
+        for server in (*self.replicas, self.master):
             if server is not None:
                 server.stop()

@@ -56,15 +56,21 @@ MAX_KILLS = 30
 FAULT_KINDS = ["429", "500", "529", "slow"]
 BIG = 10**9
 TIGHT_BUDGET = 30_000
+# a parent whose budget is smaller than the sum of its children's: tight (30,000) and gamma
+# (unbounded) together want about 80,000 tokens; the organisation refuses what it cannot hold
+ORG = "org"
+ORG_BUDGET = 50_000
 POLICIES = {
+    ORG: TenantPolicy(budgets={"total": ORG_BUDGET}),
     "alpha": TenantPolicy(weight=2, budgets={"total": BIG}),
     "beta": TenantPolicy(budgets={"total": BIG, "month": BIG}, rate={"rpm": 1200}),
     # demand (900 jobs of ~100 actual tokens) is three times the budget: refusals
-    "tight": TenantPolicy(budgets={"total": TIGHT_BUDGET}),
+    "tight": TenantPolicy(parent=ORG, budgets={"total": TIGHT_BUDGET}),
     # one request a second after a burst of 60: its batch is still queued when canceled
     "delta": TenantPolicy(budgets={"total": BIG}, rate={"rpm": 60}),
-    "gamma": TenantPolicy(budgets={"total": BIG}),
+    "gamma": TenantPolicy(parent=ORG, budgets={"total": BIG}),
 }
+CHILDREN = ("tight", "gamma")
 # (tenant, batch name, requests, ttl ms); phase 1 before the Redis restart, 2 after
 PHASE1 = [("alpha", "a1", 1000, 0), ("beta", "b1", 700, 0), ("tight", "t1", 500, 0)]
 PHASE1 += [("delta", "d-cancel", 400, 0)]
@@ -446,7 +452,7 @@ async def test_chaos_kills_restarts_and_faults_lose_nothing(
                 assert await redis.zcard(keys.leases) == 0
 
             # 2. exactly one result per request, no duplicate
-            refused = 0
+            refused = by_parent = 0
             for batch_id, name in batches.items():
                 tenant, count = names[name]
                 lines = [line async for line in store.results(batch_id)]
@@ -465,13 +471,21 @@ async def test_chaos_kills_restarts_and_faults_lose_nothing(
                     if line["result"]["type"] == "errored"
                     and line["result"]["error"]["error"]["type"] == BUDGET_ERROR_TYPE
                 )
+                by_parent += sum(
+                    1
+                    for line in lines
+                    if line["result"]["type"] == "errored"
+                    and "parent tenant 'org'" in line["result"]["error"]["error"]["message"]
+                )
             assert refused > 0, "tight's demand exceeds its budget: some must be refused"
+            assert by_parent > 0, "the children's demand exceeds org's budget: it must refuse"
             assert per_tenant["delta"]["canceled"] > 0
             assert per_tenant["gamma"]["expired"] > 0
 
             # 3. no budget exceeded; 4. every reservation settled or reaped
             now_ms = int(time.time() * 1000)
             recorded = 0
+            totals: dict[str, int] = {}
             for tenant in POLICIES:
                 keys = TenantKeys.of("budgeter", tenant)
                 assert await redis.hlen(keys.resv) == 0, tenant
@@ -487,11 +501,18 @@ async def test_chaos_kills_restarts_and_faults_lose_nothing(
                 usage_rows = [r for r in report.usage if r.period == "total"]
                 kinds = ("input", "output", "cache_creation", "cache_read")
                 assert total_row.used == sum(r.amount(k) or 0 for r in usage_rows for k in kinds)
-                recorded += total_row.used
+                totals[tenant] = total_row.used
+                if tenant != ORG:  # its usage is its children's, counted with theirs
+                    recorded += total_row.used
             stats = await _get_json(http, f"{mock}/mock/stats")
             served = stats["input_tokens"] + stats["output_tokens"]
             # what the upstream really served is never more than what was charged
             assert served <= recorded, (served, recorded)
+            # the organisation held its budget; its counter is its children's charges (a
+            # worker killed between the scopes of one settle leaves a reservation that the
+            # scopes' reapers charge in full, so the two may differ by such reservations)
+            org_used, children_used = totals[ORG], sum(totals[c] for c in CHILDREN)
+            assert 0 < org_used <= ORG_BUDGET, org_used
 
             # 5. submitted == sum of terminal states in the API's metrics, per tenant
             async with http.get(f"http://127.0.0.1:{api_port}/metrics") as resp:
@@ -536,8 +557,9 @@ async def test_chaos_kills_restarts_and_faults_lose_nothing(
             f"(of {stats['requests']['messages']:,} messages calls); at least "
             f"{procs.reaped:.0f} reservations reaped; outcomes "
             + ", ".join(f"{o} {outcomes[o]:,}" for o in TERMINAL_STATES)
-            + f" ({refused} refused by budget); tokens served {served:,} <= charged "
-            f"{recorded:,}.\n"
+            + f" ({refused} refused by budget, {by_parent} of them by the parent org); tokens "
+            f"served {served:,} <= charged {recorded:,}; org's {ORG_BUDGET:,} budget: "
+            f"{org_used:,} used, its children's counters {children_used:,}.\n"
         )
         print(line)
         (artifacts_dir / "chaos.md").write_text(f"# Chaos test (`tests/test_chaos.py`)\n\n{line}")

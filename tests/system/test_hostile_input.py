@@ -570,6 +570,11 @@ async def test_hostile_policies_are_refused(api: Api) -> None:
         b'{"rate": {"rpm": "many"}}',
         b'{"max_wait_seconds": NaN}',
         b'{"max_wait_seconds": 601}',
+        b'{"fallback_models": {"m": "m"}}',
+        b'{"fallback_models": {"a": "b", "b": "c"}}',
+        b'{"fallback_models": {"a": 5}}',
+        b'{"fallback_models": {"a\\u0000": "b"}}',
+        b'{"fallback_models": {"a": "b"}, "allowed_models": ["a"]}',
         b'{"tenant": "victim"}',
         b'{"budgets": ' + nested(200).encode() + b"}",
         b"[]",
@@ -585,6 +590,36 @@ async def test_hostile_policies_are_refused(api: Api) -> None:
     listed = await api.client.get("/admin/tenants", headers=ADMIN)
     assert listed.status == 200
     assert [t["tenant"] for t in (await listed.json())["data"]] == ["attacker", "victim"]
+
+
+async def test_hostile_key_bodies_are_refused(api: Api) -> None:
+    """A key's name and limits (issue 17 item 3): 400 naming the field, nothing written;
+    an oversized body 413."""
+    before = await api.snapshot()
+    bodies = [
+        b'{"limits": {"budgets": {"day": Infinity}}}',
+        b'{"limits": {"usd_budgets": {"day": NaN}}}',
+        b'{"limits": {"budgets": {"day": 100000000000000000000000000000}}}',
+        b'{"limits": {"rate": {"rpm": "many"}}}',
+        b'{"limits": {"max_concurrency": 0}}',
+        b'{"limits": {"allowed_models": ["a\\u0000"]}}',
+        b'{"limits": {"weight": 100}}',
+        b'{"limits": {"parent": "attacker"}}',
+        b'{"limits": {"budgets": ' + nested(200).encode() + b"}}",
+        b'{"name": "' + b"n" * 101 + b'"}',
+        b'{"name": "a\\u001bb"}',
+        b'{"tenant": "attacker"}',
+        b'{"limits": {}, "limits": []}',
+        b"[]",
+        b"{\xff}",
+    ]
+    for body in bodies:
+        resp = await api.client.post("/admin/tenants/victim/keys", data=body, headers=ADMIN)
+        await expect_refused(resp, 400, "invalid_request_error", f"POST keys {body[:60]!r}")
+    big = b'{"name": "' + b"n" * (MAX_BODY_MB * 1024 * 1024 + 1) + b'"}'
+    resp = await api.client.post("/admin/tenants/victim/keys", data=io.BytesIO(big), headers=ADMIN)
+    await expect_refused(resp, 413, "request_too_large", "POST keys (oversized)")
+    assert await api.snapshot() == before
 
 
 async def test_hostile_batch_ids_and_pagination(api: Api) -> None:

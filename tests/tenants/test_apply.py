@@ -123,7 +123,15 @@ def test_a_bad_file_shape_is_one_line(text: str, expected: str) -> None:
 def test_the_example_file_is_valid() -> None:
     example = load_file(Path(__file__).parents[2] / "examples" / "tenants.yaml")
     assert example.prune is False
-    assert sorted(example.tenants) == ["acme", "nightly-batch", "support-bot"]
+    assert {"acme", "nightly-batch", "support-bot"} <= set(example.tenants)
+    parents = {t: p.parent for t, p in example.tenants.items() if p.parent}  # the company tree
+    assert parents == {
+        "research": "example-corp",
+        "research-vision": "research",
+        "research-nlp": "research",
+        "support": "example-corp",
+        "support-emea": "support",
+    }
 
 
 def test_unreadable_file(tmp_path: Path) -> None:

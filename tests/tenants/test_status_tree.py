@@ -58,8 +58,9 @@ async def test_the_snapshot_carries_the_tree(redis: Redis) -> None:
     assert rows["org"]["children"] == ["research", "sales"]
     assert rows["research"]["children"] == ["nlp", "vision"]
     assert [rows[t].get("depth") for t in ("org", "research", "nlp")] == [0, 1, 2]
-    # org and sales are idle themselves; org's subtree is not, sales's is
-    assert rows["org"]["idle"] and not rows["org"].get("subtree_idle")
+    # org carries its subtree's reservations and decisions (charged along the chain), so
+    # it is not idle; sales is idle and so is its subtree
+    assert not rows["org"]["idle"] and not rows["org"].get("subtree_idle")
     assert rows["sales"]["idle"] and rows["sales"].get("subtree_idle")
     assert rows["solo"].get("subtree_idle") and not rows["api"].get("subtree_idle")
     # what the subtree used today: research (2 x 50) and nlp (1 x 50)
@@ -70,8 +71,9 @@ async def test_the_snapshot_carries_the_tree(redis: Redis) -> None:
         "usd": 0.0,
     }
     assert rows["nlp"].get("subtree_today") is None  # a leaf
-    # the flat order is as before: busiest first, idle ones last by name
-    assert [t["tenant"] for t in snap["tenants"]][:3] == ["nlp", "vision", "research"]
+    # the flat order: busiest first (a parent holds its subtree's in-flight work: org and
+    # research 4 each, nlp 3), idle ones last by name
+    assert [t["tenant"] for t in snap["tenants"]][:3] == ["org", "research", "nlp"]
 
 
 def test_siblings_order_by_their_busiest_descendant() -> None:

@@ -1,5 +1,5 @@
 """Usage along the organisation tree (issue 17 item 5): a tenant's own totals, each direct
-child's (its own and its subtree's), each API key (usage not recorded yet: null), and the
+child's (its own and its subtree's), each API key (what was charged to it), and the
 rollup of the whole subtree, summed exactly from what ``Admission.reserve/settle`` charged
 to each tenant; bounded by a cap that says when it cut. The admin route, ``/v1/usage``, the
 CLI, and a 3-master cluster with the tree's members on different nodes."""
@@ -83,16 +83,16 @@ def expect(tenants: list[str]) -> dict[str, tuple[int, int, int]]:
 
 def check_org(report: UsageAnswer | None) -> None:
     assert report is not None and report.parent is None
-    assert by_period(report.totals) == expect(["org"])  # its own records only (item 2)
+    assert by_period(report.totals) == expect(list(TREE))  # charged for everything below
     assert report.rollup is not None and not report.rollup.capped
     assert (report.rollup.tenants, report.rollup.descendants) == (5, 4)
-    assert report.rollup.counters_include_descendants is False
+    assert report.rollup.counters_include_descendants is True
     assert by_period(report.rollup.totals) == expect(list(TREE))
     assert report.children is not None
     kids = {c.tenant: c for c in report.children}
     assert list(kids) == ["research", "sales"]  # direct children only
     assert kids["research"].descendants == 2
-    assert by_period(kids["research"].totals) == expect(["research"])
+    assert by_period(kids["research"].totals) == expect(["research", "nlp", "vision"])
     assert by_period(kids["research"].rollup) == expect(["research", "nlp", "vision"])
     assert kids["sales"].descendants == 0
     assert by_period(kids["sales"].rollup) == by_period(kids["sales"].totals) == expect(["sales"])
@@ -125,18 +125,24 @@ async def test_the_rollup_is_capped_and_says_so(redis: Redis) -> None:
     report = await usage_report(redis, "org", now_ms=int(time.time() * 1000), max_descendants=2)
     assert report is not None and report.rollup is not None
     assert report.rollup.capped and (report.rollup.tenants, report.rollup.descendants) == (3, 4)
-    # breadth first: the direct children are read before the grandchildren
-    assert by_period(report.rollup.totals) == expect(["org", "research", "sales"])
+    # breadth first: the direct children are read before the grandchildren; a member read
+    # whose children were not counts with its whole records, so the sum is still exact
+    assert by_period(report.rollup.totals) == expect(list(TREE))
     assert subtree({"a": ["b", "c"], "b": ["d"]}, "a", 10) == (["a", "b", "c", "d"], 3)
     assert subtree({"a": ["b", "c"], "b": ["d"]}, "a", 0) == (["a"], 3)
 
 
-async def test_keys_are_listed_with_null_usage(redis: Redis) -> None:
+async def test_keys_are_listed_with_their_own_usage(redis: Redis) -> None:
     await build_tree(redis)
     key_id, key = await KeyStore(redis).create("org")
+    adm = Admission(redis)
+    assert (await adm.reserve("org", "k1", 30, 20, meta={"k": key_id})).kind == "ADMIT"
+    await adm.settle("org", "k1", Usage(30, 5))
     report = await usage_report(redis, "org", now_ms=int(time.time() * 1000))
     assert report is not None and report.keys is not None
-    assert [(k.id, k.usage) for k in report.keys] == [(key_id, None)]
+    [listed] = report.keys
+    assert listed.id == key_id and listed.usage is not None
+    assert by_period(listed.usage) == {p: (1, 35, 0) for p in ("day", "month", "total")}
     assert report.keys_note == KEYS_NOTE
     assert key not in report.model_dump_json()  # never the key, nor its hash
     bare = await usage_report(redis, "sales", now_ms=int(time.time() * 1000))
@@ -171,7 +177,7 @@ async def test_the_admin_route_and_v1_usage_show_the_tree(
     assert body["tenant"] == "research" and body["parent"] == "org"
     assert [c["tenant"] for c in body["children"]] == ["nlp", "vision"]  # its own branch only
     assert body["rollup"]["descendants"] == 2
-    assert body["keys"][0]["usage"] is None and "key" not in body["keys"][0]
+    assert body["keys"][0]["usage"][0]["used"] == 0 and "key" not in body["keys"][0]
 
 
 async def test_the_cli_prints_the_tree(
@@ -190,7 +196,7 @@ async def test_the_cli_prints_the_tree(
     total = f"{used_of(list(TREE)):,} (+{reserved_of(list(TREE))})"
     assert any("with 4 below" in line and total in line for line in text.splitlines()), text
     assert any("└ research" in line for line in text.splitlines())
-    assert "per-key usage is not recorded yet" in text
+    assert "0 (+0) today, 0 requests" in text
     assert await asyncio.to_thread(main, ["usage", "--tenant", "org", "--json"]) == 0
     answer = UsageAnswer.model_validate(json.loads(capsys.readouterr().out))
     check_org(answer)

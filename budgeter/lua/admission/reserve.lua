@@ -18,7 +18,8 @@ KEYS[6] state          hash  waiting_settle flag; paused_until (ms): DEFER every
 KEYS[7] recent         list  (optional) the last 20 decisions: '<now ms> <decision> <reason> <tokens>'
 KEYS[8] resv_sent      hash  (optional) reservation id -> 1, written at once when asked
 ARGV[1] now in ms, or '' to use Redis server TIME
-ARGV[2] the flat policy as a JSON object, or '' to read KEYS[1] ('' policy hash: unknown)
+ARGV[2] the flat policy as a JSON object, or '' to read KEYS[1] ('' policy hash: unknown), or
+        '-' to read KEYS[1] where an empty hash means no limits (a key's scope)
 ARGV[3] the requests, a JSON array of arrays, one per request:
   [1] reservation id (idempotent: a second call with the same id answers ADMIT)
   [2] input tokens (count_tokens)
@@ -30,6 +31,10 @@ ARGV[3] the requests, a JSON array of arrays, one per request:
       cache_read' in USD per million tokens, then its long-context tiers), or '' (then a
       usd budget refuses the request: 'unpriced_model'). The dollars reserved are the
       dearest the request can cost in the tier its input tokens fall in (prices_reserve)
+  [8] (optional) a JSON object text stored as "x" in the reservation (who and what the
+      request is for: budgeter/ledger), or ''
+  [9] (optional) '1': check only: answer as if reserving, change nothing and record no
+      decision (the other scopes of a chain, after one refused: the latest DEFER wins)
 
 Returns decision, until_ms, reason, now_ms, detail for each request in order, one flat
 list of 5 per request:
@@ -50,11 +55,11 @@ local count = #requests
 local replies = {}
 
 local pol = {}
-if ARGV[2] ~= '' then
+if ARGV[2] ~= '' and ARGV[2] ~= '-' then
   pol = cjson.decode(ARGV[2])
 else
   local flat = redis.call('HGETALL', KEYS[1])
-  if #flat == 0 then  -- a reservation made before the policy went is still idempotent
+  if #flat == 0 and ARGV[2] == '' then  -- a reservation made before the policy went is still idempotent
     for n, q in ipairs(requests) do
       local r = (n - 1) * 5
       replies[r + 1], replies[r + 2], replies[r + 3] = 'REJECT', 0, 'unknown_tenant'
@@ -74,6 +79,7 @@ local wait_on_exhausted = pol['on_exhausted'] == 'wait'
 local in_flight = nil  -- HLEN of KEYS[4], read once when max_concurrency needs it
 local recent, deadlines = {}, {}
 local first_recent = count - 19  -- only the last 20 decisions are kept
+local checking = false  -- the request being decided is only checked (its item [9])
 
 -- what applies to a model, worked out once per call: its budgets and buckets (the
 -- policy's own, then the model's 'm:<model>:' fields), and the reservation's JSON tail
@@ -128,7 +134,7 @@ local function plan_of(model)
   if pol['notify'] and next(limits) then
     tail = tail .. ',"n":' .. cjson.encode(limits) .. ',"th":' .. cjson.encode(pol['notify'])
   end
-  plan.tail = tail .. '}'
+  plan.tail = tail
   if plan.any_usd then plan.usd_tail = tail .. ',"d":' .. cjson.encode(usd_periods) end
   plans[model] = plan
   return plan
@@ -138,13 +144,13 @@ local function answer(n, decision, until_ms, reason, detail, tokens)
   local r = (n - 1) * 5
   replies[r + 1], replies[r + 2], replies[r + 3] = decision, until_ms, reason
   replies[r + 4], replies[r + 5] = now, detail
-  if KEYS[7] and n >= first_recent then
+  if KEYS[7] and n >= first_recent and not checking then
     recent[#recent + 1] = string.format('%d %s %s %d', now, decision,
       reason ~= '' and reason or '-', tokens)
   end
 end
 
-local function reserve_one(n, id, input, output, hold, model, sent, price_arg)
+local function reserve_one(n, id, input, output, hold, model, sent, price_arg, meta)
   local est = input + output
   if hget(KEYS[4], id) then
     return answer(n, 'ADMIT', 0, 'already_reserved', '', est)
@@ -226,6 +232,7 @@ local function reserve_one(n, id, input, output, hold, model, sent, price_arg)
     if settle_wait then hset(KEYS[6], 'waiting_settle', '1') end
     return answer(n, 'DEFER', rate_until, rate_reason or wait_reason, '', est)
   end
+  if checking then return answer(n, 'ADMIT', 0, '', '', est) end
 
   -- ADMIT: apply every limit (the values the checks above worked out for this request)
   for _, b in ipairs(plan.rates) do hset(KEYS[2], b.bucket, fmt(b.new_tat)) end
@@ -241,11 +248,12 @@ local function reserve_one(n, id, input, output, hold, model, sent, price_arg)
     end
   end
   local head = string.format('{"i":%d,"o":%d,"t":%d', input, output, now)
+  local x = meta ~= '' and (',"x":' .. meta) or ''
   if prices then
     hset(KEYS[4], id, head .. ',"p":' .. cjson.encode(price_arg) .. ',"u":'
-      .. string.format('%.14g', usd_est) .. (plan.usd_tail or plan.tail:sub(1, -2)) .. '}')
+      .. string.format('%.14g', usd_est) .. (plan.usd_tail or plan.tail) .. x .. '}')
   else
-    hset(KEYS[4], id, head .. plan.tail)
+    hset(KEYS[4], id, head .. plan.tail .. x .. '}')
   end
   deadlines[#deadlines + 1] = now + hold
   deadlines[#deadlines + 1] = id
@@ -258,8 +266,9 @@ local ids = {}
 for n, q in ipairs(requests) do ids[n] = tostring(q[1]) end
 hprefetch(KEYS[4], ids)
 for n, q in ipairs(requests) do
+  checking = q[9] == '1'
   reserve_one(n, tostring(q[1]), tonumber(q[2]), tonumber(q[3]), tonumber(q[4]), tostring(q[5]),
-    tostring(q[6]), tostring(q[7]))
+    tostring(q[6]), tostring(q[7]), q[8] or '')
 end
 
 flush()

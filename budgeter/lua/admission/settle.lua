@@ -19,12 +19,29 @@ KEYS[8] outbox         stream (optional) notification events: a reservation made
                              threshold, and 'budget.exhausted' when it reaches 1; fields
                              'type' and 'data' (JSON), budgeter/notify/events.py. The budget
                              hash keeps '<counter>:notified' = '<period id> <highest threshold>'
+KEYS[9] ledger        stream (optional, the tenant's own scope only) one entry per settled
+                             reservation, appended in this call (budgeter/ledger/entry.py):
+                             id = Redis time of the settle, fields key ancestors model input
+                             output cache_creation cache_read usd reserved outcome source tags
+                             (always all, in that order; outcome settled|charged_full|released);
+                             trimmed with MINID to the retention (ms, required with KEYS[9]:
+                             ARGV[2] of 3 when settling, ARGV[4] when reaping). With it, a
+                             reservation whose "x" names a key ("k") also adds its usage to
+                             KEYS[6] fields 'k:<key id>:<period>:<period id>:<model>:<kind>'
+KEYS[10] minutes       hash (optional, the tenant's own scope only) per-minute rollups for 48 h:
+                             '<minute>:<kind>' -> tokens (kind usd: dollars), minute = settle
+                             time ms // 60000, kinds input|output|cache_creation|cache_read|usd,
+                             and 'trimmed' = the oldest minute kept (older ones are deleted
+                             by the first settle of each minute, which also sets the hash to
+                             expire 48 h later);
+                             budgeter/tenants/rollups.py
 ARGV[1] now in ms, or '' to use Redis server TIME
 ARGV[2] 'reap', ARGV[3] max reservations: every reservation past its deadline is charged
-        in full if marked sent, else released. Returns one
+        in full if marked sent, else released (ARGV[4]: the ledger's retention in ms). Returns one
         {settled, waiting_settle, charged_full, released, actual_tokens, reserved_tokens,
         events}
-ARGV[2] otherwise the reservations, a JSON array of arrays, one per reservation:
+ARGV[2] otherwise (ARGV[3] when ARGV[2] is the ledger's retention in ms) the reservations,
+        a JSON array of arrays, one per reservation:
   [1] mode: 'usage'   charge what the upstream reported ([3]..[6]); in dollars at the
                       reservation's prices (lib/prices.lua), in the tier of the real
                       input + cache_creation + cache_read
@@ -67,6 +84,64 @@ local function add(prefix, what, n)
   local fields = incr[prefix]
   if not fields then fields = {}; incr[prefix] = fields end
   fields[what] = (fields[what] or 0) + n
+end
+
+-- per-minute rollups (KEYS[10]): what this call charged, all in the minute of now
+local ROLLUP_KINDS = {'input', 'output', 'cache_creation', 'cache_read', 'usd'}
+local ROLLUP_MINUTES = 2880  -- 48 h
+local rolled, rolled_n = {0, 0, 0, 0, 0}, 0
+
+local function rollup(a_in, a_out, a_cc, a_cr, usd)
+  rolled_n = rolled_n + 1
+  rolled[1], rolled[2] = rolled[1] + a_in, rolled[2] + a_out
+  rolled[3], rolled[4], rolled[5] = rolled[3] + a_cc, rolled[4] + a_cr, rolled[5] + usd
+end
+
+local function rollup_write()
+  local key = KEYS[10]
+  local minute = math.floor(now / 60000)
+  for i, what in ipairs(ROLLUP_KINDS) do
+    if rolled[i] > 0 and i == 5 then
+      redis.call('HINCRBYFLOAT', key, minute .. ':usd', fmt6(rolled[i]))
+    elseif rolled[i] > 0 then
+      redis.call('HINCRBY', key, minute .. ':' .. what, rolled[i])
+    end
+  end
+  -- trimming and the expiry: once a minute (the first settle of a minute moves them)
+  local oldest = minute - ROLLUP_MINUTES + 1
+  local trimmed = tonumber(redis.call('HGET', key, 'trimmed')) or oldest - 1
+  if trimmed >= oldest then return end
+  if oldest - trimmed > 60 then  -- a long pause: sweep (the hash holds the last 48 h only)
+    for _, field in ipairs(redis.call('HKEYS', key)) do
+      local m = tonumber(string.match(field, '^(%d+):'))
+      if m and m < oldest then redis.call('HDEL', key, field) end
+    end
+  else
+    local fields = {}
+    for m = trimmed, oldest - 1 do
+      for _, what in ipairs(ROLLUP_KINDS) do fields[#fields + 1] = m .. ':' .. what end
+    end
+    redis.call('HDEL', key, unpack(fields))
+  end
+  redis.call('HSET', key, 'trimmed', oldest)
+  redis.call('PEXPIRE', key, ROLLUP_MINUTES * 60000)
+end
+
+-- the ledger (KEYS[9]): one entry per settled reservation, older than the retention trimmed
+local OUTCOMES = {usage = 'settled', full = 'charged_full', release = 'released'}
+local ledger_min = nil  -- the oldest stream id kept, worked out at the first entry
+
+local function ledger_write(r, kind, a_in, a_out, a_cc, a_cr, usd, est)
+  if not ledger_min then
+    ledger_min = server_now('') - tonumber(ARGV[ARGV[2] == 'reap' and 4 or 2])
+  end
+  local x = r.x or {}
+  local tags = ''
+  if x.g and next(x.g) then tags = cjson.encode(x.g) end
+  redis.call('XADD', KEYS[9], 'MINID', ledger_min, '*', 'key', x.k or '',
+    'ancestors', table.concat(x.a or {}, ','), 'model', r.m, 'input', a_in, 'output', a_out,
+    'cache_creation', a_cc, 'cache_read', a_cr, 'usd', fmt6(usd), 'reserved', est,
+    'outcome', OUTCOMES[kind], 'source', x.s or '', 'tags', tags)
 end
 
 local kinds = {}
@@ -171,9 +246,20 @@ local function settle_one(id, kind, a_in, a_out, a_cc, a_cr)
       if a_cr > 0 then add(prefix, 'cache_read', a_cr) end
       add(prefix, 'requests', 1)
       if usd > 0 then add(prefix, 'usd', tonumber(fmt6(usd))) end
+      if KEYS[9] and r.x and r.x.k then
+        local key_prefix = 'k:' .. r.x.k .. ':' .. prefix
+        if a_in > 0 then add(key_prefix, 'input', a_in) end
+        if a_out > 0 then add(key_prefix, 'output', a_out) end
+        if a_cc > 0 then add(key_prefix, 'cache_creation', a_cc) end
+        if a_cr > 0 then add(key_prefix, 'cache_read', a_cr) end
+        add(key_prefix, 'requests', 1)
+        if usd > 0 then add(key_prefix, 'usd', tonumber(fmt6(usd))) end
+      end
     end
+    if KEYS[10] then rollup(a_in, a_out, a_cc, a_cr, usd) end
   end
 
+  if KEYS[9] then ledger_write(r, kind, a_in, a_out, a_cc, a_cr, usd, est) end
   hdel(KEYS[3], id)
   gone[#gone + 1] = id
   hdel(KEYS[5], id)
@@ -194,6 +280,7 @@ local function finish()
       end
     end
   end
+  if KEYS[10] and rolled_n > 0 then rollup_write() end
 end
 
 local function waiting_flag(settled)
@@ -221,7 +308,7 @@ if ARGV[2] == 'reap' then
   return {settled, waiting_flag(settled), full, released, actual, reserved, events}
 end
 
-local items = cjson.decode(ARGV[2])
+local items = cjson.decode(ARGV[#ARGV])
 for _, q in ipairs(items) do
   if q[1] ~= 'usage' and q[1] ~= 'full' and q[1] ~= 'release' then
     return redis.error_reply('admission/settle.lua: unknown mode ' .. tostring(q[1]))

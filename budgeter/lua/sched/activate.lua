@@ -1,4 +1,5 @@
 --[[ sched/activate.lua — a tenant has work: enter the ready set (unless parked).
+-- needs: lib/hfq.lua
 The scheduler's keys share the hash tag {sched}; no tenant key is touched here.
 
 KEYS[1] ready   zset  tenant -> virtual time
@@ -7,6 +8,8 @@ KEYS[3] vtime   hash  tenant -> last virtual time; field '_v': the scheduler's v
                       clock (the virtual time of the last tenant served)
 KEYS[4] held    zset  probing tenant with its probe lease out (see sched/pick.lua): like a
                       park, only an early end lets it back in
+KEYS[5] parent  hash  tenant -> parent (see sched/pick.lua)
+KEYS[6] hfq     base of lib/hfq.lua's per-node zsets: the tenant enters them too
 ARGV[1] tenant
 ARGV[2] '1' to end a park (or a probe hold) early (in-flight work settled), '0' otherwise
 
@@ -27,4 +30,5 @@ if clock > v then v = clock end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if first[2] and tonumber(first[2]) > v then v = tonumber(first[2]) end
 redis.call('ZADD', KEYS[1], v, tenant)
+hfq_enter(KEYS[6], KEYS[5], tenant)
 return 1

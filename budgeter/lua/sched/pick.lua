@@ -1,6 +1,7 @@
 --[[ sched/pick.lua — choose the tenants to serve next (weighted fair queueing), one per
 job slot the caller has free.
 -- needs: lib/periods.lua
+-- needs: lib/hfq.lua
 Parked tenants whose time has come go back to ready first; then the ready tenant with the
 lowest virtual time is chosen and its time advances by cost / weight, where cost is the
 mean size of its jobs in thousands of tokens (1 until workers have reported any), so
@@ -16,6 +17,9 @@ KEYS[6] probe   hash  tenant -> probes in a row not deferred: the tenant came du
                       and gets one lease (a probe) at a time until its next decision
 KEYS[7] held    zset  probing tenant with its probe lease out -> ms the hold ends (the
                       worker ends it at the probe's decision: sched/probe_end.lua)
+KEYS[8] parent  hash  tenant -> parent (the tree); when empty, flat fair queueing as above,
+                      else hierarchical (lib/hfq.lua): weights are shares among siblings
+KEYS[9] hfq     base of lib/hfq.lua's per-node zsets
 ARGV[1] now in ms, or ''
 ARGV[2] max parked (and held) tenants to promote per call
 ARGV[3] how many picks (job slots); each pick advances the chosen tenant's time, so a
@@ -51,6 +55,7 @@ local function enter(tenant)
     if first[2] and tonumber(first[2]) > v then v = tonumber(first[2]) end
     redis.call('ZADD', KEYS[1], v, tenant)
   end
+  hfq_enter(KEYS[9], KEYS[8], tenant)
 end
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 for _, tenant in ipairs(due) do
@@ -69,9 +74,17 @@ local np = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 if np[2] then next_parked = tonumber(np[2]) end
 local reply = {next_parked, now}
 local steps = {}  -- tenant -> cost / weight
+local tree = redis.call('HLEN', KEYS[8]) > 0
 for _ = 1, tonumber(ARGV[3]) or 1 do
   local top = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   if not top[1] then break end
+  if tree then
+    local chosen, path = hfq_pick(KEYS[9], KEYS[8], KEYS[1])
+    if chosen then  -- else a ready tenant not in the tree's zsets: served flat
+      hfq_advance(KEYS[9], path, tonumber(redis.call('HGET', KEYS[5], chosen)) or 1, KEYS[4])
+      top = {chosen, redis.call('ZSCORE', KEYS[1], chosen)}
+    end
+  end
   local tenant = top[1]
   local step = steps[tenant]
   if not step then

@@ -1,0 +1,361 @@
+"""Property tests of admission along the organisation tree, on a real Redis.
+
+Each example builds a random tree (depth 1-4 below its root) of tenants with random
+policies (test_admission_property's strategies: token and dollar budgets, rates, per-model
+limits, allow-lists, concurrency, on_exhausted) and runs random reserves, settles, charges,
+releases, mark-sents, reaps and clock steps of any of its tenants through
+:class:`~budgeter.admission.admission.Admission` (the real chain: tenant, then ancestors).
+After every step the answer equals chain_model's and every tenant's Redis keys equal the
+model's state. Then the same trees take rounds of concurrent requests of their leaves
+(``asyncio.gather``: the scopes' script calls interleave and batch as in a worker): no
+budget of any level is ever over its limit, and once everything settled every parent's
+usage is exactly the sum of its children's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import Iterator
+from typing import Any, cast
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from redis import Redis
+
+from budgeter.admission.admission import Admission, Decision, Usage
+from budgeter.admission.tree_view import TreeView
+from budgeter.domain.policy import TenantPolicy
+from budgeter.domain.tree import MAX_DEPTH
+from budgeter.store.client import make_redis
+from budgeter.store.keys import TenantKeys
+from budgeter.store.types import RedisClient
+from budgeter.tenants.store import TenantStore
+from tests.admission import reference_model as ref
+from tests.admission.chain_model import ChainModel
+from tests.admission.test_admission_property import (
+    BOUNDARIES,
+    MODELS,
+    PREFIX,
+    PROFILE,
+    TIMEOUT_S,
+    model_policy,
+    policies,
+    price_tables,
+    redis_snapshot,
+    sizes,
+)
+
+_trees = itertools.count()
+
+
+@st.composite
+def trees(draw: st.DrawFn) -> list[int | None]:
+    """parent index of each node (None: a root), parents before children, depth <= 4."""
+    n = draw(st.integers(2, 6))
+    parents: list[int | None] = [None]
+    depth = [0]
+    for i in range(1, n):
+        choices = [j for j in range(i) if depth[j] < MAX_DEPTH]
+        parent = draw(st.sampled_from(choices)) if draw(st.integers(0, 5)) else None
+        parents.append(parent)
+        depth.append(0 if parent is None else depth[parent] + 1)
+    return parents
+
+
+def deep_chain() -> list[int | None]:
+    return [None, 0, 1, 2, 3]  # a root and four levels below it
+
+
+node_policies = policies().map(lambda p: p or TenantPolicy())
+
+op = st.one_of(
+    st.tuples(
+        st.just("reserve"),
+        st.integers(0, 5),  # node
+        st.none() | st.none() | st.integers(0, 100),  # None: a new id, else one used before
+        sizes,
+        sizes,
+        st.one_of(st.integers(0, 5000), st.just(90_000)),
+        st.sampled_from(MODELS),
+        st.booleans(),  # marked sent at once
+    ),
+    st.tuples(
+        st.sampled_from(["usage", "usage", "full", "release", "mark_sent"]),
+        st.integers(0, 1000),
+        st.integers(-3, 12),
+        st.integers(0, 120),
+    ),
+    st.tuples(st.just("reap")),
+    st.tuples(st.just("advance"), st.integers(0, 3000) | st.integers(0, 200_000)),
+)
+
+
+class PricedAdmission(Admission):
+    """Admission with the example's price arguments (model -> lua_arg, absent: unpriced)."""
+
+    def __init__(self, redis: RedisClient, prices: dict[str, str]) -> None:
+        super().__init__(redis, prefix=PREFIX, tree=TreeView(redis, prefix=PREFIX, refresh_s=0))
+        self.example_prices = prices
+
+    def price_arg(self, model: str, now_ms: int | None = None) -> str:
+        del now_ms  # one table for the whole example
+        return self.example_prices.get(model, "")
+
+
+def without_x(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The snapshot with the reservations' ledger record ("x": ancestors) left out."""
+    snapshot["resv"] = {
+        rid: {k: v for k, v in r.items() if k != "x"} for rid, r in snapshot["resv"].items()
+    }
+    return snapshot
+
+
+class Example:
+    def __init__(
+        self,
+        sync: Redis,
+        redis: RedisClient,
+        shape: list[int | None],
+        pols: list[TenantPolicy],
+        prices: dict[str, str],
+        now: int,
+    ) -> None:
+        tag = next(_trees)
+        self.sync = sync
+        self.names = [f"tr{tag}-{i}" for i in range(len(shape))]
+        self.parent_of = {
+            t: (None if p is None else self.names[p])
+            for t, p in zip(self.names, shape, strict=True)
+        }
+        self.pols = {t: pols[i % len(pols)] for i, t in enumerate(self.names)}
+        self.admission = PricedAdmission(redis, prices)
+        self.prices = prices
+        self.model = ChainModel(
+            dict(self.parent_of), {t: ref.State(model_policy(p)) for t, p in self.pols.items()}
+        )
+        self.store = TenantStore(redis, prefix=PREFIX)
+        self.now = now
+        self.ids: dict[str, list[str]] = {t: [] for t in self.names}
+        self.owner: dict[str, str] = {}
+        self.stats: dict[str, int] = {}
+
+    async def write_policies(self) -> None:
+        for t in self.names:  # parents come first
+            parent = self.parent_of[t]
+            await self.store.put(t, self.pols[t].model_copy(update={"parent": parent}))
+
+    def check_state(self) -> None:
+        for t in self.names:
+            got = without_x(redis_snapshot(self.sync, TenantKeys.of(PREFIX, t)))
+            want = self.model.states[t].snapshot()
+            assert got == want, f"state of {t} (parent {self.parent_of[t]})"
+
+    async def step(self, op: tuple[Any, ...]) -> None:
+        kind = op[0]
+        if kind == "reserve":
+            _, node, reuse, inp, out, hold, model, sent = op
+            tenant = self.names[node % len(self.names)]
+            known = self.ids[tenant]
+            if reuse is None or not known:
+                rid = f"{tenant}-r{len(known)}"
+                known.append(rid)
+                self.owner[rid] = tenant
+            else:
+                rid = known[reuse % len(known)]
+            got = await self.admission.reserve(
+                tenant, rid, inp, out, model=model, hold_ms=hold, now_ms=self.now,
+                sent_at_once=sent,
+            )  # fmt: skip
+            scope = "parent" if got.reason.startswith("parent:") else "own"
+            self.stats[f"{got.kind}:{scope}"] = self.stats.get(f"{got.kind}:{scope}", 0) + 1
+            price = self.prices.get(model)
+            want = self.model.reserve(tenant, rid, inp, out, self.now, hold, model, sent, price)
+            assert (got.kind, got.until_ms, got.reason, got.detail) == tuple(want), (
+                f"reserve({tenant}, {rid}, {inp}, {out}, {model}) at {self.now}"
+            )
+        elif kind in ("usage", "full", "release", "mark_sent"):
+            every = [rid for ids in self.ids.values() for rid in ids]
+            if not every:
+                return
+            rid = every[op[1] % len(every)]
+            tenant = self.owner[rid]
+            if kind == "mark_sent":
+                marked = await self.admission.mark_sent(tenant, rid)
+                assert marked == self.model.mark_sent(tenant, rid)
+                return
+            usage = (
+                (op[2] + 10 if op[2] > 0 else 0, op[3], 0, 0) if kind == "usage" else (0, 0, 0, 0)
+            )
+            if kind == "usage":
+                settled = await self.admission.settle(tenant, rid, Usage(*usage), now_ms=self.now)
+            elif kind == "full":
+                settled = await self.admission.charge_full(tenant, rid, now_ms=self.now)
+            else:
+                settled = await self.admission.release(tenant, rid, now_ms=self.now)
+            expected = self.model.settle(tenant, kind, rid, usage, self.now)
+            got_counts = (settled.settled, int(settled.waiting_settle), settled.charged_full)
+            want_counts = (expected.settled, expected.waiting_settle, expected.charged_full)
+            assert got_counts == want_counts, f"{kind}({rid}) at {self.now}"
+            assert settled.released == expected.released
+        elif kind == "reap":
+            for t in self.names:
+                reaped = await self.admission.reap(t, now_ms=self.now)
+                due = ref.reap(self.model.states[t], self.now)
+                assert (reaped.settled, reaped.charged_full, reaped.released) == (
+                    due.settled, due.charged_full, due.released,
+                )  # fmt: skip
+        else:
+            self.now += op[1]
+
+    async def drain(self) -> None:
+        self.now += 200_000
+        for t in self.names:
+            await self.admission.reap(t, now_ms=self.now)
+            ref.reap(self.model.states[t], self.now)
+
+
+@pytest.fixture(scope="module")
+def sync_client(redis_url: str) -> Iterator[Redis]:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+def test_admission_along_random_trees_matches_the_chain_model(
+    sync_client: Redis, redis_url: str
+) -> None:
+    seen: dict[str, int] = {}
+    with asyncio.Runner() as runner:
+        redis = make_redis(redis_url)
+
+        @settings(PROFILE, max_examples=min(PROFILE.max_examples, 150))
+        @given(
+            shape=trees() | st.just(deep_chain()),
+            pols=st.lists(node_policies, min_size=1, max_size=6),
+            prices=price_tables,
+            start=st.sampled_from(BOUNDARIES),
+            steps=st.lists(op, min_size=10, max_size=40),
+        )
+        def check(
+            shape: list[int | None],
+            pols: list[TenantPolicy],
+            prices: dict[str, str],
+            start: int,
+            steps: list[tuple[Any, ...]],
+        ) -> None:
+            ex = Example(sync_client, redis, shape, pols, prices, start)
+            runner.run(ex.write_policies())
+            for one in steps:
+                runner.run(ex.step(one))
+                ex.check_state()
+            runner.run(ex.drain())
+            ex.check_state()
+            for t in ex.names:
+                snap = redis_snapshot(sync_client, TenantKeys.of(PREFIX, t))
+                assert snap["resv"] == {} and snap["deadlines"] == {}
+            for one in steps:
+                seen[one[0]] = seen.get(one[0], 0) + 1
+            for what, n in ex.stats.items():
+                seen[what] = seen.get(what, 0) + n
+
+        check()
+        runner.run(redis.aclose())
+    reached = {"reserve", "usage", "full", "release", "reap", "mark_sent", "ADMIT:own"}
+    reached |= {"DEFER:own", "REJECT:own", "DEFER:parent", "REJECT:parent"}
+    assert reached <= set(seen), seen
+
+
+def test_the_chain_model_names_ancestors_refusals() -> None:
+    """The model itself: a parent's exhausted day budget refuses the child's request and
+    names the parent; the child's reservation is rolled back."""
+    parents: dict[str, str | None] = {"org": None, "team": "org"}
+    model = ChainModel(
+        parents,
+        {
+            "org": ref.State(ref.Policy(budgets={"day": 100})),
+            "team": ref.State(ref.Policy(budgets={"day": 1000})),
+        },
+    )
+    now = BOUNDARIES[0]
+    got = model.reserve("team", "r1", 60, 60, now, 90_000, "m", False, None)
+    assert got.decision == "REJECT" and got.reason == "parent:org:too_large:budget:day"
+    assert model.states["team"].reservations == {}
+
+
+# ---------------------------------------------------------------- concurrency
+
+LEAF_LIMIT = 3_000
+
+
+def concurrent_tree(rng: random.Random, tag: int) -> dict[str, tuple[str | None, int]]:
+    """tenant -> (parent, day budget): a root whose budget is smaller than the sum of its
+    children's, two divisions, leaves under them (depth 3)."""
+    tree: dict[str, tuple[str | None, int]] = {f"c{tag}-root": (None, 8_000)}
+    for d in range(2):
+        division = f"c{tag}-div{d}"
+        tree[division] = (f"c{tag}-root", 6_000)
+        for t in range(3):
+            team = f"c{tag}-div{d}-team{t}"
+            tree[team] = (division, rng.choice([2_500, LEAF_LIMIT, 4_000]))
+            tree[f"{team}-app"] = (team, rng.choice([1_500, 2_000]))
+    return tree
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_concurrent_requests_never_overshoot_any_level(redis: RedisClient, seed: int) -> None:
+    rng = random.Random(seed)
+    tree = concurrent_tree(rng, seed)
+    store = TenantStore(redis, prefix=PREFIX)
+    for tenant, (parent, day) in tree.items():
+        await store.put(
+            tenant, TenantPolicy(parent=parent, budgets={"day": day}, max_concurrency=6)
+        )
+    admission = Admission(redis, prefix=PREFIX, tree=TreeView(redis, prefix=PREFIX, refresh_s=0))
+    leaves = [t for t in tree if t.endswith("-app")]
+    now = BOUNDARIES[0]
+    served: dict[str, int] = dict.fromkeys(tree, 0)
+    ids = itertools.count()
+
+    async def one(tenant: str) -> Decision:
+        rid = f"{tenant}-{next(ids)}"
+        inp, out = rng.randint(10, 200), rng.randint(10, 300)
+        decision = await admission.reserve(tenant, rid, inp, out, model="m", now_ms=now)
+        if decision.kind == "ADMIT":
+            await asyncio.sleep(0)
+            used = Usage(inp, rng.randint(0, out))
+            await admission.settle(tenant, rid, used, now_ms=now)
+        return decision
+
+    async def over_limits() -> list[str]:
+        over = []
+        for tenant, (_, day) in tree.items():
+            budget = await redis.hgetall(TenantKeys.of(PREFIX, tenant).budget)
+            used = int(budget.get("day:used", 0))
+            reserved = int(budget.get("day:reserved", 0))
+            if used + reserved > day:
+                over.append(f"{tenant}: {used} + {reserved} > {day}")
+        return over
+
+    for _ in range(12):
+        decisions = await asyncio.gather(*(one(rng.choice(leaves)) for _ in range(40)))
+        assert not await over_limits()
+        for d in decisions:
+            if d.reason.startswith("parent:"):
+                served["refused by a parent"] = served.get("refused by a parent", 0) + 1
+    assert served.get("refused by a parent"), "no request was refused by an ancestor"
+    # settled: every parent's usage is exactly its children's sum (only leaves send)
+    totals = {}
+    for tenant in tree:
+        usage = cast(dict[str, str], await redis.hgetall(TenantKeys.of(PREFIX, tenant).usage))
+        totals[tenant] = sum(
+            int(v) for k, v in usage.items() if k.startswith("day:") and ":requests" not in k
+        )
+    for parent in {p for p, _ in tree.values() if p is not None}:
+        children = [t for t, (p, _) in tree.items() if p == parent]
+        assert totals[parent] == sum(totals[c] for c in children), parent
+    root = await redis.hgetall(TenantKeys.of(PREFIX, f"c{seed}-root").budget)
+    assert totals[f"c{seed}-root"] == int(root["day:used"]) <= 8_000, root
