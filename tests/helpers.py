@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from budgeter.domain.messages import BatchRequest
 from budgeter.queue.batches import BatchStore
@@ -52,7 +53,11 @@ async def wait_ended(store: BatchStore, batch_ids: list[str], *, timeout_s: floa
     """Wait (bounded) until every batch has ended; the timeout only guards a hang."""
     async with asyncio.timeout(timeout_s):
         while True:
-            statuses = [await store.status(b) for b in batch_ids]
+            try:
+                statuses = [await store.status(b) for b in batch_ids]
+            except (RedisError, OSError, AttributeError):  # the poll's own connection lost
+                await asyncio.sleep(0.2)  # in a failover (redis-py may trip on it): again
+                continue
             if all(s.ended for s in statuses):
                 return
             await asyncio.sleep(0.05)
