@@ -313,6 +313,13 @@ class Examples:
 
 
 def run_tests(args: list[str], plugins: list[object] | None = None) -> int:
+    try:
+        return _run_tests(args, plugins)
+    except Exception:  # a mutant broke the run itself (e.g. an unraisable warning): killed
+        return 1
+
+
+def _run_tests(args: list[str], plugins: list[object] | None = None) -> int:
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         return int(
