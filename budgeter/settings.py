@@ -14,7 +14,6 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
-    ValidationInfo,
     field_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -211,14 +210,6 @@ class Settings(BaseSettings):
         if value in (None, ""):
             return None
         return check_redis_url(value)  # the URL forms: budgeter/store/urls.py
-
-    @field_validator("redis_wait_replicas")
-    @classmethod
-    def _wait_not_on_cluster(cls, value: int, info: ValidationInfo) -> int:
-        url = info.data.get("redis_url") or ""
-        if value and (info.data.get("redis_cluster") or url.startswith("redis+cluster://")):
-            raise ValueError("not supported on Redis Cluster yet (single Redis, Sentinel)")
-        return value
 
     @property
     def cluster_mode(self) -> bool:

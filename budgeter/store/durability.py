@@ -15,8 +15,12 @@ caller undoes it (a reservation is released: the upstream is never called on it;
 batch the client was told is not created is deleted). A failover would have lost either
 anyway.
 
-Single Redis and Sentinel only for now: on Redis Cluster the WAIT would have to go on each
-node's own pipeline (settings refuse the combination).
+On Redis Cluster the WAIT goes on the node that holds the keys, on the connection that
+wrote: the round pipeline appends it to each node's pipeline that holds a durable call
+(budgeter/store/scripts.py), a durable MULTI/EXEC WAITs on its transaction's connection
+(:class:`DurableClusterPipeline`). A durable call that had to go again on its own (MOVED,
+ASK, a failover's connection error) is not proven replicated: it fails with
+:class:`NotReplicated` as a WAIT that fell short would.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import ClusterPipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -83,8 +87,6 @@ def configure(redis: RedisClient, replicas: int, timeout_ms: int) -> None:
     """Make ``redis``'s durable writes wait for ``replicas`` replicas (0: never wait)."""
     if replicas < 0 or timeout_ms < 1:
         raise ValueError("replicas must be >= 0 and timeout_ms >= 1")
-    if replicas and not isinstance(redis, Redis):
-        raise ValueError("BUDGETER_REDIS_WAIT_REPLICAS is not supported on Redis Cluster yet")
     setattr(redis, _ATTRIBUTE, Durability(replicas, timeout_ms) if replicas else None)
 
 
@@ -188,14 +190,46 @@ async def wait_on(connection: AbstractConnection, durability: Durability) -> Non
         raise failure
 
 
+class DurableClusterPipeline(ClusterPipeline):
+    """A cluster MULTI/EXEC pipeline (all keys in one slot) whose successful ``execute``
+    is followed by ``WAIT`` on the connection that ran the transaction, before redis-py
+    gives that connection back (:class:`NotReplicated` when the WAIT falls short)."""
+
+    def __init__(self, redis: RedisCluster, durability: Durability) -> None:
+        super().__init__(redis, transaction=True)
+        self.durability = durability
+
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[object]:
+        strategy = self._execution_strategy
+        try:
+            replies: list[object] = await strategy.execute(raise_on_error, allow_redirections)
+            # the transaction's connection, still held (redis-py's TransactionStrategy
+            # releases it in reset()): the one whose writes WAIT is about
+            connection = getattr(strategy, "_transaction_connection", None)
+            if connection is None:
+                raise NotReplicated("no transaction connection to WAIT on (redis-py changed?)")
+            await wait_on(connection, self.durability)
+            return replies
+        finally:
+            await self.reset()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+
+
 @contextlib.asynccontextmanager
 async def durable_pipeline(redis: RedisClient) -> AsyncIterator[Pipeline | ClusterPipeline]:
     """``redis.pipeline(transaction=True)``, except that with a configured durability its
-    ``execute`` WAITs for the replicas on the same connection (see :class:`DurablePipeline`)."""
+    ``execute`` WAITs for the replicas on the same connection (see :class:`DurablePipeline`
+    and :class:`DurableClusterPipeline`)."""
     wanted = durability_of(redis)
-    if wanted is None or not isinstance(redis, Redis):
+    if wanted is None:
         async with redis.pipeline(transaction=True) as plain:
             yield plain
+        return
+    if isinstance(redis, RedisCluster):
+        # (redis-py's ClusterPipeline declares an abstract attribute it sets itself)
+        async with DurableClusterPipeline(redis, wanted) as clustered:  # type: ignore[abstract]
+            yield clustered
         return
     pool = redis.connection_pool
     connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # redis-py

@@ -351,6 +351,16 @@ class EmbeddedRedisCluster:
                 return self.server(node.port)
         raise EmbeddedRedisError(f"no master serves slot {slot}")
 
+    def replicas_of(self, master: EmbeddedRedis) -> list[EmbeddedRedis]:
+        """The running replicas of ``master`` as the topology says now."""
+        nodes = self.nodes()
+        ids = [node.id for node in nodes if node.port == master.port]
+        return [
+            self.server(node.port)
+            for node in nodes
+            if node.role == "replica" and not node.failed and node.master_id in ids
+        ]
+
     def kill(self, server: EmbeddedRedis) -> None:
         """SIGKILL ``server`` (no shutdown, no save: as a crash)."""
         process = server.process

@@ -129,7 +129,7 @@ class RoundPipeline:
         self._durable.difference_update(durable)
         not_replicated: durability.NotReplicated | None = None
         try:
-            replies, not_replicated = await self._execute(node, batch, bool(durable))
+            replies, not_replicated = await self._execute(node, batch, durable)
         except BaseException as exc:  # the connection failed even after its retries
             replies = [exc] * len(batch)
             if not isinstance(exc, Exception):
@@ -150,18 +150,25 @@ class RoundPipeline:
                 future.set_result(reply)
 
     async def _execute(
-        self, node: ClusterNode | None, batch: list[_Pending], durable: bool
+        self,
+        node: ClusterNode | None,
+        batch: list[_Pending],
+        durable: set[asyncio.Future[ScriptReply]],
     ) -> tuple[list[ScriptReply], durability.NotReplicated | None]:
         """The one place where a node's pipeline is built and sent: ``batch``'s commands
         to ``node`` (None: the one Redis, or a cluster node not known yet); their replies,
-        errors as replies, and whether the WAIT for the replicas fell short."""
+        errors as replies, and whether the WAIT for the replicas fell short (``durable``:
+        the batch's calls that WAIT)."""
         redis = self.redis
-        if isinstance(redis, RedisCluster):  # WAIT here too, once on a cluster (refused now)
-            return await _on_node(redis, node, [args for args, _, _ in batch]), None
+        if isinstance(redis, RedisCluster):  # the WAIT goes on the node's own pipeline
+            wanted = durability.durability_of(redis) if durable else None
+            positions = {n for n, (_, _, future) in enumerate(batch) if future in durable}
+            calls = [args for args, _, _ in batch]
+            return await _on_node(redis, node, calls, wanted, positions)
         async with redis.pipeline(transaction=False) as pipe:
             for args, _, _ in batch:
                 pipe.execute_command(*args)
-            return await durability.execute_round(pipe, redis, durable)
+            return await durability.execute_round(pipe, redis, bool(durable))
 
 
 # answers after which a call goes again on its own, routed by its slot, with the client's
@@ -177,34 +184,62 @@ _ALONE_AGAIN = (
 
 
 async def _on_node(
-    redis: RedisCluster, node: ClusterNode | None, calls: list[tuple[ScriptArg, ...]]
-) -> list[ScriptReply]:
+    redis: RedisCluster,
+    node: ClusterNode | None,
+    calls: list[tuple[ScriptArg, ...]],
+    wanted: durability.Durability | None = None,
+    durable: frozenset[int] | set[int] = frozenset(),
+) -> tuple[list[ScriptReply], durability.NotReplicated | None]:
     """``calls`` as one pipeline to ``node``, their replies (errors as replies). A call
     answered MOVED, ASK, TRYAGAIN, CLUSTERDOWN or a connection error, or all of them when
     the pipeline could not be sent, goes again alone through the client (which follows the
     redirection, refreshes its slot table and rides out a failover), so a failing node
     holds up only its own calls and never closes the other nodes' connections (as
     redis-py's cluster pipeline does when it retries). ``node`` None: the cluster
-    pipeline routes the calls itself."""
+    pipeline routes the calls itself.
+
+    ``wanted`` (the round holds durable calls, at positions ``durable``): ``WAIT`` goes
+    last in the node's pipeline, on the connection that wrote; the second value is its
+    failure (None: replicated). A durable call that went again alone (or through the
+    routing pipeline) was not on that connection: its success is not proven replicated
+    and it answers :class:`~budgeter.store.durability.NotReplicated` instead."""
     if node is None:
         async with redis.pipeline(transaction=False) as pipe:
             for args in calls:
                 pipe.execute_command(*args)
-            return await pipe.execute(raise_on_error=False)
+            replies: list[ScriptReply] = await pipe.execute(raise_on_error=False)
+        if wanted is not None:
+            replies = [_unproven(r) if n in durable else r for n, r in enumerate(replies)]
+        return replies, None
     commands = [PipelineCommand(n, *args) for n, args in enumerate(calls)]
+    if wanted is not None:
+        commands.append(PipelineCommand(len(calls), *wanted.wait_args()))
     try:
         await node.execute_pipeline(commands)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         for command in commands:
             command.result = exc
+    failure = None if wanted is None else wanted.check(commands.pop().result)
     again = [c for c in commands if isinstance(c.result, _ALONE_AGAIN)]
     if again:
         answers = await asyncio.gather(
             *(redis.execute_command(*c.args) for c in again), return_exceptions=True
         )
         for command, answer in zip(again, answers, strict=True):
-            command.result = answer
-    return [command.result for command in commands]
+            proven = wanted is None or command.position not in durable
+            command.result = answer if proven else _unproven(answer)
+    return [command.result for command in commands], failure
+
+
+def _unproven(reply: ScriptReply) -> ScriptReply:
+    """A durable call's reply when no WAIT followed it on its connection: its error as
+    it is, else NotReplicated (the write happened; a failover may still lose it)."""
+    if isinstance(reply, BaseException):
+        return reply
+    return durability.NotReplicated(
+        "a durable call went again on its own (redirected, or after a connection error): "
+        "its write is not proven replicated"
+    )
 
 
 def _first_key(args: tuple[ScriptArg, ...]) -> ScriptArg | None:
@@ -246,7 +281,7 @@ class PipelinedScript:
         redis = self.redis
         fallback: Callable[[], Awaitable[ScriptReply]]
         if isinstance(redis, RedisCluster):  # loads it on every master, calls again
-            fallback = functools.partial(self.script, keys=key_list, args=arg_list)
+            fallback = functools.partial(self._load_and_call, key_list, arg_list)
         else:
             fallback = functools.partial(
                 durability.call_script, redis, self.script, key_list, arg_list, durable=self.durable
@@ -259,6 +294,15 @@ class PipelinedScript:
             *arg_list,
             fallback=fallback,
             durable=self.durable,
+        )
+
+    async def _load_and_call(self, keys: list[str], args: list[ScriptArg]) -> ScriptReply:
+        """After NOSCRIPT on a cluster (a promoted replica, a restarted node): load the
+        script on every master, then call it again in the round pipeline (a durable call
+        WAITs there as the first one would have)."""
+        await self.redis.script_load(self.script.script)
+        return await self.round.command(
+            "EVALSHA", self.sha, len(keys), *keys, *args, durable=self.durable
         )
 
 

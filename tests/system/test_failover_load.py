@@ -6,8 +6,9 @@ run, ``{sched}``) is SIGKILLed and a replica is promoted. Nobody restarts a proc
 
 - Sentinel: a master, two replicas, three Sentinels (the master holds every key, so one
   kill covers both the tenant and ``{sched}``); with ``BUDGETER_REDIS_WAIT_REPLICAS`` 1 and 0.
-- Cluster: 3 masters with one replica each; WAIT 0 only (WAIT on a cluster is refused at
-  start-up: not built yet); the master of a tenant's slot, and in another run ``{sched}``'s.
+- Cluster: 3 masters with one replica each and WAIT 0, the master of a tenant's slot, and
+  in another run ``{sched}``'s; and 3 masters with two replicas each and WAIT 1 (one
+  replica must stay after the kill for a WAIT of one), the master of a tenant's slot.
 
 With WAIT 1 the test asserts: every acknowledged job ends in exactly one terminal state
 with one result, no budget served over its limit, every process still up. With WAIT 0 the
@@ -86,15 +87,15 @@ async def _sentinel(root: Path) -> Topology:
     return Topology("sentinel", servers.url, kill, replicated, servers.stop)
 
 
-async def _cluster(root: Path, victim_key: str) -> Topology:
-    servers = EmbeddedRedisCluster(root / "cluster", replicas=1, node_timeout_ms=2000)
+async def _cluster(root: Path, victim_key: str, replicas: int = 1) -> Topology:
+    servers = EmbeddedRedisCluster(root / "cluster", replicas=replicas, node_timeout_ms=2000)
     await asyncio.to_thread(servers.start)
     master = servers.master_of(victim_key)
     assert master.port is not None
     port = master.port
 
     def replicated() -> None:
-        _wait_all_replicas(port, 1)
+        _wait_all_replicas(port, replicas)
 
     return Topology("cluster", servers.url, lambda: servers.kill(master), replicated, servers.stop)
 
@@ -350,16 +351,20 @@ async def test_sentinel_master_killed_under_load(
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("victim", ["tenant", "sched"])
+@pytest.mark.parametrize(("victim", "wait"), [("tenant", 1), ("tenant", 0), ("sched", 0)])
 async def test_cluster_master_killed_under_load(
-    tmp_path: Path, artifacts_dir: Path, victim: str
+    tmp_path: Path, artifacts_dir: Path, victim: str, wait: int
 ) -> None:
     key = _TENANT_KEY if victim == "tenant" else _SCHED_KEY
+    replicas = 2 if wait else 1  # a WAIT of one needs a replica left after the kill
     await _run(
         tmp_path,
         artifacts_dir,
-        label=f"cluster, master of {'alpha' if victim == 'tenant' else '{sched}'}, WAIT 0",
-        make=_cluster(tmp_path, key),
-        wait=0,
+        label=(
+            f"cluster ({replicas} replicas a master), master of "
+            f"{'alpha' if victim == 'tenant' else '{sched}'}, WAIT {wait}"
+        ),
+        make=_cluster(tmp_path, key, replicas),
+        wait=wait,
         watch=("alpha",) if victim == "tenant" else TENANTS,
     )
