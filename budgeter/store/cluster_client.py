@@ -18,13 +18,21 @@ re-reads the topology and asks its default node, which may be the dead one, for 
 
 A call aimed at one node by its caller (``target_nodes``) is not retried here: that node
 is what the caller asked for.
+
+redis-py re-reads the topology after a connection error and disconnects the old nodes'
+connections, also one that another coroutine is sending or reading on at that moment:
+that call fails with ``AttributeError`` (the connection's stream set to None). Such an
+error is a dropped connection, and is made one (:func:`as_connection_error`): retried
+here like the others, never a failed job.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any
+import traceback
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
@@ -49,6 +57,38 @@ FAILOVER_ERRORS: tuple[type[Exception], ...] = (
     TryAgainError,
     SlotNotCoveredError,
 )
+
+
+T = TypeVar("T")
+
+
+def closed_under_us(exc: BaseException) -> bool:
+    """``exc`` is what a redis-py connection raises when another coroutine closed it while
+    this call wrote on it: AttributeError on its stream set to None, or (uvloop)
+    RuntimeError on a closed transport, raised from inside redis-py's connection."""
+    if isinstance(exc, AttributeError):
+        if exc.obj is not None:
+            return False
+    elif not (isinstance(exc, RuntimeError) and "closed" in str(exc)):
+        return False
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any(
+        frame.filename.replace("\\", "/").endswith("/redis/asyncio/connection.py")
+        for frame in frames
+    )
+
+
+async def as_connection_error(call: Awaitable[T]) -> T:
+    """``await call``, with :func:`closed_under_us` errors raised as the connection
+    error they are."""
+    try:
+        return await call
+    except (AttributeError, RuntimeError) as exc:
+        if closed_under_us(exc):
+            raise RedisConnectionError(
+                "connection closed while in use (the client re-read the cluster's topology)"
+            ) from exc
+        raise
 
 
 class OnceCommandsParser(AsyncCommandsParser):
@@ -99,13 +139,13 @@ class FailoverRedisCluster(RedisCluster):
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 -- as redis-py's
         if "target_nodes" in kwargs:
-            return await super().execute_command(*args, **kwargs)
+            return await as_connection_error(super().execute_command(*args, **kwargs))
         loop = asyncio.get_running_loop()
         deadline: float | None = None
         delay = BACKOFF_BASE_S
         while True:
             try:
-                return await super().execute_command(*args, **kwargs)
+                return await as_connection_error(super().execute_command(*args, **kwargs))
             except FAILOVER_ERRORS:
                 now = loop.time()
                 if deadline is None:

@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budgeter.domain import jsonio
 from budgeter.store import durability
+from budgeter.store.cluster_client import as_connection_error
 from budgeter.store.types import RedisClient, Script, ScriptArg, ScriptReply
 
 MAX_BATCH = 512
@@ -207,7 +208,9 @@ async def _on_node(
         async with redis.pipeline(transaction=False) as pipe:
             for args in calls:
                 pipe.execute_command(*args)
-            replies: list[ScriptReply] = await pipe.execute(raise_on_error=False)
+            replies: list[ScriptReply] = await as_connection_error(
+                pipe.execute(raise_on_error=False)
+            )
         if wanted is not None:
             replies = [_unproven(r) if n in durable else r for n, r in enumerate(replies)]
         return replies, None
@@ -215,7 +218,7 @@ async def _on_node(
     if wanted is not None:
         commands.append(PipelineCommand(len(calls), *wanted.wait_args()))
     try:
-        await node.execute_pipeline(commands)
+        await as_connection_error(node.execute_pipeline(commands))
     except (RedisConnectionError, RedisTimeoutError) as exc:
         for command in commands:
             command.result = exc

@@ -28,6 +28,7 @@ from typing import TypeVar
 from redis.exceptions import ClusterDownError, ReadOnlyError, SlotNotCoveredError, TryAgainError
 
 from budgeter.queue.jobqueue import JobQueue, LeasedJob
+from budgeter.store.cluster_client import closed_under_us
 from budgeter.store.outage import OUTAGE, UNREACHABLE, unreachable_cause
 
 log = logging.getLogger("budgeter.worker")
@@ -48,7 +49,9 @@ Sleep = Callable[[float], Awaitable[None]]
 
 
 def is_retryable(exc: BaseException) -> bool:
-    return isinstance(exc, RETRYABLE) or unreachable_cause(exc) is not None
+    """Redis could not take the call now: away, failing over, or a connection that
+    redis-py's cluster client closed under the call (budgeter/store/cluster_client.py)."""
+    return isinstance(exc, RETRYABLE) or unreachable_cause(exc) is not None or closed_under_us(exc)
 
 
 class AnswerKeeper:

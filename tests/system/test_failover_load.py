@@ -11,11 +11,11 @@ run, ``{sched}``) is SIGKILLed and a replica is promoted. Nobody restarts a proc
   replica must stay after the kill for a WAIT of one), the master of a tenant's slot.
 
 With WAIT 1 the test asserts: every acknowledged job ends in exactly one terminal state
-with one result, no budget served over its limit, every process still up. With WAIT 0 the
-same checks are measured and reported (jobs lost, served twice, usage tokens not charged,
-overshoot tokens). The figures and the time from the kill to the first job stored as
-served after it go to ``test-artifacts/failover.md``. Nothing waits on speed: conditions
-are polled under generous timeouts.
+with one result, none served twice, no budget served over its limit, every process still
+up. With WAIT 0 the same checks are measured and reported (jobs lost, served twice, usage
+tokens not charged, overshoot tokens). The figures and the time from the kill to the first
+job stored as served after it go to ``test-artifacts/failover.md``. Nothing waits on
+speed: conditions are polled under generous timeouts.
 """
 
 from __future__ import annotations
@@ -297,6 +297,7 @@ async def _run(
                     assert uncharged == 0, (served_tokens, recorded)
                     assert overshoot == 0
                     assert not_terminal == missing == duplicate_results == 0
+                    assert served_twice == 0, "with WAIT, no pick or ack is lost: none again"
         finally:
             await procs.stop()
             await redis.aclose()
