@@ -46,6 +46,7 @@ from budgeter.upstream.mock import STATE_KEY
 from budgeter.upstream.token_counter import TokenCounter
 from budgeter.worker.worker import Worker, WorkerConfig
 from tests.helpers import listen_args, mock_upstream, read_port, requests_for
+from tests.ledger.test_reconcile import counter_sums, ledger_sums
 
 WORKERS = 4
 CONCURRENCY = 16
@@ -504,6 +505,17 @@ async def test_chaos_kills_restarts_and_faults_lose_nothing(
                 totals[tenant] = total_row.used
                 if tenant != ORG:  # its usage is its children's, counted with theirs
                     recorded += total_row.used
+            # the ledger (issue 18), written in the settle's own Lua call, equals the usage
+            # counters per tenant, model and kind to the token, though workers died mid-run
+            # and their reservations were reaped
+            ledger_entries = 0
+            for tenant in POLICIES:
+                if tenant == ORG:  # an ancestor keeps counters, the ledger is its children's
+                    continue
+                sums, seen = await ledger_sums(redis, tenant)
+                assert +sums == +(await counter_sums(redis, tenant)), tenant
+                ledger_entries += sum(seen.values())
+            assert ledger_entries > 0
             stats = await _get_json(http, f"{mock}/mock/stats")
             served = stats["input_tokens"] + stats["output_tokens"]
             # what the upstream really served is never more than what was charged
@@ -559,7 +571,8 @@ async def test_chaos_kills_restarts_and_faults_lose_nothing(
             + ", ".join(f"{o} {outcomes[o]:,}" for o in TERMINAL_STATES)
             + f" ({refused} refused by budget, {by_parent} of them by the parent org); tokens "
             f"served {served:,} <= charged {recorded:,}; org's {ORG_BUDGET:,} budget: "
-            f"{org_used:,} used, its children's counters {children_used:,}.\n"
+            f"{org_used:,} used, its children's counters {children_used:,}; ledger: "
+            f"{ledger_entries:,} entries, equal to the counters per tenant, model and kind.\n"
         )
         print(line)
         (artifacts_dir / "chaos.md").write_text(f"# Chaos test (`tests/test_chaos.py`)\n\n{line}")
