@@ -24,6 +24,7 @@ from budgeter.domain.messages import (
     BatchRequest,
     first_error,
 )
+from budgeter.domain.passthrough import Passthrough
 from budgeter.domain.policy import TenantPolicy, check_tenant_id
 from budgeter.domain.tree import HasChildrenError, TreeError
 from budgeter.logs import setup_logging
@@ -181,8 +182,9 @@ async def operator_command(args: argparse.Namespace, settings: Settings) -> int:
         check_tenant_id(args.tenant)
         if args.batch_id is not None and not CUSTOM_ID_RE.fullmatch(args.batch_id):
             raise CliError("--batch-id: use 1-64 characters a-z, A-Z, 0-9, '_' or '-'")
+        tags = _submit_tags(args.tags)
         requests = read_batch_file(args.file)
-        return await submit_command(args, settings, requests)
+        return await submit_command(args, settings, requests, tags)
     if command == "results":
         return await results_command(args.batch_id, settings)
     if command == "usage":
@@ -316,8 +318,20 @@ async def tenants_apply_command(args: argparse.Namespace, settings: Settings) ->
 # submit / results / usage -----------------------------------------------------------------
 
 
+def _submit_tags(text: str | None) -> dict[str, str]:
+    from budgeter.ledger.tags import TagError, parse_tags_header
+
+    try:
+        return parse_tags_header(text)
+    except TagError as exc:
+        raise CliError(f"--tags: {exc}") from None
+
+
 async def submit_command(
-    args: argparse.Namespace, settings: Settings, requests: list[BatchRequest]
+    args: argparse.Namespace,
+    settings: Settings,
+    requests: list[BatchRequest],
+    tags: dict[str, str] | None = None,
 ) -> int:
     async with redis_from_settings(settings) as redis:
         store = BatchStore(redis, prefix=settings.key_prefix)
@@ -333,6 +347,7 @@ async def submit_command(
             batch_id=args.batch_id,
             ttl_ms=int((deadline_s or settings.batch_ttl_hours * 3600) * 1000),
             priority=args.priority or policy.default_priority,
+            passthrough=Passthrough(tags=tuple((tags or {}).items())),
         )
         if not args.wait:
             print(batch_id)

@@ -233,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse an id to retry a submission (default: a new id)",
     )
     submit.add_argument(
+        "--tags",
+        default=None,
+        help="tags for every request's ledger entry, as team=search,feature=rerank "
+        "(the budgeter-tags header of the API; at most 8)",
+    )
+    submit.add_argument(
         "--priority",
         choices=("high", "normal", "low"),
         default=None,

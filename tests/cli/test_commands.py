@@ -139,3 +139,24 @@ def test_bad_setting_stops_with_one_line_naming_the_variable() -> None:
         "budgeter: error: BUDGETER_REDIS_URL: Value error, must start with redis://, "
         "rediss://, unix://, redis+cluster:// or redis+sentinel://"
     ]
+
+
+def test_submit_tags_the_batch_and_refuses_a_bad_tag_in_one_line(
+    env: sync_redis.Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--tags`` is the API's ``budgeter-tags`` header for a batch: every job's ledger
+    entry carries them (the chargeback walk-through in the README)."""
+    assert main(["tenants", "set", "acme", "--policy", "{}"]) == 0
+    path = tmp_path / "b.jsonl"
+    path.write_text(line("a") + "\n")
+    args = ["submit", "--tenant", "acme", "--tags", "team=search,feature=rerank", str(path)]
+    assert main(args) == 0
+    batch_id = capsys.readouterr().out.split()[-1]
+    tags = env.hget(f"budgeter:{{t:acme}}:batch:{batch_id}", "tags")
+    assert json.loads(str(tags)) == {"team": "search", "feature": "rerank"}
+
+    bad = ["submit", "--tenant", "acme", "--tags", "Team=x", str(path)]
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("budgeter: error: --tags: tag 'Team'") and len(err.splitlines()) == 1
+    assert env.llen("budgeter:{t:acme}:queue") == 1  # the first batch's job only
