@@ -9,17 +9,15 @@ with ARGV[2] = '-' (an empty hash: no limits)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, PositiveFloat, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from budgeter.domain import policy_fields as pf
 from budgeter.domain.messages import JsonValue, first_error
 from budgeter.domain.policy import (
     POLICY_CONFIG,
-    ModelLimits,
     ModelName,
-    Period,
     PositiveInt,
-    RateLimits,
+    SpendLimits,
     _check_models,
 )
 
@@ -30,18 +28,9 @@ class InvalidKeyLimitsError(ValueError):
     """Bad ``limits`` (or ``name``) of a key; the message names the field."""
 
 
-class KeyLimits(BaseModel):
+class KeyLimits(SpendLimits):
     """What one API key may spend, inside its tenant's policy. Every field may be absent."""
 
-    model_config = POLICY_CONFIG
-
-    budgets: dict[Period, PositiveInt] = Field(
-        default_factory=dict, description="Tokens of this key per UTC calendar period."
-    )
-    usd_budgets: dict[Period, PositiveFloat] = Field(
-        default_factory=dict, description="US dollars of this key per UTC calendar period."
-    )
-    rate: RateLimits = Field(default_factory=RateLimits)
     max_concurrency: PositiveInt | None = Field(
         default=None, description="Reservations of this key in flight at once."
     )
@@ -62,9 +51,7 @@ class KeyLimits(BaseModel):
 
     def redis_fields(self) -> dict[str, str]:
         """The key's flat policy hash (absent field = no limit), as TenantPolicy's."""
-        fields = ModelLimits(
-            budgets=self.budgets, usd_budgets=self.usd_budgets, rate=self.rate
-        ).flat()
+        fields = self.flat()
         if self.allowed_models is not None:
             fields[pf.ALLOWLIST] = "1"
             for model in self.allowed_models:

@@ -68,16 +68,17 @@ def _check_models(names: list[str]) -> None:
             )
 
 
-class ModelLimits(BaseModel):
-    """Limits that apply to one model only, on top of the policy's own."""
+class SpendLimits(BaseModel):
+    """Token and dollar budgets and rate limits of one scope inside a policy: one model
+    (:class:`ModelLimits`) or one API key (budgeter/domain/key_limits.py)."""
 
     model_config = POLICY_CONFIG
 
     budgets: dict[Period, PositiveInt] = Field(
-        default_factory=dict, description="Tokens of this model per UTC calendar period."
+        default_factory=dict, description="Tokens per UTC calendar period."
     )
     usd_budgets: dict[Period, PositiveFloat] = Field(
-        default_factory=dict, description="US dollars spent on this model per period."
+        default_factory=dict, description="US dollars per UTC calendar period."
     )
     rate: RateLimits = Field(default_factory=RateLimits)
 
@@ -93,6 +94,10 @@ class ModelLimits(BaseModel):
             if limit is not None:
                 fields[format_field(LimitField("rate", kind, model))] = str(limit)
         return fields
+
+
+class ModelLimits(SpendLimits):
+    """Limits that apply to one model only, on top of the policy's own."""
 
 
 class NotifyPolicy(BaseModel):
