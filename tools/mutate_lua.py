@@ -65,6 +65,7 @@ TESTS = [
     "tests/admission/test_rollups.py",  # settle.lua's per-minute rollups
     "tests/ledger/test_settle_ledger.py",  # settle.lua's ledger entries and per-key usage
     "tests/queue/",
+    "tests/notify/test_queue_events.py",  # ack.lua's and cancel.lua's events (lib/events.lua)
     "tests/api/test_app.py",
     "tests/api/test_admin_consistency.py",  # tenants/key_used.lua
     "tests/tenants/test_merge_patch.py",  # tenants/replace_policy.lua

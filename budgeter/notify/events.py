@@ -1,7 +1,20 @@
 """Notification events (issue 18, item 4): what happened, to whom, as one entry of the
 tenant's outbox stream (``{t:<tenant>}:outbox``, on the tenant's slot, so the scripts that
 detect an event can append it in the same call). This module is the one home of the
-entry's fields (``type`` and ``data``, JSON) and of the JSON body a webhook receives."""
+entry's fields (``type`` and ``data``, JSON) and of the JSON body a webhook receives.
+
+What each type's ``data`` carries, and which script appends it (in the same call as the
+change it tells, only for a tenant whose policy has ``notify``: lib/events.lua):
+
+- ``budget.threshold`` / ``budget.exhausted`` (admission/settle.lua): ``budget`` (the
+  counter: ``day``, ``usd:month``, ``m:<model>:day``), ``period``, ``threshold``, ``used``,
+  ``limit``.
+- ``batch.ended`` (queue/ack.lua for the batch's last job, batch/cancel.lua when a cancel
+  ends it): ``batch_id`` and ``request_counts`` (:data:`REQUEST_COUNTS`, jobs per state).
+- ``job.dead_lettered`` (queue/ack.lua storing a dead-lettered job's result):
+  :data:`DEAD_LETTERED_FIELDS`, ``error_type`` the Anthropic error type of its result
+  (null when it has none) and ``attempts`` those it used.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +29,8 @@ EventType = Literal[
     "budget.threshold", "budget.exhausted", "batch.ended", "job.dead_lettered", "test"
 ]
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
+REQUEST_COUNTS = ("processing", "succeeded", "errored", "canceled", "expired")
+DEAD_LETTERED_FIELDS = ("job_id", "batch_id", "custom_id", "error_type", "attempts")
 
 
 class BadEventError(ValueError):
@@ -60,11 +75,14 @@ class Event:
             return f"budgeter: tenant {self.tenant} exhausted its {d.get('budget', 'budget')}"
         if self.type == "batch.ended":
             counts = d.get("request_counts")
-            return f"budgeter: batch {d.get('batch_id')} of {self.tenant} ended: {counts}"
+            told = counts if isinstance(counts, dict) else {}
+            each = ", ".join(f"{told[k]} {k}" for k in REQUEST_COUNTS[1:] if told.get(k))
+            return f"budgeter: batch {d.get('batch_id')} of {self.tenant} ended: {each or 'empty'}"
         if self.type == "job.dead_lettered":
             return (
                 f"budgeter: job {d.get('custom_id')} of batch {d.get('batch_id')} "
-                f"({self.tenant}) was dead-lettered after {d.get('attempts')} attempts"
+                f"({self.tenant}) was dead-lettered after {d.get('attempts')} attempts "
+                f"({d.get('error_type')})"
             )
         return f"budgeter: {self.type} for tenant {self.tenant}"
 

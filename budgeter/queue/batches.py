@@ -18,6 +18,7 @@ from budgeter.domain import jsonio
 from budgeter.domain.jobs import DEFAULT_TTL_MS
 from budgeter.domain.messages import BatchRequest
 from budgeter.domain.passthrough import NO_PASSTHROUGH, Passthrough, format_betas, parse_betas
+from budgeter.notify.queue_events import cancel_keys, hint
 from budgeter.queue.jobqueue import JobQueue, NewJob
 from budgeter.store.durability import NotReplicated
 from budgeter.store.keys import TenantKeys, batch_index_key
@@ -135,7 +136,7 @@ class BatchStore:
         budgeter/store/durability.py): canceled and deleted (best effort: a job leased
         meanwhile keeps the canceled batch until it ends; a failover loses it all anyway)."""
         with contextlib.suppress(Exception):
-            await self.cancel(batch_id, tenant=tenant)
+            await self.cancel(batch_id, tenant=tenant, notify=False)
         with contextlib.suppress(Exception):
             await self.delete(batch_id, tenant=tenant)
 
@@ -218,22 +219,15 @@ class BatchStore:
             raise BatchNotFoundError(f"batch {batch_id!r} not found")
         return int(rank)  # type: ignore[arg-type]  # ZREVRANK without WITHSCORE: an int
 
-    async def cancel(self, batch_id: str, *, tenant: str) -> BatchStatus:
-        """Queued jobs end as canceled now; leased ones finish as they are."""
+    async def cancel(self, batch_id: str, *, tenant: str, notify: bool = True) -> BatchStatus:
+        """Queued jobs end as canceled now; leased ones finish as they are. A cancel that
+        ends the batch appends ``batch.ended`` (``notify=False``: not for a batch undone)."""
         await self.status(batch_id, tenant=tenant)
         keys = TenantKeys.of(self.prefix, tenant)
-        await self._cancel(
-            keys=[
-                keys.batch(batch_id),
-                keys.batch_jobs(batch_id),
-                keys.jstate,
-                keys.results,
-                keys.jobs,
-                keys.canceled_batches,
-                keys.outcomes,
-            ],
-            args=["", batch_id],
+        _, events = await self._cancel(
+            keys=cancel_keys(keys, batch_id, notify=notify), args=["", batch_id]
         )
+        await hint(self.redis, self.prefix, tenant, int(events))
         # a tenant parked for a rate window may hold jobs of this batch: let them drain now
         await self.queue.activate(tenant, unpark=True, wake=1)
         return await self.status(batch_id, tenant=tenant)

@@ -23,13 +23,14 @@ from budgeter.domain import jsonio, policy_fields
 from budgeter.domain.job_params import format_params, parse_params
 from budgeter.domain.jobs import DEFAULT_TTL_MS, TERMINAL_STATES
 from budgeter.domain.policy import TENANT_ID_RE
+from budgeter.notify.queue_events import ack_keys, hint
 from budgeter.queue.batch_meta import BatchMeta, format_batch_meta, parse_batch_meta
 from budgeter.queue.probes import ProbeEnd, wanted_from
 from budgeter.store.durability import durable_pipeline
 from budgeter.store.keys import SchedKeys, TenantKeys
 from budgeter.store.scripts import register
 from budgeter.store.server_time import server_time_ms
-from budgeter.store.types import RedisClient
+from budgeter.store.types import RedisClient, ScriptArg
 
 WAKE_TOKENS_MAX = 32
 SUBMIT_CHUNK = 1000
@@ -433,19 +434,10 @@ class JobQueue:
             raise ValueError(f"not a terminal state: {outcome}")
         keys = self.keys(tenant)
         line = jsonio.dumps({"custom_id": custom_id, "result": result})
-        done = await self._ack(
-            keys=[
-                keys.leases,
-                keys.jstate,
-                keys.results,
-                keys.batch(batch_id),
-                keys.dead,
-                keys.outcomes,
-                keys.jobs,
-            ],
-            args=[jid, outcome, line, "", "1" if dead else "0"],
-        )
-        return bool(done)
+        args: list[ScriptArg] = [jid, outcome, line, "", "1" if dead else "0"]
+        recorded, events = await self._ack(keys=ack_keys(keys, batch_id), args=args)
+        await hint(self.redis, self.prefix, tenant, int(events))  # job.dead_lettered, batch.ended
+        return bool(int(recorded))
 
     async def heartbeat(
         self,

@@ -66,8 +66,9 @@ class AdmissionKeys:
     @property
     def outbox(self) -> str:
         """stream: the scope's notification events (admission/settle.lua appends budget
-        crossings), fields ``type`` and ``data`` (budgeter.notify.events), consumer group
-        ``delivery`` (budgeter.notify.outbox); never written for an account scope."""
+        crossings, queue/ack.lua and batch/cancel.lua batch ends and dead letters), fields
+        ``type`` and ``data`` (budgeter.notify.events), consumer group ``delivery``
+        (budgeter.notify.outbox); never written for an account scope."""
         return self._k("outbox")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,10 +24,8 @@ from budgeter.notify.delivery import Delivery, DeliveryConfig, backoff_ms
 from budgeter.notify.events import BadEventError, Event, format_fields, parse_fields
 from budgeter.notify.outbox import Outbox
 from budgeter.notify.signing import BadSignatureError, sign, verify
-from tests.helpers import read_port
 
 SECRET = "whsec-test-0123456789"
-RECEIVER = Path(__file__).with_name("receiver.py")
 
 
 def test_an_event_round_trips_through_its_outbox_fields() -> None:
@@ -68,28 +65,6 @@ def test_backoff_doubles_up_to_its_cap() -> None:
         60000,
         60000,
     ]
-
-
-@pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
-    """A receiver process that answers 500 to its first 2 requests."""
-    port_file, log = tmp_path / "port", tmp_path / "received.jsonl"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(RECEIVER),
-        "--port-file",
-        str(port_file),
-        "--log",
-        str(log),
-        "--fail-first",
-        "2",
-    )
-    try:
-        port = await read_port(port_file, proc)
-        yield f"http://127.0.0.1:{port}/hook", log
-    finally:
-        proc.terminate()
-        await proc.wait()
 
 
 @contextlib.asynccontextmanager

@@ -43,7 +43,7 @@ async def cancel_at(store: BatchStore, batch_id: str, now_ms: int) -> int:
     k = store.queue.keys("acme")
     keys = [k.batch(batch_id), k.batch_jobs(batch_id), k.jstate, k.results, k.jobs]
     keys += [k.canceled_batches, k.outcomes]
-    return int(await store._cancel(keys=keys, args=[str(now_ms), batch_id]))
+    return int((await store._cancel(keys=keys, args=[str(now_ms), batch_id]))[0])
 
 
 async def test_a_batch_canceled_whole_ends_at_once_and_only_once(redis: Redis) -> None:
