@@ -138,6 +138,12 @@ class Settings(BaseSettings):
     api_max_body_mb: int = Field(
         default=256, ge=1, description="Largest request body the API accepts (MB)."
     )
+    api_redis_deadline_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long an API request waits for a Redis reply before it answers 503 "
+        "(batch creation: longer, with the batch's size).",
+    )
     data_dir: Path = Field(
         default_factory=default_data_dir,
         description="Where the shared embedded Redis keeps its data (never the current "

@@ -18,6 +18,7 @@ from budgeter.admission.admission import admission_from_settings
 from budgeter.api.access_log import access_log_middleware
 from budgeter.api.appkeys import AUTH_THROTTLE, BATCHES, KEYS, REDIS, SETTINGS, TENANTS
 from budgeter.api.auth import auth_middleware
+from budgeter.api.deadline import redis_deadline_middleware
 from budgeter.api.errors import errors_middleware
 from budgeter.api.health import HEALTH, HealthState
 from budgeter.api.local_count import LocalCountCache
@@ -110,7 +111,12 @@ def create_app(
 ) -> web.Application:
     """The API app. With ``redis`` given (tests), it is used and not closed here."""
     app = web.Application(
-        middlewares=[access_log_middleware, errors_middleware, auth_middleware],
+        middlewares=[
+            access_log_middleware,
+            errors_middleware,
+            redis_deadline_middleware,
+            auth_middleware,
+        ],
         client_max_size=settings.api_max_body_mb * 1024 * 1024,
     )
     app[SETTINGS] = settings

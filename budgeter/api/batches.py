@@ -9,6 +9,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from budgeter.api.appkeys import BATCHES, SETTINGS, TENANTS
+from budgeter.api.deadline import batch_deadline_s
 from budgeter.api.errors import REQUEST_ID, ApiError
 from budgeter.api.passthrough import check_betas, read_passthrough
 from budgeter.api.request import base_url, limit_param, principal, read_json
@@ -26,6 +27,7 @@ from budgeter.ledger.tags import HEADER as TAGS_HEADER
 from budgeter.ledger.tags import TagError, parse_tags_header
 from budgeter.queue.batches import BatchNotEndedError, BatchNotFoundError, BatchStatus
 from budgeter.queue.jobqueue import UnknownTenantError
+from budgeter.store.reply_deadline import reply_deadline
 
 PRIORITY_HEADER = "budgeter-priority"
 DEADLINE_HEADER = "budgeter-deadline-seconds"
@@ -74,13 +76,15 @@ async def create_batch(request: web.Request) -> web.Response:
     priority = _priority_header(request, policy.default_priority)
     ttl_ms = _deadline_header(request, int(settings.batch_ttl_hours * 3_600_000))
     store = request.app[BATCHES]
-    try:
-        batch_id = await store.create(
-            who.tenant, body.requests, ttl_ms=ttl_ms, priority=priority, passthrough=passthrough
-        )
-    except UnknownTenantError:
-        raise ApiError(404, "this key's tenant has no policy (tenant not found)") from None
-    status = await store.status(batch_id, tenant=who.tenant)
+    # its MULTI/EXEC grows with it: Redis busy with it is given longer (api/deadline.py)
+    with reply_deadline(batch_deadline_s(settings, len(body.requests))):
+        try:
+            batch_id = await store.create(
+                who.tenant, body.requests, ttl_ms=ttl_ms, priority=priority, passthrough=passthrough
+            )
+        except UnknownTenantError:
+            raise ApiError(404, "this key's tenant has no policy (tenant not found)") from None
+        status = await store.status(batch_id, tenant=who.tenant)
     return ok(MessageBatch.of(status, base_url(request)))
 
 

@@ -21,6 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budgeter.settings import Settings
+from budgeter.store import reply_deadline
 from budgeter.store.cluster_client import FailoverRedisCluster
 from budgeter.store.durability import configure as configure_durability
 from budgeter.store.outage import OUTAGE
@@ -55,6 +56,22 @@ class HiredisPacking:
         await super().on_connect_check_health(check_health)  # type: ignore[misc]  # mixed in
         OUTAGE.reachable()
 
+    @property
+    def socket_timeout(self) -> float | None:
+        """The configured socket timeout, or the caller's shorter
+        :mod:`~budgeter.store.reply_deadline`: redis-py bounds each read (and write) with
+        it, and on a timeout disconnects the half-read connection and raises its
+        ``TimeoutError`` (an explicit read ``timeout``, pubsub's own, is left alone)."""
+        configured: float | None = self.__dict__.get("_configured_socket_timeout")
+        bound = reply_deadline.current()
+        if bound is None or (configured is not None and configured <= bound):
+            return configured
+        return bound
+
+    @socket_timeout.setter
+    def socket_timeout(self, value: float | None) -> None:
+        self.__dict__["_configured_socket_timeout"] = value
+
 
 def _hiredis_packing(connection_class: type) -> type:
     name = f"HiredisPacking{connection_class.__name__}"
@@ -63,7 +80,8 @@ def _hiredis_packing(connection_class: type) -> type:
 
 class LoginRetry(Retry):
     """redis-py's Retry, except that a refused login (wrong password, disabled ACL user)
-    is not retried: it stays refused, and the caller hears so at once."""
+    is not retried: it stays refused, and the caller hears so at once; nor is a timeout
+    under a :mod:`~budgeter.store.reply_deadline` (the caller waits on that bound)."""
 
     async def call_with_retry(
         self,
@@ -75,6 +93,8 @@ class LoginRetry(Retry):
         def retryable(error: Exception) -> bool:
             if isinstance(error, AuthenticationError | AuthorizationError):
                 return False
+            if isinstance(error, RedisTimeoutError) and reply_deadline.current() is not None:
+                return False  # a caller waits on a bound: its call fails, not tried again
             return is_retryable is None or is_retryable(error)
 
         return await super().call_with_retry(do, fail, retryable, with_failure_count)

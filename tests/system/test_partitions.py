@@ -8,7 +8,10 @@ redis-server on loopback.
   reservation was charged in full by the reaper (the upstream served the request twice:
   charged twice, never zero) and the batch counts are exact.
 - The API cut off from Redis answers 503 ``overloaded_error`` with ``retry-after``, and
-  answers 200 again once Redis is reachable.
+  answers 200 again once Redis is reachable: behind a partition that resets connections,
+  and behind a silent one that holds the bytes (within ``BUDGETER_API_REDIS_DEADLINE_SECONDS``
+  instead of the client's 60 s socket timeout and its retries); ``/v1/messages`` then
+  answers 503 before it calls the upstream.
 Nothing waits on speed: conditions are polled under generous timeouts.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -30,6 +34,7 @@ from budgeter.queue.batches import BatchStore
 from budgeter.store.client import make_redis
 from budgeter.store.embedded import EmbeddedRedis
 from budgeter.store.keys import TenantKeys
+from budgeter.tenants.credentials import KeyStore
 from budgeter.tenants.store import TenantStore
 from tests.helpers import listen_args, read_port, requests_for
 from tests.tcp_relay import TcpRelay
@@ -170,9 +175,8 @@ async def test_a_worker_cut_off_past_its_lease_serves_nothing_twice_and_is_charg
 async def test_the_api_cut_off_from_redis_answers_503_with_retry_after_and_recovers(
     tmp_path: Path,
 ) -> None:
-    """The partition resets every connection and refuses new ones. Not covered: a
-    partition that holds the bytes (no reset, ``relay.pause()``): the API then waits on
-    the client's 60 s socket timeout and its retries, and gave no answer within 120 s."""
+    """The partition resets every connection and refuses new ones (for one that holds
+    the bytes, see the next test)."""
     server = EmbeddedRedis(tmp_path / "redis", appendonly=False)
     await asyncio.to_thread(server.start)
     logs = tmp_path / "logs"
@@ -205,4 +209,84 @@ async def test_the_api_cut_off_from_redis_answers_503_with_retry_after_and_recov
         if api is not None and api.returncode is None:
             with contextlib.suppress(TimeoutError):
                 await _stop(api)
+        await asyncio.to_thread(server.stop)
+
+
+@pytest.mark.timeout(300)
+async def test_the_api_behind_a_silent_partition_answers_503_within_its_deadline(
+    tmp_path: Path,
+) -> None:
+    """``relay.pause()``: every byte held, no reset, new connections accepted and held too.
+    The API's Redis deadline (2 s here) answers 503 where the client's 60 s socket timeout
+    and its retries gave no answer within 120 s; 60 s is the generous outer bound. The
+    proxy answers 503 at its reservation and never calls the upstream unreserved."""
+    server = EmbeddedRedis(tmp_path / "redis", appendonly=False)
+    await asyncio.to_thread(server.start)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    redis: Any = make_redis(server.url)
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        await TenantStore(redis).put("acme", TenantPolicy(budgets={"total": 10**9}))
+        _, key = await KeyStore(redis).create("acme")
+        async with TcpRelay("127.0.0.1", int(server.port or 0)) as relay:
+            mock_proc, mock_port = await _spawn(logs, "mock", _env(server.url), "mock-upstream")
+            procs.append(mock_proc)
+            mock = f"http://127.0.0.1:{mock_port}"
+            env = {
+                **_env(relay.url),
+                "BUDGETER_UPSTREAM_URL": mock,
+                "BUDGETER_API_REDIS_DEADLINE_SECONDS": "2",
+            }
+            api, port = await _spawn(logs, "api", env, "api")
+            procs.append(api)
+            base = f"http://127.0.0.1:{port}"
+            admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+            tenant = {"x-api-key": key, "anthropic-version": "2023-06-01"}
+            message = {
+                "model": "claude-test",
+                "max_tokens": MAX_TOKENS,
+                "messages": [{"role": "user", "content": "hello"}],
+            }
+            batch = {"requests": [{"custom_id": "r-0", "params": message}]}
+            calls: dict[str, tuple[str, str, dict[str, str], Any]] = {
+                "admin": ("GET", f"{base}/admin/tenants", admin, None),
+                "proxy": ("POST", f"{base}/v1/messages", tenant, message),
+                "batch": ("POST", f"{base}/v1/messages/batches", tenant, batch),
+            }
+            async with aiohttp.ClientSession() as http:
+
+                async def answers(name: str, status: int) -> bool:
+                    method, url, headers, body = calls[name]
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with http.request(method, url, headers=headers, json=body) as resp:
+                            return resp.status == status
+                    return False
+
+                for name in ("admin", "proxy"):
+                    await _until(functools.partial(answers, name, 200))
+                served = (await _json(http, f"{mock}/mock/stats"))["requests"]["messages"]
+                await relay.pause()  # silent: bytes held both ways, no reset
+                for name, (method, url, headers, body) in calls.items():
+                    async with (
+                        asyncio.timeout(60),
+                        http.request(method, url, headers=headers, json=body) as resp,
+                    ):
+                        answer = await resp.json()
+                        assert resp.status == 503, (name, answer)
+                        assert int(resp.headers["retry-after"]) > 0, name
+                        assert answer["error"]["type"] == "overloaded_error", (name, answer)
+                stats = await _json(http, f"{mock}/mock/stats")
+                assert stats["requests"]["messages"] == served  # never called unreserved
+                await relay.resume()
+                for name in ("admin", "proxy"):
+                    await _until(functools.partial(answers, name, 200), timeout_s=120)
+                stats = await _json(http, f"{mock}/mock/stats")
+                assert stats["requests"]["messages"] > served
+            assert await _stop(api) == 0
+    finally:
+        for proc in procs:
+            with contextlib.suppress(TimeoutError, ProcessLookupError):
+                await _stop(proc)
+        await redis.aclose()
         await asyncio.to_thread(server.stop)
