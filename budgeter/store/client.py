@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -80,8 +81,10 @@ def _hiredis_packing(connection_class: type) -> type:
 
 class LoginRetry(Retry):
     """redis-py's Retry, except that a refused login (wrong password, disabled ACL user)
-    is not retried: it stays refused, and the caller hears so at once; nor is a timeout
-    under a :mod:`~budgeter.store.reply_deadline` (the caller waits on that bound)."""
+    or a refused TLS certificate (the server's not trusted, the client's missing or not
+    accepted) is not retried: it stays refused, and the caller hears so at once; nor is a
+    timeout under a :mod:`~budgeter.store.reply_deadline` (the caller waits on that
+    bound)."""
 
     async def call_with_retry(
         self,
@@ -93,11 +96,21 @@ class LoginRetry(Retry):
         def retryable(error: Exception) -> bool:
             if isinstance(error, AuthenticationError | AuthorizationError):
                 return False
+            if refused_certificate(error):
+                return False
             if isinstance(error, RedisTimeoutError) and reply_deadline.current() is not None:
                 return False  # a caller waits on a bound: its call fails, not tried again
             return is_retryable is None or is_retryable(error)
 
         return await super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
+def refused_certificate(error: BaseException) -> bool:
+    """``error`` (redis-py's ConnectionError) comes from a TLS certificate one side
+    refused: settings to fix, not a network to wait for (a TLS error without a
+    certificate in it, a connection cut mid-handshake, stays retried)."""
+    cause = error.__cause__ or error.__context__
+    return isinstance(cause, ssl.SSLError) and "CERTIFICATE" in str(cause).upper()
 
 
 def _pool_options() -> dict[str, object]:
