@@ -91,6 +91,7 @@ async def test_a_probe_holds_its_tenant_until_its_decision_or_the_hold_ends(
     lapsed = await queue.pick_many(SLOTS, lease_ms=LEASE, now_ms=NOW + 13 + LEASE)
     assert len(lapsed.jobs) == 2 and not any(j.probe for j in lapsed.jobs)  # full speed
     assert await redis.hget(queue.sched.probe, "acme") is None
+    assert await redis.zscore(queue.sched.held, "acme") is None  # the lapsed hold is gone
 
 
 async def test_an_early_unpark_ends_a_probe_hold(redis: Redis) -> None:
