@@ -113,8 +113,14 @@ class TenantStore:
         raise PolicyConflictError("the organisation tree kept changing; try again")
 
     async def _set_parent(self, tenant: str, parent: str | None) -> None:
+        if parent is None:
+            # a root is valid in any tree: written without reading the tree, so that
+            # creating many tenants at once costs one call each, not a read of the whole
+            # tree and a retry for every concurrent writer
+            await self._tree_set(keys=self._tree_keys, args=["*", "set", tenant, ""])
+            return
         # a parent made by a version without the tree has a policy but no entry yet
-        older = parent is not None and await self.exists(parent)
+        older = await self.exists(parent)
 
         def build(parents: dict[str, str | None]) -> list[str]:
             ops = []

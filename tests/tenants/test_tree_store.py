@@ -76,6 +76,32 @@ async def test_the_tree_write_is_a_compare_and_set_on_its_version(redis: Redis) 
     assert await store.parents() == {"a": None, "b": "a"}
 
 
+async def _hgetalls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+
+
+async def test_roots_are_written_without_reading_the_tree_or_retrying(redis: Redis) -> None:
+    """Creating many tenants at once: a root is valid in any tree, so each put of one is
+    one unconditional tree write (no read of the whole tree, no compare-and-set retry)."""
+    store = TenantStore(redis)
+    await store.put("org", under(None))
+    await store.put("team", under("org"))
+    version, _ = await store.tree()
+    before = await _hgetalls(redis)
+    await asyncio.gather(*(store.put(f"r{n}", under(None)) for n in range(200)))
+    await store.put("team", under(None))  # a child made a root: its chain only gets shorter
+    assert await _hgetalls(redis) == before
+    after, parents = await store.tree()
+    assert int(after) == int(version) + 201  # one write each, none retried
+    assert parents == {"org": None, "team": None, **{f"r{n}": None for n in range(200)}}
+    # the unconditional form applies on any version; a stale compare-and-set still does not
+    ops = ["set", "x", ""]
+    assert await store._tree_set(keys=store._tree_keys, args=["*", *ops]) == 1
+    assert await store._tree_set(keys=store._tree_keys, args=[version, "set", "y", "x"]) == 0
+    assert (await store.parents())["x"] is None and "y" not in await store.parents()
+
+
 async def test_depth_is_at_most_four_below_the_root(redis: Redis) -> None:
     store = TenantStore(redis)
     await store.put("l0", under(None))
