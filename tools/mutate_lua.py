@@ -57,6 +57,7 @@ LUA = ROOT / "budgeter" / "lua"
 TESTS = [
     "tests/admission/test_admission.py",
     "tests/admission/test_chain.py",  # reserve.lua's check-only item, meta, key scopes
+    "tests/admission/test_key_scope_one_call.py",  # reserve.lua's key scope (KEYS[9..16])
     "tests/admission/test_pause.py",
     "tests/admission/test_reserve_bookkeeping.py",
     "tests/admission/test_settle_bookkeeping.py",

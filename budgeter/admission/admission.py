@@ -182,19 +182,24 @@ class Admission:
         record = dict(meta or {})
         if ancestors:
             record["a"] = ancestors
+        # the key's limits are one more scope in the tenant's own call (KEYS[9..16])
+        held = chain[:1] if chain and chain[0].prefix == KEY_PREFIX else ()
+        names = self._names(tenant)[0]
+        if held:
+            names = (*names, *reserve_keys(held[0].keys))
         try:
             reply = await self._reserve(
-                self._names(tenant)[0],
-                (now, ""),
-                [*item, sent, prices, dumps_str(record) if record else ""],
+                names, (now, ""), [*item, sent, prices, dumps_str(record) if record else ""]
             )
         except NotReplicated:
-            await self._release_unreplicated(tenant, reservation_id, (), None, now_ms)
+            await self._release_unreplicated(tenant, reservation_id, held, None, now_ms)
             raise
         decision = Decision.from_reply(reply)
-        if chain and decision.kind != "REJECT":
+        if decision.kind == "ADMIT" and held:
+            self._chains[reservation_id] = held
+        if len(chain) > len(held) and decision.kind != "REJECT":
             decision = await self._reserve_chain(
-                tenant, chain, decision, [*item, sent, prices], now, now_ms
+                tenant, chain[len(held) :], decision, [*item, sent, prices], now, now_ms, held
             )
         if decision.kind != "ADMIT" or limits is None:
             return decision
@@ -225,12 +230,14 @@ class Admission:
         item: list[str | int],
         now: str,
         now_ms: int | None,
+        held: tuple[ChainScope, ...] = (),
     ) -> Decision:
         """Reserve in each scope of ``chain`` after the tenant's ``decision`` (ADMIT or
-        DEFER). After a refusal the remaining scopes are only checked: the answer is the
-        latest DEFER, or the first REJECT; the scopes reserved so far are released."""
+        DEFER; ``held``: the key's scope, reserved in the tenant's call). After a refusal
+        the remaining scopes are only checked: the answer is the latest DEFER, or the first
+        REJECT; the scopes reserved so far (``held`` too) are released."""
         rid = str(item[0])
-        reserved: list[ChainScope] = []
+        reserved = list(held) if decision.kind == "ADMIT" else []
         refusal = None if decision.kind == "ADMIT" else decision
         for scope in chain:
             checking = refusal is not None

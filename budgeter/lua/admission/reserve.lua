@@ -17,6 +17,14 @@ KEYS[5] resv_deadline  zset  reservation id -> deadline (ms) for the reaper
 KEYS[6] state          hash  waiting_settle flag; paused_until (ms): DEFER everything until then
 KEYS[7] recent         list  (optional) the last 20 decisions: '<now ms> <decision> <reason> <tokens>'
 KEYS[8] resv_sent      hash  (optional) reservation id -> 1, written at once when asked
+KEYS[9..16]            (optional) an API key's scope ({t:<tenant>}:k:<key>:, the tenant's slot):
+                       its policy (an empty hash: no limits), buckets, budget, resv, resv_deadline,
+                       state, recent, resv_sent. A request is admitted only if both scopes admit
+                       it, and then both are written; a refusal changes neither (but a DEFER
+                       waiting on in-flight work sets waiting_settle in the scope that waits).
+                       The answer: a REJECT of the tenant, else of the key, else the latest DEFER
+                       (the tenant's when both defer to the same ms); the key's reasons are
+                       prefixed 'key:'. The key's recent list gets the same entries as KEYS[7]
 ARGV[1] now in ms, or '' to use Redis server TIME
 ARGV[2] the flat policy as a JSON object, or '' to read KEYS[1] ('' policy hash: unknown), or
         '-' to read KEYS[1] where an empty hash means no limits (a key's scope)
@@ -54,39 +62,50 @@ local requests = cjson.decode(ARGV[3])
 local count = #requests
 local replies = {}
 
-local pol = {}
-if ARGV[2] ~= '' and ARGV[2] ~= '-' then
-  pol = cjson.decode(ARGV[2])
-else
-  local flat = redis.call('HGETALL', KEYS[1])
-  if #flat == 0 and ARGV[2] == '' then  -- a reservation made before the policy went is still idempotent
-    for n, q in ipairs(requests) do
-      local r = (n - 1) * 5
-      replies[r + 1], replies[r + 2], replies[r + 3] = 'REJECT', 0, 'unknown_tenant'
-      if redis.call('HEXISTS', KEYS[4], tostring(q[1])) == 1 then
-        replies[r + 1], replies[r + 3] = 'ADMIT', 'already_reserved'
-      end
-      replies[r + 4], replies[r + 5] = now, ''
-    end
-    return replies
+-- one scope: its key offset in KEYS, its policy and what is read once per call
+local function scope_of(o, mode)
+  local pol = {}
+  if mode ~= '' and mode ~= '-' then
+    pol = cjson.decode(mode)
+  else
+    local flat = redis.call('HGETALL', KEYS[o + 1])
+    if #flat == 0 and mode == '' then return nil end
+    for i = 1, #flat, 2 do pol[flat[i]] = flat[i + 1] end
   end
-  for i = 1, #flat, 2 do pol[flat[i]] = flat[i + 1] end
+  return {
+    o = o, pol = pol, plans = {}, deadlines = {},
+    paused = tonumber(redis.call('HGET', KEYS[o + 6], 'paused_until')),
+    max_conc = tonumber(pol['max_concurrency']),
+    wait_on_exhausted = pol['on_exhausted'] == 'wait',
+    in_flight = nil,  -- HLEN of its resv, read once when max_concurrency needs it
+  }
 end
 
-local paused = tonumber(redis.call('HGET', KEYS[6], 'paused_until'))
-local max_conc = tonumber(pol['max_concurrency'])
-local wait_on_exhausted = pol['on_exhausted'] == 'wait'
-local in_flight = nil  -- HLEN of KEYS[4], read once when max_concurrency needs it
-local recent, deadlines = {}, {}
+local tenant = scope_of(0, ARGV[2])
+if not tenant then  -- a reservation made before the policy went is still idempotent
+  for n, q in ipairs(requests) do
+    local r = (n - 1) * 5
+    replies[r + 1], replies[r + 2], replies[r + 3] = 'REJECT', 0, 'unknown_tenant'
+    if redis.call('HEXISTS', KEYS[4], tostring(q[1])) == 1 then
+      replies[r + 1], replies[r + 3] = 'ADMIT', 'already_reserved'
+    end
+    replies[r + 4], replies[r + 5] = now, ''
+  end
+  return replies
+end
+local key = nil
+if #KEYS >= 16 then key = scope_of(8, '-') end
+
+local recent = {}
 local first_recent = count - 19  -- only the last 20 decisions are kept
 local checking = false  -- the request being decided is only checked (its item [9])
 
--- what applies to a model, worked out once per call: its budgets and buckets (the
--- policy's own, then the model's 'm:<model>:' fields), and the reservation's JSON tail
-local plans = {}
-local function plan_of(model)
-  local plan = plans[model]
+-- what applies to a model in a scope, worked out once per call: its budgets and buckets
+-- (the policy's own, then the model's 'm:<model>:' fields), and the reservation's JSON tail
+local function plan_of(s, model)
+  local plan = s.plans[model]
   if plan then return plan end
+  local pol = s.pol
   plan = {budgets = {}, rates = {}, any_usd = false}
   local scopes = {{'', ''}}
   if model ~= '' then scopes[2] = {'m:' .. model .. ':', 'model:'} end
@@ -136,7 +155,7 @@ local function plan_of(model)
   end
   plan.tail = tail
   if plan.any_usd then plan.usd_tail = tail .. ',"d":' .. cjson.encode(usd_periods) end
-  plans[model] = plan
+  s.plans[model] = plan
   return plan
 end
 
@@ -150,21 +169,12 @@ local function answer(n, decision, until_ms, reason, detail, tokens)
   end
 end
 
-local function reserve_one(n, id, input, output, hold, model, sent, price_arg, meta)
-  local est = input + output
-  if hget(KEYS[4], id) then
-    return answer(n, 'ADMIT', 0, 'already_reserved', '', est)
-  end
-  local plan = plan_of(model)
-  if not plan.allowed then
-    return answer(n, 'REJECT', 0, 'model_not_allowed', model, est)
-  end
-  if paused and paused > now then
-    return answer(n, 'DEFER', paused, 'paused', '', est)
-  end
-  local prices = prices_parse(price_arg)
-  local usd_est = 0
-  if prices then usd_est = prices_reserve(prices, input, output) end
+-- check every limit of scope s for one request: nil when it fits (the values to write are
+-- left in its plan), else decision, until_ms, reason, detail
+local function check(s, plan, input, output, est, model, prices, usd_est)
+  if not plan.allowed then return 'REJECT', 0, 'model_not_allowed', model end
+  if s.paused and s.paused > now then return 'DEFER', s.paused, 'paused', '' end
+  local budget = KEYS[s.o + 3]
   local settle_wait, wait_reason = false, nil
   local exhausted_until, exhausted_reason = 0, nil
 
@@ -172,25 +182,25 @@ local function reserve_one(n, id, input, output, hold, model, sent, price_arg, m
   for _, b in ipairs(plan.budgets) do
     local cost = est
     if b.usd then
-      if not prices then return answer(n, 'REJECT', 0, 'unpriced_model', model, est) end
+      if not prices then return 'REJECT', 0, 'unpriced_model', model end
       cost = usd_est
     end
     local used, reserved = 0, 0
-    if hget(KEYS[3], b.id) == b.pid then
-      used = tonumber(hget(KEYS[3], b.used)) or 0
-      reserved = tonumber(hget(KEYS[3], b.reserved)) or 0
+    if hget(budget, b.id) == b.pid then
+      used = tonumber(hget(budget, b.used)) or 0
+      reserved = tonumber(hget(budget, b.reserved)) or 0
     end
     b.cur_used, b.cur_reserved = used, reserved
     if cost > b.limit then
-      return answer(n, 'REJECT', 0, 'too_large:budget:' .. b.label, cost .. '/' .. b.limit, est)
+      return 'REJECT', 0, 'too_large:budget:' .. b.label, cost .. '/' .. b.limit
     end
     if used + cost > b.limit then
-      if wait_on_exhausted and b.reset > 0 then
+      if s.wait_on_exhausted and b.reset > 0 then
         if b.reset > exhausted_until then
           exhausted_until, exhausted_reason = b.reset, 'exhausted:' .. b.label
         end
       else
-        return answer(n, 'REJECT', b.reset, 'exhausted:' .. b.label, used .. '/' .. b.limit, est)
+        return 'REJECT', b.reset, 'exhausted:' .. b.label, used .. '/' .. b.limit
       end
     elseif used + reserved + cost > b.limit then
       settle_wait = true
@@ -199,9 +209,9 @@ local function reserve_one(n, id, input, output, hold, model, sent, price_arg, m
   end
 
   -- 2. concurrency: the reservations in flight
-  if max_conc then
-    in_flight = in_flight or redis.call('HLEN', KEYS[4])
-    if in_flight >= max_conc then
+  if s.max_conc then
+    s.in_flight = s.in_flight or redis.call('HLEN', KEYS[s.o + 4])
+    if s.in_flight >= s.max_conc then
       settle_wait = true
       wait_reason = wait_reason or 'concurrency'
     end
@@ -213,9 +223,9 @@ local function reserve_one(n, id, input, output, hold, model, sent, price_arg, m
     local cost = 1
     if b.kind == 'itpm' then cost = input elseif b.kind == 'otpm' then cost = output end
     if cost > b.limit then
-      return answer(n, 'REJECT', 0, b.too_large, cost .. '/' .. b.limit, est)
+      return 'REJECT', 0, b.too_large, cost .. '/' .. b.limit
     end
-    local tat = tonumber(hget(KEYS[2], b.bucket)) or now
+    local tat = tonumber(hget(KEYS[s.o + 2], b.bucket)) or now
     if tat < now then tat = now end
     local new_tat = tat + cost * b.interval
     b.new_tat = new_tat
@@ -225,40 +235,68 @@ local function reserve_one(n, id, input, output, hold, model, sent, price_arg, m
     end
   end
 
-  if exhausted_reason then
-    return answer(n, 'DEFER', exhausted_until, exhausted_reason, '', est)
-  end
+  if exhausted_reason then return 'DEFER', exhausted_until, exhausted_reason, '' end
   if rate_until > 0 or settle_wait then
-    if settle_wait then hset(KEYS[6], 'waiting_settle', '1') end
-    return answer(n, 'DEFER', rate_until, rate_reason or wait_reason, '', est)
+    if settle_wait then hset(KEYS[s.o + 6], 'waiting_settle', '1') end
+    return 'DEFER', rate_until, rate_reason or wait_reason, ''
   end
-  if checking then return answer(n, 'ADMIT', 0, '', '', est) end
+  return nil
+end
 
-  -- ADMIT: apply every limit (the values the checks above worked out for this request)
-  for _, b in ipairs(plan.rates) do hset(KEYS[2], b.bucket, fmt(b.new_tat)) end
+-- ADMIT in scope s: apply every limit (the values check worked out for this request)
+local function commit(s, plan, id, input, output, hold, sent, price_arg, prices, usd_est, meta)
+  local est, budget, resv = input + output, KEYS[s.o + 3], KEYS[s.o + 4]
+  for _, b in ipairs(plan.rates) do hset(KEYS[s.o + 2], b.bucket, fmt(b.new_tat)) end
   for _, b in ipairs(plan.budgets) do
-    if hget(KEYS[3], b.id) ~= b.pid then  -- a new period: it starts from nothing used
-      hset(KEYS[3], b.id, b.pid)
-      hset(KEYS[3], b.used, b.usd and fmt6(0) or 0)
+    if hget(budget, b.id) ~= b.pid then  -- a new period: it starts from nothing used
+      hset(budget, b.id, b.pid)
+      hset(budget, b.used, b.usd and fmt6(0) or 0)
     end
     if b.usd then
-      hset(KEYS[3], b.reserved, fmt6(b.cur_reserved + usd_est))
+      hset(budget, b.reserved, fmt6(b.cur_reserved + usd_est))
     else
-      hset(KEYS[3], b.reserved, b.cur_reserved + est)
+      hset(budget, b.reserved, b.cur_reserved + est)
     end
   end
   local head = string.format('{"i":%d,"o":%d,"t":%d', input, output, now)
   local x = meta ~= '' and (',"x":' .. meta) or ''
   if prices then
-    hset(KEYS[4], id, head .. ',"p":' .. cjson.encode(price_arg) .. ',"u":'
+    hset(resv, id, head .. ',"p":' .. cjson.encode(price_arg) .. ',"u":'
       .. string.format('%.14g', usd_est) .. (plan.usd_tail or plan.tail) .. x .. '}')
   else
-    hset(KEYS[4], id, head .. plan.tail .. x .. '}')
+    hset(resv, id, head .. plan.tail .. x .. '}')
   end
-  deadlines[#deadlines + 1] = now + hold
-  deadlines[#deadlines + 1] = id
-  if sent == '1' and KEYS[8] then hset(KEYS[8], id, '1') end
-  if in_flight then in_flight = in_flight + 1 end
+  s.deadlines[#s.deadlines + 1] = now + hold
+  s.deadlines[#s.deadlines + 1] = id
+  if sent == '1' and KEYS[s.o + 8] then hset(KEYS[s.o + 8], id, '1') end
+  if s.in_flight then s.in_flight = s.in_flight + 1 end
+end
+
+local function reserve_one(n, id, input, output, hold, model, sent, price_arg, meta)
+  local est = input + output
+  if hget(KEYS[4], id) then
+    return answer(n, 'ADMIT', 0, 'already_reserved', '', est)
+  end
+  local prices = prices_parse(price_arg)
+  local usd_est = 0
+  if prices then usd_est = prices_reserve(prices, input, output) end
+  local plan = plan_of(tenant, model)
+  local d, u, r, det = check(tenant, plan, input, output, est, model, prices, usd_est)
+  local key_plan = nil
+  if key and d ~= 'REJECT' then
+    key_plan = plan_of(key, model)
+    local kd, ku, kr, kdet = check(key, key_plan, input, output, est, model, prices, usd_est)
+    if kd == 'REJECT' or (kd and (not d or ku > u)) then
+      d, u, r, det = kd, ku, 'key:' .. kr, kdet
+    end
+  end
+  if d then return answer(n, d, u, r, det, est) end
+  if not checking then
+    commit(tenant, plan, id, input, output, hold, sent, price_arg, prices, usd_est, meta)
+    if key_plan then
+      commit(key, key_plan, id, input, output, hold, sent, price_arg, prices, usd_est, '')
+    end
+  end
   return answer(n, 'ADMIT', 0, '', '', est)
 end
 
@@ -272,11 +310,16 @@ for n, q in ipairs(requests) do
 end
 
 flush()
-for i = 1, #deadlines, 1000 do
-  redis.call('ZADD', KEYS[5], unpack(deadlines, i, math.min(i + 999, #deadlines)))
+for _, s in ipairs({tenant, key}) do
+  local deadlines = s.deadlines
+  for i = 1, #deadlines, 1000 do
+    redis.call('ZADD', KEYS[s.o + 5], unpack(deadlines, i, math.min(i + 999, #deadlines)))
+  end
 end
 if #recent > 0 then
-  redis.call('LPUSH', KEYS[7], unpack(recent))
-  redis.call('LTRIM', KEYS[7], 0, 19)
+  for _, list in ipairs({KEYS[7], KEYS[15]}) do
+    redis.call('LPUSH', list, unpack(recent))
+    redis.call('LTRIM', list, 0, 19)
+  end
 end
 return replies
