@@ -6,6 +6,13 @@ released (newest first, the tenant's last) and the rest are only checked (reserv
 check-only item: the answer as if reserving, nothing changed but the waiting flag). The
 answer is the first REJECT, else the latest DEFER; a refusal of an ancestor is named
 ``parent:<id>:<reason>``. Settling settles every scope the reservation was made in.
+
+An API key with limits is one more scope (``<tenant>:k:<key>`` in ``states``), decided in
+the tenant's own call (reserve.lua's KEYS[9..16]): checked after the tenant's unless the
+tenant rejects or the key already holds the id; both must admit, else neither is
+changed; the answer is the tenant's REJECT, else the key's (``key:<reason>``), else the
+latest DEFER (the tenant's on a tie). Admission then remembers the key as the first scope
+of the reservation's chain (rolled back, settled and marked sent with the others).
 """
 
 from __future__ import annotations
@@ -37,13 +44,18 @@ class ChainModel:
         model: str,
         sent: bool,
         prices: str | None,
+        key: str | None = None,
     ) -> ref.ReserveResult:
-        first = ref.reserve(self.states[tenant], rid, inp, out, now, hold, model, sent, prices)
+        """``key``: the scope name (``<tenant>:k:<id>``) of the API key's limits, if any."""
+        first = self._reserve_own(tenant, key, rid, inp, out, now, hold, model, sent, prices)
+        held = [key] if key is not None and first.decision == "ADMIT" else []
+        if held:
+            self.chains[rid] = list(held)
         chain = self.ancestors(tenant)
         if first.decision == "REJECT" or not chain:
             return first
         refusal = None if first.decision == "ADMIT" else first
-        reserved: list[str] = []
+        reserved: list[str] = list(held)
         for scope in chain:
             checking = refusal is not None
             saved = copy.deepcopy(self.states[scope]) if checking else None
@@ -67,6 +79,39 @@ class ChainModel:
                 ref.release(self.states[scope], rid, now)
             ref.release(self.states[tenant], rid, now)
         return refusal
+
+    def _reserve_own(
+        self,
+        tenant: str,
+        key: str | None,
+        rid: str,
+        inp: int,
+        out: int,
+        now: int,
+        hold: int,
+        model: str,
+        sent: bool,
+        prices: str | None,
+    ) -> ref.ReserveResult:
+        """The tenant's own call: its scope and, when given, its key's."""
+        args = (rid, inp, out, now, hold, model, sent, prices)
+        saved = copy.deepcopy(self.states[tenant])
+        own = ref.reserve(self.states[tenant], *args)
+        if key is None or own.decision == "REJECT" or own.reason == "already_reserved":
+            return own
+        saved_key = copy.deepcopy(self.states[key])
+        got = ref.reserve(self.states[key], *args)
+        answer = own
+        if got.decision == "REJECT" or (
+            got.decision == "DEFER" and (own.decision == "ADMIT" or got.until_ms > own.until_ms)
+        ):
+            answer = got._replace(reason=f"key:{got.reason}")
+        if answer.decision != "ADMIT":  # both admit, or neither is changed (but the flags)
+            if own.decision == "ADMIT":
+                self.states[tenant] = saved
+            if got.decision == "ADMIT":
+                self.states[key] = saved_key
+        return answer
 
     def settle(
         self, tenant: str, mode: str, rid: str, usage: tuple[int, int, int, int], now: int

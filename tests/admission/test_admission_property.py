@@ -35,7 +35,7 @@ from redis.commands.core import Script
 from budgeter.admission.admission import reserve_keys, settle_keys
 from budgeter.domain.policy import ModelLimits, RateLimits, TenantPolicy
 from budgeter.domain.pricing import ModelPrice, PriceTier
-from budgeter.store.keys import TenantKeys
+from budgeter.store.keys import AdmissionKeys, TenantKeys
 from budgeter.store.scripts import lua_source
 from tests.admission import reference_model as ref
 
@@ -245,7 +245,7 @@ Usage = tuple[int, int, int, int]
 Op = tuple[Any, ...]
 
 
-def redis_snapshot(client: Redis, keys: TenantKeys) -> dict[str, Any]:
+def redis_snapshot(client: Redis, keys: AdmissionKeys) -> dict[str, Any]:
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.budget)
     pipe.hgetall(keys.buckets)

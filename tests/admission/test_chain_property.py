@@ -2,14 +2,17 @@
 
 Each example builds a random tree (depth 1-4 below its root) of tenants with random
 policies (test_admission_property's strategies: token and dollar budgets, rates, per-model
-limits, allow-lists, concurrency, on_exhausted) and runs random reserves, settles, charges,
-releases, mark-sents, reaps and clock steps of any of its tenants through
-:class:`~budgeter.admission.admission.Admission` (the real chain: tenant, then ancestors).
-After every step the answer equals chain_model's and every tenant's Redis keys equal the
-model's state. Then the same trees take rounds of concurrent requests of their leaves
-(``asyncio.gather``: the scopes' script calls interleave and batch as in a worker): no
-budget of any level is ever over its limit, and once everything settled every parent's
-usage is exactly the sum of its children's.
+limits, allow-lists, concurrency, on_exhausted), some tenants with an API key of random
+limits (budgets, dollar budgets, rates, concurrency, allowed_models), and runs random
+reserves (with or without the key), settles, charges, releases, mark-sents, reaps and clock
+steps of any of its tenants through :class:`~budgeter.admission.admission.Admission` (the
+real chain: tenant and key in one call, then ancestors). After every step the answer
+equals chain_model's and every tenant's and key's Redis keys equal the model's state.
+Then the same trees take rounds of concurrent requests of their leaves, half of them
+through a key with a budget of its own (``asyncio.gather``: the scopes' script calls
+interleave and batch as in a worker): no budget of any level, key or tenant, is ever over
+its limit, and once everything settled every parent's usage is exactly the sum of its
+children's.
 """
 
 from __future__ import annotations
@@ -21,16 +24,17 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from redis import Redis
 
 from budgeter.admission.admission import Admission, Decision, Usage
 from budgeter.admission.tree_view import TreeView
-from budgeter.domain.policy import TenantPolicy
+from budgeter.domain.key_limits import KeyLimits
+from budgeter.domain.policy import RateLimits, TenantPolicy
 from budgeter.domain.tree import MAX_DEPTH
 from budgeter.store.client import make_redis
-from budgeter.store.keys import TenantKeys
+from budgeter.store.keys import KeyScopeKeys, TenantKeys
 from budgeter.store.types import RedisClient
 from budgeter.tenants.store import TenantStore
 from tests.admission import reference_model as ref
@@ -42,6 +46,7 @@ from tests.admission.test_admission_property import (
     PROFILE,
     TIMEOUT_S,
     model_policy,
+    no_rates,
     policies,
     price_tables,
     redis_snapshot,
@@ -69,7 +74,45 @@ def deep_chain() -> list[int | None]:
     return [None, 0, 1, 2, 3]  # a root and four levels below it
 
 
-node_policies = policies().map(lambda p: p or TenantPolicy())
+# a random policy, or a light one (a budget, an rpm, a concurrency) that admits often, so
+# that requests get past their own tenant to the key and the ancestors, and DEFERs are met
+light_limits = {
+    "budgets": st.dictionaries(st.sampled_from(ref.PERIODS), st.integers(300, 20_000), max_size=1),
+    "rate": no_rates | st.builds(RateLimits, rpm=st.integers(1, 6)),
+    "max_concurrency": st.none() | st.integers(1, 2),
+}
+node_policies = policies().map(lambda p: p or TenantPolicy()) | st.builds(
+    TenantPolicy, on_exhausted=st.sampled_from(["reject", "wait"]), **light_limits
+)
+
+
+def key_limits_of(pol: TenantPolicy | None) -> KeyLimits | None:
+    """A key's limits with the fields a random policy drew (None: the tenant has no key)."""
+    if pol is None:
+        return None
+    return KeyLimits(
+        budgets=pol.budgets,
+        usd_budgets=pol.usd_budgets,
+        rate=pol.rate,
+        max_concurrency=pol.max_concurrency,
+        allowed_models=pol.allowed_models,
+    )
+
+
+# a key with a random policy's fields, or light limits
+key_policies = st.none() | policies().map(key_limits_of) | st.builds(KeyLimits, **light_limits)
+
+
+def key_policy(limits: KeyLimits) -> TenantPolicy:
+    """The key's limits as the policy the reference model reads (no on_exhausted: reject)."""
+    return TenantPolicy(
+        budgets=limits.budgets,
+        usd_budgets=limits.usd_budgets,
+        rate=limits.rate,
+        max_concurrency=limits.max_concurrency,
+        allowed_models=limits.allowed_models,
+    )
+
 
 op = st.one_of(
     st.tuples(
@@ -81,6 +124,7 @@ op = st.one_of(
         st.one_of(st.integers(0, 5000), st.just(90_000)),
         st.sampled_from(MODELS),
         st.booleans(),  # marked sent at once
+        st.sampled_from([True, True, False]),  # with the tenant's API key (if it has one)
     ),
     st.tuples(
         st.sampled_from(["usage", "usage", "full", "release", "mark_sent"]),
@@ -120,6 +164,7 @@ class Example:
         redis: RedisClient,
         shape: list[int | None],
         pols: list[TenantPolicy],
+        key_pols: list[KeyLimits | None],
         prices: dict[str, str],
         now: int,
     ) -> None:
@@ -133,9 +178,16 @@ class Example:
         self.pols = {t: pols[i % len(pols)] for i, t in enumerate(self.names)}
         self.admission = PricedAdmission(redis, prices)
         self.prices = prices
-        self.model = ChainModel(
-            dict(self.parent_of), {t: ref.State(model_policy(p)) for t, p in self.pols.items()}
-        )
+        # tenant -> its API key's limits (scope name f"{tenant}:k:k{i}" in the model)
+        self.key_limits = {
+            t: limits
+            for i, t in enumerate(self.names)
+            if (limits := key_pols[i % len(key_pols)]) is not None
+        }
+        states = {t: ref.State(model_policy(p)) for t, p in self.pols.items()}
+        for t, limits in self.key_limits.items():
+            states[self.key_scope(t)] = ref.State(model_policy(key_policy(limits)))
+        self.model = ChainModel(dict(self.parent_of), states)
         self.store = TenantStore(redis, prefix=PREFIX)
         self.now = now
         self.ids: dict[str, list[str]] = {t: [] for t in self.names}
@@ -146,18 +198,36 @@ class Example:
         for t in self.names:  # parents come first
             parent = self.parent_of[t]
             await self.store.put(t, self.pols[t].model_copy(update={"parent": parent}))
+        for t, limits in self.key_limits.items():  # as TenantCredentials writes a key's
+            fields = limits.redis_fields()
+            if fields:
+                await self.admission.redis.hset(self.key_keys(t).policy, mapping=fields)
+            await self.admission.redis.sadd(TenantKeys.of(PREFIX, t).limited_keys, self.key_id(t))
+
+    def key_id(self, tenant: str) -> str:
+        return f"k{self.names.index(tenant)}"
+
+    def key_scope(self, tenant: str) -> str:
+        return f"{tenant}:k:{self.key_id(tenant)}"
+
+    def key_keys(self, tenant: str) -> KeyScopeKeys:
+        return KeyScopeKeys(PREFIX, tenant, self.key_id(tenant))
 
     def check_state(self) -> None:
         for t in self.names:
             got = without_x(redis_snapshot(self.sync, TenantKeys.of(PREFIX, t)))
             want = self.model.states[t].snapshot()
             assert got == want, f"state of {t} (parent {self.parent_of[t]})"
+        for t in self.key_limits:
+            got = redis_snapshot(self.sync, self.key_keys(t))
+            assert got == self.model.states[self.key_scope(t)].snapshot(), f"key of {t}"
 
     async def step(self, op: tuple[Any, ...]) -> None:
         kind = op[0]
         if kind == "reserve":
-            _, node, reuse, inp, out, hold, model, sent = op
+            _, node, reuse, inp, out, hold, model, sent, with_key = op
             tenant = self.names[node % len(self.names)]
+            with_key = with_key and tenant in self.key_limits
             known = self.ids[tenant]
             if reuse is None or not known:
                 rid = f"{tenant}-r{len(known)}"
@@ -167,12 +237,19 @@ class Example:
                 rid = known[reuse % len(known)]
             got = await self.admission.reserve(
                 tenant, rid, inp, out, model=model, hold_ms=hold, now_ms=self.now,
-                sent_at_once=sent,
+                sent_at_once=sent, key=self.key_id(tenant) if with_key else None,
             )  # fmt: skip
-            scope = "parent" if got.reason.startswith("parent:") else "own"
+            scope = (
+                got.reason.split(":")[0] if got.reason.startswith(("parent:", "key:")) else "own"
+            )
+            if with_key and got.kind == "ADMIT":
+                scope = "key"
             self.stats[f"{got.kind}:{scope}"] = self.stats.get(f"{got.kind}:{scope}", 0) + 1
             price = self.prices.get(model)
-            want = self.model.reserve(tenant, rid, inp, out, self.now, hold, model, sent, price)
+            key = self.key_scope(tenant) if with_key else None
+            want = self.model.reserve(
+                tenant, rid, inp, out, self.now, hold, model, sent, price, key
+            )  # fmt: skip
             assert (got.kind, got.until_ms, got.reason, got.detail) == tuple(want), (
                 f"reserve({tenant}, {rid}, {inp}, {out}, {model}) at {self.now}"
             )
@@ -204,6 +281,8 @@ class Example:
             for t in self.names:
                 reaped = await self.admission.reap(t, now_ms=self.now)
                 due = ref.reap(self.model.states[t], self.now)
+                if t in self.key_limits:
+                    ref.reap(self.model.states[self.key_scope(t)], self.now)
                 assert (reaped.settled, reaped.charged_full, reaped.released) == (
                     due.settled, due.charged_full, due.released,
                 )  # fmt: skip
@@ -215,6 +294,8 @@ class Example:
         for t in self.names:
             await self.admission.reap(t, now_ms=self.now)
             ref.reap(self.model.states[t], self.now)
+            if t in self.key_limits:
+                ref.reap(self.model.states[self.key_scope(t)], self.now)
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +303,42 @@ def sync_client(redis_url: str) -> Iterator[Redis]:
     client = Redis.from_url(redis_url, decode_responses=True)
     yield client
     client.close()
+
+
+def _key_reserve(rid: int | None, inp: int) -> tuple[object, ...]:
+    return ("reserve", 1, rid, inp, 100, 5000, MODELS[0], False, True)
+
+
+# a team's key of concurrency 1 and a small day budget under its org: admitted, deferred
+# while in flight, rejected as too large, admitted again once settled
+KEY_EXAMPLE: dict[str, object] = {
+    "shape": [None, 0],
+    "pols": [TenantPolicy(budgets={"day": 10_000})],
+    "key_pols": [None, KeyLimits(max_concurrency=1, budgets={"day": 2_000})],
+    "prices": {},
+    "start": BOUNDARIES[0],
+    "steps": [
+        _key_reserve(None, 100),
+        _key_reserve(None, 100),
+        _key_reserve(None, 3_000),
+        ("usage", 0, 50, 20),
+        _key_reserve(None, 100),
+        ("full", 3, 0, 0),
+        ("reap",),
+    ],
+}
+# the same id without the key (the chain then forgets the key), settled, then with the key
+# again: the key still holds it (until the reaper), so the key is not reserved twice
+KEY_HELD_EXAMPLE = KEY_EXAMPLE | {
+    "steps": [
+        _key_reserve(None, 100),
+        ("reserve", 1, 0, 100, 100, 5000, MODELS[0], False, False),
+        ("usage", 0, 50, 20),
+        _key_reserve(0, 100),
+        ("advance", 10_000),
+        ("reap",),
+    ]
+}
 
 
 @pytest.mark.timeout(TIMEOUT_S)
@@ -233,9 +350,12 @@ def test_admission_along_random_trees_matches_the_chain_model(
         redis = make_redis(redis_url)
 
         @settings(PROFILE, max_examples=min(PROFILE.max_examples, 150))
+        @example(**KEY_EXAMPLE)
+        @example(**KEY_HELD_EXAMPLE)
         @given(
             shape=trees() | st.just(deep_chain()),
             pols=st.lists(node_policies, min_size=1, max_size=6),
+            key_pols=st.lists(key_policies, min_size=1, max_size=6),
             prices=price_tables,
             start=st.sampled_from(BOUNDARIES),
             steps=st.lists(op, min_size=10, max_size=40),
@@ -243,11 +363,12 @@ def test_admission_along_random_trees_matches_the_chain_model(
         def check(
             shape: list[int | None],
             pols: list[TenantPolicy],
+            key_pols: list[KeyLimits | None],
             prices: dict[str, str],
             start: int,
             steps: list[tuple[Any, ...]],
         ) -> None:
-            ex = Example(sync_client, redis, shape, pols, prices, start)
+            ex = Example(sync_client, redis, shape, pols, key_pols, prices, start)
             runner.run(ex.write_policies())
             for one in steps:
                 runner.run(ex.step(one))
@@ -256,6 +377,9 @@ def test_admission_along_random_trees_matches_the_chain_model(
             ex.check_state()
             for t in ex.names:
                 snap = redis_snapshot(sync_client, TenantKeys.of(PREFIX, t))
+                assert snap["resv"] == {} and snap["deadlines"] == {}
+            for t in ex.key_limits:
+                snap = redis_snapshot(sync_client, ex.key_keys(t))
                 assert snap["resv"] == {} and snap["deadlines"] == {}
             for one in steps:
                 seen[one[0]] = seen.get(one[0], 0) + 1
@@ -266,6 +390,7 @@ def test_admission_along_random_trees_matches_the_chain_model(
         runner.run(redis.aclose())
     reached = {"reserve", "usage", "full", "release", "reap", "mark_sent", "ADMIT:own"}
     reached |= {"DEFER:own", "REJECT:own", "DEFER:parent", "REJECT:parent"}
+    reached |= {"ADMIT:key", "DEFER:key", "REJECT:key"}
     assert reached <= set(seen), seen
 
 
@@ -289,6 +414,7 @@ def test_the_chain_model_names_ancestors_refusals() -> None:
 # ---------------------------------------------------------------- concurrency
 
 LEAF_LIMIT = 3_000
+KEY_LIMIT = 1_000
 
 
 def concurrent_tree(rng: random.Random, tag: int) -> dict[str, tuple[str | None, int]]:
@@ -316,6 +442,10 @@ async def test_concurrent_requests_never_overshoot_any_level(redis: RedisClient,
         )
     admission = Admission(redis, prefix=PREFIX, tree=TreeView(redis, prefix=PREFIX, refresh_s=0))
     leaves = [t for t in tree if t.endswith("-app")]
+    for leaf in leaves:  # each leaf's key "k": a day budget of its own, a concurrency of 2
+        limits = KeyLimits(budgets={"day": KEY_LIMIT}, max_concurrency=2).redis_fields()
+        await redis.hset(KeyScopeKeys(PREFIX, leaf, "k").policy, mapping=limits)
+        await redis.sadd(TenantKeys.of(PREFIX, leaf).limited_keys, "k")
     now = BOUNDARIES[0]
     served: dict[str, int] = dict.fromkeys(tree, 0)
     ids = itertools.count()
@@ -323,7 +453,8 @@ async def test_concurrent_requests_never_overshoot_any_level(redis: RedisClient,
     async def one(tenant: str) -> Decision:
         rid = f"{tenant}-{next(ids)}"
         inp, out = rng.randint(10, 200), rng.randint(10, 300)
-        decision = await admission.reserve(tenant, rid, inp, out, model="m", now_ms=now)
+        key = rng.choice(["k", None])
+        decision = await admission.reserve(tenant, rid, inp, out, model="m", now_ms=now, key=key)
         if decision.kind == "ADMIT":
             await asyncio.sleep(0)
             used = Usage(inp, rng.randint(0, out))
@@ -338,15 +469,22 @@ async def test_concurrent_requests_never_overshoot_any_level(redis: RedisClient,
             reserved = int(budget.get("day:reserved", 0))
             if used + reserved > day:
                 over.append(f"{tenant}: {used} + {reserved} > {day}")
+        for leaf in leaves:
+            budget = await redis.hgetall(KeyScopeKeys(PREFIX, leaf, "k").budget)
+            used, reserved = int(budget.get("day:used", 0)), int(budget.get("day:reserved", 0))
+            if used + reserved > KEY_LIMIT:
+                over.append(f"{leaf}'s key: {used} + {reserved} > {KEY_LIMIT}")
         return over
 
     for _ in range(12):
         decisions = await asyncio.gather(*(one(rng.choice(leaves)) for _ in range(40)))
         assert not await over_limits()
         for d in decisions:
-            if d.reason.startswith("parent:"):
-                served["refused by a parent"] = served.get("refused by a parent", 0) + 1
+            for scope in ("parent", "key"):
+                if d.reason.startswith(f"{scope}:"):
+                    served[f"refused by a {scope}"] = served.get(f"refused by a {scope}", 0) + 1
     assert served.get("refused by a parent"), "no request was refused by an ancestor"
+    assert served.get("refused by a key"), "no request was refused by its key"
     # settled: every parent's usage is exactly its children's sum (only leaves send)
     totals = {}
     for tenant in tree:

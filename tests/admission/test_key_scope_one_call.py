@@ -185,3 +185,22 @@ async def test_when_both_wait_for_settles_the_tenants_reason_wins(redis: Redis) 
     assert (both.kind, both.until_ms, both.reason) == ("DEFER", 0, "inflight:day")
     for keys in (TENANT, KEY):
         assert await redis.hget(keys.state, "waiting_settle") == "1"
+
+
+async def test_a_key_that_already_holds_the_id_is_not_reserved_again(redis: Redis) -> None:
+    """The tenant's reservation settled without the key's (made with the id but without the
+    key): the same id with the key again reserves in the tenant only; the key keeps its one
+    hold (its reaper settles it), as a scope of its own answers already_reserved."""
+    adm = await setup(
+        redis,
+        {"acme": {"budgets": {"day": 10_000}}},
+        {"budget:day": "1000", "max_concurrency": "1"},
+    )
+    assert (await adm.reserve("acme", "r1", 100, 50, now_ms=NOW, key="k1")).kind == "ADMIT"
+    await adm._settle_scope(adm._names("acme")[1], "release", "r1", now_ms=NOW)
+    assert await redis.hget(TENANT.resv, "r1") is None
+    again = await adm.reserve("acme", "r1", 100, 50, now_ms=NOW, key="k1")
+    assert (again.kind, again.reason) == ("ADMIT", "")
+    assert (await redis.hgetall(TENANT.budget))["day:reserved"] == "150"
+    assert (await redis.hgetall(KEY.budget))["day:reserved"] == "150"
+    assert list(await redis.hgetall(KEY.resv)) == ["r1"]

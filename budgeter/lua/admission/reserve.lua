@@ -24,7 +24,9 @@ KEYS[9..16]            (optional) an API key's scope ({t:<tenant>}:k:<key>:, the
                        waiting on in-flight work sets waiting_settle in the scope that waits).
                        The answer: a REJECT of the tenant, else of the key, else the latest DEFER
                        (the tenant's when both defer to the same ms); the key's reasons are
-                       prefixed 'key:'. The key's recent list gets the same entries as KEYS[7]
+                       prefixed 'key:'. The key's recent list gets the same entries as KEYS[7].
+                       A key that already holds the id (an earlier call) is neither checked
+                       nor written again, as a scope of its own would answer already_reserved
 ARGV[1] now in ms, or '' to use Redis server TIME
 ARGV[2] the flat policy as a JSON object, or '' to read KEYS[1] ('' policy hash: unknown), or
         '-' to read KEYS[1] where an empty hash means no limits (a key's scope)
@@ -283,7 +285,7 @@ local function reserve_one(n, id, input, output, hold, model, sent, price_arg, m
   local plan = plan_of(tenant, model)
   local d, u, r, det = check(tenant, plan, input, output, est, model, prices, usd_est)
   local key_plan = nil
-  if key and d ~= 'REJECT' then
+  if key and d ~= 'REJECT' and not hget(KEYS[key.o + 4], id) then  -- held: not again
     key_plan = plan_of(key, model)
     local kd, ku, kr, kdet = check(key, key_plan, input, output, est, model, prices, usd_est)
     if kd == 'REJECT' or (kd and (not d or ku > u)) then
