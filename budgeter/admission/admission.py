@@ -42,7 +42,7 @@ from budgeter.admission.scopes import ChainScope, Scope, reserve_keys, settle_ke
 from budgeter.admission.tree_view import TreeView
 from budgeter.domain.jsonio import dumps_str
 from budgeter.domain.pricing import ModelPrice, PriceTable
-from budgeter.ledger.entry import DEFAULT_RETENTION_DAYS, retention_ms
+from budgeter.ledger.entry import DEFAULT_RETENTION_DAYS, meta_of_reservation, retention_ms
 from budgeter.store.durability import NotReplicated
 from budgeter.store.keys import KeyScopeKeys, TenantKeys, notify_pending_key
 from budgeter.store.scripts import BatchedScript, register
@@ -337,13 +337,16 @@ class Admission:
     ) -> SettleResult:
         """Settle in every scope of the reservation: the tenant's (its answer is the
         result), its chain's (as made, else the chain as it is now), the account's."""
+        chain = self._chains.get(reservation_id)
+        if chain is None:  # made by another process, or before a restart, or no chain
+            chain = await self.chain(tenant)
+            recorded = await self._recorded_chain(tenant, reservation_id) if chain else None
+            if recorded is not None:  # the chain it was made with (no read: a flat tenant)
+                chain = recorded
         result = await self._settle_scope(
             self._names(tenant)[1], mode, reservation_id, *usage, now_ms=now_ms
         )
         await self._hint(tenant, result)
-        chain = self._chains.get(reservation_id)
-        if chain is None:  # made by another process, or before a restart
-            chain = await self.chain(tenant)
         waiting: list[str] = []
         for scope in chain:
             done = await self._settle_scope(
@@ -360,6 +363,21 @@ class Admission:
         if waiting:
             result = replace(result, waiting_ancestors=tuple(waiting))
         return result
+
+    async def _recorded_chain(
+        self, tenant: str, reservation_id: str
+    ) -> tuple[ChainScope, ...] | None:
+        """The scopes the tenant's reservation recorded when it was made (its ledger meta:
+        the API key ``k``, the ancestors ``a``), so that a re-parent since does not move
+        it; None when the tenant holds no such reservation (settled already: a retry
+        settles the chain as it is now)."""
+        record = await self.redis.hget(self.keys(tenant).resv, reservation_id)
+        if record is None:
+            return None
+        meta = meta_of_reservation(record)
+        scopes = [ChainScope.api_key(self.prefix, tenant, meta.k)] if meta.k else []
+        scopes.extend(ChainScope.ancestor(self.prefix, a) for a in meta.a)
+        return tuple(scopes)
 
     async def settle(
         self, tenant: str, reservation_id: str, usage: Usage, *, now_ms: int | None = None

@@ -95,6 +95,17 @@ def parse_meta(text: str) -> Meta:
     return Meta.model_validate(loads(text)) if text else Meta()
 
 
+def meta_of_reservation(record: str | bytes) -> Meta:
+    """The ``"x"`` of a reservation's JSON record (reserve.lua's ``resv`` hash value); an
+    empty Meta when it has none or the record does not parse."""
+    try:
+        parsed = loads(record)
+        x = parsed.get("x") if isinstance(parsed, dict) else None
+        return Meta.model_validate(x) if isinstance(x, dict) else Meta()
+    except ValueError:  # orjson.JSONDecodeError and pydantic's ValidationError
+        return Meta()
+
+
 class LedgerEntry(BaseModel):
     """One settled reservation of a tenant."""
 

@@ -277,3 +277,34 @@ async def test_an_ancestors_allowed_models_and_concurrency_hold_and_say_whose(
     assert (await adm.reserve("team", "t2", 10, 10, model="claude-a", now_ms=NOW)).kind == "ADMIT"
     busy = await adm.reserve("team", "t3", 10, 10, model="claude-a", now_ms=NOW)
     assert (busy.kind, busy.reason, busy.until_ms) == ("DEFER", "parent:org:concurrency", 0)
+
+
+async def test_another_process_settles_along_the_chain_the_reservation_recorded(
+    redis: Redis,
+) -> None:
+    """A settle by a process that did not make the reservation (a restarted worker) reads
+    the chain it recorded (ancestors "a", key "k"): a re-parent since does not move it."""
+    adm = await tree(
+        redis,
+        {
+            "old": {"budgets": {"day": 1000}},
+            "new": {"budgets": {"day": 1000}},
+            "team": {"parent": "old"},
+        },
+    )
+    scope = KeyScopeKeys("budgeter", "team", "k1")
+    await redis.hset(scope.policy, mapping={"budget:day": "1000"})
+    await redis.sadd(TenantKeys.of("budgeter", "team").limited_keys, "k1")
+    made = await adm.reserve("team", "t1", 100, 100, now_ms=NOW, key="k1", meta={"k": "k1"})
+    assert made.kind == "ADMIT"
+    await TenantStore(redis).put("team", TenantPolicy(parent="new"))
+    other = Admission(redis, tree=TreeView(redis, refresh_s=0))
+    await other.settle("team", "t1", Usage(100, 50), now_ms=NOW)
+    assert (await budget(redis, "old"))["day:used"] == "150"
+    assert "day:used" not in await budget(redis, "new")
+    assert (await redis.hgetall(scope.budget))["day:used"] == "150"
+    assert await redis.hlen(scope.resv) == 0
+    # settled already: a retry settles nothing twice
+    again = await other.settle("team", "t1", Usage(100, 50), now_ms=NOW)
+    assert again.settled == 0
+    assert (await budget(redis, "old"))["day:used"] == "150"

@@ -23,6 +23,7 @@ from budgeter.ledger.entry import (
     format_entry,
     format_key_usage_field,
     format_meta,
+    meta_of_reservation,
     parse_batch_source,
     parse_entry,
     parse_key_usage_field,
@@ -58,6 +59,12 @@ def test_formats_round_trip() -> None:
     meta = Meta(s="req_1", g={"team": "a"}, k="k1", a=["org", "dept"])
     assert parse_meta(format_meta(meta)) == meta
     assert format_meta(Meta()) == "" and parse_meta("") == Meta()
+    # as reserve.lua embeds it in the reservation's record
+    record = '{"i":1,"o":2,"t":3,"m":"m","b":{},"r":{},"x":' + format_meta(meta) + "}"
+    assert meta_of_reservation(record) == meta
+    assert meta_of_reservation(record.encode()) == meta
+    for bad in ('{"i":1}', "not json", '{"x":[1]}', '{"x":{"a":"org"}}', "[]"):
+        assert meta_of_reservation(bad) == Meta()
     entry = LedgerEntry(
         id="5-0", time_ms=5, tenant="t", key="k", ancestors=["o"], model="m", input=1,
         output=2, cache_creation=3, cache_read=4, usd=0.25, reserved=9, outcome="released",
