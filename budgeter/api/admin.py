@@ -142,7 +142,7 @@ async def delete_tenant(request: web.Request) -> web.Response:
     before = await request.app[TENANTS].get(tenant)
     try:
         deleted = await request.app[TENANTS].delete(tenant)  # (revokes its keys too)
-    except HasChildrenError as exc:
+    except (HasChildrenError, PolicyConflictError) as exc:
         raise ApiError(409, str(exc)) from None
     if not deleted:
         raise _not_found(tenant)

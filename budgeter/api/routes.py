@@ -52,6 +52,21 @@ def _error_answer(description: str) -> JsonSchema:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+# what PUT, PATCH and DELETE /admin/tenants/{tenant} answer besides 200 (budgeter/api/admin.py)
+_BAD_PARENT = _error_answer(
+    "invalid_request_error: a body that is not JSON or not a valid policy, or a parent "
+    "that would break the organisation tree (a missing parent, a cycle, more than 4 "
+    "levels below a root), the message naming the chain; nothing stored"
+)
+_TREE_CONFLICT = _error_answer(
+    "invalid_request_error: the organisation tree (or, for PATCH, the policy) kept "
+    "changing under the write (concurrent admin writes); nothing stored, try again"
+)
+_HAS_CHILDREN = _error_answer(
+    "invalid_request_error: the tenant has children, named in the message (delete them or "
+    "give them another parent first), or the tree kept changing; nothing deleted"
+)
+
 # the body of PATCH /admin/tenants/{tenant}: any member of the policy, null deleting it
 TENANT_POLICY_PATCH: JsonSchema = {
     "type": "object",
@@ -211,9 +226,10 @@ ROUTES: tuple[Route, ...] = (
             "Create or replace a tenant's policy",
             "admin",
             "admin",
-            answer=schemas.TenantAnswer,
+            answer=schemas.TenantWritten,
             body=TenantPolicy,
             also=("201",),
+            responses={"400": _BAD_PARENT, "409": _TREE_CONFLICT},
         ),
     ),
     Route(
@@ -224,10 +240,14 @@ ROUTES: tuple[Route, ...] = (
             "Change a tenant's policy with a JSON merge patch (RFC 7396)",
             "admin",
             "admin",
-            answer=schemas.TenantAnswer,
+            answer=schemas.TenantWritten,
             body=TENANT_POLICY_PATCH,
             body_types=admin.PATCH_TYPES,
-            responses={"415": _error_answer("content-type is not a JSON merge patch")},
+            responses={
+                "400": _BAD_PARENT,
+                "409": _TREE_CONFLICT,
+                "415": _error_answer("content-type is not a JSON merge patch"),
+            },
         ),
     ),
     Route(
@@ -245,6 +265,7 @@ ROUTES: tuple[Route, ...] = (
             "admin",
             "admin",
             answer=object_schema(tenant={"type": "string"}, deleted={"type": "boolean"}),
+            responses={"409": _HAS_CHILDREN},
         ),
     ),
     Route(
@@ -342,10 +363,11 @@ ROUTES: tuple[Route, ...] = (
         "/admin/status",
         admin.get_status,
         Doc(
-            "Every tenant's budgets, queue, inflight and recent decisions",
+            "Every tenant's budgets, queue, inflight and recent decisions, and the "
+            "organisation tree",
             "admin",
             "admin",
-            answer={"type": "object"},
+            answer=schemas.StatusAnswer,
         ),
     ),
     Route(

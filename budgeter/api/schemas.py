@@ -129,6 +129,17 @@ class TenantAnswer(BaseModel):
     policy: TenantPolicy
 
 
+class TenantWritten(TenantAnswer):
+    """What PUT and PATCH ``/admin/tenants/{tenant}`` answer (and ``budgeter tenants set``)."""
+
+    note: str | None = Field(
+        default=None,
+        description="Only when the change moved the tenant to another parent "
+        "(merge_patch.reparent_note): what it was charged so far stays counted where it was; "
+        "only charges from now on count toward the new parent. Absent otherwise.",
+    )
+
+
 class TenantList(BaseModel):
     data: list[TenantAnswer]
 
@@ -167,6 +178,117 @@ class KeyList(BaseModel):
 
 class GlobalPolicyAnswer(BaseModel):
     policy: GlobalPolicy
+
+
+# GET /admin/status: the documented shape of budgeter.tenants.status.StatusSnapshot (its
+# TypedDicts are what the handler answers; tests/api/test_openapi_tree.py keeps the two
+# field for field alike and validates a real answer against this schema)
+
+
+class StatusRateBucket(BaseModel):
+    """One rate limit's bucket (GCRA, one minute of the limit), as reserve.lua stores it."""
+
+    kind: Literal["rpm", "itpm", "otpm"]
+    model: str | None = Field(description="Set for a limit of one model.")
+    limit: int = Field(description="Per minute.")
+    in_use: int = Field(description="Requests or tokens the bucket holds now.")
+    remaining: int = Field(description="What fits now.")
+    fill: float = Field(ge=0, le=1, description="in_use / limit.")
+    full_at_ms: int = Field(description="When the whole limit is available again.")
+
+
+class StatusBatch(BaseModel):
+    """An open batch's progress."""
+
+    id: str
+    created_ms: int
+    expires_ms: int
+    total: int
+    succeeded: int
+    errored: int
+    canceled: int
+    expired: int
+    processing: int = Field(description="Queued or in flight.")
+    canceling: bool
+    eta_ms: int | None = Field(description="At the batch's pace so far; null before a result.")
+
+
+class StatusDecision(BaseModel):
+    """One recent admission decision."""
+
+    at_ms: int
+    decision: str = Field(description="ADMIT, DEFER or REJECT.")
+    reason: str = Field(description="rate:rpm, budget:day, ...; empty for an admission.")
+    tokens: int
+
+
+class StatusDecisionGroup(BaseModel):
+    """A run of identical consecutive decisions (same decision and reason)."""
+
+    decision: str
+    reason: str
+    count: int
+    first_at_ms: int
+    last_at_ms: int
+    tokens: int = Field(description="The sum over the run.")
+
+
+class StatusSubtreeToday(BaseModel):
+    """What a tenant and every tenant below it used today."""
+
+    tenants: int
+    requests: int
+    tokens: int
+    usd: float
+
+
+class StatusTenant(BaseModel):
+    """One tenant's state, with its place in the organisation tree."""
+
+    tenant: str
+    policy: str | None = Field(description="The policy's JSON (defaults left out).")
+    queued: int
+    inflight: int
+    oldest_age_s: float = Field(description="Age of its oldest queued job (0: none).")
+    budgets: list[BudgetRow]
+    usage_today: list[UsageRow] = Field(description="Today's usage per model.")
+    recent: list[StatusDecision] = Field(description="Its last decisions, newest first.")
+    recent_groups: list[StatusDecisionGroup] = Field(description="The same, in runs.")
+    rates: list[StatusRateBucket]
+    batches: list[StatusBatch] = Field(description="Its open batches.")
+    parked_until_ms: int | None = Field(description="Set while the scheduler parks it.")
+    idle: bool = Field(description="No work and no decision for 5 minutes.")
+    parent: str | None = Field(description="Its parent in the organisation tree (null: a root).")
+    children: list[str] = Field(description="Its direct children, busiest subtree first.")
+    depth: int = Field(ge=0, description="Levels below its root (0: a root).")
+    subtree_idle: bool = Field(description="It and every tenant below it are idle.")
+    subtree_today: StatusSubtreeToday | None = Field(
+        description="Set for a tenant with children: it and its subtree, today."
+    )
+    minutes: list[int] = Field(description="Tokens settled per minute, the last 60.")
+    minutes_start_ms: int = Field(description="Start of the first of those minutes.")
+
+
+class StatusParked(BaseModel):
+    tenant: str
+    until_ms: int
+
+
+class StatusScheduler(BaseModel):
+    ready: int = Field(description="Tenants ready to be served.")
+    parked: list[StatusParked]
+
+
+class StatusAnswer(BaseModel):
+    """GET /admin/status: every tenant's state, for the status page and ``budgeter top``."""
+
+    now_ms: int
+    tenants: list[StatusTenant] = Field(description="By activity, the idle ones last.")
+    roots: list[str] = Field(
+        description="The tree's roots, busiest subtree first, idle subtrees last by name."
+    )
+    idle: int = Field(description="How many tenants are idle.")
+    scheduler: StatusScheduler
 
 
 def dump(model: BaseModel) -> dict[str, Any]:

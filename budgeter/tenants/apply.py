@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 from budgeter.domain.policy import InvalidTenantError, TenantPolicy, check_tenant_id
 from budgeter.domain.tree import HasChildrenError, check_tree, children, parents_first
 from budgeter.queue.jobqueue import JobQueue
+from budgeter.tenants.merge_patch import reparent_note
 from budgeter.tenants.store import TenantStore
 
 Action = Literal["create", "update", "unchanged", "delete", "orphan"]
@@ -70,6 +71,7 @@ class Change:
     tenant: str
     policy: TenantPolicy | None = None  # the desired policy (create, update, unchanged)
     diffs: tuple[FieldDiff, ...] = ()  # update: field by field
+    before: TenantPolicy | None = None  # update: the stored policy it replaces
 
     @property
     def is_change(self) -> bool:
@@ -279,7 +281,8 @@ def plan(
             changes.append(Change("create", tenant, want))
         else:
             diffs = diff_policies(have, want)
-            changes.append(Change("update" if diffs else "unchanged", tenant, want, diffs))
+            action: Action = "update" if diffs else "unchanged"
+            changes.append(Change(action, tenant, want, diffs, before=have))
     return changes
 
 
@@ -392,6 +395,10 @@ def plan_lines(
             for d in c.diffs:
                 where = f"{c.tenant}.{d.path}" if d.path else c.tenant
                 out.append((f"    ~ {where}: {_show(d.old)} → {_show(d.new)}", "yellow"))
+            if c.before is not None and c.policy is not None:  # as the API and `tenants set`
+                moved = reparent_note(c.before, c.policy).get("note")
+                if moved:
+                    out.append((f"    note: {moved}", "yellow"))
         elif c.action == "delete":
             jobs = queued.get(c.tenant, 0)
             note = f" ({jobs} queued job(s) will end errored: tenant has no policy)" if jobs else ""

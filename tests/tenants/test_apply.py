@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,6 +194,32 @@ def test_plan_creates_updates_keeps_and_prunes() -> None:
     )
 
 
+def test_a_new_parent_in_the_plan_says_only_future_charges_move() -> None:
+    """As the API's and ``tenants set``'s answer (merge_patch.reparent_note): moving a
+    tenant moves its future charges only; what it was charged stays where it was counted."""
+    current = {"org": P(), "org2": P(), "team": P(parent="org"), "solo": P(weight=2)}
+    desired = {
+        "org": P(),
+        "org2": P(),
+        "team": P(parent="org2"),
+        "solo": P(weight=2, parent="org"),
+    }
+    lines = [text for text, _ in plan_lines(plan(current, desired, prune=False))]
+    assert lines == [
+        "~ solo: update",
+        '    ~ solo.parent: (unset) → "org"',
+        "    note: moved from no parent to 'org': usage already charged stays counted where "
+        "it was; only charges from now on count toward the new parent",
+        "~ team: update",
+        '    ~ team.parent: "org" → "org2"',
+        "    note: moved from 'org' to 'org2': usage already charged stays counted where it "
+        "was; only charges from now on count toward the new parent",
+    ]
+    # another field changing says nothing of the tree
+    other = plan({"a": P(parent="org")}, {"a": P(parent="org", weight=3)}, prune=False)
+    assert not any("note" in text for text, _ in plan_lines(other))
+
+
 # against Redis ------------------------------------------------------------------------
 
 
@@ -308,6 +335,28 @@ def test_cli_dry_run_apply_and_exit_codes(
     assert main(["tenants", "apply", str(path), "--prune", "--exit-code"]) == 0
     assert capsys.readouterr().out == "No changes: 2 tenant(s) already match the file.\n"
     assert snapshot(env) == after
+
+
+@pytest.mark.usefixtures("env")
+def test_cli_apply_moving_a_tenant_says_only_future_charges_move(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for tenant, policy in (("org", "{}"), ("org2", "{}"), ("team", '{"parent": "org"}')):
+        assert main(["tenants", "set", tenant, "--policy", policy]) == 0
+    path = tmp_path / "tenants.yaml"
+    path.write_text("tenants:\n  org: {}\n  org2: {}\n  team: {parent: org2}\n")
+    capsys.readouterr()
+    for flags in (["--dry-run"], []):
+        assert main(["tenants", "apply", str(path), *flags]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[:3] == [
+            "~ team: update",
+            '    ~ team.parent: "org" → "org2"',
+            "    note: moved from 'org' to 'org2': usage already charged stays counted where "
+            "it was; only charges from now on count toward the new parent",
+        ]
+    assert main(["tenants", "get", "team"]) == 0
+    assert json.loads(capsys.readouterr().out)["parent"] == "org2"
 
 
 def test_cli_prune_from_the_file_and_no_prune_flag(
