@@ -38,9 +38,9 @@ VIEWER = {"authorization": f"Bearer {OPS_TOKEN}"}
 LEAD = {"authorization": f"Bearer {LEAD_TOKEN}"}
 
 
-@pytest.fixture
-async def client(redis: Redis, redis_url: str) -> AsyncIterator[TestClient]:
-    settings = Settings(
+def app_settings(redis_url: str) -> Settings:
+    """The API's settings here (and in tests/system/test_cluster.py, on the cluster)."""
+    return Settings(
         redis_url=redis_url,
         admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
         admin_tokens={  # type: ignore[arg-type]
@@ -50,7 +50,12 @@ async def client(redis: Redis, redis_url: str) -> AsyncIterator[TestClient]:
         upstream_url="http://127.0.0.1:9",
         auth_failures_per_minute=1_000_000,
     )
-    async with TestClient(TestServer(create_app(settings, redis=redis))) as test_client:
+
+
+@pytest.fixture
+async def client(redis: Redis, redis_url: str) -> AsyncIterator[TestClient]:
+    app = create_app(app_settings(redis_url), redis=redis)
+    async with TestClient(TestServer(app)) as test_client:
         yield test_client
 
 
@@ -219,6 +224,39 @@ async def test_the_log_filters_by_target_actor_and_since_and_pages(client: TestC
         cursor = page["next_cursor"]
     every = [e["id"] for e in (await audit(client))["data"]]
     assert seen == every and len(every) == 7
+
+
+async def test_a_tree_s_writes_are_logged_and_a_refused_one_is_not(client: TestClient) -> None:
+    """A parent given, changed and dropped is a field change like any other; a write the
+    tree refuses (a cycle) is answered 400 and leaves no entry."""
+    merge = {**ADMIN, "content-type": "application/merge-patch+json"}
+    assert (await client.put("/admin/tenants/org", json={}, headers=ADMIN)).status == 201
+    made = await client.put("/admin/tenants/team", json={"parent": "org"}, headers=LEAD)
+    assert made.status == 201
+    cycle = await client.patch("/admin/tenants/org", data='{"parent": "team"}', headers=merge)
+    await expect_error(cycle, 400, "invalid_request_error")
+    assert (await client.put("/admin/tenants/other", json={}, headers=ADMIN)).status == 201
+    for parent in ("other", None, "org"):  # moved, made a root, moved back
+        body = json.dumps({"parent": parent})
+        answer = await client.patch("/admin/tenants/team", data=body, headers=merge)
+        assert answer.status == 200, await answer.text()
+
+    team = list(reversed((await audit(client, "?target=team"))["data"]))
+    assert [(e["actor"], e["action"]) for e in team] == [
+        ("lead", "tenant.create"),
+        ("admin", "tenant.update"),
+        ("admin", "tenant.update"),
+        ("admin", "tenant.update"),
+    ]
+    shown = [[show_change(FieldChange(**c)) for c in e["changes"]] for e in team]
+    assert shown == [
+        ['parent: (unset) → "org"'],
+        ['parent: "org" → "other"'],
+        ['parent: "other" → (unset)'],
+        ['parent: (unset) → "org"'],
+    ]
+    org = (await audit(client, "?target=org"))["data"]
+    assert [e["action"] for e in org] == ["tenant.create"]  # the refused cycle: no entry
 
 
 @pytest.mark.parametrize(

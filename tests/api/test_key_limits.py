@@ -120,6 +120,51 @@ async def test_a_keys_limits_only_narrow_both_scopes_hold(
     assert await redis.hlen(TenantKeys.of("budgeter", "km").resv) == 0
 
 
+async def test_a_key_allowed_more_than_its_tenant_is_still_refused_by_the_tenant(
+    proxy: Proxy,  # noqa: F811 - the fixture
+    redis: Redis,
+) -> None:
+    """A key's ``allowed_models`` that lists a model its tenant's ``allowed_models`` forbids
+    does not allow it: the tenant's scope refuses it (``model_not_allowed``, 403, the
+    tenant's sentence, not the key's); and a key with a bigger rate than its tenant is held
+    to the tenant's. Neither refusal reserves anything nor reaches the upstream."""
+    sonnet, haiku = "claude-sonnet-4-6", "claude-haiku-4-5"
+    wide = await tenant_with_key(
+        proxy, "ko", {"allowed_models": [haiku]}, {"allowed_models": [sonnet, haiku]}
+    )
+    assert wide["limits"]["allowed_models"] == [sonnet, haiku]  # stored as asked
+    calls = (await proxy.mock_stats())["requests"]["messages"]
+    with pytest.raises(anthropic.PermissionDeniedError) as refused:
+        await proxy.client(wide["key"]).messages.create(**{**ask(), "model": sonnet})
+    message = refused.value.body["error"]["message"]  # type: ignore[index]
+    assert message == f"model {sonnet!r} is not in this tenant's allowed_models"  # not the key's
+    assert await redis.hlen(TenantKeys.of("budgeter", "ko").resv) == 0
+    scope = KeyScopeKeys("budgeter", "ko", wide["id"])
+    assert await redis.hlen(scope.resv) == 0
+    # the model both allow is served (the key's list is read: the request is the key's)
+    await proxy.client(wide["key"]).messages.create(**{**ask(), "model": haiku})
+    await proxy.settled()
+    assert (await proxy.mock_stats())["requests"]["messages"] == calls + 1
+    status, listed = await admin(proxy, "GET", "/admin/tenants/ko/keys")
+    [row] = listed["data"]
+    day = next(t for t in row["usage"] if t["period"] == "day")
+    assert (status, day["requests"]) == (200, 1)  # the served one only
+
+    # one request a minute for the tenant, a thousand for its key: the tenant's holds
+    fast = await tenant_with_key(
+        proxy, "kr", {"rate": {"rpm": 1}, "max_wait_seconds": 0}, {"rate": {"rpm": 1000}}
+    )
+    client = proxy.client(fast["key"])
+    await client.messages.create(**ask(1))
+    await proxy.settled()
+    with pytest.raises(anthropic.RateLimitError) as limited:
+        await client.messages.create(**ask(2))
+    message = limited.value.body["error"]["message"]  # type: ignore[index]
+    assert message.startswith("the rpm rate limit reached"), message  # the tenant's, not the key's
+    assert await redis.hlen(TenantKeys.of("budgeter", "kr").resv) == 0
+    assert (await proxy.mock_stats())["requests"]["messages"] == calls + 2
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

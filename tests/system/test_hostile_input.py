@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import io
+import itertools
 import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -590,6 +591,84 @@ async def test_hostile_policies_are_refused(api: Api) -> None:
     listed = await api.client.get("/admin/tenants", headers=ADMIN)
     assert listed.status == 200
     assert [t["tenant"] for t in (await listed.json())["data"]] == ["attacker", "victim"]
+
+
+async def test_hostile_parents_are_refused_and_change_nothing(api: Api) -> None:
+    """A policy's ``parent`` (issue 17 item 1) through PUT and PATCH: itself, not a string,
+    not a tenant id (braces, colons, control characters, 10 KB), a cycle, a chain deeper
+    than 4, a tenant that does not exist. Each is a 400 in Anthropic's shape naming the
+    parent and the problem; the tree, its tenants and the victim's queued batch stay."""
+    client = api.client
+    merge = {**ADMIN, "content-type": "application/merge-patch+json"}
+    # org ─ team, and a chain d0 ─ d1 ─ d2 ─ d3 ─ d4 as deep as a tree goes
+    for tenant, parent in [
+        ("org", None),
+        ("team", "org"),
+        *((f"d{n}", f"d{n - 1}" if n else None) for n in range(5)),
+    ]:
+        resp = await client.put(f"/admin/tenants/{tenant}", json={"parent": parent}, headers=ADMIN)
+        assert resp.status == 201, await resp.text()
+    before = await api.snapshot()
+    not_a_string = "parent: Input should be a valid string"
+    not_an_id = "parent: Value error, invalid tenant id"
+    everywhere: list[tuple[str, Any, str]] = [
+        ("a number", 5, not_a_string),
+        ("a float", 1.5, not_a_string),
+        ("a boolean", True, not_a_string),
+        ("a list", ["org"], not_a_string),
+        ("an object", {"tenant": "org"}, not_a_string),
+        ("empty", "", not_an_id),
+        ("braces", "{t:victim}", not_an_id),
+        ("a closing brace", "victim}", not_an_id),
+        ("colons", "budgeter:{t:victim}:policy", not_an_id),
+        ("a colon", "org:team", not_an_id),
+        ("a NUL", "org\x00", not_an_id),
+        ("a newline", "org\n", not_an_id),
+        ("an escape sequence", "\x1b[31morg", not_an_id),
+        ("10 KB", "a" * 10_240, not_an_id),
+        ("upper case", "Org", not_an_id),
+        ("missing", "ghost", "parent: tenant 'ghost' not found (create the parent first)"),
+    ]
+    attacks: dict[str, list[tuple[str, Any, str]]] = {
+        tenant: [*everywhere, ("itself", tenant, f"tenant {tenant!r} cannot be its own parent")]
+        for tenant in ("victim", "newcomer", "org", "d0")
+    }
+    too_deep = "would put {} 5 levels below the root"
+    attacks["victim"].append(("too deep", "d4", too_deep.format("'victim'")))
+    attacks["newcomer"].append(("too deep", "d4", too_deep.format("'newcomer'")))
+    attacks["org"] += [
+        ("a cycle of two", "team", "parent: 'team' would make a cycle: org → team → org"),
+        # org is level 4 under d3, and its child team level 5
+        ("its subtree too deep", "d3", "and the deepest of the 1 level(s) below it 5"),
+    ]
+    attacks["d0"].append(
+        ("a cycle of five", "d4", "would make a cycle: d0 → d4 → d3 → d2 → d1 → d0")
+    )
+    tried = 0
+    for tenant, cases in attacks.items():
+        methods = ["PUT"] if tenant == "newcomer" else ["PUT", "PATCH"]  # (no policy: 404)
+        for (name, parent, fragment), method in itertools.product(cases, methods):
+            where = f"{method} {tenant} parent {name}"
+            body = json.dumps({"budgets": {"day": 7}, "parent": parent})
+            headers = ADMIN if method == "PUT" else merge
+            resp = await client.request(
+                method, f"/admin/tenants/{tenant}", data=body, headers=headers
+            )
+            message = await expect_refused(resp, 400, "invalid_request_error", where)
+            assert fragment in message, f"{where}: {message[:300]}"
+            assert await api.snapshot() == before, f"{where} changed Redis"
+            tried += 1
+    assert tried == 2 * sum(map(len, attacks.values())) - len(attacks["newcomer"])
+    listed = await (await client.get("/admin/tenants", headers=ADMIN)).json()
+    parents = {t["tenant"]: t["policy"]["parent"] for t in listed["data"]}
+    assert parents == {
+        "attacker": None,
+        "victim": None,
+        "org": None,
+        "team": "org",
+        **{f"d{n}": f"d{n - 1}" if n else None for n in range(5)},
+    }
+    assert all(t["policy"]["budgets"] != {"day": 7} for t in listed["data"])  # none applied
 
 
 async def test_hostile_key_bodies_are_refused(api: Api) -> None:

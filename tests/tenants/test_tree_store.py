@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from budgeter.api.app import create_app
 from budgeter.cli.commands import main
@@ -77,8 +77,14 @@ async def test_the_tree_write_is_a_compare_and_set_on_its_version(redis: Redis) 
 
 
 async def _hgetalls(redis: Redis) -> int:
-    stats = await redis.info("commandstats")
-    return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+    """HGETALL calls so far (on a cluster, summed over its masters)."""
+    if isinstance(redis, RedisCluster):
+        stats = [
+            await redis.info("commandstats", target_nodes=node) for node in redis.get_primaries()
+        ]
+    else:
+        stats = [await redis.info("commandstats")]
+    return sum(int(s.get("cmdstat_hgetall", {}).get("calls", 0)) for s in stats)
 
 
 async def test_roots_are_written_without_reading_the_tree_or_retrying(redis: Redis) -> None:
@@ -148,15 +154,20 @@ async def test_a_patch_re_parents_through_the_same_checks(redis: Redis) -> None:
 # the admin API ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def client(redis: Redis, redis_url: str) -> AsyncIterator[TestClient]:
-    settings = Settings(
+def app_settings(redis_url: str) -> Settings:
+    """The API's settings here (and in tests/system/test_cluster.py, on the cluster)."""
+    return Settings(
         redis_url=redis_url,
         admin_token="tree-admin-token-0123",  # type: ignore[arg-type]
         upstream_url="http://127.0.0.1:9",
         auth_failures_per_minute=1_000_000,
     )
-    async with TestClient(TestServer(create_app(settings, redis=redis))) as test_client:
+
+
+@pytest.fixture
+async def client(redis: Redis, redis_url: str) -> AsyncIterator[TestClient]:
+    app = create_app(app_settings(redis_url), redis=redis)
+    async with TestClient(TestServer(app)) as test_client:
         yield test_client
 
 
