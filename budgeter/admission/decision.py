@@ -73,6 +73,13 @@ class Decision:
         )
 
     @property
+    def reason_kind(self) -> str:
+        """The kind of the reason whichever scope refused (``key:model_not_allowed`` and
+        ``parent:org:model_not_allowed`` are both ``model_not_allowed``), else the reason."""
+        reason = self.parsed_reason
+        return self.reason if reason is None else reason.kind
+
+    @property
     def parsed_reason(self) -> Reason | None:
         """The typed reason (None for ADMIT or a reason outside the vocabulary)."""
         try:
@@ -96,6 +103,9 @@ class Decision:
             owner = "this API key's "
         if reason.limit is not None:
             return _LIMIT_SENTENCES[reason.kind](self, owner, reason.limit.label(model))
+        if reason.kind == "model_not_allowed" and (reason.parent or reason.key):
+            whose = f"the parent tenant {reason.parent!r}" if reason.parent else "this API key"
+            return f"model {model or self.detail!r} is not in the allowed_models of {whose}"
         sentence = _SENTENCES[reason.kind](self, model)
         if reason.parent:
             return f"{sentence} (a limit of the parent tenant {reason.parent!r})"

@@ -206,8 +206,8 @@ def _refusal(decision: Decision, model: str, headers: dict[str, str]) -> ApiErro
         )
     if decision.reason == "unknown_tenant":
         return ApiError(404, "this key's tenant has no policy (tenant not found)", headers=headers)
-    if decision.reason in REFUSAL_TYPES:
-        status, error_type = REFUSAL_TYPES[decision.reason]
+    if decision.reason_kind in REFUSAL_TYPES:  # whichever scope refused (key, parent)
+        status, error_type = REFUSAL_TYPES[decision.reason_kind]
         return ApiError(status, decision.describe(model), error_type=error_type, headers=headers)
     return ApiError(
         429,

@@ -38,8 +38,11 @@ class InvalidTenantError(ValueError):
 
 def check_tenant_id(tenant: str) -> str:
     if not isinstance(tenant, str) or not TENANT_ID_RE.fullmatch(tenant):
+        shown = repr(tenant)
+        if len(shown) > 80:  # a hostile 10 KB id is not echoed whole
+            shown = f"{shown[:60]}... ({len(shown)} characters)"
         raise InvalidTenantError(
-            f"invalid tenant id {tenant!r}: use 1-63 characters a-z, 0-9, '_' or '-', "
+            f"invalid tenant id {shown}: use 1-63 characters a-z, 0-9, '_' or '-', "
             "starting with a letter or digit"
         )
     return tenant

@@ -476,8 +476,8 @@ class Worker:
 def _refusal(decision: Decision, model: str) -> dict[str, Any]:
     if decision.reason == "unknown_tenant":
         return error_body("not_found_error", "tenant has no policy")
-    if decision.reason in REFUSAL_TYPES:
-        return error_body(REFUSAL_TYPES[decision.reason][1], decision.describe(model))
+    if decision.reason_kind in REFUSAL_TYPES:  # whichever scope refused (key, parent)
+        return error_body(REFUSAL_TYPES[decision.reason_kind][1], decision.describe(model))
     return error_body(BUDGET_ERROR_TYPE, decision.describe(model))
 
 

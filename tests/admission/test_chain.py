@@ -270,9 +270,9 @@ async def test_an_ancestors_allowed_models_and_concurrency_hold_and_say_whose(
     )
     refused = await adm.reserve("team", "t1", 10, 10, model="claude-b", now_ms=NOW)
     assert (refused.kind, refused.reason) == ("REJECT", "parent:org:model_not_allowed")
+    assert refused.reason_kind == "model_not_allowed"  # a 403 permission_error, as the tenant's
     assert refused.describe("claude-b") == (
-        "model 'claude-b' is not in this tenant's allowed_models "
-        "(a limit of the parent tenant 'org')"
+        "model 'claude-b' is not in the allowed_models of the parent tenant 'org'"
     )
     assert (await adm.reserve("team", "t2", 10, 10, model="claude-a", now_ms=NOW)).kind == "ADMIT"
     busy = await adm.reserve("team", "t3", 10, 10, model="claude-a", now_ms=NOW)

@@ -164,6 +164,14 @@ async def test_a_key_allowed_more_than_its_tenant_is_still_refused_by_the_tenant
     assert await redis.hlen(TenantKeys.of("budgeter", "kr").resv) == 0
     assert (await proxy.mock_stats())["requests"]["messages"] == calls + 2
 
+    # the key narrower than its tenant: the key's own refusal is a 403 too, naming the key
+    narrow = await tenant_with_key(proxy, "kn", {}, {"allowed_models": [haiku]})
+    with pytest.raises(anthropic.PermissionDeniedError) as refused:
+        await proxy.client(narrow["key"]).messages.create(**{**ask(), "model": sonnet})
+    message = refused.value.body["error"]["message"]  # type: ignore[index]
+    assert message == f"model {sonnet!r} is not in the allowed_models of this API key"
+    assert (await proxy.mock_stats())["requests"]["messages"] == calls + 2
+
 
 @pytest.mark.parametrize(
     ("body", "field"),

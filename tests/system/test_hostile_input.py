@@ -656,6 +656,7 @@ async def test_hostile_parents_are_refused_and_change_nothing(api: Api) -> None:
             )
             message = await expect_refused(resp, 400, "invalid_request_error", where)
             assert fragment in message, f"{where}: {message[:300]}"
+            assert len(message) < 400, f"{where}: the whole id echoed ({len(message)} chars)"
             assert await api.snapshot() == before, f"{where} changed Redis"
             tried += 1
     assert tried == 2 * sum(map(len, attacks.values())) - len(attacks["newcomer"])
