@@ -8,11 +8,13 @@ reserves (with or without the key), settles, charges, releases, mark-sents, reap
 steps of any of its tenants through :class:`~budgeter.admission.admission.Admission` (the
 real chain: tenant and key in one call, then ancestors). After every step the answer
 equals chain_model's and every tenant's and key's Redis keys equal the model's state.
-Then the same trees take rounds of concurrent requests of their leaves, half of them
-through a key with a budget of its own (``asyncio.gather``: the scopes' script calls
-interleave and batch as in a worker): no budget of any level, key or tenant, is ever over
-its limit, and once everything settled every parent's usage is exactly the sum of its
-children's.
+Then random trees (depth up to 4, each parent's budget below its children's sum) take
+rounds of concurrent requests of all their tenants, half of them through a key with a
+budget of its own (``asyncio.gather``: the scopes' script calls interleave and batch as in
+a worker), settled every way (usage, in full, released, twice, by the reaper): an observer
+reading every scope meanwhile never finds a budget of any level, key or tenant, over its
+limit or more in flight than its max_concurrency, and at the end each tenant's usage is
+exactly its own charges plus its children's.
 """
 
 from __future__ import annotations
@@ -413,87 +415,137 @@ def test_the_chain_model_names_ancestors_refusals() -> None:
 
 # ---------------------------------------------------------------- concurrency
 
-LEAF_LIMIT = 3_000
-KEY_LIMIT = 1_000
+KEY_LIMIT = 3_000
 
 
 def concurrent_tree(rng: random.Random, tag: int) -> dict[str, tuple[str | None, int]]:
-    """tenant -> (parent, day budget): a root whose budget is smaller than the sum of its
-    children's, two divisions, leaves under them (depth 3)."""
-    tree: dict[str, tuple[str | None, int]] = {f"c{tag}-root": (None, 8_000)}
-    for d in range(2):
-        division = f"c{tag}-div{d}"
-        tree[division] = (f"c{tag}-root", 6_000)
-        for t in range(3):
-            team = f"c{tag}-div{d}-team{t}"
-            tree[team] = (division, rng.choice([2_500, LEAF_LIMIT, 4_000]))
-            tree[f"{team}-app"] = (team, rng.choice([1_500, 2_000]))
-    return tree
+    """tenant -> (parent, day budget): a random tree (4-10 tenants, depth up to 4 below
+    its roots; the first seeds take a chain of depth 4) where every parent's budget is
+    smaller than the sum of its children's."""
+    n = rng.randint(4, 10)
+    parents: list[int | None] = [None]
+    depth = [0]
+    for i in range(1, n):
+        if tag % 3 == 0 and i <= MAX_DEPTH:
+            parent: int | None = i - 1  # a chain of depth 4 first
+        else:
+            choices = [j for j in range(i) if depth[j] < MAX_DEPTH]
+            parent = rng.choice(choices) if rng.random() < 0.85 else None
+        parents.append(parent)
+        depth.append(0 if parent is None else depth[parent] + 1)
+    budgets = [rng.choice([8_000, 12_000, 20_000]) for _ in range(n)]
+    for i in reversed(range(n)):  # children first: a parent below its children's sum
+        kids = [budgets[c] for c in range(n) if parents[c] == i]
+        if kids:
+            budgets[i] = max(4_000, int(sum(kids) * rng.uniform(0.4, 0.9)))
+    names = [f"c{tag}-{i}" for i in range(n)]
+    return {names[i]: (None if p is None else names[p], budgets[i]) for i, p in enumerate(parents)}
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 async def test_concurrent_requests_never_overshoot_any_level(redis: RedisClient, seed: int) -> None:
+    """Rounds of concurrent requests of every tenant of a random tree (a parent is an
+    ordinary tenant: it sends too), half of them through the tenant's API key, settled with
+    usage, charged in full, released, settled twice, or left to the reaper. An observer reads
+    every scope while they run: no budget of any level, key or tenant, is ever over its
+    limit and no scope holds more than its max_concurrency. At the end every scope holds
+    nothing, and each tenant's usage is exactly what its own requests were charged plus
+    its children's usage."""
     rng = random.Random(seed)
     tree = concurrent_tree(rng, seed)
     store = TenantStore(redis, prefix=PREFIX)
-    for tenant, (parent, day) in tree.items():
+    for tenant, (parent, day) in tree.items():  # parents come first
         await store.put(
             tenant, TenantPolicy(parent=parent, budgets={"day": day}, max_concurrency=6)
         )
     admission = Admission(redis, prefix=PREFIX, tree=TreeView(redis, prefix=PREFIX, refresh_s=0))
-    leaves = [t for t in tree if t.endswith("-app")]
-    for leaf in leaves:  # each leaf's key "k": a day budget of its own, a concurrency of 2
+    tenants = list(tree)
+    for tenant in tenants:  # each tenant's key "k": a day budget of its own, a concurrency of 2
         limits = KeyLimits(budgets={"day": KEY_LIMIT}, max_concurrency=2).redis_fields()
-        await redis.hset(KeyScopeKeys(PREFIX, leaf, "k").policy, mapping=limits)
-        await redis.sadd(TenantKeys.of(PREFIX, leaf).limited_keys, "k")
+        await redis.hset(KeyScopeKeys(PREFIX, tenant, "k").policy, mapping=limits)
+        await redis.sadd(TenantKeys.of(PREFIX, tenant).limited_keys, "k")
+    scopes: list[tuple[str, TenantKeys | KeyScopeKeys, int, int]] = [
+        (t, TenantKeys.of(PREFIX, t), day, 6) for t, (_, day) in tree.items()
+    ] + [(f"{t}'s key", KeyScopeKeys(PREFIX, t, "k"), KEY_LIMIT, 2) for t in tenants]
     now = BOUNDARIES[0]
-    served: dict[str, int] = dict.fromkeys(tree, 0)
+    own: dict[str, int] = dict.fromkeys(tree, 0)  # tokens charged to each tenant's own requests
+    seen: dict[str, int] = {}
     ids = itertools.count()
+    running = True
 
     async def one(tenant: str) -> Decision:
         rid = f"{tenant}-{next(ids)}"
         inp, out = rng.randint(10, 200), rng.randint(10, 300)
         key = rng.choice(["k", None])
-        decision = await admission.reserve(tenant, rid, inp, out, model="m", now_ms=now, key=key)
-        if decision.kind == "ADMIT":
-            await asyncio.sleep(0)
+        decision = await admission.reserve(
+            tenant, rid, inp, out, model="m", now_ms=now, key=key, hold_ms=1000,
+            sent_at_once=True,
+        )  # fmt: skip
+        if decision.kind != "ADMIT":
+            return decision
+        await asyncio.sleep(0)
+        how = rng.choice(["usage", "usage", "full", "release", "twice", "reaper"])
+        seen[how] = seen.get(how, 0) + 1
+        if how in ("usage", "twice"):
             used = Usage(inp, rng.randint(0, out))
             await admission.settle(tenant, rid, used, now_ms=now)
+            if how == "twice":  # a retried settle charges nothing more
+                await admission.settle(tenant, rid, used, now_ms=now)
+            own[tenant] += used.input_tokens + used.output_tokens
+        elif how == "full":
+            await admission.charge_full(tenant, rid, now_ms=now)
+            own[tenant] += inp + out
+        elif how == "release":
+            await admission.release(tenant, rid, now_ms=now)
+        else:  # its worker died: sent, so the reapers charge it in full
+            own[tenant] += inp + out
         return decision
 
     async def over_limits() -> list[str]:
         over = []
-        for tenant, (_, day) in tree.items():
-            budget = await redis.hgetall(TenantKeys.of(PREFIX, tenant).budget)
-            used = int(budget.get("day:used", 0))
-            reserved = int(budget.get("day:reserved", 0))
-            if used + reserved > day:
-                over.append(f"{tenant}: {used} + {reserved} > {day}")
-        for leaf in leaves:
-            budget = await redis.hgetall(KeyScopeKeys(PREFIX, leaf, "k").budget)
+        for name, keys, day, conc in scopes:
+            budget = await redis.hgetall(keys.budget)
             used, reserved = int(budget.get("day:used", 0)), int(budget.get("day:reserved", 0))
-            if used + reserved > KEY_LIMIT:
-                over.append(f"{leaf}'s key: {used} + {reserved} > {KEY_LIMIT}")
+            if used + reserved > day:
+                over.append(f"{name}: {used} + {reserved} > {day}")
+            if await redis.hlen(keys.resv) > conc:
+                over.append(f"{name}: more than {conc} in flight")
         return over
 
-    for _ in range(12):
-        decisions = await asyncio.gather(*(one(rng.choice(leaves)) for _ in range(40)))
+    async def observe() -> list[str]:
+        found: list[str] = []
+        while running:
+            found += await over_limits()
+            await asyncio.sleep(0)
+        return found
+
+    for _ in range(16):
+        running = True
+        watcher = asyncio.ensure_future(observe())
+        decisions = await asyncio.gather(*(one(rng.choice(tenants)) for _ in range(40)))
+        running = False
+        assert not await watcher
         assert not await over_limits()
         for d in decisions:
-            for scope in ("parent", "key"):
-                if d.reason.startswith(f"{scope}:"):
-                    served[f"refused by a {scope}"] = served.get(f"refused by a {scope}", 0) + 1
-    assert served.get("refused by a parent"), "no request was refused by an ancestor"
-    assert served.get("refused by a key"), "no request was refused by its key"
-    # settled: every parent's usage is exactly its children's sum (only leaves send)
+            what = d.reason.split(":")[0] if d.reason.startswith(("parent:", "key:")) else "own"
+            seen[f"{d.kind}:{what}"] = seen.get(f"{d.kind}:{what}", 0) + 1
+        now += 2000  # past the holds: the reapers charge what the dead workers left
+        for tenant in tenants:
+            await admission.reap(tenant, now_ms=now)
+    assert {"ADMIT:own", "reaper", "twice", "release", "full"} <= set(seen), seen
+    for scope in ("parent", "key"):  # refused by an ancestor and by a key
+        assert seen.get(f"DEFER:{scope}", 0) + seen.get(f"REJECT:{scope}", 0), seen
+    for name, keys, _, _ in scopes:
+        budget = await redis.hgetall(keys.budget)
+        assert int(budget.get("day:reserved", 0)) == 0 and await redis.hlen(keys.resv) == 0, name
     totals = {}
     for tenant in tree:
         usage = cast(dict[str, str], await redis.hgetall(TenantKeys.of(PREFIX, tenant).usage))
         totals[tenant] = sum(
             int(v) for k, v in usage.items() if k.startswith("day:") and ":requests" not in k
         )
-    for parent in {p for p, _ in tree.values() if p is not None}:
-        children = [t for t, (p, _) in tree.items() if p == parent]
-        assert totals[parent] == sum(totals[c] for c in children), parent
-    root = await redis.hgetall(TenantKeys.of(PREFIX, f"c{seed}-root").budget)
-    assert totals[f"c{seed}-root"] == int(root["day:used"]) <= 8_000, root
+    for tenant in reversed(tenants):  # exact: its own charges plus its children's usage
+        children = [t for t, (p, _) in tree.items() if p == tenant]
+        assert totals[tenant] == own[tenant] + sum(totals[c] for c in children), tenant
+        budget = await redis.hgetall(TenantKeys.of(PREFIX, tenant).budget)
+        assert totals[tenant] == int(budget.get("day:used", 0)) <= tree[tenant][1], tenant
