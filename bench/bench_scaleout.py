@@ -5,14 +5,44 @@ side in one run.
 Everything runs on loopback: embedded redis-servers (the cluster made with redis-cli),
 `budgeter mock-upstream` and `budgeter worker` processes. Each run submits one batch per
 tenant (4 tenants, no limits), times it from submission until every job ended, then
-stops the workers. Besides jobs/s it counts, from the servers' own counters (`INFO
-stats` of every master, before and after the timed part), the round trips per job
-(`total_reads_processed`: one read event per pipeline or lone command a client sends; the
-bench's own polling, about 20 a second, included) and the commands per job
-(`total_commands_processed`, each script call one command).
+stops the workers and empties the servers (`FLUSHALL`, outside the timed part).
 
-    .venv/bin/python bench/bench_scaleout.py [--jobs 2000] [--latency-ms 20] [--workers 1,2,4]
-        [--replicas 1]
+Noise: on a small machine one run's jobs/s moves by more than the gap between the two
+setups, so for each worker count the bench runs one Redis (A) and the cluster (B)
+alternately `--rounds` times, the order swapped every other round (AB, BA, AB, ...), and
+reports the median jobs/s of each, the median of the per-round ratios cluster / one Redis
+and their min-max. A ratio is taken between two runs next to each other in time, so a
+slow spell of the machine weighs on both of its sides.
+
+Besides jobs/s it reads the servers' own counters (`INFO stats` of every master, before
+and after the timed part; nothing timed):
+
+- commands per job (`total_commands_processed`, each script call one command), all
+  masters;
+- read events per job (`total_reads_processed`), two ways. A server counts one read event
+  each time it reads a client's socket: one per pipeline or lone command a client sends
+  and waits for. One Redis therefore gets one read event per round trip, and its figure
+  is the round trips per job. On the cluster a round (one pipeline, one script call) is
+  split into one pipeline per node whose slots it touches, sent to those nodes
+  concurrently; each node counts one read event for it. So
+  (a) "all masters", the sum over the masters, counts such a round once per node it
+  touches. It is what the cluster's servers pay for the rounds, and an upper bound on
+  the number of rounds.
+  (b) "busiest master", the read events per job of the master that got the most, counts
+  a round at most once (a round sends that node one pipeline or none). It is the figure
+  to put next to one Redis's round trips per job: a lower bound on the cluster's rounds,
+  equal to them when every round touches that master. Rounds that touch only another
+  master (a job's calls go to its tenant's node `{t:<tenant>}` and to the scheduler's
+  `{sched}` node, not always in the same round) make it read below.
+  So if the cluster makes as many round trips per job as one Redis, one Redis's figure
+  lies between (b) and (a).
+  The bench's own polling (one status call each 50 ms) is included in all of them.
+
+CPU per job: every redis-server's (`INFO cpu`, replicas included) and the worker
+processes' (/proc).
+
+    .venv/bin/python bench/bench_scaleout.py [--jobs 6000] [--rounds 3] [--latency-ms 20]
+        [--workers 1,2,4] [--replicas 1]
 """
 
 from __future__ import annotations
@@ -21,6 +51,7 @@ import argparse
 import asyncio
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +68,7 @@ from budgeter.store.embedded import EmbeddedRedis, EmbeddedRedisCluster, free_po
 from budgeter.tenants.store import TenantStore
 
 TENANTS = ("t1", "t2", "t3", "t4")
+ONE, CLUSTER = "one Redis", "3-master cluster"
 
 
 def batch(tenant: str, n: int) -> list[BatchRequest]:
@@ -58,7 +90,9 @@ def batch(tenant: str, n: int) -> list[BatchRequest]:
 @dataclass
 class Run:
     rate: float  # jobs/s
-    reads: float  # server read events (round trips) per job, all masters
+    seconds: float  # the timed part
+    reads: float  # server read events per job, summed over the masters
+    reads_busiest: float  # read events per job of the master that got the most
     commands: float  # commands run per job (those inside Lua included), all masters
     redis_cpu_ms: float  # CPU per job of every redis-server (replicas included)
     worker_cpu_ms: float  # CPU per job of the worker processes
@@ -66,15 +100,18 @@ class Run:
 
 @dataclass
 class Counters:
-    reads: int
+    reads: list[int]  # per master, in Servers.masters order
     commands: int
     redis_cpu_s: float
     worker_cpu_s: float
 
     def per_job(self, later: Counters, jobs: int, seconds: float) -> Run:
+        reads = [after - before for before, after in zip(self.reads, later.reads, strict=True)]
         return Run(
             jobs / seconds,
-            (later.reads - self.reads) / jobs,
+            seconds,
+            sum(reads) / jobs,
+            max(reads) / jobs,
             (later.commands - self.commands) / jobs,
             (later.redis_cpu_s - self.redis_cpu_s) * 1000 / jobs,
             (later.worker_cpu_s - self.worker_cpu_s) * 1000 / jobs,
@@ -87,10 +124,17 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@dataclass
+class Servers:
+    masters: list[int]  # ports
+    all: list[int]
+
+
 async def counters(servers: Servers, worker_pids: list[int]) -> Counters:
     """The servers' own counters (``INFO stats`` of the masters, ``INFO cpu`` of every
     server) and the workers' CPU time, now."""
-    reads = commands = 0
+    reads: dict[int, int] = {}
+    commands = 0
     cpu = 0.0
     for port in servers.all:
         client = Redis(port=port)
@@ -100,15 +144,25 @@ async def counters(servers: Servers, worker_pids: list[int]) -> Counters:
             await client.aclose()
         cpu += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
         if port in servers.masters:
-            reads += int(info["total_reads_processed"])
+            reads[port] = int(info["total_reads_processed"])
             commands += int(info["total_commands_processed"])
-    return Counters(reads, commands, cpu, sum(process_cpu_s(pid) for pid in worker_pids))
+    return Counters(
+        [reads[port] for port in servers.masters],
+        commands,
+        cpu,
+        sum(process_cpu_s(pid) for pid in worker_pids),
+    )
 
 
-@dataclass
-class Servers:
-    masters: list[int]  # ports
-    all: list[int]
+async def flush(servers: Servers) -> None:
+    """Empty every master (the replicas follow) so that each run starts from the same
+    state and the servers' memory stays bounded over the rounds."""
+    for port in servers.masters:
+        client = Redis(port=port)
+        try:
+            await client.flushall()
+        finally:
+            await client.aclose()
 
 
 async def one_run(
@@ -165,9 +219,72 @@ async def one_run(
         for proc in procs:
             await proc.wait()
         await redis.aclose()
+        await flush(servers)
 
 
-async def main(jobs: int, latency_ms: float, counts: list[int], replicas: int) -> None:
+@dataclass
+class Summary:
+    """One worker count's rounds: the paired runs of one Redis and of the cluster."""
+
+    one: list[Run]
+    cluster: list[Run]
+
+    @staticmethod
+    def median(runs: list[Run], field: str) -> float:
+        return statistics.median(float(getattr(run, field)) for run in runs)
+
+    def ratios(self) -> list[float]:
+        return [c.rate / o.rate for o, c in zip(self.one, self.cluster, strict=True)]
+
+
+def print_run(name: str, workers: int, round_no: int, run: Run) -> None:
+    print(
+        f"round {round_no} {name:16} {workers} worker(s): {run.rate:7.1f} jobs/s "
+        f"({run.seconds:4.1f} s); per job read events {run.reads:5.2f} all masters, "
+        f"{run.reads_busiest:5.2f} busiest; {run.commands:5.2f} commands; CPU "
+        f"{run.redis_cpu_ms:.2f} ms Redis, {run.worker_cpu_ms:.2f} ms workers",
+        flush=True,
+    )
+
+
+def print_table(
+    summaries: dict[int, Summary], jobs: int, rounds: int, latency_ms: float, replicas: int
+) -> None:
+    seconds = [run.seconds for s in summaries.values() for run in s.one + s.cluster]
+    print()
+    print(
+        f"{jobs} jobs over {len(TENANTS)} tenants per run, mock latency {latency_ms:g} ms, "
+        f"32 coroutines per worker, {os.cpu_count()} cores, cluster: 3 masters x "
+        f"{replicas} replica(s); {rounds} round(s) of one Redis + cluster per worker count, "
+        f"order swapped every other round; runs {min(seconds):.1f}-{max(seconds):.1f} s"
+    )
+    print(
+        "medians over the rounds; ratio = cluster / one Redis jobs/s of the same round "
+        "(median, min-max)"
+    )
+    print(
+        "trips: read events per job (one Redis: round trips; cluster: all = summed over "
+        "the masters, max = busiest master); CPU: ms per job"
+    )
+    print(
+        f"{'workers':>7} | {'jobs/s one':>10} {'cluster':>8} | {'ratio':>5} {'min-max':>9}"
+        f" | {'trips one':>9} {'all':>5} {'max':>5} | {'Redis CPU one':>13} {'cluster':>7}"
+        f" | {'worker CPU one':>14} {'cluster':>7}"
+    )
+    for workers, s in summaries.items():
+        ratios = s.ratios()
+        one, clu = s.one, s.cluster
+        print(
+            f"{workers:>7} | {s.median(one, 'rate'):>10.1f} {s.median(clu, 'rate'):>8.1f}"
+            f" | {statistics.median(ratios):>5.2f} {min(ratios):>4.2f}-{max(ratios):<4.2f}"
+            f" | {s.median(one, 'reads'):>9.2f} {s.median(clu, 'reads'):>5.2f}"
+            f" {s.median(clu, 'reads_busiest'):>5.2f}"
+            f" | {s.median(one, 'redis_cpu_ms'):>13.2f} {s.median(clu, 'redis_cpu_ms'):>7.2f}"
+            f" | {s.median(one, 'worker_cpu_ms'):>14.2f} {s.median(clu, 'worker_cpu_ms'):>7.2f}"
+        )
+
+
+async def main(jobs: int, rounds: int, latency_ms: float, counts: list[int], replicas: int) -> None:
     with tempfile.TemporaryDirectory() as root:
         single = EmbeddedRedis(Path(root) / "single", appendonly=False)
         single.start()
@@ -175,9 +292,9 @@ async def main(jobs: int, latency_ms: float, counts: list[int], replicas: int) -
         cluster_url = cluster.start()
         assert single.port is not None
         ports = [server.port for server in cluster.servers if server.port is not None]
-        servers = {
-            "one Redis": Servers([single.port], [single.port]),
-            "3-master cluster": Servers(cluster.master_ports(), ports),
+        setups = {
+            ONE: (single.url, Servers([single.port], [single.port])),
+            CLUSTER: (cluster_url, Servers(cluster.master_ports(), ports)),
         }
         mock_port = free_port()
         mock = await asyncio.create_subprocess_exec(
@@ -191,57 +308,47 @@ async def main(jobs: int, latency_ms: float, counts: list[int], replicas: int) -
             str(latency_ms),
         )
         await asyncio.sleep(1.5)
-        results: dict[tuple[str, int], Run] = {}
+        summaries: dict[int, Summary] = {}
         try:
             for workers in counts:
-                for name, url in (("one Redis", single.url), ("3-master cluster", cluster_url)):
-                    run = await one_run(
-                        url,
-                        servers[name],
-                        f"http://127.0.0.1:{mock_port}",
-                        workers,
-                        jobs,
-                        f"bench{workers}{name[0]}",
-                    )
-                    results[(name, workers)] = run
-                    print(
-                        f"{name:18} {workers} worker(s): {run.rate:8.1f} jobs/s; per job "
-                        f"{run.reads:5.2f} round trips, {run.commands:5.2f} commands, CPU "
-                        f"{run.redis_cpu_ms:.2f} ms Redis, {run.worker_cpu_ms:.2f} ms workers",
-                        flush=True,
-                    )
+                summary = summaries[workers] = Summary([], [])
+                for round_no in range(1, rounds + 1):
+                    order = (ONE, CLUSTER) if round_no % 2 else (CLUSTER, ONE)
+                    for name in order:
+                        url, servers = setups[name]
+                        run = await one_run(
+                            url,
+                            servers,
+                            f"http://127.0.0.1:{mock_port}",
+                            workers,
+                            jobs,
+                            f"bench{workers}{name[0]}{round_no}",
+                        )
+                        (summary.one if name == ONE else summary.cluster).append(run)
+                        print_run(name, workers, round_no, run)
         finally:
             mock.send_signal(signal.SIGTERM)
             await mock.wait()
             single.stop()
             cluster.stop()
-    print()
-    print(
-        f"{jobs} jobs over {len(TENANTS)} tenants, mock latency {latency_ms:g} ms, "
-        f"32 coroutines per worker, {os.cpu_count()} cores, cluster: 3 masters x "
-        f"{replicas} replica(s)"
-    )
-    print("per job: round trips = read events of the masters; CPU ms of Redis and workers")
-    print(
-        f"{'workers':>8} {'jobs/s one':>10} {'cluster':>8} {'ratio':>6}"
-        f" {'trips one':>10} {'cluster':>8} {'Redis CPU one':>14} {'cluster':>8}"
-        f" {'worker CPU one':>15} {'cluster':>8}"
-    )
-    for workers in counts:
-        one, clu = results[("one Redis", workers)], results[("3-master cluster", workers)]
-        print(
-            f"{workers:>8} {one.rate:>10.1f} {clu.rate:>8.1f} {clu.rate / one.rate:>6.2f}"
-            f" {one.reads:>10.2f} {clu.reads:>8.2f} {one.redis_cpu_ms:>14.2f}"
-            f" {clu.redis_cpu_ms:>8.2f} {one.worker_cpu_ms:>15.2f} {clu.worker_cpu_ms:>8.2f}"
-        )
+    print_table(summaries, jobs, rounds, latency_ms, replicas)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument(
+        "--jobs", type=int, default=6000, help="jobs per run (6000: >= 5 s with 1 worker)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="paired runs (one Redis + cluster) per worker count"
+    )
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--replicas", type=int, default=1, help="replicas per cluster master")
     args = parser.parse_args()
+    if not len(TENANTS) <= args.jobs <= 200_000:
+        parser.error(f"--jobs must be {len(TENANTS)}..200000")
+    if not 1 <= args.rounds <= 20:
+        parser.error("--rounds must be 1..20")
     counts = [int(x) for x in args.workers.split(",")]
-    asyncio.run(main(args.jobs, args.latency_ms, counts, args.replicas))
+    asyncio.run(main(args.jobs, args.rounds, args.latency_ms, counts, args.replicas))
