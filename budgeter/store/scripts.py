@@ -32,6 +32,11 @@ from budgeter.store.cluster_client import as_connection_error
 from budgeter.store.types import RedisClient, Script, ScriptArg, ScriptReply
 
 MAX_BATCH = 512
+# On a cluster, the replies of a round's node pipelines that arrive within this long of
+# each other are handed out together, as one Redis hands out a round's (so the callers they
+# wake call again in one event-loop pass, and their next calls batch as on one Redis); a
+# node slower than that (failing over, say) holds up the others no longer than this.
+ROUND_GRACE_S = 0.005
 
 _Pending = tuple[
     tuple["ScriptArg", ...],
@@ -58,7 +63,8 @@ class RoundPipeline:
     calls of every script, and the commands given to :meth:`command`) go to Redis
     together, as one non-transactional pipeline: one write and one read for all of them.
     On a cluster, one such pipeline per node (the master of each call's hash slot), the
-    nodes' pipelines sent at the same time. Each call keeps its own answer or error."""
+    nodes' pipelines sent at the same time and their replies handed out together (those
+    within ROUND_GRACE_S of each other). Each call keeps its own answer or error."""
 
     def __init__(self, redis: RedisClient) -> None:
         self.redis = redis
@@ -103,11 +109,19 @@ class RoundPipeline:
         self._scheduled = False
         pending, self._pending = self._pending, []
         groups = self._by_node(pending) if isinstance(self.redis, RedisCluster) else {None: pending}
-        for node, group in groups.items():
-            for start in range(0, len(group), MAX_BATCH):
-                task = asyncio.ensure_future(self._send(node, group[start : start + MAX_BATCH]))
-                self._sending.add(task)
-                task.add_done_callback(self._sending.discard)
+        parts = [
+            (node, group[start : start + MAX_BATCH])
+            for node, group in groups.items()
+            for start in range(0, len(group), MAX_BATCH)
+        ]
+        if len(parts) > 1:  # a cluster round over several nodes
+            sends = [self._send_together(parts)]
+        else:
+            sends = [self._send(node, batch) for node, batch in parts]
+        for send in sends:
+            task = asyncio.ensure_future(send)
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
     def _by_node(self, pending: list[_Pending]) -> dict[ClusterNode | None, list[_Pending]]:
         """The round's calls by the node that holds their first key's slot, as this
@@ -126,18 +140,56 @@ class RoundPipeline:
         return groups
 
     async def _send(self, node: ClusterNode | None, batch: list[_Pending]) -> None:
+        await self._deliver(batch, *await self._replies(node, batch))
+
+    async def _send_together(self, parts: list[tuple[ClusterNode | None, list[_Pending]]]) -> None:
+        """A cluster round of several node pipelines, sent at once: the replies that come
+        within ROUND_GRACE_S are handed out together, the later ones as they come."""
+        runs = [asyncio.ensure_future(self._replies(node, batch)) for node, batch in parts]
+        try:
+            await asyncio.wait(runs, timeout=ROUND_GRACE_S)
+            late = []
+            for (_, batch), run in zip(parts, runs, strict=True):
+                if run.done():
+                    await self._deliver(batch, *run.result())
+                else:
+                    late.append((batch, run))
+            for batch, run in late:
+                await self._deliver(batch, *await run)
+        except BaseException as exc:  # cancelled: so are the node pipelines still out
+            for run in runs:
+                run.cancel()
+            for _, batch in parts:
+                _fail(batch, exc)
+            raise
+
+    async def _replies(
+        self, node: ClusterNode | None, batch: list[_Pending]
+    ) -> tuple[
+        list[ScriptReply | BaseException],
+        durability.NotReplicated | None,
+        set[asyncio.Future[ScriptReply]],
+    ]:
+        """``batch`` sent to ``node``: its replies (errors as replies), the WAIT's failure,
+        and which of its calls were durable."""
         durable = {future for _, _, future in batch if future in self._durable}
         self._durable.difference_update(durable)
-        not_replicated: durability.NotReplicated | None = None
         try:
             replies, not_replicated = await self._execute(node, batch, durable)
-        except BaseException as exc:  # the connection failed even after its retries
-            replies = [exc] * len(batch)
-            if not isinstance(exc, Exception):
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                raise
+        except Exception as exc:  # the connection failed even after its retries
+            return [exc] * len(batch), None, durable
+        except BaseException as exc:
+            _fail(batch, exc)
+            raise
+        return list(replies), not_replicated, durable
+
+    async def _deliver(
+        self,
+        batch: list[_Pending],
+        replies: list[ScriptReply | BaseException],
+        not_replicated: durability.NotReplicated | None,
+        durable: set[asyncio.Future[ScriptReply]],
+    ) -> None:
         for (_, fallback, future), reply in zip(batch, replies, strict=True):
             if isinstance(reply, NoScriptError) and fallback is not None:
                 reply = await _settled(fallback())  # Redis restarted: load it, call again
@@ -170,6 +222,12 @@ class RoundPipeline:
             for args, _, _ in batch:
                 pipe.execute_command(*args)
             return await durability.execute_round(pipe, redis, bool(durable))
+
+
+def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    for _, _, future in batch:
+        if not future.done():
+            future.set_exception(exc)
 
 
 # answers after which a call goes again on its own, routed by its slot, with the client's

@@ -15,6 +15,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ClusterCrossSlotError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from budgeter.store import scripts
 from budgeter.store.client import make_redis
 from budgeter.store.cluster_client import as_connection_error, closed_under_us
 from budgeter.store.embedded import free_port
@@ -292,3 +293,61 @@ async def _write_on_a_closed_connection(
     finally:
         await connection.disconnect()
         node.release(connection)
+
+
+def _held_node(monkeypatch: pytest.MonkeyPatch, name: str, release: asyncio.Event) -> None:
+    """The pipelines sent to node ``name`` wait for ``release`` before they go."""
+    real_pipeline = ClusterNode.execute_pipeline
+
+    async def pipeline(node: ClusterNode, commands: list[Any]) -> bool:
+        if node.name == name:
+            await release.wait()
+        return await real_pipeline(node, commands)
+
+    monkeypatch.setattr(ClusterNode, "execute_pipeline", pipeline)
+
+
+async def test_a_rounds_replies_are_handed_out_together(
+    cluster_redis: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on one Redis, the callers of a round wake together, so their next calls batch
+    in one round again: no caller sees its answer while another node's is still out (the
+    grace is made long here, so that the order is the test's, not the machine's)."""
+    monkeypatch.setattr(scripts, "ROUND_GRACE_S", 30.0)
+    by_node = keys_on_every_master(cluster_redis, 2)
+    slow = next(iter(by_node))
+    release = asyncio.Event()
+    _held_node(monkeypatch, slow, release)
+    pipe = round_pipeline(cluster_redis)
+    futures = [pipe.command("INCR", key) for keys in by_node.values() for key in keys]
+    woken: list[bool] = []
+
+    async def caller(future: asyncio.Future[Any]) -> None:
+        await future
+        woken.append(all(f.done() for f in futures))
+
+    callers = [asyncio.ensure_future(caller(f)) for f in futures]
+    for _ in range(20):  # the other nodes answer; their callers still wait
+        await asyncio.sleep(0.01)
+    assert woken == []
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*callers), 30)
+    assert woken == [True] * len(futures)
+
+
+async def test_a_node_slower_than_the_grace_holds_up_only_its_own_calls(
+    cluster_redis: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that does not answer (failing over, say) keeps the round's other answers
+    no longer than ROUND_GRACE_S: they are handed out while its own calls still wait."""
+    by_node = keys_on_every_master(cluster_redis, 2)
+    slow = next(iter(by_node))
+    release = asyncio.Event()
+    _held_node(monkeypatch, slow, release)
+    pipe = round_pipeline(cluster_redis)
+    held = [pipe.command("INCR", key) for key in by_node[slow]]
+    others = [pipe.command("INCR", k) for n, keys in by_node.items() if n != slow for k in keys]
+    assert await asyncio.wait_for(asyncio.gather(*others), 30) == [1] * len(others)
+    assert not any(f.done() for f in held)
+    release.set()
+    assert await asyncio.wait_for(asyncio.gather(*held), 30) == [1] * len(held)
