@@ -88,17 +88,13 @@ node_policies = policies().map(lambda p: p or TenantPolicy()) | st.builds(
 )
 
 
+# what a key's limits share with a tenant policy (budgeter/domain/key_limits.py)
+KEY_FIELDS = ("budgets", "usd_budgets", "rate", "max_concurrency", "allowed_models")
+
+
 def key_limits_of(pol: TenantPolicy | None) -> KeyLimits | None:
     """A key's limits with the fields a random policy drew (None: the tenant has no key)."""
-    if pol is None:
-        return None
-    return KeyLimits(
-        budgets=pol.budgets,
-        usd_budgets=pol.usd_budgets,
-        rate=pol.rate,
-        max_concurrency=pol.max_concurrency,
-        allowed_models=pol.allowed_models,
-    )
+    return None if pol is None else KeyLimits(**{f: getattr(pol, f) for f in KEY_FIELDS})
 
 
 # a key with a random policy's fields, or light limits
@@ -107,13 +103,7 @@ key_policies = st.none() | policies().map(key_limits_of) | st.builds(KeyLimits, 
 
 def key_policy(limits: KeyLimits) -> TenantPolicy:
     """The key's limits as the policy the reference model reads (no on_exhausted: reject)."""
-    return TenantPolicy(
-        budgets=limits.budgets,
-        usd_budgets=limits.usd_budgets,
-        rate=limits.rate,
-        max_concurrency=limits.max_concurrency,
-        allowed_models=limits.allowed_models,
-    )
+    return TenantPolicy(**{f: getattr(limits, f) for f in KEY_FIELDS})
 
 
 op = st.one_of(
