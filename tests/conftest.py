@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -52,6 +53,18 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     under ``filterwarnings = ["error"]``) fails the test that leaked it, not a later one."""
     yield
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """A test that runs the CLI in-process gets its ``setup_logging``, whose handler
+    writes to the test's captured stderr; once that is closed, a later test's log line
+    would print a logging error. The root logger's handlers and level are put back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
