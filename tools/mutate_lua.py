@@ -8,7 +8,7 @@ comment or a string):
 - a statement dropped: a one-line call that writes or answers (``redis.call(...)``, the
   shared helpers ``hset``/``hdel``/``hincrby``/``add``/``flush``), refunds included.
 
-The mutant is never written to disk: the runner (one process) replaces
+The mutant is never written to disk: the runner (each of its processes) replaces
 ``budgeter.store.scripts.lua_source`` so that the scripts registered by the tests get the
 mutated text, then runs the fast Lua-facing tests in-process (``pytest.main``) that call
 that script (found by one unmutated run that records which test runs which script), and
@@ -21,6 +21,16 @@ let survive gets a second stage: the admission property test
 ``--property-examples`` examples after its fixed scenarios (too slow to run for every
 mutant; 0 skips the stage).
 
+``--jobs N`` (default ``MUTATE_JOBS``, else the cores, at most 4) splits the mutants
+over N processes of this script (``--shard i/N --shard-out FILE``: each records for
+itself, runs the mutants whose index % N == i, prints its survivors prefixed with its
+shard, and writes its outcomes as JSON into a temporary directory of its own, which is
+also its ``TMPDIR``, so pytest's temp dirs, its redis-servers' data and
+``BUDGETER_DATA_DIR`` are its own; the redis-servers bind free ports). The parent merges
+them into the same report, survivors file and exit code as one process; a shard that
+crashes, or saw other mutants (a ``.lua`` file edited as they started), ends the run in
+one line with no score. ``--jobs 1`` runs everything in this one process.
+
 Prints a score per module, writes the survivors to ``mutation-survivors.txt`` (or
 ``--survivors``); with ``--check``, exits 1 when a module is below ``--target`` percent.
 A survivor listed in ``tools/lua_equivalents.txt`` (each with why it is equivalent) is
@@ -30,6 +40,7 @@ stays true.
 
     .venv/bin/python tools/mutate_lua.py                 # every mutant
     .venv/bin/python tools/mutate_lua.py --only queue/   # scripts whose path contains it
+    .venv/bin/python tools/mutate_lua.py --jobs 1        # in this process alone
 """
 
 from __future__ import annotations
@@ -39,8 +50,12 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
@@ -58,6 +73,7 @@ TESTS = [
     "tests/admission/test_admission.py",
     "tests/admission/test_chain.py",  # reserve.lua's check-only item, meta, key scopes
     "tests/admission/test_key_scope_one_call.py",  # reserve.lua's key scope (KEYS[9..16])
+    "tests/admission/test_next_request.py",  # reserve.lua's ADMIT until (the next request)
     "tests/admission/test_pause.py",
     "tests/admission/test_reserve_bookkeeping.py",
     "tests/admission/test_settle_bookkeeping.py",
@@ -265,11 +281,14 @@ def record(texts: dict[str, str], source: Patched) -> tuple[dict[str, list[str]]
     call = AsyncScript.__call__
 
     def recorded_command(
-        self: module.RoundPipeline, *args: ScriptArg, **options: Fallback | bool
+        self: module.RoundPipeline,
+        *args: ScriptArg,
+        fallback: Fallback = None,
+        durable: bool = False,
     ) -> asyncio.Future[ScriptReply]:
         if args and args[0] == "EVALSHA":
             recorder.seen(str(args[1]))
-        return command(self, *args, **options)  # fallback=, durable=: passed on
+        return command(self, *args, fallback=fallback, durable=durable)  # passed on
 
     async def recorded_call(
         self: AsyncScript, keys: object = None, args: object = None, client: object = None
@@ -366,7 +385,218 @@ def report(
     return below
 
 
-def main() -> int:
+KILLED, SURVIVED, ACCEPTED = "killed", "survived", "equivalent-accepted"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one mutant of the chosen list (a shard's results file holds these)."""
+
+    index: int  # its place in the chosen list
+    key: tuple[str, str, str, str]
+    describe: str
+    module: str
+    outcome: str  # KILLED, SURVIVED or ACCEPTED
+    why: str  # a survivor's note: why it is equivalent, or why no test killed it
+
+
+def run_mutants(
+    chosen: list[tuple[Mutant, str]],
+    texts: dict[str, str],
+    options: argparse.Namespace,
+    shard: tuple[int, int] | None = None,
+) -> list[Outcome]:
+    """Record, then run the mutants of ``chosen`` (every one, or for ``shard`` (i, N)
+    those whose index % N == i) in this process, printing each survivor as it goes."""
+    index, count = shard or (0, 1)
+    prefix = f"[shard {index}/{count}] " if shard else ""
+    picked = [(n, m, t) for n, (m, t) in enumerate(chosen) if n % count == index]
+    source = Patched(texts)
+    source.install()
+    started = time.monotonic()
+    users, _ = record(texts, source)
+    print(
+        f"{prefix}recorded which test runs which script in {time.monotonic() - started:.0f} s",
+        flush=True,
+    )
+    examples = Examples(options.property_examples)
+    second = options.property_examples > 0 and any(m.script in SECOND_STAGE for _, m, _ in picked)
+    if second and run_tests([SECOND], plugins=[examples]) != 0:
+        raise SystemExit(f"the unmutated {SECOND} fails: fix it first")
+    equivalents = load_equivalents()
+    outcomes = []
+    for n, mutant, text in picked:
+        module = mutant.script
+        tests = users.get(module, [])
+        source.mutated = {module: text}
+        code = run_tests(tests) if tests else 0
+        if code == 0 and second and module in SECOND_STAGE:
+            code = run_tests([SECOND], plugins=[examples])
+            if code == 1:
+                print(f"  {prefix}killed by the property test: {mutant.describe()}", flush=True)
+        source.mutated = {}
+        if code == 1:
+            outcome, why = KILLED, ""
+            if mutant.key in equivalents and not shard:  # a sharded run's parent says it
+                print(f"  listed as equivalent but killed: {mutant.describe()}", flush=True)
+        elif mutant.key in equivalents:
+            outcome, why = ACCEPTED, f"equivalent: {equivalents[mutant.key]}"
+        else:
+            outcome = SURVIVED
+            why = "no test runs this script" if not tests else f"pytest exit {code}"
+            print(f"  {prefix}survived {n + 1}/{len(chosen)}: {mutant.describe()}", flush=True)
+        outcomes.append(Outcome(n, mutant.key, mutant.describe(), module, outcome, why))
+    return outcomes
+
+
+def digest(chosen: list[tuple[Mutant, str]]) -> str:
+    """What the parent and its shards check they agree on: the chosen mutants."""
+    lines = "".join(f"{m.describe()}\n" for m, _ in chosen)
+    return hashlib.sha1(lines.encode()).hexdigest()
+
+
+def write_shard(
+    path: str, shard: tuple[int, int], chosen: list[tuple[Mutant, str]], outcomes: list[Outcome]
+) -> None:
+    data = {"shard": list(shard), "chosen": digest(chosen), "outcomes": [vars(o) for o in outcomes]}
+    Path(path).write_text(json.dumps(data), encoding="utf-8")
+
+
+def read_shard(
+    path: Path, shard: tuple[int, int], chosen: list[tuple[Mutant, str]]
+) -> list[Outcome]:
+    """A shard's results, checked: the same chosen mutants as the parent's, each of its
+    share exactly once. Anything else ends the run in one line."""
+    name = f"shard {shard[0]}/{shard[1]}"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        outcomes = [
+            Outcome(
+                int(o["index"]),
+                (str(o["key"][0]), str(o["key"][1]), str(o["key"][2]), str(o["key"][3])),
+                str(o["describe"]),
+                str(o["module"]),
+                str(o["outcome"]),
+                str(o["why"]),
+            )
+            for o in data["outcomes"]
+        ]
+        agrees = data["chosen"] == digest(chosen)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        raise SystemExit(
+            f"mutate_lua: {name} wrote no readable results ({error}): no score"
+        ) from None
+    if not agrees:
+        raise SystemExit(f"mutate_lua: {name} saw other mutants (a .lua file changed): run again")
+    share = [n for n in range(len(chosen)) if n % shard[1] == shard[0]]
+    if sorted(o.index for o in outcomes) != share or any(
+        o.outcome not in (KILLED, SURVIVED, ACCEPTED) for o in outcomes
+    ):
+        raise SystemExit(f"mutate_lua: {name}'s results are not its share of the mutants: no score")
+    return outcomes
+
+
+def wait_for(children: list[tuple[tuple[int, int], subprocess.Popen[bytes]]]) -> None:
+    """Wait for every shard; the first that fails ends the run (the finally of the
+    caller stops the others)."""
+    running = list(children)
+    while running:
+        for shard, child in list(running):
+            code = child.poll()
+            if code is None:
+                continue
+            running.remove((shard, child))
+            if code != 0:
+                raise SystemExit(
+                    f"mutate_lua: shard {shard[0]}/{shard[1]} crashed (exit {code}) "
+                    "before writing its results: no score"
+                )
+        time.sleep(0.5)
+
+
+def run_shards(
+    chosen: list[tuple[Mutant, str]], options: argparse.Namespace, jobs: int
+) -> list[Outcome]:
+    """Run the chosen mutants in ``jobs`` processes of this script (``--shard i/N``),
+    each with its own temporary directory (``TMPDIR``: pytest's base temp, so its
+    redis-servers' data and ``BUDGETER_DATA_DIR``), and merge their results."""
+    children: list[tuple[tuple[int, int], subprocess.Popen[bytes]]] = []
+    with tempfile.TemporaryDirectory(prefix="mutate-lua-", ignore_cleanup_errors=True) as tmp:
+        try:
+            for i in range(jobs):
+                home = Path(tmp) / f"shard-{i}"
+                (home / "tmp").mkdir(parents=True)
+                env = dict(os.environ, TMPDIR=str(home / "tmp"))
+                env["BUDGETER_DATA_DIR"] = str(home / "data")
+                command = [sys.executable, str(Path(__file__).resolve()), f"--only={options.only}"]
+                command += [f"--property-examples={options.property_examples}"]
+                command += [f"--shard={i}/{jobs}", f"--shard-out={home / 'outcomes.json'}"]
+                children.append(((i, jobs), subprocess.Popen(command, cwd=ROOT, env=env)))
+            wait_for(children)
+        finally:
+            for _, child in children:
+                if child.poll() is None:
+                    child.terminate()
+                    child.wait()
+        outcomes = [
+            o
+            for shard, _ in children
+            for o in read_shard(Path(tmp) / f"shard-{shard[0]}" / "outcomes.json", shard, chosen)
+        ]
+    return sorted(outcomes, key=lambda o: o.index)
+
+
+def summarize(
+    chosen: list[tuple[Mutant, str]],
+    outcomes: list[Outcome],
+    options: argparse.Namespace,
+    started: float,
+) -> int:
+    """Print the scores, write the survivors; the exit code."""
+    killed: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    accepted: dict[str, int] = defaultdict(int)
+    for outcome in outcomes:
+        total[outcome.module] += 1
+        killed[outcome.module] += outcome.outcome == KILLED
+        accepted[outcome.module] += outcome.outcome == ACCEPTED
+    survivors = [f"{o.describe}  [{o.why}]" for o in outcomes if o.outcome != KILLED]
+    unused = {key for key in load_equivalents() if options.only in key[0]}
+    unused -= {mutant.key for mutant, _ in chosen}
+    print(f"\nLua mutation score ({time.monotonic() - started:.0f} s):")
+    below = report(total, killed, accepted, options.target)
+    for key in sorted(unused):
+        print(f"  listed as equivalent, no such mutant now: {' | '.join(key)}")
+    Path(options.survivors).write_text(
+        "# Lua mutants that no test killed (tools/mutate_lua.py)\n"
+        + "".join(f"{line}\n" for line in survivors)
+    )
+    print(f"survivors: {options.survivors}")
+    if below:
+        print(f"below {options.target:.0f} %: {', '.join(below)}")
+    return 1 if below and options.check else 0
+
+
+def shard_of(value: str) -> tuple[int, int]:
+    """``--shard i/N``: this process runs the mutants whose index % N == i."""
+    index, _, count = value.partition("/")
+    try:
+        shard = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not i/N: {value}") from None
+    if not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"not 0 <= i < N: {value}")
+    return shard
+
+
+def default_jobs() -> int:
+    """``MUTATE_JOBS``, else the cores (at most 4)."""
+    if os.environ.get("MUTATE_JOBS"):
+        return int(os.environ["MUTATE_JOBS"])
+    return min(os.cpu_count() or 1, 4)
+
+
+def parse_options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="scripts whose path contains this")
     parser.add_argument("--survivors", default=str(ROOT / "mutation-survivors.txt"))
@@ -380,8 +610,29 @@ def main() -> int:
         help="examples of the admission property test for the survivors of the example "
         "tests (0: no second stage)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="processes that run the mutants (default: MUTATE_JOBS, else the cores, at most "
+        "4; 1: all in this process)",
+    )
+    parser.add_argument("--shard", type=shard_of, help=argparse.SUPPRESS)  # a --jobs child
+    parser.add_argument("--shard-out", help=argparse.SUPPRESS)  # its results file (JSON)
     options = parser.parse_args()
+    if options.shard and not options.shard_out:
+        parser.error("--shard needs --shard-out")
+    try:
+        options.jobs = default_jobs() if options.jobs is None else options.jobs
+    except ValueError:
+        parser.error(f"MUTATE_JOBS is not a number: {os.environ['MUTATE_JOBS']}")
+    if options.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    return options
 
+
+def main() -> int:
+    options = parse_options()
     sys.path.insert(0, str(ROOT))
     texts = scripts()
     every = [(m, t) for name, text in texts.items() for m, t in mutants_of(name, text)]
@@ -391,56 +642,21 @@ def main() -> int:
             print(mutant.describe())
         print(f"{len(chosen)} mutants")
         return 0
-    source = Patched(texts)
-    source.install()
+    if options.shard:
+        outcomes = run_mutants(chosen, texts, options, options.shard)
+        write_shard(options.shard_out, options.shard, chosen, outcomes)
+        return 0
     started = time.monotonic()
-    users, _ = record(texts, source)
-    print(f"recorded which test runs which script in {time.monotonic() - started:.0f} s")
-    examples = Examples(options.property_examples)
-    second = options.property_examples > 0 and any(m.script in SECOND_STAGE for m, _ in chosen)
-    if second and run_tests([SECOND], plugins=[examples]) != 0:
-        raise SystemExit(f"the unmutated {SECOND} fails: fix it first")
-    killed: dict[str, int] = defaultdict(int)
-    total: dict[str, int] = defaultdict(int)
-    accepted: dict[str, int] = defaultdict(int)
-    survivors: list[str] = []
-    equivalents = load_equivalents()
-    unused = {key for key in equivalents if options.only in key[0]}
-    for n, (mutant, text) in enumerate(chosen, 1):
-        module = mutant.script
-        total[module] += 1
-        tests = users.get(module, [])
-        source.mutated = {module: text}
-        code = run_tests(tests) if tests else 0
-        if code == 0 and second and module in SECOND_STAGE:
-            code = run_tests([SECOND], plugins=[examples])
-            if code == 1:
-                print(f"  killed by the property test: {mutant.describe()}", flush=True)
-        source.mutated = {}
-        unused.discard(mutant.key)
-        if code == 1:
-            killed[module] += 1
-            if mutant.key in equivalents:
-                print(f"  listed as equivalent but killed: {mutant.describe()}", flush=True)
-        elif mutant.key in equivalents:
-            accepted[module] += 1
-            survivors.append(f"{mutant.describe()}  [equivalent: {equivalents[mutant.key]}]")
-        else:
-            why = "no test runs this script" if not tests else f"pytest exit {code}"
-            survivors.append(f"{mutant.describe()}  [{why}]")
-            print(f"  survived {n}/{len(chosen)}: {mutant.describe()}", flush=True)
-    print(f"\nLua mutation score ({time.monotonic() - started:.0f} s):")
-    below = report(total, killed, accepted, options.target)
-    for key in sorted(unused):
-        print(f"  listed as equivalent, no such mutant now: {' | '.join(key)}")
-    Path(options.survivors).write_text(
-        "# Lua mutants that no test killed (tools/mutate_lua.py)\n"
-        + "".join(f"{line}\n" for line in survivors)
-    )
-    print(f"survivors: {options.survivors}")
-    if below:
-        print(f"below {options.target:.0f} %: {', '.join(below)}")
-    return 1 if below and options.check else 0
+    jobs = min(options.jobs, len(chosen))
+    if jobs > 1:
+        outcomes = run_shards(chosen, options, jobs)
+        equivalents = load_equivalents()
+        for outcome in outcomes:
+            if outcome.outcome == KILLED and outcome.key in equivalents:
+                print(f"  listed as equivalent but killed: {outcome.describe}", flush=True)
+    else:
+        outcomes = run_mutants(chosen, texts, options)
+    return summarize(chosen, outcomes, options, started)
 
 
 if __name__ == "__main__":
