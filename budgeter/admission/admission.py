@@ -239,6 +239,7 @@ class Admission:
         rid = str(item[0])
         reserved = list(held) if decision.kind == "ADMIT" else []
         refusal = None if decision.kind == "ADMIT" else decision
+        next_ms = decision.until_ms  # an ADMIT's: the latest next request of the chain
         for scope in chain:
             checking = refusal is not None
             try:
@@ -254,6 +255,7 @@ class Admission:
             if answer.kind == "ADMIT":
                 if not checking:
                     reserved.append(scope)
+                    next_ms = max(next_ms, answer.until_ms)
                 continue
             if refusal is None or answer.kind == "REJECT" or answer.until_ms > refusal.until_ms:
                 refusal = answer.named(scope.prefix)
@@ -261,7 +263,7 @@ class Admission:
                 break
         if refusal is None:
             self._chains[rid] = tuple(reserved)
-            return decision
+            return replace(decision, until_ms=next_ms) if next_ms else decision
         if decision.kind == "ADMIT":
             await self._roll_back(tenant, rid, tuple(reserved), now_ms)
         return refusal

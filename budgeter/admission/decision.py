@@ -28,7 +28,10 @@ def text_of(value: ReplyItem) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The answer of admission/reserve.lua."""
+    """The answer of admission/reserve.lua. ``until_ms``: for a DEFER the first ms it fits
+    (0: once in-flight work settles), for a REJECT the budget's reset, for an ADMIT the
+    first ms the tenant's request rate takes another request when it has no room now (0:
+    it has room, or no request rate)."""
 
     kind: DecisionKind
     until_ms: int
@@ -39,7 +42,7 @@ class Decision:
     @classmethod
     def from_reply(cls, reply: Sequence[ReplyItem]) -> Decision:
         if not reply[2] and reply[0] in ("ADMIT", b"ADMIT"):  # the common answer, at once
-            return cls("ADMIT", 0, "", int(reply[3]))
+            return cls("ADMIT", int(reply[1]), "", int(reply[3]))
         kind = text_of(reply[0])
         if kind not in ("ADMIT", "DEFER", "REJECT"):
             raise ValueError(f"unexpected admission/reserve.lua reply {reply!r}")
@@ -54,6 +57,12 @@ class Decision:
     def named(self, prefix: str) -> Decision:
         """This refusal as the answer of a whole chain: its reason prefixed by its scope."""
         return replace(self, reason=prefix + self.reason) if prefix else self
+
+    @property
+    def next_request_ms(self) -> int:
+        """An ADMIT that left the request rate no room: the ms it takes the next request
+        (a worker parks the tenant until then rather than lease a job it would defer)."""
+        return self.until_ms if self.kind == "ADMIT" and self.until_ms > self.now_ms else 0
 
     @property
     def waits_for_settle(self) -> bool:

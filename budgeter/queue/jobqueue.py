@@ -322,10 +322,10 @@ class JobQueue:
             args=[now_arg, int(lease_ms), int(count)],
         )
         left, now, has_policy = int(reply[0]), int(reply[1]), bool(int(reply[2]))
+        if probe and len(reply) <= 3:  # nothing to probe with: end the hold at once
+            await self.end_probe(tenant, decided=False)  # (back in ready: removed below)
         if left == 0:
             await self._deactivate(tenant)
-        if probe and len(reply) <= 3:  # nothing to probe with: end the hold at once
-            await self.end_probe(tenant, decided=False)
         jobs = []
         for i in range(3, len(reply), 5):
             jid, raw, attempt, meta, canceled = reply[i : i + 5]
@@ -403,6 +403,13 @@ class JobQueue:
             s = self.sched
             await self._park(keys=[s.ready, s.parked, s.probe, s.held], args=[job.tenant, until_ms])
         return outcome
+
+    async def pace(self, tenant: str, until_ms: int) -> None:
+        """Park the tenant until ``until_ms`` with no job given back: an admission left its
+        request rate no room before then, so a job leased sooner would only be deferred.
+        It comes due as after a deferral: probing, one lease per decision."""
+        s = self.sched
+        await self._park(keys=[s.ready, s.parked, s.probe, s.held], args=[tenant, until_ms])
 
     async def retry_later(self, job: LeasedJob) -> str:
         """A failed attempt: the job goes to the tail of its queue."""

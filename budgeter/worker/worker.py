@@ -388,7 +388,7 @@ class Worker:
         decision = await reserve_or_defer(self, job, rid, input_tokens, params)  # marked sent
         series = self.metrics.for_tenant(job.tenant)
         series.decision(decision.kind, decision.reason).inc()
-        self.probes.decided(job, decision.kind)
+        self.probes.decided(job, decision)
         if decision.kind == "DEFER":
             await self._defer(job, decision, model)
             return

@@ -56,6 +56,7 @@ class ChainModel:
             return first
         refusal = None if first.decision == "ADMIT" else first
         reserved: list[str] = list(held)
+        next_ms = first.until_ms  # an ADMIT's: the latest next request of the chain
         for scope in chain:
             checking = refusal is not None
             saved = copy.deepcopy(self.states[scope]) if checking else None
@@ -65,6 +66,7 @@ class ChainModel:
                     self.states[scope] = saved  # checked only: nothing changes
                 else:
                     reserved.append(scope)
+                    next_ms = max(next_ms, got.until_ms)
                 continue
             named = got._replace(reason=f"parent:{scope}:{got.reason}")
             if refusal is None or got.decision == "REJECT" or got.until_ms > refusal.until_ms:
@@ -73,7 +75,7 @@ class ChainModel:
                 break
         if refusal is None:
             self.chains[rid] = reserved
-            return first
+            return first._replace(until_ms=next_ms)
         if first.decision == "ADMIT":
             for scope in reversed(reserved):
                 ref.release(self.states[scope], rid, now)

@@ -397,7 +397,12 @@ def reserve(
     state.deadlines[rid] = now + hold_ms
     if sent:
         state.sent.add(rid)
-    return ReserveResult("ADMIT", 0, "")
+    # until: when the policy-wide request bucket takes the next request, if not now
+    next_ms = 0
+    if "rpm" in new_tats:
+        at = math.ceil(new_tats["rpm"] + intervals["rpm"] - BUCKET_CAPACITY_MS)
+        next_ms = at if at > now else 0
+    return ReserveResult("ADMIT", next_ms, "")
 
 
 def _settle_one(

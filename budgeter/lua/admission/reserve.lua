@@ -48,7 +48,11 @@ ARGV[3] the requests, a JSON array of arrays, one per request:
 
 Returns decision, until_ms, reason, now_ms, detail for each request in order, one flat
 list of 5 per request:
-  'ADMIT'  0        ''
+  'ADMIT'  next     ''  (next = the first ms the tenant's request rate, its policy-wide
+                    rate:rpm, takes another request when that is later than now, else 0: a
+                    worker parks the tenant until then instead of leasing a job the bucket
+                    would defer; the key's and the models' buckets are not looked at)
+  'ADMIT'  0        'already_reserved'
   'DEFER'  until    'rate:<kind>' | 'model:rate:<kind>' (until = first ms the bucket holds it),
                     'paused' (until = paused_until),
                     'concurrency' | 'inflight:<counter>' (until 0 = when in-flight work settles),
@@ -274,6 +278,18 @@ local function commit(s, plan, id, input, output, hold, sent, price_arg, prices,
   if s.in_flight then s.in_flight = s.in_flight + 1 end
 end
 
+-- an ADMIT's until: when the scope's policy-wide request bucket (rpm) of this request's
+-- plan takes the next request, if later than now (0: it has room now, or no such bucket)
+local function next_request_at(plan)
+  for _, b in ipairs(plan.rates) do
+    if b.bucket == 'rpm' then
+      local at = math.ceil(b.new_tat + b.interval - 60000)
+      if at > now then return at end
+    end
+  end
+  return 0
+end
+
 local function reserve_one(n, id, input, output, hold, model, sent, price_arg, meta)
   local est = input + output
   if hget(KEYS[4], id) then
@@ -299,7 +315,7 @@ local function reserve_one(n, id, input, output, hold, model, sent, price_arg, m
       commit(key, key_plan, id, input, output, hold, sent, price_arg, prices, usd_est, '')
     end
   end
-  return answer(n, 'ADMIT', 0, '', '', est)
+  return answer(n, 'ADMIT', next_request_at(plan), '', '', est)
 end
 
 local ids = {}
