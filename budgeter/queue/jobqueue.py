@@ -400,14 +400,13 @@ class JobQueue:
         """Return a deferred job to the head of its queue and park its tenant until then."""
         outcome = await self.requeue(job, head=True, count_attempt=False)
         if outcome == "requeued":
-            s = self.sched
-            await self._park(keys=[s.ready, s.parked, s.probe, s.held], args=[job.tenant, until_ms])
+            await self.pace(job.tenant, until_ms)
         return outcome
 
     async def pace(self, tenant: str, until_ms: int) -> None:
-        """Park the tenant until ``until_ms`` with no job given back: an admission left its
-        request rate no room before then, so a job leased sooner would only be deferred.
-        It comes due as after a deferral: probing, one lease per decision."""
+        """Park the tenant until ``until_ms`` (sched/park.lua): after a deferral (its job
+        given back first), or with no job given back when an admission left its request
+        rate no room before then. It comes due probing, one lease per decision."""
         s = self.sched
         await self._park(keys=[s.ready, s.parked, s.probe, s.held], args=[tenant, until_ms])
 
