@@ -31,8 +31,10 @@ class TcpRelay:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._dropping = False
+        self._stopped = False
         self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # the pipes
+        self._accepts: set[asyncio.Task[None]] = set()  # one per connection, until it closes
 
     @property
     def url(self) -> str:
@@ -57,15 +59,20 @@ class TcpRelay:
         self._flowing.set()
 
     async def stop(self) -> None:
+        """Close everything and wait until every connection's two ends are closed: a
+        connection still being set up when the relay stops is closed too, so no transport
+        is left for the garbage collector to warn about in a later test."""
+        self._stopped = True
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
         await self._close_all()
-        for task in list(self._tasks):
+        pending = self._tasks | self._accepts
+        for task in pending:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks))
+        if pending:
+            await asyncio.wait(pending)
 
     async def __aenter__(self) -> TcpRelay:
         return await self.start()
@@ -79,33 +86,44 @@ class TcpRelay:
         await self.stop()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._accepts.add(task)
         self.connections += 1
-        if self._dropping:
-            await _close(writer)
-            return
+        ends = [writer]
         try:
-            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
-        except OSError:
-            await _close(writer)
-            return
-        if self._dropping:  # dropped while connecting
-            await _close(writer)
-            await _close(up_writer)
-            return
-        self._writers.update((writer, up_writer))
-        pipes = [
-            asyncio.ensure_future(self._pipe(reader, up_writer)),
-            asyncio.ensure_future(self._pipe(up_reader, writer)),
-        ]
-        for pipe in pipes:
-            self._tasks.add(pipe)
-            pipe.add_done_callback(self._tasks.discard)
-        await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-        for pipe in pipes:
-            pipe.cancel()
-        for end in (writer, up_writer):
-            self._writers.discard(end)
-            await _close(end)
+            if self._dropping or self._stopped:
+                return
+            try:
+                up_reader, up_writer = await asyncio.open_connection(
+                    self.target_host, self.target_port
+                )
+            except OSError:
+                return
+            ends.append(up_writer)
+            if self._dropping or self._stopped:  # dropped or stopped while connecting
+                return
+            self._writers.update(ends)
+            pipes = [
+                asyncio.ensure_future(self._pipe(reader, up_writer)),
+                asyncio.ensure_future(self._pipe(up_reader, writer)),
+            ]
+            for pipe in pipes:
+                self._tasks.add(pipe)
+                pipe.add_done_callback(self._tasks.discard)
+            try:
+                await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for pipe in pipes:
+                    pipe.cancel()
+        finally:  # both ends closed however the connection ends, cancelled included
+            self._accepts.discard(task)
+            for end in ends:
+                self._writers.discard(end)
+                end.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                for end in ends:
+                    await end.wait_closed()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):

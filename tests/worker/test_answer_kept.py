@@ -86,9 +86,6 @@ def cache_errors(metrics: Metrics) -> float:
     return value or 0.0
 
 
-# the connection the relay drops is discarded by redis-py without closing its transport;
-# its ResourceWarning may surface at any later garbage collection (seen once in CI)
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_a_cache_that_fails_is_a_miss_logged_once(
     redis_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
