@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 from budgeter.queue.jobqueue import JobQueue, LeasedJob
@@ -19,20 +19,36 @@ Beating = dict[tuple[str, int], tuple[LeasedJob, dict[str, str], float]]
 
 class Heartbeats:
     """Each job's lease (and reservation) is extended once a third of a lease has passed
-    since its start or its last beat, looked at every sixth of a lease."""
+    since its start or its last beat, looked at every sixth of a lease.
 
-    def __init__(self, queue: JobQueue, *, lease_ms: int, hold_ms: int) -> None:
+    ``clock`` (seconds, the event loop's by default) and ``sleep`` are injected so a test
+    can step the loop through its looks without waiting."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        *,
+        lease_ms: int,
+        hold_ms: int,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.queue = queue
         self.lease_ms = lease_ms
         self.hold_ms = hold_ms
+        self.clock = clock
+        self.sleep = sleep
         self.beating: Beating = {}
         self._task: asyncio.Task[None] | None = None
+
+    def _now(self) -> float:
+        return self.clock() if self.clock is not None else asyncio.get_running_loop().time()
 
     @contextmanager
     def beat_for(self, job: LeasedJob, lease: dict[str, str]) -> Iterator[None]:
         """Keep ``job`` leased while the block runs."""
         key = (job.id, job.attempt)
-        self.beating[key] = (job, lease, asyncio.get_running_loop().time())
+        self.beating[key] = (job, lease, self._now())
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="heartbeat")
         try:
@@ -46,11 +62,10 @@ class Heartbeats:
 
     async def _loop(self) -> None:
         interval = self.lease_ms / 3000
-        loop = asyncio.get_running_loop()
         try:
             while self.beating:
-                await asyncio.sleep(interval / 2)
-                now = loop.time()
+                await self.sleep(interval / 2)
+                now = self._now()
                 due = [
                     (key, job, lease)
                     for key, (job, lease, last) in list(self.beating.items())
