@@ -26,11 +26,11 @@ from budgeter.domain.policy import TENANT_ID_RE
 from budgeter.notify.queue_events import ack_keys, hint
 from budgeter.queue.batch_meta import BatchMeta, format_batch_meta, parse_batch_meta
 from budgeter.queue.probes import ProbeEnd, wanted_from
-from budgeter.store.durability import durable_pipeline
+from budgeter.store.durability import NotReplicated, durable_pipeline
 from budgeter.store.keys import SchedKeys, TenantKeys
 from budgeter.store.scripts import register
 from budgeter.store.server_time import server_time_ms
-from budgeter.store.types import RedisClient, ScriptArg
+from budgeter.store.types import RedisClient, ScriptArg, ScriptReply
 
 WAKE_TOKENS_MAX = 32
 SUBMIT_CHUNK = 1000
@@ -306,26 +306,36 @@ class JobQueue:
         self, tenant: str, count: int, *, lease_ms: int, now_arg: str, probe: bool = False
     ) -> list[LeasedJob]:
         keys = self.keys(tenant)
-        reply = await self._dequeue(
-            keys=[
-                keys.queue,
-                keys.leases,
-                keys.jobs,
-                keys.jstate,
-                keys.attempts,
-                keys.bmeta,
-                keys.canceled_batches,
-                keys.policy,
-                keys.queue_high,
-                keys.queue_low,
-            ],
-            args=[now_arg, int(lease_ms), int(count)],
-        )
-        left, now, has_policy = int(reply[0]), int(reply[1]), bool(int(reply[2]))
+        try:
+            reply = await self._dequeue(
+                keys=[
+                    keys.queue,
+                    keys.leases,
+                    keys.jobs,
+                    keys.jstate,
+                    keys.attempts,
+                    keys.bmeta,
+                    keys.canceled_batches,
+                    keys.policy,
+                    keys.queue_high,
+                    keys.queue_low,
+                ],
+                args=[now_arg, int(lease_ms), int(count)],
+            )
+        except NotReplicated as failure:
+            if failure.reply is not None:  # leased on the master only: give them back
+                await self._give_back(tenant, self._leased(tenant, failure.reply, probe))
+            raise
+        left = int(reply[0])
         if probe and len(reply) <= 3:  # nothing to probe with: end the hold at once
             await self.end_probe(tenant, decided=False)  # (back in ready: removed below)
         if left == 0:
             await self._deactivate(tenant)
+        return self._leased(tenant, reply, probe)
+
+    def _leased(self, tenant: str, reply: ScriptReply, probe: bool) -> list[LeasedJob]:
+        """The jobs of a ``queue/dequeue.lua`` reply."""
+        now, has_policy = int(reply[1]), bool(int(reply[2]))
         jobs = []
         for i in range(3, len(reply), 5):
             jid, raw, attempt, meta, canceled = reply[i : i + 5]
@@ -353,6 +363,21 @@ class JobQueue:
                 )
             )
         return jobs
+
+    async def _give_back(self, tenant: str, jobs: list[LeasedJob]) -> None:
+        """Leases the replicas did not acknowledge (WAIT fell short) go back to the head of
+        their queue, their attempt refunded, before anything is done with them: a failover
+        that lost them could have another worker lease them again. A give-back that fails
+        leaves the lease to expire and the job to be reclaimed."""
+        try:
+            for job in jobs:
+                await self.requeue(job, head=True, count_attempt=False)
+            if jobs and jobs[0].probe:
+                await self.end_probe(tenant, decided=False)
+            elif jobs:
+                await self.activate(tenant, wake=1)
+        except Exception as exc:
+            log.warning("giving back %d unreplicated leases failed: %s", len(jobs), exc)
 
     async def _deactivate(self, tenant: str) -> None:
         # Remove first, then look again: a producer pushes before it activates, so a job

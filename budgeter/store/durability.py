@@ -2,18 +2,19 @@
 
 Redis replicates asynchronously: a write the master acknowledged may be lost when a
 replica is promoted before it got it. With N > 0, every write budgeter acknowledges to
-someone (batch creation and submit, a result stored, a settle) and every reservation made
-before an upstream call is followed by ``WAIT N timeout`` *on the connection that made the
-write* (WAIT waits for the writes of its own connection; with a pool, another connection's
-WAIT proves nothing): the round pipeline appends one WAIT to a round that holds such
-calls (:func:`execute_round`), a durable MULTI/EXEC holds its connection until its WAIT
-(:func:`durable_pipeline`). When fewer than N replicas acknowledge in time, the operation
-fails with :class:`NotReplicated`, a Redis connection error: the API answers 503, the
-worker defers the job (budgeter/worker/reserving.py) or handles it as Redis away. The
-write did happen on the master; where keeping it would leave something half-done, the
-caller undoes it (a reservation is released: the upstream is never called on it; a new
-batch the client was told is not created is deleted). A failover would have lost either
-anyway.
+someone (batch creation and submit, a result stored, a settle) and every lease and
+reservation made before an upstream call is followed by ``WAIT N timeout`` *on the
+connection that made the write* (WAIT waits for the writes of its own connection; with a
+pool, another connection's WAIT proves nothing): the round pipeline appends one WAIT to a
+round that holds such calls (:func:`execute_round`), a durable MULTI/EXEC holds its
+connection until its WAIT (:func:`durable_pipeline`). When fewer than N replicas
+acknowledge in time, the operation fails with :class:`NotReplicated`, a Redis connection
+error: the API answers 503, the worker defers the job (budgeter/worker/reserving.py) or
+handles it as Redis away. The write did happen on the master; where keeping it would leave
+something half-done, the caller undoes it (a reservation is released: the upstream is
+never called on it; the jobs of a lease are given back, from the script's reply that
+:class:`NotReplicated` carries; a new batch the client was told is not created is
+deleted). A failover would have lost either anyway.
 
 On Redis Cluster the WAIT goes on the node that holds the keys, on the connection that
 wrote: the round pipeline appends it to each node's pipeline that holds a durable call
@@ -44,6 +45,10 @@ from budgeter.store.types import RedisClient, ScriptArg, ScriptReply
 DURABLE_SCRIPTS = frozenset(
     {
         "admission/reserve.lua",  # the reservation, before the upstream call
+        # the lease, before the upstream call: lost on a failover, the job would be queued
+        # on the promoted replica and leased again by another worker while this one serves
+        # it under the same reservation id (served twice)
+        "queue/dequeue.lua",
         "admission/mark_sent.lua",  # "the upstream may be called": the reaper charges it
         "admission/settle.lua",  # settle, charge in full, release, reap
         "queue/ack.lua",  # a result stored, the job's terminal state
@@ -57,7 +62,16 @@ class NotReplicated(RedisConnectionError):
 
     A Redis connection error on purpose: callers treat it as Redis being away (503, job
     retried, settle retried). The write happened on the master; it may be lost on a
-    failover."""
+    failover. ``reply`` is the script's own answer when it ran (None when unknown), so a
+    caller can undo what it wrote (jobs leased by ``queue/dequeue.lua`` are given back)."""
+
+    reply: ScriptReply | None = None
+
+    def with_reply(self, reply: ScriptReply) -> NotReplicated:
+        """The same failure, carrying the reply of the call it replaces."""
+        failure = NotReplicated(*self.args)
+        failure.reply = reply
+        return failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +149,7 @@ async def call_script(
     if isinstance(reply, BaseException):
         raise reply
     if failure is not None:
-        raise failure
+        raise failure.with_reply(cast(ScriptReply, reply))
     return cast(ScriptReply, reply)
 
 

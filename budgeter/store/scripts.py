@@ -194,7 +194,9 @@ class RoundPipeline:
             if isinstance(reply, NoScriptError) and fallback is not None:
                 reply = await _settled(fallback())  # Redis restarted: load it, call again
             elif not_replicated is not None and future in durable:
-                reply = reply if isinstance(reply, BaseException) else not_replicated
+                reply = (
+                    reply if isinstance(reply, BaseException) else not_replicated.with_reply(reply)
+                )
             if future.done():  # its caller was cancelled
                 continue
             if isinstance(reply, BaseException):
@@ -300,7 +302,7 @@ def _unproven(reply: ScriptReply) -> ScriptReply:
     return durability.NotReplicated(
         "a durable call went again on its own (redirected, or after a connection error): "
         "its write is not proven replicated"
-    )
+    ).with_reply(reply)
 
 
 def _first_key(args: tuple[ScriptArg, ...]) -> ScriptArg | None:

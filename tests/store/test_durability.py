@@ -26,7 +26,7 @@ from budgeter.queue.jobqueue import JobQueue, LeasedJob
 from budgeter.settings import Settings, SettingsError, load_settings
 from budgeter.store.client import make_redis, redis_from_settings
 from budgeter.store.durability import Durability, NotReplicated, configure, durability_of
-from budgeter.store.keys import TenantKeys
+from budgeter.store.keys import SchedKeys, TenantKeys
 from budgeter.tenants.store import TenantStore
 from budgeter.upstream.client import UpstreamClient
 from budgeter.worker.worker import Worker, WorkerConfig
@@ -71,6 +71,16 @@ async def _lease(queue: JobQueue) -> LeasedJob:
     pick = await queue.pick(lease_ms=30_000)
     assert pick.job is not None
     return pick.job
+
+
+async def _given_back(client: Redis, batch_id: str) -> None:
+    """The batch's one job is queued again at the head, not leased, no attempt used up,
+    its tenant ready: a lease the replicas did not acknowledge is given back."""
+    job_id = f"{batch_id}:k-0"
+    assert await client.lindex(KEYS.queue, 0) == job_id
+    assert await client.zscore(KEYS.leases, job_id) is None
+    assert await client.hget(KEYS.attempts, job_id) in (None, "0")
+    assert await client.zscore(SchedKeys("budgeter").ready, "acme") is not None
 
 
 def test_the_setting_reaches_the_client() -> None:
@@ -125,7 +135,10 @@ async def test_a_silent_replica_fails_durable_writes_and_leaves_nothing_half_don
         ids = await strict.zrange(KEYS.batches, 0, -1)
         assert ids == [kept]  # the new batch was undone on the master: nothing queued
 
-        job = await _lease(store.queue)  # not durable: still served
+        with pytest.raises(NotReplicated):  # the lease is durable: given back at once
+            await store.queue.pick(lease_ms=30_000)
+        await _given_back(strict, kept)
+        job = await _lease(JobQueue(lenient))  # leased with one replica's acknowledgement
         with pytest.raises(NotReplicated):
             await admission.reserve(
                 "acme", job.reservation_id, 10, 16, hold_ms=60_000, sent_at_once=True
@@ -200,7 +213,15 @@ async def test_the_api_answers_503_and_the_worker_never_calls_upstream(
                     metrics=Metrics(),
                     clock=lambda: time.time() - 60,  # its 1 s deferral is due at once
                 )
-                job = await _lease(worker.queue)
+                with pytest.raises(NotReplicated):  # the lease not acknowledged: given back
+                    await worker.queue.pick(lease_ms=30_000)
+                assert await client.zcard(KEYS.leases) == 0
+                # leased with one replica's acknowledgement, then the reserve is refused
+                lenient = await _client(fresh.url, 1)
+                try:
+                    job = await _lease(JobQueue(lenient))
+                finally:
+                    await lenient.aclose()
                 await worker._process(job)  # reserve not acknowledged: the job goes back
                 stats = await (await session.get(f"{url}/mock/stats")).json()
                 assert stats["requests"]["messages"] == 0

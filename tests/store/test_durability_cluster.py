@@ -54,6 +54,7 @@ def _tenant_of(cluster: EmbeddedRedisCluster, port: int, *, same: bool) -> str:
 @pytest.fixture
 async def client(cluster: EmbeddedRedisCluster) -> AsyncIterator[Any]:
     redis: Any = make_redis(cluster.url)
+    await redis.flushall()  # every master: no job of an earlier test left to lease
     configure(redis, 1, TIMEOUT_MS)
     try:
         yield redis
@@ -130,11 +131,14 @@ async def test_a_silent_replica_fails_its_masters_durable_writes_only(
         assert isinstance(raised.value, RedisConnectionError)  # "fails like a Redis error"
         assert await client.zrange(keys.batches, 0, -1) == [kept]  # undone: nothing queued
 
-        job = await _lease(store.queue)  # a pick is not durable: still served
+        with pytest.raises(NotReplicated):  # the lease is durable: given back at once
+            await _lease(store.queue)
+        job_id = f"{kept}:k-0"
+        assert await client.lindex(keys.queue, 0) == job_id
+        assert await client.zscore(keys.leases, job_id) is None
+        assert await client.hget(keys.attempts, job_id) in (None, "0")
         with pytest.raises(NotReplicated):
-            await admission.reserve(
-                stuck, job.reservation_id, 10, 16, hold_ms=60_000, sent_at_once=True
-            )
+            await admission.reserve(stuck, f"{job_id}#1", 10, 16, hold_ms=60_000, sent_at_once=True)
         assert await client.hlen(keys.resv) == 0  # released: nothing held, nothing to reap
         assert await client.hget(keys.budget, "day:reserved") in (None, "0")
 
