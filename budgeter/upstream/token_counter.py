@@ -75,7 +75,6 @@ class CountCacheIO:
     logged once at WARNING, and the first success after it at INFO."""
 
     def __init__(self, redis: RedisClient, metrics: Metrics | None = None) -> None:
-        self.redis = redis
         self.round = round_pipeline(redis)
         self.metrics = metrics
         self.failing = False  # since the last failure, nothing succeeded

@@ -5,6 +5,7 @@ between refusing and estimating, and the settings ``upstream_and_counter`` wires
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Mapping
 
@@ -67,6 +68,18 @@ def test_the_payload_digest_ignores_the_order_of_betas_and_changes_with_them() -
     assert payload_digest(body, ("b", "a")) == payload_digest(body, ("a", "b"))
     assert payload_digest(body, ("a",)) != payload_digest(body)
     assert payload_digest({"model": "m", "messages": []}) == payload_digest(body)
+    other = {"messages": [], "model": "n"}
+    assert payload_digest(other, ("a",)) != payload_digest(body, ("a",))  # the body counts
+
+
+def test_the_payload_digest_is_the_same_in_every_version() -> None:
+    """Processes of two versions share the cache during a rolling deploy: the digest is a
+    format, pinned here (sha256 of the sorted JSON, then a newline and the sorted betas)."""
+    body = {"model": "m", "messages": []}
+    canonical = b'{"messages":[],"model":"m"}'
+    assert payload_digest(body) == hashlib.sha256(canonical).hexdigest()
+    with_betas = hashlib.sha256(canonical + b"\na,b").hexdigest()
+    assert payload_digest(body, ("b", "a")) == with_betas
 
 
 def dead_redis() -> Redis:
@@ -112,6 +125,7 @@ async def test_cache_failures_are_counted_and_logged_once_until_it_answers(
     metrics = Metrics()
     client = dead_redis()
     cache = CountCacheIO(client, metrics)
+    assert cache.failing is False
     try:
         with caplog.at_level(logging.INFO, logger="budgeter.upstream.token_counter"):
             assert await cache.get("budgeter:{ct:a}") is None
@@ -119,17 +133,34 @@ async def test_cache_failures_are_counted_and_logged_once_until_it_answers(
             assert await cache.get("budgeter:{ct:b}") is None
             assert errors(metrics) == 3
             assert cache.failing
-            cache.redis, cache.round = redis, CountCacheIO(redis).round  # Redis is back
+            cache.round = CountCacheIO(redis).round  # Redis is back
             await set_and_wait(cache, "budgeter:{ct:a}", 5)
-            assert not cache.failing  # the write answered
+            assert cache.failing is False  # the write answered
             assert await cache.get("budgeter:{ct:a}") == "5"
     finally:
         await client.aclose()
     lines = [(r.levelno, r.getMessage()) for r in caplog.records]
     warnings = [m for level, m in lines if level == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith("count cache read failed: ")
+    assert "127.0.0.1:9" in warnings[0]  # the reason: the error's own words
     assert [m for level, m in lines if level == logging.INFO] == ["count cache answers again"]
     assert errors(metrics) == 3
+
+
+async def test_a_failed_write_is_logged_as_a_write_with_its_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = Metrics()
+    client = dead_redis()
+    cache = CountCacheIO(client, metrics)
+    try:
+        with caplog.at_level(logging.WARNING, logger="budgeter.upstream.token_counter"):
+            await set_and_wait(cache, "budgeter:{ct:w}", 1)
+    finally:
+        await client.aclose()
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("count cache write failed: ") and "127.0.0.1:9" in warning
+    assert cache.failing is True and errors(metrics) == 1
 
 
 def test_a_failure_reason_is_one_line_of_at_most_200_characters(
@@ -163,13 +194,13 @@ class CountsOrFails(UpstreamClient):
         super().__init__(session, "http://127.0.0.1:9", "k")
         self.error = error
         self.calls = 0
+        self.sent: list[tuple[Mapping[str, object], Passthrough]] = []
 
     async def count_tokens(
-        self,
-        body: Mapping[str, object],  # noqa: ARG002
-        passthrough: Passthrough = NO_PASSTHROUGH,  # noqa: ARG002
+        self, body: Mapping[str, object], passthrough: Passthrough = NO_PASSTHROUGH
     ) -> int:
         self.calls += 1
+        self.sent.append((body, passthrough))
         if self.error is not None:
             raise self.error
         return 11
@@ -265,3 +296,56 @@ async def test_the_counter_counts_hits_and_misses(redis: Redis) -> None:
     get = metrics.registry.get_sample_value
     assert get("budgeter_count_tokens_cache_total", {"result": "miss"}) == 1
     assert get("budgeter_count_tokens_cache_total", {"result": "hit"}) == 1
+
+
+BETAS = Passthrough(betas=("context-management-2025-06-27",), version="2023-06-01")
+WITH_BETA_FIELD = {**NINE, "context_management": {"edits": []}}
+
+
+@pytest.mark.parametrize("ttl_s", [0, 60])
+async def test_the_count_is_sent_with_the_callers_betas_and_their_fields(
+    redis: Redis, ttl_s: int
+) -> None:
+    await TenantStore(redis).put("pt", TenantPolicy())
+    async with aiohttp.ClientSession() as session:
+        upstream = CountsOrFails(session, None)
+        counter = TokenCounter(redis, upstream, ttl_s=ttl_s)
+        assert await counter.count_for("pt", WITH_BETA_FIELD, BETAS) == 11
+    ((body, passthrough),) = upstream.sent
+    assert passthrough is BETAS
+    assert body["context_management"] == {"edits": []}  # a beta-only field, kept with betas
+    assert "max_tokens" not in body
+
+
+async def test_the_same_payload_with_and_without_betas_is_cached_apart(redis: Redis) -> None:
+    async with aiohttp.ClientSession() as session:
+        upstream = CountsOrFails(session, None)
+        counter = TokenCounter(redis, upstream, ttl_s=60)
+        await counter.count(NINE, BETAS)
+        await counter.count(NINE)
+        await counter.count(NINE, BETAS)
+        assert upstream.calls == 2
+
+
+async def counted_writes(counter: TokenCounter) -> list[tuple[int, int]]:
+    """Count NINE once; the (value, ttl) of each cache write it made."""
+    written: list[tuple[int, int]] = []
+
+    async def record(key: str, value: int, ttl_s: int) -> None:  # noqa: ARG001
+        written.append((value, ttl_s))
+
+    counter.cache.set = record  # type: ignore[method-assign]
+    assert await counter.count(NINE) == 11
+    return written
+
+
+async def test_a_ttl_of_1_second_still_caches(redis: Redis) -> None:
+    async with aiohttp.ClientSession() as session:
+        counter = TokenCounter(redis, CountsOrFails(session, None), ttl_s=1)
+        assert await counted_writes(counter) == [(11, 1)]
+
+
+async def test_a_count_is_cached_for_an_hour_by_default(redis: Redis) -> None:
+    async with aiohttp.ClientSession() as session:
+        counter = TokenCounter(redis, CountsOrFails(session, None))
+        assert await counted_writes(counter) == [(11, 3600)]

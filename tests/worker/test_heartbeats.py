@@ -70,11 +70,16 @@ class ScriptedQueue:
         self.clock = clock
         self.answers = answers
         self.calls: list[tuple[str, float, int, str | None, int]] = []
+        self.called = asyncio.Event()  # a beat was asked for
+        self.held = asyncio.Event()  # cleared: the beats wait for the test before answering
+        self.held.set()
 
     async def heartbeat(
         self, job: LeasedJob, *, lease_ms: int, reservation_id: str | None, hold_ms: int
     ) -> bool:
         self.calls.append((job.id, self.clock[0], lease_ms, reservation_id, hold_ms))
+        self.called.set()
+        await self.held.wait()
         script = self.answers.get(job.id, [])
         answer = script.pop(0) if script else True
         if isinstance(answer, Exception):
@@ -189,3 +194,22 @@ async def test_a_lost_lease_stops_its_beats_and_is_logged_once_a_failed_beat_doe
     assert len(failed) == 1 and failed[0].levelno == logging.WARNING
     assert getattr(failed[0], "job", None) == "flaky" and failed[0].exc_info is not None
     await ended(beats, time)
+
+
+async def test_a_lease_lost_for_a_job_whose_block_already_ended_is_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The block ends (the job is done) while its beat is in flight, and the beat then
+    answers that the lease is lost: the loop goes on and ends normally."""
+    beats, queue, time = stepped_beats(steps=4, answers={"done": [False]})
+    queue.held.clear()
+    with caplog.at_level(logging.WARNING, logger="budgeter.worker"):
+        with beats.beat_for(job_named("done"), {"rid": ""}):
+            await asyncio.wait_for(queue.called.wait(), 10)  # its beat is in flight
+        task = beats._task
+        assert task is not None
+        queue.held.set()  # now it answers "lost"
+        time.go.set()
+        await asyncio.wait_for(task, 10)  # no KeyError: the loop ended by itself
+    assert task.exception() is None and beats.beating == {}
+    assert [r.getMessage() for r in caplog.records] == ["lease lost while the upstream call runs"]
