@@ -25,12 +25,15 @@ from budgeter.domain.jobs import DEFAULT_TTL_MS, TERMINAL_STATES
 from budgeter.domain.policy import TENANT_ID_RE
 from budgeter.notify.queue_events import ack_keys, hint
 from budgeter.queue.batch_meta import BatchMeta, format_batch_meta, parse_batch_meta
+from budgeter.queue.leased import LeasedJob as LeasedJob
+from budgeter.queue.leased import leased_jobs
+from budgeter.queue.leased import split_job_id as split_job_id
 from budgeter.queue.probes import ProbeEnd, wanted_from
 from budgeter.store.durability import NotReplicated, durable_pipeline
 from budgeter.store.keys import SchedKeys, TenantKeys
 from budgeter.store.scripts import register
 from budgeter.store.server_time import server_time_ms
-from budgeter.store.types import RedisClient, ScriptArg, ScriptReply
+from budgeter.store.types import RedisClient, ScriptArg
 
 WAKE_TOKENS_MAX = 32
 SUBMIT_CHUNK = 1000
@@ -49,41 +52,11 @@ def job_id(batch_id: str, custom_id: str) -> str:
     return f"{batch_id}:{custom_id}"
 
 
-def split_job_id(jid: str) -> tuple[str, str]:
-    """(batch id, custom id): batch ids never contain ':'."""
-    batch_id, _, custom_id = jid.partition(":")
-    return batch_id, custom_id
-
-
 @dataclass(frozen=True, slots=True)
 class NewJob:
     custom_id: str
     params: dict[str, Any]
     validated: bool = False  # by MessageParams: stored tagged, not validated again
-
-
-@dataclass(frozen=True, slots=True)
-class LeasedJob:
-    """A job taken from a queue: the worker holds its lease until it acks or requeues."""
-
-    tenant: str
-    id: str
-    batch_id: str
-    custom_id: str
-    params: dict[str, Any]
-    validated: bool  # its params carry the tag of this version's validation
-    attempt: int
-    enqueued_ms: int
-    deadline_ms: int
-    leased_at_ms: int
-    canceled: bool = False
-    orphaned: bool = False  # its tenant was deleted
-    priority: str = "normal"
-    probe: bool = False  # its tenant came due off a park: the worker ends the probe
-
-    @property
-    def reservation_id(self) -> str:
-        return f"{self.id}#{self.attempt}"
 
 
 async def oldest_queued_age_s(redis: RedisClient, keys: TenantKeys, now_ms: int) -> float:
@@ -324,45 +297,14 @@ class JobQueue:
             )
         except NotReplicated as failure:
             if failure.reply is not None:  # leased on the master only: give them back
-                await self._give_back(tenant, self._leased(tenant, failure.reply, probe))
+                await self._give_back(tenant, leased_jobs(tenant, failure.reply, probe=probe))
             raise
         left = int(reply[0])
         if probe and len(reply) <= 3:  # nothing to probe with: end the hold at once
             await self.end_probe(tenant, decided=False)  # (back in ready: removed below)
         if left == 0:
             await self._deactivate(tenant)
-        return self._leased(tenant, reply, probe)
-
-    def _leased(self, tenant: str, reply: ScriptReply, probe: bool) -> list[LeasedJob]:
-        """The jobs of a ``queue/dequeue.lua`` reply."""
-        now, has_policy = int(reply[1]), bool(int(reply[2]))
-        jobs = []
-        for i in range(3, len(reply), 5):
-            jid, raw, attempt, meta, canceled = reply[i : i + 5]
-            stored = parse_params(raw)
-            if not stored.readable:  # a foreign producer's body: the worker ends the job
-                log.warning("job %s has a body that is not a JSON object", jid)  # errored
-            batch_id, custom_id = split_job_id(jid)
-            shared = parse_batch_meta(meta)
-            jobs.append(
-                LeasedJob(
-                    tenant=tenant,
-                    id=jid,
-                    batch_id=batch_id,
-                    custom_id=custom_id,
-                    params=stored.params,
-                    validated=stored.validated,
-                    attempt=int(attempt),
-                    enqueued_ms=now if shared.enqueued_ms is None else shared.enqueued_ms,
-                    deadline_ms=shared.deadline_ms,
-                    leased_at_ms=now,
-                    canceled=bool(int(canceled)),
-                    orphaned=not has_policy,
-                    priority=shared.priority,
-                    probe=probe,
-                )
-            )
-        return jobs
+        return leased_jobs(tenant, reply, probe=probe)
 
     async def _give_back(self, tenant: str, jobs: list[LeasedJob]) -> None:
         """Leases the replicas did not acknowledge (WAIT fell short) go back to the head of
