@@ -1,0 +1,197 @@
+"""The proxy's count_tokens route and its upstream errors, exactly (issue 21, mutation
+testing): status, message and headers of each refusal, the caller's betas and fields
+forwarded, the upstream's answer and error passed on byte for byte with its request id, a
+refused call's reservation released at once; and StreamUsage's starting values.
+
+The upstream here is a small aiohttp app of the test's own on loopback (the mock sends no
+request id and cannot refuse a count with a given body)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+
+from budgeter.admission.admission import Usage
+from budgeter.api.app import create_app
+from budgeter.api.proxy import StreamUsage
+from budgeter.domain import jsonio
+from budgeter.serving import serve_app
+from budgeter.settings import Settings
+
+ADMIN = {"authorization": "Bearer admin-secret"}
+UPSTREAM_ID = "budgeter-upstream-request-id"
+REFUSAL = {"type": "error", "error": {"type": "invalid_request_error", "message": "bad system"}}
+COUNT = {"model": "claude-test", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@dataclass
+class Upstream:
+    """What the test's upstream received: (path, JSON body, anthropic-beta header)."""
+
+    seen: list[tuple[str, dict[str, Any], str | None]] = field(default_factory=list)
+
+
+def upstream_app(upstream: Upstream) -> web.Application:
+    async def count_tokens(request: web.Request) -> web.Response:
+        body = await request.json()
+        upstream.seen.append((request.path, body, request.headers.get("anthropic-beta")))
+        if body.get("system") == "fail":
+            return web.json_response(REFUSAL, status=400, headers={"request-id": "req_up_err"})
+        return web.Response(
+            text='{"input_tokens":7}',
+            content_type="application/json",
+            headers={"request-id": "req_up_ok"},
+        )
+
+    async def messages(request: web.Request) -> web.Response:
+        upstream.seen.append((request.path, await request.json(), None))
+        return web.json_response(REFUSAL, status=400, headers={"request-id": "req_up_msg"})
+
+    app = web.Application()
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    app.router.add_post("/v1/messages", messages)
+    return app
+
+
+@dataclass
+class Stack:
+    url: str
+    upstream: Upstream
+    key: str = ""
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        return {"x-api-key": self.key, "anthropic-version": "2023-06-01", **extra}
+
+
+@pytest.fixture
+async def stack(redis: Redis, redis_url: str) -> AsyncIterator[Stack]:
+    upstream = Upstream()
+    async with serve_app(upstream_app(upstream), "127.0.0.1", 0) as upstream_port:
+        settings = Settings(
+            redis_url=redis_url,
+            admin_token="admin-secret",
+            upstream_url=f"http://127.0.0.1:{upstream_port}",
+            upstream_max_attempts=1,
+        )
+        async with serve_app(create_app(settings, redis=redis), "127.0.0.1", 0) as port:
+            found = Stack(f"http://127.0.0.1:{port}", upstream)
+            policy = {
+                "budgets": {"day": 100_000},
+                "rate": {"rpm": 50},
+                "allowed_betas": ["beta-a"],
+            }
+            async with aiohttp.ClientSession() as http:
+                put = await http.put(f"{found.url}/admin/tenants/ex", json=policy, headers=ADMIN)
+                assert put.status in (200, 201), await put.text()
+                made = await http.post(f"{found.url}/admin/tenants/ex/keys", headers=ADMIN)
+                found.key = str((await made.json())["key"])
+            yield found
+
+
+async def post(
+    stack: Stack, path: str, body: object, **headers: str
+) -> tuple[int, dict[str, str], str]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{stack.url}{path}", json=body, headers=stack.headers(**headers)) as resp,
+    ):
+        return resp.status, dict(resp.headers), await resp.text()
+
+
+def error_of(text: str) -> tuple[str, str]:
+    error = jsonio.loads(text)["error"]
+    return error["type"], error["message"]
+
+
+async def test_a_count_passes_the_upstreams_answer_with_its_request_id_and_the_rate_headers(
+    stack: Stack,
+) -> None:
+    status, headers, text = await post(stack, "/v1/messages/count_tokens", COUNT)
+    assert (status, text) == (200, '{"input_tokens":7}')
+    assert headers["Content-Type"].startswith("application/json")
+    assert headers[UPSTREAM_ID] == "req_up_ok"
+    assert headers["anthropic-ratelimit-requests-limit"] == "50"
+    assert stack.upstream.seen == [("/v1/messages/count_tokens", COUNT, None)]
+
+
+async def test_a_count_whose_body_is_not_an_object_is_a_400(stack: Stack) -> None:
+    status, _, text = await post(stack, "/v1/messages/count_tokens", [COUNT])
+    assert status == 400
+    assert error_of(text) == ("invalid_request_error", "request body must be a JSON object")
+    assert stack.upstream.seen == []
+
+
+async def test_a_count_with_fields_it_does_not_take_names_the_first_of_them(
+    stack: Stack,
+) -> None:
+    body = {**COUNT, "zzz": 1, "aaa": 2}
+    status, _, text = await post(stack, "/v1/messages/count_tokens", body)
+    assert status == 400
+    assert error_of(text) == ("invalid_request_error", "aaa: Extra inputs are not permitted")
+    assert stack.upstream.seen == []
+
+
+async def test_under_an_allowed_beta_the_fields_and_the_beta_go_to_the_upstream(
+    stack: Stack,
+) -> None:
+    body = {**COUNT, "context_management": {"edits": []}}
+    status, _, _ = await post(
+        stack, "/v1/messages/count_tokens", body, **{"anthropic-beta": "beta-a"}
+    )
+    assert status == 200
+    assert stack.upstream.seen == [("/v1/messages/count_tokens", body, "beta-a")]
+
+
+async def test_a_beta_the_tenant_does_not_allow_is_refused_before_the_upstream(
+    stack: Stack,
+) -> None:
+    status, _, text = await post(
+        stack, "/v1/messages/count_tokens", COUNT, **{"anthropic-beta": "beta-b"}
+    )
+    assert status == 400
+    kind, message = error_of(text)
+    assert kind == "invalid_request_error" and "'beta-b'" in message
+    assert stack.upstream.seen == []
+
+
+async def test_an_upstream_refusal_of_a_count_is_passed_on_as_it_came(stack: Stack) -> None:
+    status, headers, text = await post(
+        stack, "/v1/messages/count_tokens", {**COUNT, "system": "fail"}
+    )
+    assert status == 400
+    assert text == jsonio.dumps_str(REFUSAL)  # the upstream's body, compact JSON
+    assert headers["Content-Type"].startswith("application/json")
+    assert headers[UPSTREAM_ID] == "req_up_err"
+    assert headers["anthropic-ratelimit-requests-limit"] == "50"
+
+
+async def test_a_call_the_upstream_refuses_is_released_at_once_and_passed_on(
+    stack: Stack, redis: Redis
+) -> None:
+    message = {**COUNT, "max_tokens": 64}
+    status, headers, text = await post(stack, "/v1/messages", message)
+    assert (status, text) == (400, jsonio.dumps_str(REFUSAL))
+    assert headers[UPSTREAM_ID] == "req_up_msg"
+    budget = await redis.hgetall("budgeter:{t:ex}:budget")
+    assert budget.get("day:reserved", "0") == "0"
+    assert budget.get("day:used", "0") == "0"  # refused before it was served: nothing charged
+    assert await redis.hlen("budgeter:{t:ex}:resv") == 0
+
+
+def test_stream_usage_starts_from_the_counted_input_and_nothing_else() -> None:
+    fresh = StreamUsage()
+    assert fresh.usage() == Usage(0, 0, 0, 0)
+    assert fresh.stopped is False and fresh.errored is False
+    assert StreamUsage(12).usage() == Usage(12, 0, 0, 0)
+
+
+def test_a_message_start_without_input_tokens_means_none() -> None:
+    usage = StreamUsage(12)
+    usage.feed({"type": "message_start", "message": {"usage": {}}})
+    assert usage.usage() == Usage(0, 0, 0, 0)
