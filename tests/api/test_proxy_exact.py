@@ -195,3 +195,59 @@ def test_a_message_start_without_input_tokens_means_none() -> None:
     usage = StreamUsage(12)
     usage.feed({"type": "message_start", "message": {"usage": {}}})
     assert usage.usage() == Usage(0, 0, 0, 0)
+
+
+def test_a_message_start_sets_every_usage_field_it_names() -> None:
+    usage = StreamUsage(99)
+    start = {
+        "input_tokens": 10,
+        "cache_creation_input_tokens": 3,
+        "cache_read_input_tokens": 4,
+        "output_tokens": 1,
+    }
+    usage.feed({"type": "message_start", "message": {"usage": start}})
+    assert (usage.input, usage.cache_creation, usage.cache_read, usage.output) == (10, 3, 4, 1)
+    usage.feed({"type": "message_stop"})
+    assert usage.usage() == Usage(10, 1, 3, 4)
+    empty = StreamUsage(5)
+    empty.feed({"type": "message_start"})  # no message: nothing known, all zero
+    assert (empty.input, empty.cache_creation, empty.cache_read, empty.output) == (0, 0, 0, 0)
+
+
+def test_the_text_of_deltas_is_counted_in_utf8_bytes_and_other_fields_are_not() -> None:
+    usage = StreamUsage()
+    for delta in (
+        {"type": "text_delta", "text": "héllo"},  # 6 bytes
+        {"type": "input_json_delta", "partial_json": '{"a":'},  # 5 bytes
+        {"type": "thinking_delta", "thinking": "hmm"},  # 3 bytes
+        {"type": "signature_delta", "signature": "x" * 50},  # not generated text
+        {"type": "text_delta", "text": None},
+    ):
+        usage.feed({"type": "content_block_delta", "delta": delta})
+    usage.feed({"type": "content_block_delta"})  # no delta at all
+    assert usage.text_bytes == 14
+    assert usage.usage() == Usage(0, 5, 0, 0)  # not stopped: ceil(14 / 3)
+
+
+def test_the_reported_output_wins_once_stopped_and_the_estimate_when_larger_before() -> None:
+    usage = StreamUsage(7)
+    usage.feed({"type": "content_block_delta", "delta": {"text": "x" * 30}})  # 10 tokens
+    usage.feed({"type": "message_delta", "usage": {"output_tokens": 4}})
+    assert usage.output == 4 and usage.usage() == Usage(7, 10, 0, 0)  # cut short: estimate
+    usage.feed({"type": "message_delta", "usage": {"output_tokens": 12}})
+    assert usage.usage() == Usage(7, 12, 0, 0)  # the report, larger than the estimate
+    usage.feed({"type": "message_delta", "usage": {}})  # no figure: the last one stays
+    usage.feed({"type": "message_delta"})
+    assert usage.output == 12
+    usage.feed({"type": "message_delta", "usage": {"output_tokens": 2}})
+    usage.feed({"type": "message_stop"})
+    assert usage.stopped is True and usage.usage() == Usage(7, 2, 0, 0)  # stopped: the report
+
+
+def test_an_error_event_marks_the_stream_errored_and_nothing_else() -> None:
+    usage = StreamUsage(3)
+    usage.feed({"type": "ping"})
+    assert usage.errored is False and usage.stopped is False
+    usage.feed({"type": "error", "error": {"type": "overloaded_error"}})
+    assert usage.errored is True and usage.stopped is False
+    assert usage.usage() == Usage(3, 0, 0, 0)
