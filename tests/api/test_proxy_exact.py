@@ -35,6 +35,7 @@ class Upstream:
     """What the test's upstream received: (path, JSON body, anthropic-beta header)."""
 
     seen: list[tuple[str, dict[str, Any], str | None]] = field(default_factory=list)
+    stream: bytes = b""  # what a streamed call answers, as it is
 
 
 def upstream_app(upstream: Upstream) -> web.Application:
@@ -49,9 +50,18 @@ def upstream_app(upstream: Upstream) -> web.Application:
             headers={"request-id": "req_up_ok"},
         )
 
-    async def messages(request: web.Request) -> web.Response:
-        upstream.seen.append((request.path, await request.json(), None))
-        return web.json_response(REFUSAL, status=400, headers={"request-id": "req_up_msg"})
+    async def messages(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        upstream.seen.append((request.path, body, None))
+        if not body.get("stream") or body.get("system") == "refuse":
+            return web.json_response(REFUSAL, status=400, headers={"request-id": "req_up_msg"})
+        response = web.StreamResponse(
+            headers={"content-type": "text/event-stream", "request-id": "req_up_stream"}
+        )
+        await response.prepare(request)
+        await response.write(upstream.stream)
+        await response.write_eof()
+        return response
 
     app = web.Application()
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
@@ -251,3 +261,75 @@ def test_an_error_event_marks_the_stream_errored_and_nothing_else() -> None:
     usage.feed({"type": "error", "error": {"type": "overloaded_error"}})
     assert usage.errored is True and usage.stopped is False
     assert usage.usage() == Usage(3, 0, 0, 0)
+
+
+# CRLF line ends, a comment line, an event whose data spans two lines, a ping
+STREAM = (
+    b'event: message_start\r\ndata: {"type":"message_start","message":'
+    b'{"usage":{"input_tokens":10,"output_tokens":1}}}\r\n\r\n'
+    b": keep-alive\n\n"
+    b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+    b'"delta":{"type":"text_delta","text":"abcdefghijkl"}}\n\n'
+    b'event: ping\ndata: {"type":"ping"}\n\n'
+    b'event: message_delta\ndata: {"type":"message_delta",\n'
+    b'data: "usage":{"output_tokens":5}}\n\n'
+)
+STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+
+async def streamed(stack: Stack, **extra: object) -> tuple[int, dict[str, str], bytes]:
+    body = {**COUNT, "max_tokens": 64, "stream": True, **extra}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{stack.url}/v1/messages", json=body, headers=stack.headers()) as resp,
+    ):
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+async def test_a_stream_is_passed_on_byte_for_byte_and_settled_at_its_report(
+    stack: Stack, redis: Redis
+) -> None:
+    stack.upstream.stream = STREAM + STOP
+    status, headers, got = await streamed(stack)
+    assert (status, got) == (200, STREAM + STOP)
+    assert headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert headers["Cache-Control"] == "no-cache"
+    assert headers["request-id"].startswith("req_") and headers["request-id"] != "req_up_stream"
+    assert headers[UPSTREAM_ID] == "req_up_stream"
+    assert headers["anthropic-ratelimit-requests-limit"] == "50"
+    budget = await redis.hgetall("budgeter:{t:ex}:budget")
+    assert (budget["day:used"], budget["day:reserved"]) == ("15", "0")  # 10 in, 5 out
+    assert await redis.hlen("budgeter:{t:ex}:resv") == 0
+
+
+async def test_a_stream_that_ends_inside_an_event_is_passed_on_and_charged_its_estimate(
+    stack: Stack, redis: Redis
+) -> None:
+    cut = b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":'
+    stack.upstream.stream = STREAM + cut  # no message_stop, no closing blank line
+    status, _, got = await streamed(stack)
+    assert (status, got) == (200, STREAM + cut)  # the unfinished event too
+    budget = await redis.hgetall("budgeter:{t:ex}:budget")
+    # not stopped: the larger of the reported 5 and ceil(12 text bytes / 3) = 4
+    assert (budget["day:used"], budget["day:reserved"]) == ("15", "0")
+
+
+async def test_an_error_event_settles_the_stream_at_what_it_had(stack: Stack, redis: Redis) -> None:
+    error = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error"}}\n\n'
+    stack.upstream.stream = STREAM + error
+    status, _, got = await streamed(stack)
+    assert (status, got) == (200, STREAM + error)
+    budget = await redis.hgetall("budgeter:{t:ex}:budget")
+    assert (budget["day:used"], budget["day:reserved"]) == ("15", "0")
+
+
+async def test_a_stream_the_upstream_refuses_is_released_and_passed_on(
+    stack: Stack, redis: Redis
+) -> None:
+    status, headers, got = await streamed(stack, system="refuse")
+    assert (status, got.decode()) == (400, jsonio.dumps_str(REFUSAL))
+    assert headers[UPSTREAM_ID] == "req_up_msg"
+    assert headers["anthropic-ratelimit-requests-limit"] == "50"
+    budget = await redis.hgetall("budgeter:{t:ex}:budget")
+    assert (budget.get("day:used", "0"), budget.get("day:reserved", "0")) == ("0", "0")
+    assert await redis.hlen("budgeter:{t:ex}:resv") == 0
