@@ -52,7 +52,7 @@ def upstream_app(upstream: Upstream) -> web.Application:
 
     async def messages(request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        upstream.seen.append((request.path, body, None))
+        upstream.seen.append((request.path, body, request.headers.get("anthropic-beta")))
         if not body.get("stream") or body.get("system") == "refuse":
             return web.json_response(REFUSAL, status=400, headers={"request-id": "req_up_msg"})
         response = web.StreamResponse(
@@ -277,11 +277,14 @@ STREAM = (
 STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 
-async def streamed(stack: Stack, **extra: object) -> tuple[int, dict[str, str], bytes]:
+async def streamed(
+    stack: Stack, headers: dict[str, str] | None = None, **extra: object
+) -> tuple[int, dict[str, str], bytes]:
     body = {**COUNT, "max_tokens": 64, "stream": True, **extra}
+    sent = stack.headers(**(headers or {}))
     async with (
         aiohttp.ClientSession() as http,
-        http.post(f"{stack.url}/v1/messages", json=body, headers=stack.headers()) as resp,
+        http.post(f"{stack.url}/v1/messages", json=body, headers=sent) as resp,
     ):
         return resp.status, dict(resp.headers), await resp.read()
 
@@ -333,3 +336,24 @@ async def test_a_stream_the_upstream_refuses_is_released_and_passed_on(
     budget = await redis.hgetall("budgeter:{t:ex}:budget")
     assert (budget.get("day:used", "0"), budget.get("day:reserved", "0")) == ("0", "0")
     assert await redis.hlen("budgeter:{t:ex}:resv") == 0
+
+
+async def test_a_stream_that_ends_before_message_start_is_charged_its_counted_input(
+    stack: Stack, redis: Redis
+) -> None:
+    ping = b'event: ping\ndata: {"type":"ping"}\n\n'
+    stack.upstream.stream = ping  # then the upstream ends: no usage was ever reported
+    status, _, got = await streamed(stack)
+    assert (status, got) == (200, ping)
+    budget = await redis.hgetall("budgeter:{t:ex}:budget")
+    assert (budget["day:used"], budget["day:reserved"]) == ("7", "0")  # the count: 7
+
+
+async def test_a_stream_is_sent_with_the_callers_betas(stack: Stack) -> None:
+    stack.upstream.stream = STREAM + STOP
+    status, _, _ = await streamed(stack, {"anthropic-beta": "beta-a"})
+    assert status == 200
+    assert [(path, beta) for path, _, beta in stack.upstream.seen] == [
+        ("/v1/messages/count_tokens", "beta-a"),
+        ("/v1/messages", "beta-a"),
+    ]
