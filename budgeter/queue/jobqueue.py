@@ -297,7 +297,7 @@ class JobQueue:
             )
         except NotReplicated as failure:
             if failure.reply is not None:  # leased on the master only: give them back
-                await self._give_back(tenant, leased_jobs(tenant, failure.reply, probe=probe))
+                await self._give_back(tenant, leased_jobs(tenant, failure.reply), probe=probe)
             raise
         left = int(reply[0])
         if probe and len(reply) <= 3:  # nothing to probe with: end the hold at once
@@ -306,18 +306,21 @@ class JobQueue:
             await self._deactivate(tenant)
         return leased_jobs(tenant, reply, probe=probe)
 
-    async def _give_back(self, tenant: str, jobs: list[LeasedJob]) -> None:
+    async def _give_back(self, tenant: str, jobs: list[LeasedJob], *, probe: bool) -> None:
         """Leases the replicas did not acknowledge (WAIT fell short) go back to the head of
         their queue, their attempt refunded, before anything is done with them: a failover
-        that lost them could have another worker lease them again. A give-back that fails
-        leaves the lease to expire and the job to be reclaimed."""
+        that lost them could have another worker lease them again. The give-backs go in one
+        round (the round pipeline); one that fails leaves its lease to expire and the job to
+        be reclaimed."""
+        if not jobs:
+            return
         try:
-            for job in jobs:
-                await self.requeue(job, head=True, count_attempt=False)
-            if jobs and jobs[0].probe:
-                await self.end_probe(tenant, decided=False)
-            elif jobs:
-                await self.activate(tenant, wake=1)
+            await asyncio.gather(
+                *(self.requeue(job, head=True, count_attempt=False) for job in jobs)
+            )
+            await (
+                self.end_probe(tenant, decided=False) if probe else self.activate(tenant, wake=1)
+            )
         except Exception as exc:
             log.warning("giving back %d unreplicated leases failed: %s", len(jobs), exc)
 

@@ -3,27 +3,17 @@ its format round-trips, and every entry names a mutant the runner makes today.""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from tests.tools.tool_module import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _runner() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("mutate_lua", ROOT / "tools" / "mutate_lua.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("mutate_lua", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-mutate_lua = _runner()
+mutate_lua = load_tool("mutate_lua")
 
 
 def test_an_entry_round_trips() -> None:

@@ -3,28 +3,16 @@ every entry parses, and a survivor matches an entry by its function and changed 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from tests.tools.tool_module import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _report() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "mutmut_report", ROOT / "tools" / "mutmut_report.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("mutmut_report", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-report = _report()
+report = load_tool("mutmut_report")
 
 DIFF = """--- budgeter/upstream/token_counter.py
 +++ budgeter/upstream/token_counter.py
