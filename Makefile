@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format install clean bench
+.PHONY: demo test lint format install lock clean bench
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -11,13 +11,24 @@ SDK1 := $(VENV)/sdk1
 
 # The official anthropic SDK 2.x is a dev dependency; the tests also drive the 1.x line,
 # installed beside it with its own dependencies (PYTHONPATH selects it in a subprocess).
-$(STAMP): $(PY) pyproject.toml
+# constraints.txt pins every dependency to the versions of a green run (`make lock` renews it).
+$(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	$(PY) -m pip install -q --upgrade --target $(SDK1) 'anthropic>=1.17,<2'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# constraints.txt from the newest releases: a venv of its own, then pip freeze
+LOCK_VENV := $(or $(TMPDIR),/tmp)/budgeter-lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q -e '.[dev]'
+	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
 
 demo: $(STAMP)
 	$(VENV)/bin/budgeter demo

@@ -150,7 +150,7 @@ def make_sentinel_redis(url: SentinelURL, *, max_connections: int = 512) -> Redi
         "username": url.sentinel_username,
         "password": url.sentinel_password,
     }
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+    sentinel = Sentinel(
         list(url.sentinels),
         sentinel_kwargs={
             "socket_timeout": 5,  # a Sentinel that hangs: ask the next one
