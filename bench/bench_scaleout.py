@@ -1,18 +1,21 @@
-"""Scale-out: jobs/s with 1, 2 and 4 worker processes, against one Redis and against a
-three-master Redis Cluster with one replica per master, with the mock upstream — side by
-side in one run.
+"""Scale-out: jobs/s with 1, 2 and 4 worker processes, against one Redis, against one
+Redis with a replica (the cluster's durability: every write also goes to a replica), and
+against a three-master Redis Cluster with one replica per master, with the mock upstream —
+side by side in one run.
 
 Everything runs on loopback: embedded redis-servers (the cluster made with redis-cli),
 `budgeter mock-upstream` and `budgeter worker` processes. Each run submits one batch per
 tenant (4 tenants, no limits), times it from submission until every job ended, then
 stops the workers and empties the servers (`FLUSHALL`, outside the timed part).
 
-Noise: on a small machine one run's jobs/s moves by more than the gap between the two
-setups, so for each worker count the bench runs one Redis (A) and the cluster (B)
-alternately `--rounds` times, the order swapped every other round (AB, BA, AB, ...), and
-reports the median jobs/s of each, the median of the per-round ratios cluster / one Redis
-and their min-max. A ratio is taken between two runs next to each other in time, so a
-slow spell of the machine weighs on both of its sides.
+Noise: on a small machine one run's jobs/s moves by more than the gap between the
+setups, so for each worker count the bench runs one Redis (A), one Redis with its replica
+(R) and the cluster (B) in turn `--rounds` times, the order reversed every other round
+(ARB, BRA, ARB, ...), and reports the median jobs/s of each, the median of the per-round
+ratios cluster / one Redis and cluster / one Redis with a replica, and their min-max. A
+ratio is taken between runs next to each other in time, so a slow spell of the machine
+weighs on both of its sides. The replica's CPU counts with its master's, as the cluster's
+replicas count with theirs.
 
 Besides jobs/s it reads the servers' own counters (`INFO stats` of every master, before
 and after the timed part; nothing timed):
@@ -42,7 +45,8 @@ CPU per job: every redis-server's (`INFO cpu`, replicas included) and the worker
 processes' (/proc).
 
     .venv/bin/python bench/bench_scaleout.py [--jobs 6000] [--rounds 3] [--latency-ms 20]
-        [--workers 1,2,4] [--replicas 1]
+        [--workers 1,2,4] [--replicas 1]    (replicas per master, of the cluster and of
+                                             the one Redis of the middle setup)
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ from budgeter.store.embedded import EmbeddedRedis, EmbeddedRedisCluster, free_po
 from budgeter.tenants.store import TenantStore
 
 TENANTS = ("t1", "t2", "t3", "t4")
-ONE, CLUSTER = "one Redis", "3-master cluster"
+ONE, ONE_REPLICATED, CLUSTER = "one Redis", "one Redis+replica", "3-master cluster"
 
 
 def batch(tenant: str, n: int) -> list[BatchRequest]:
@@ -165,6 +169,22 @@ async def flush(servers: Servers) -> None:
             await client.aclose()
 
 
+async def in_sync(port: int, replicas: int, timeout_s: float = 30.0) -> None:
+    """Wait (bounded) until the master on ``port`` counts ``replicas`` replicas online."""
+    client = Redis(port=port)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = await client.info("replication")
+            online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+            if len(online) == replicas and all(v.get("state") == "online" for v in online):
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+    raise RuntimeError(f"{replicas} replica(s) not in sync within {timeout_s:g} s")
+
+
 async def one_run(
     url: str, servers: Servers, mock_url: str, workers: int, jobs: int, prefix: str
 ) -> Run:
@@ -224,22 +244,28 @@ async def one_run(
 
 @dataclass
 class Summary:
-    """One worker count's rounds: the paired runs of one Redis and of the cluster."""
+    """One worker count's rounds: the runs of one Redis, of one Redis with its replica(s)
+    and of the cluster, one of each per round."""
 
     one: list[Run]
+    replicated: list[Run]
     cluster: list[Run]
 
     @staticmethod
     def median(runs: list[Run], field: str) -> float:
         return statistics.median(float(getattr(run, field)) for run in runs)
 
-    def ratios(self) -> list[float]:
-        return [c.rate / o.rate for o, c in zip(self.one, self.cluster, strict=True)]
+    def ratios(self, base: list[Run]) -> list[float]:
+        """cluster / ``base`` jobs/s of each round."""
+        return [c.rate / o.rate for o, c in zip(base, self.cluster, strict=True)]
+
+    def runs(self, name: str) -> list[Run]:
+        return {ONE: self.one, ONE_REPLICATED: self.replicated, CLUSTER: self.cluster}[name]
 
 
 def print_run(name: str, workers: int, round_no: int, run: Run) -> None:
     print(
-        f"round {round_no} {name:16} {workers} worker(s): {run.rate:7.1f} jobs/s "
+        f"round {round_no} {name:17} {workers} worker(s): {run.rate:7.1f} jobs/s "
         f"({run.seconds:4.1f} s); per job read events {run.reads:5.2f} all masters, "
         f"{run.reads_busiest:5.2f} busiest; {run.commands:5.2f} commands; CPU "
         f"{run.redis_cpu_ms:.2f} ms Redis, {run.worker_cpu_ms:.2f} ms workers",
@@ -250,36 +276,43 @@ def print_run(name: str, workers: int, round_no: int, run: Run) -> None:
 def print_table(
     summaries: dict[int, Summary], jobs: int, rounds: int, latency_ms: float, replicas: int
 ) -> None:
-    seconds = [run.seconds for s in summaries.values() for run in s.one + s.cluster]
+    seconds = [run.seconds for s in summaries.values() for run in s.one + s.replicated + s.cluster]
     print()
     print(
         f"{jobs} jobs over {len(TENANTS)} tenants per run, mock latency {latency_ms:g} ms, "
         f"32 coroutines per worker, {os.cpu_count()} cores, cluster: 3 masters x "
-        f"{replicas} replica(s); {rounds} round(s) of one Redis + cluster per worker count, "
-        f"order swapped every other round; runs {min(seconds):.1f}-{max(seconds):.1f} s"
+        f"{replicas} replica(s), one Redis+replica: {replicas} replica(s); {rounds} round(s) "
+        f"of the three per worker count, order reversed every other round; runs "
+        f"{min(seconds):.1f}-{max(seconds):.1f} s"
     )
     print(
-        "medians over the rounds; ratio = cluster / one Redis jobs/s of the same round "
+        "medians over the rounds; jobs/s of one Redis, one Redis+replica (+R), cluster; "
+        "ratio = cluster / one Redis and cluster / one Redis+replica of the same round "
         "(median, min-max)"
     )
     print(
         "trips: read events per job (one Redis: round trips; cluster: all = summed over "
-        "the masters, max = busiest master); CPU: ms per job"
+        "the masters, max = busiest master); CPU: ms per job (replicas included)"
     )
     print(
-        f"{'workers':>7} | {'jobs/s one':>10} {'cluster':>8} | {'ratio':>5} {'min-max':>9}"
-        f" | {'trips one':>9} {'all':>5} {'max':>5} | {'Redis CPU one':>13} {'cluster':>7}"
+        f"{'workers':>7} | {'jobs/s one':>10} {'+R':>6} {'cluster':>7} | {'ratio':>5}"
+        f" {'min-max':>9} | {'/+R':>4} {'min-max':>9} | {'trips one':>9} {'all':>5}"
+        f" {'max':>5} | {'Redis CPU one':>13} {'+R':>5} {'cluster':>7}"
         f" | {'worker CPU one':>14} {'cluster':>7}"
     )
     for workers, s in summaries.items():
-        ratios = s.ratios()
-        one, clu = s.one, s.cluster
+        one, rep, clu = s.one, s.replicated, s.cluster
+        ratios, ratios_r = s.ratios(one), s.ratios(rep)
         print(
-            f"{workers:>7} | {s.median(one, 'rate'):>10.1f} {s.median(clu, 'rate'):>8.1f}"
+            f"{workers:>7} | {s.median(one, 'rate'):>10.1f} {s.median(rep, 'rate'):>6.1f}"
+            f" {s.median(clu, 'rate'):>7.1f}"
             f" | {statistics.median(ratios):>5.2f} {min(ratios):>4.2f}-{max(ratios):<4.2f}"
+            f" | {statistics.median(ratios_r):>4.2f}"
+            f" {min(ratios_r):>4.2f}-{max(ratios_r):<4.2f}"
             f" | {s.median(one, 'reads'):>9.2f} {s.median(clu, 'reads'):>5.2f}"
             f" {s.median(clu, 'reads_busiest'):>5.2f}"
-            f" | {s.median(one, 'redis_cpu_ms'):>13.2f} {s.median(clu, 'redis_cpu_ms'):>7.2f}"
+            f" | {s.median(one, 'redis_cpu_ms'):>13.2f} {s.median(rep, 'redis_cpu_ms'):>5.2f}"
+            f" {s.median(clu, 'redis_cpu_ms'):>7.2f}"
             f" | {s.median(one, 'worker_cpu_ms'):>14.2f} {s.median(clu, 'worker_cpu_ms'):>7.2f}"
         )
 
@@ -288,12 +321,30 @@ async def main(jobs: int, rounds: int, latency_ms: float, counts: list[int], rep
     with tempfile.TemporaryDirectory() as root:
         single = EmbeddedRedis(Path(root) / "single", appendonly=False)
         single.start()
+        primary = EmbeddedRedis(Path(root) / "primary", appendonly=False)
+        primary.start()
+        assert primary.port is not None
+        copies = [
+            EmbeddedRedis(
+                Path(root) / f"copy{index}",
+                appendonly=False,
+                extra_args=["--replicaof", "127.0.0.1", str(primary.port)],
+            )
+            for index in range(replicas)
+        ]
+        for copy in copies:
+            copy.start()
+        await in_sync(primary.port, replicas)
         cluster = EmbeddedRedisCluster(Path(root) / "cluster", replicas=replicas)
         cluster_url = cluster.start()
         assert single.port is not None
         ports = [server.port for server in cluster.servers if server.port is not None]
         setups = {
             ONE: (single.url, Servers([single.port], [single.port])),
+            ONE_REPLICATED: (
+                primary.url,
+                Servers([primary.port], [primary.port, *(c.port for c in copies if c.port)]),
+            ),
             CLUSTER: (cluster_url, Servers(cluster.master_ports(), ports)),
         }
         mock_port = free_port()
@@ -311,9 +362,11 @@ async def main(jobs: int, rounds: int, latency_ms: float, counts: list[int], rep
         summaries: dict[int, Summary] = {}
         try:
             for workers in counts:
-                summary = summaries[workers] = Summary([], [])
+                summary = summaries[workers] = Summary([], [], [])
                 for round_no in range(1, rounds + 1):
-                    order = (ONE, CLUSTER) if round_no % 2 else (CLUSTER, ONE)
+                    order = (ONE, ONE_REPLICATED, CLUSTER)
+                    if round_no % 2 == 0:
+                        order = order[::-1]
                     for name in order:
                         url, servers = setups[name]
                         run = await one_run(
@@ -322,14 +375,17 @@ async def main(jobs: int, rounds: int, latency_ms: float, counts: list[int], rep
                             f"http://127.0.0.1:{mock_port}",
                             workers,
                             jobs,
-                            f"bench{workers}{name[0]}{round_no}",
+                            f"bench{workers}{name[-1]}{round_no}",
                         )
-                        (summary.one if name == ONE else summary.cluster).append(run)
+                        summary.runs(name).append(run)
                         print_run(name, workers, round_no, run)
         finally:
             mock.send_signal(signal.SIGTERM)
             await mock.wait()
             single.stop()
+            for copy in copies:
+                copy.stop()
+            primary.stop()
             cluster.stop()
     print_table(summaries, jobs, rounds, latency_ms, replicas)
 
@@ -344,7 +400,9 @@ if __name__ == "__main__":
     )
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--workers", default="1,2,4")
-    parser.add_argument("--replicas", type=int, default=1, help="replicas per cluster master")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="replicas per master (cluster, one Redis+replica)"
+    )
     args = parser.parse_args()
     if not len(TENANTS) <= args.jobs <= 200_000:
         parser.error(f"--jobs must be {len(TENANTS)}..200000")
