@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -185,20 +186,27 @@ async def test_a_call_timed_out_after_it_was_sent_is_charged_in_full(
 
 
 async def test_a_client_gone_mid_stream_is_charged_exactly_what_it_was_sent(
-    scripted: ScriptedProxy, redis: Redis
+    scripted: ScriptedProxy, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = await scripted.tenant("gone", {"budgets": {"day": 100_000}})
     scripted.script.mode = "stream_gone"
     body = {**ask(max_tokens=200), "stream": True}
-    async with aiohttp.ClientSession() as http:
-        resp = await http.post(f"{scripted.url}/v1/messages", json=body, headers={"x-api-key": key})
-        assert resp.status == 200
-        seen = b""
-        while TEXT.encode() not in seen:
-            seen += await resp.content.readline()
-        resp.close()  # the client leaves after the text delta
-    scripted.script.release.set()  # only now does the upstream go on (with pings)
-    state = await wait_settled(redis, "gone")
+    with caplog.at_level(logging.INFO, logger="budgeter.proxy"):
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(
+                f"{scripted.url}/v1/messages", json=body, headers={"x-api-key": key}
+            )
+            assert resp.status == 200
+            seen = b""
+            while TEXT.encode() not in seen:
+                seen += await resp.content.readline()
+            resp.close()  # the client leaves after the text delta
+        scripted.script.release.set()  # only now does the upstream go on (with pings)
+        state = await wait_settled(redis, "gone")
+    left = [r for r in caplog.records if r.getMessage() == "client left mid-stream"]
+    assert len(left) == 1 and left[0].levelno == logging.INFO
+    assert left[0].__dict__["tenant"] == "gone"
+    assert str(left[0].__dict__["reservation"]).startswith("sync:req_")  # the call's own
     # message_start's input, and the output estimated from the 30 bytes of text seen
     assert int(state["day:used"]) == STARTED_INPUT + math.ceil(len(TEXT) / 3)
     assert state["day:reserved"] == "0"

@@ -8,6 +8,8 @@ request id and cannot refuse a count with a given body)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +38,9 @@ class Upstream:
 
     seen: list[tuple[str, dict[str, Any], str | None]] = field(default_factory=list)
     stream: bytes = b""  # what a streamed call answers, as it is
+    hold: asyncio.Event = field(default_factory=asyncio.Event)  # set: the stream may end
+    held: bool = False  # the stream, once written, waits for ``hold`` before it ends
+    broken: bool = False  # the stream ends with its connection closed, no last chunk
 
 
 def upstream_app(upstream: Upstream) -> web.Application:
@@ -60,6 +65,12 @@ def upstream_app(upstream: Upstream) -> web.Application:
         )
         await response.prepare(request)
         await response.write(upstream.stream)
+        if upstream.held:
+            await upstream.hold.wait()
+        if upstream.broken:
+            assert request.transport is not None
+            request.transport.close()  # a payload error downstream
+            return response
         await response.write_eof()
         return response
 
@@ -101,7 +112,10 @@ async def stack(redis: Redis, redis_url: str) -> AsyncIterator[Stack]:
                 assert put.status in (200, 201), await put.text()
                 made = await http.post(f"{found.url}/admin/tenants/ex/keys", headers=ADMIN)
                 found.key = str((await made.json())["key"])
-            yield found
+            try:
+                yield found
+            finally:
+                upstream.hold.set()
 
 
 async def post(
@@ -357,3 +371,96 @@ async def test_a_stream_is_sent_with_the_callers_betas(stack: Stack) -> None:
         ("/v1/messages/count_tokens", "beta-a"),
         ("/v1/messages", "beta-a"),
     ]
+
+
+LOST = (  # the error event the proxy adds when the upstream breaks mid-stream
+    b'event: error\ndata: {"type": "error", "error": {"type": "api_error", '
+    b'"message": "upstream connection lost mid-stream"}}\n\n'
+)
+
+
+async def test_a_stream_the_upstream_breaks_ends_with_an_error_event_after_what_came(
+    stack: Stack, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    cut = b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":'
+    stack.upstream.stream = STREAM + cut
+    stack.upstream.broken = True
+    with caplog.at_level(logging.INFO, logger="budgeter.proxy"):
+        status, _, got = await streamed(stack)
+    # the broken event's whole lines (its last line, never ended, is lost with the
+    # connection), then the proxy's error event
+    assert (status, got) == (200, STREAM + b"event: content_block_delta\n" + LOST)
+    broke = [r for r in caplog.records if r.name == "budgeter.proxy"]
+    assert [(r.levelno, r.getMessage()) for r in broke] == [
+        (logging.WARNING, "upstream stream broke: ClientPayloadError")
+    ]
+    budget = await redis.hgetall("budgeter:{t:ex}:budget")
+    assert (budget["day:used"], budget["day:reserved"]) == ("15", "0")  # its estimate
+
+
+async def _settled_while_open(stack: Stack, redis: Redis, tail: bytes) -> dict[str, str]:
+    """Stream STREAM + ``tail`` from an upstream that then keeps its stream open: the
+    budget once the reservation is settled (bounded wait), before the stream ends."""
+    stack.upstream.stream = STREAM + tail
+    stack.upstream.held = True
+    body = {**COUNT, "max_tokens": 64, "stream": True}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{stack.url}/v1/messages", json=body, headers=stack.headers()) as resp,
+    ):
+        assert await resp.content.readexactly(len(STREAM + tail)) == STREAM + tail
+        try:
+            async with asyncio.timeout(30):
+                while await redis.hlen("budgeter:{t:ex}:resv"):  # noqa: ASYNC110 - a bounded poll of state the proxy changes
+                    await asyncio.sleep(0.01)
+            budget = await redis.hgetall("budgeter:{t:ex}:budget")
+        finally:
+            stack.upstream.hold.set()
+        assert await resp.read() == b""
+    return budget
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [STOP, b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error"}}\n\n'],
+    ids=["message_stop", "error"],
+)
+async def test_a_stream_is_settled_at_its_last_event_not_when_the_upstream_closes(
+    stack: Stack, redis: Redis, tail: bytes
+) -> None:
+    budget = await _settled_while_open(stack, redis, tail)
+    assert (budget["day:used"], budget["day:reserved"]) == ("15", "0")
+
+
+async def test_data_lines_without_a_space_and_events_that_are_not_json_are_read_and_passed_on(
+    stack: Stack, redis: Redis
+) -> None:
+    """``data:{...}`` is SSE as much as ``data: {...}``; a data line that is not JSON
+    (and bytes that are not UTF-8, in a comment) pass through and do not end the stream."""
+    stream = (
+        b'event: message_start\ndata:{"type":"message_start","message":'
+        b'{"usage":{"input_tokens":20,"output_tokens":1}}}\n\n'
+        b": \xff\xfe not utf-8\n\n"
+        b"event: odd\ndata: not json\n\n"
+        b'event: message_delta\ndata:{"type":"message_delta","usage":{"output_tokens":9}}\n\n'
+        b'event: message_stop\ndata:{"type":"message_stop"}\n\n'
+    )
+    stack.upstream.stream = stream
+    status, _, got = await streamed(stack)
+    assert (status, got) == (200, stream)
+    budget = await redis.hgetall("budgeter:{t:ex}:budget")
+    assert (budget["day:used"], budget["day:reserved"]) == ("29", "0")  # 20 in, 9 out
+
+
+async def test_a_streamed_calls_tokens_are_counted_under_its_model(stack: Stack) -> None:
+    stack.upstream.stream = STREAM + STOP
+    status, _, _ = await streamed(stack)
+    assert status == 200
+    async with aiohttp.ClientSession() as http, http.get(f"{stack.url}/metrics") as resp:
+        text = await resp.text()
+    series = 'budgeter_tokens_total{kind="%s",model="claude-test",tenant="ex"}'
+    assert f"{series % 'input'} 10.0" in text
+    assert f"{series % 'output'} 5.0" in text
+    # actual / reserved: 15 of 7 counted + 64 max_tokens
+    assert "budgeter_estimate_error_ratio_count 1.0" in text
+    assert f"budgeter_estimate_error_ratio_sum {15 / 71}" in text
