@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -386,6 +386,42 @@ class StreamUsage:
         return Usage(self.input, output, self.cache_creation, self.cache_read)
 
 
+async def _end_with_error(response: web.StreamResponse, lines: list[bytes], message: str) -> None:
+    """Write what came of the event being read, as it came, then an ``error`` event."""
+    event = error_body("api_error", message)
+    await response.write(b"".join(lines) + f"event: error\ndata: {json.dumps(event)}\n\n".encode())
+
+
+async def _pass_events(
+    content: AsyncIterable[bytes],
+    response: web.StreamResponse,
+    seen: StreamUsage,
+    lines: list[bytes],
+    settle: Callable[[], Awaitable[None]],
+) -> None:
+    """Pass the upstream's events on, each in one piece as it ends, reading the usage from
+    them, and ``settle`` once the last one (``message_stop`` or ``error``) has gone out.
+    ``lines`` holds the lines of the event being read (the caller writes them on an error)."""
+    pending: list[str] = []
+    async for raw_line in content:
+        lines.append(raw_line)
+        line = raw_line.decode("utf-8", errors="replace").rstrip("\r\n")
+        if line.startswith("data:"):
+            pending.append(line[5:].strip())
+        elif not line:
+            await response.write(b"".join(lines))
+            lines.clear()
+            if not pending:
+                continue
+            with contextlib.suppress(ValueError):
+                seen.feed(jsonio.loads("\n".join(pending)))
+            pending.clear()
+            if seen.stopped or seen.errored:
+                await settle()
+    if lines:  # the upstream ended without closing its last event
+        await response.write(b"".join(lines))
+
+
 async def _stream(
     request: web.Request,
     deps: ProxyDeps,
@@ -395,6 +431,13 @@ async def _stream(
     tenant, rid, model, reserved = call.tenant, call.rid, call.model, call.reserved
     seen = StreamUsage(call.input_tokens)
     settled = False
+
+    async def settle() -> None:  # once: at the last event, else when the stream ends
+        nonlocal settled
+        if not settled:
+            await _settle(deps, tenant, rid, model, seen.usage(), reserved)
+            settled = True
+
     try:
         async with deps.upstream.open_stream(call.params, call.passthrough) as upstream:
             headers = await _headers(reading)
@@ -410,40 +453,22 @@ async def _stream(
                 }
             )
             await response.prepare(request)
-            pending: list[str] = []
             lines: list[bytes] = []  # of the event being read: written in one piece at its end
             try:
-                async for raw_line in upstream.content:
-                    lines.append(raw_line)
-                    line = raw_line.decode("utf-8", errors="replace").rstrip("\r\n")
-                    if line.startswith("data:"):
-                        pending.append(line[5:].strip())
-                    elif not line:
-                        await response.write(b"".join(lines))
-                        lines.clear()
-                        if not pending:
-                            continue
-                        with contextlib.suppress(ValueError):
-                            seen.feed(jsonio.loads("\n".join(pending)))
-                        pending.clear()
-                        if seen.stopped or seen.errored:
-                            await _settle(deps, tenant, rid, model, seen.usage(), reserved)
-                            settled = True
-                if lines:  # the upstream ended without closing its last event
-                    await response.write(b"".join(lines))
+                await _pass_events(upstream.content, response, seen, lines, settle)
             except (ConnectionResetError, asyncio.CancelledError):
                 log.info("client left mid-stream", extra={"tenant": tenant, "reservation": rid})
                 raise
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # the upstream went away mid-stream: tell the client in the stream itself
                 log.warning("upstream stream broke: %s", type(exc).__name__)
-                event = error_body("api_error", "upstream connection lost mid-stream")
-                tail = b"".join(lines)  # what came of the broken event, as before
-                await response.write(tail + f"event: error\ndata: {json.dumps(event)}\n\n".encode())
-            finally:
-                if not settled:  # client gone or upstream cut: charge what was generated
-                    await _settle(deps, tenant, rid, model, seen.usage(), reserved)
-                    settled = True
+                await _end_with_error(response, lines, "upstream connection lost mid-stream")
+            except Exception:  # an event budgeter cannot read (or a bug): the client is
+                # told in the stream, which then ends, instead of waiting on it forever
+                log.exception("stream failed", extra={"tenant": tenant, "reservation": rid})
+                await _end_with_error(response, lines, "internal error mid-stream")
+            finally:  # client gone or upstream cut: charge what was generated
+                await settle()
             await response.write_eof()
             return response
     except UpstreamError as exc:  # before the first byte of a 2xx answer

@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from budgeter.admission.admission import Usage
 from budgeter.api.app import create_app
-from budgeter.api.proxy import StreamUsage
+from budgeter.api.proxy import StreamUsage, _end_with_error
 from budgeter.domain import jsonio
 from budgeter.serving import serve_app
 from budgeter.settings import Settings
@@ -379,23 +379,47 @@ LOST = (  # the error event the proxy adds when the upstream breaks mid-stream
 )
 
 
-async def test_a_stream_the_upstream_breaks_ends_with_an_error_event_after_what_came(
+async def test_a_stream_the_upstream_breaks_ends_with_an_error_event(
     stack: Stack, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cut = b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":'
-    stack.upstream.stream = STREAM + cut
-    stack.upstream.broken = True
+    """The upstream sends the stream and half a line, and (once the client has what came
+    before) closes its connection: the client gets the stream, then exactly one error
+    event, and the call is charged its estimate."""
+    stack.upstream.stream = STREAM + b'data: {"type":"content_block_delta","delta":'
+    stack.upstream.held = stack.upstream.broken = True
+    body = {**COUNT, "max_tokens": 64, "stream": True}
     with caplog.at_level(logging.INFO, logger="budgeter.proxy"):
-        status, _, got = await streamed(stack)
-    # the broken event's whole lines (its last line, never ended, is lost with the
-    # connection), then the proxy's error event
-    assert (status, got) == (200, STREAM + b"event: content_block_delta\n" + LOST)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{stack.url}/v1/messages", json=body, headers=stack.headers()) as resp,
+        ):
+            assert resp.status == 200
+            assert await resp.content.readexactly(len(STREAM)) == STREAM
+            stack.upstream.hold.set()  # now the upstream's connection closes
+            assert await resp.read() == LOST  # the half line is lost with the connection
     broke = [r for r in caplog.records if r.name == "budgeter.proxy"]
     assert [(r.levelno, r.getMessage()) for r in broke] == [
         (logging.WARNING, "upstream stream broke: ClientPayloadError")
     ]
     budget = await redis.hgetall("budgeter:{t:ex}:budget")
     assert (budget["day:used"], budget["day:reserved"]) == ("15", "0")  # its estimate
+
+
+class Written:
+    """A StreamResponse's ``write``, recorded."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    async def write(self, data: bytes) -> None:
+        self.data += data
+
+
+async def test_a_stream_ended_with_an_error_gets_what_came_of_its_event_then_the_error() -> None:
+    response = Written()
+    lines = [b"event: content_block_delta\n", b"data: {}\r\n"]
+    await _end_with_error(response, lines, "upstream connection lost mid-stream")  # type: ignore[arg-type]
+    assert response.data == b"event: content_block_delta\ndata: {}\r\n" + LOST
 
 
 async def _settled_while_open(stack: Stack, redis: Redis, tail: bytes) -> dict[str, str]:
@@ -464,3 +488,26 @@ async def test_a_streamed_calls_tokens_are_counted_under_its_model(stack: Stack)
     # actual / reserved: 15 of 7 counted + 64 max_tokens
     assert "budgeter_estimate_error_ratio_count 1.0" in text
     assert f"budgeter_estimate_error_ratio_sum {15 / 71}" in text
+
+
+async def test_an_event_the_proxy_cannot_read_ends_the_stream_with_an_error_event(
+    stack: Stack, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A usage figure that is not a number: the client gets what came before and an error
+    event, and the stream ends (before, the client waited on it forever); the call is
+    charged what was known, its counted input."""
+    bad = (
+        b'event: message_start\ndata: {"type":"message_start","message":'
+        b'{"usage":{"input_tokens":[1]}}}\n\n'
+    )
+    stack.upstream.stream = bad + STOP
+    with caplog.at_level(logging.INFO, logger="budgeter.proxy"):
+        async with asyncio.timeout(30):
+            status, _, got = await streamed(stack)
+    internal = LOST.replace(b"upstream connection lost mid-stream", b"internal error mid-stream")
+    assert (status, got) == (200, bad + internal)
+    failed = [r for r in caplog.records if r.name == "budgeter.proxy"]
+    assert [(r.levelno, r.getMessage()) for r in failed] == [(logging.ERROR, "stream failed")]
+    assert failed[0].__dict__["tenant"] == "ex" and failed[0].exc_info is not None
+    budget = await redis.hgetall("budgeter:{t:ex}:budget")
+    assert (budget["day:used"], budget["day:reserved"]) == ("7", "0")  # the count: 7
