@@ -86,8 +86,6 @@ def cache_errors(metrics: Metrics) -> float:
     return value or 0.0
 
 
-# seen once in CI: the same unclosed bare transport as below (not found yet)
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_a_cache_that_fails_is_a_miss_logged_once(
     redis_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -135,12 +133,6 @@ async def test_a_job_succeeds_when_its_count_cache_cannot_be_read_or_written(
     assert cache_errors(worker.metrics) >= 3
 
 
-# In two full runs out of about six (never alone: 80 runs in a row passed), this test's
-# teardown found one unclosed bare socket transport (fd 29 both times). A bare transport,
-# not a StreamWriter's (whose __del__ would warn first and close it): so not redis-py's nor
-# the relay's (both use asyncio streams), most likely aiohttp's (the mock upstream or the
-# worker's session), not found yet. Ignored here only, so it cannot fail a landing.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_an_answer_held_while_redis_is_away_ends_succeeded_exactly_once(
     redis: Redis, redis_server: Any
 ) -> None:
