@@ -20,16 +20,23 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from budgeter.admission.admission import Usage
+from budgeter.admission.decision import Decision
 from budgeter.api.app import create_app
-from budgeter.api.proxy import StreamUsage, _end_with_error
+from budgeter.api.proxy import StreamUsage, _end_with_error, _refusal
 from budgeter.domain import jsonio
 from budgeter.serving import serve_app
 from budgeter.settings import Settings
+from budgeter.upstream.client import UpstreamClient
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 UPSTREAM_ID = "budgeter-upstream-request-id"
 REFUSAL = {"type": "error", "error": {"type": "invalid_request_error", "message": "bad system"}}
 COUNT = {"model": "claude-test", "messages": [{"role": "user", "content": "hi"}]}
+ANSWER = (  # a non-streamed answer, as the upstream's bytes (no content type of its own)
+    b'{"id":"msg_1","type":"message","role":"assistant","model":"claude-test",'
+    b'"content":[{"type":"text","text":"ok"}],"stop_reason":"end_turn",'
+    b'"usage":{"input_tokens":10,"output_tokens":3}}'
+)
 
 
 @dataclass
@@ -58,8 +65,10 @@ def upstream_app(upstream: Upstream) -> web.Application:
     async def messages(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         upstream.seen.append((request.path, body, request.headers.get("anthropic-beta")))
-        if not body.get("stream") or body.get("system") == "refuse":
+        if body.get("system") == "refuse":
             return web.json_response(REFUSAL, status=400, headers={"request-id": "req_up_msg"})
+        if not body.get("stream"):
+            return web.Response(body=ANSWER, headers={"request-id": "req_up_answer"})
         response = web.StreamResponse(
             headers={"content-type": "text/event-stream", "request-id": "req_up_stream"}
         )
@@ -198,10 +207,11 @@ async def test_an_upstream_refusal_of_a_count_is_passed_on_as_it_came(stack: Sta
 async def test_a_call_the_upstream_refuses_is_released_at_once_and_passed_on(
     stack: Stack, redis: Redis
 ) -> None:
-    message = {**COUNT, "max_tokens": 64}
+    message = {**COUNT, "max_tokens": 64, "system": "refuse"}
     status, headers, text = await post(stack, "/v1/messages", message)
     assert (status, text) == (400, jsonio.dumps_str(REFUSAL))
     assert headers[UPSTREAM_ID] == "req_up_msg"
+    assert headers["anthropic-ratelimit-requests-limit"] == "50"
     budget = await redis.hgetall("budgeter:{t:ex}:budget")
     assert budget.get("day:reserved", "0") == "0"
     assert budget.get("day:used", "0") == "0"  # refused before it was served: nothing charged
@@ -509,5 +519,160 @@ async def test_an_event_the_proxy_cannot_read_ends_the_stream_with_an_error_even
     failed = [r for r in caplog.records if r.name == "budgeter.proxy"]
     assert [(r.levelno, r.getMessage()) for r in failed] == [(logging.ERROR, "stream failed")]
     assert failed[0].__dict__["tenant"] == "ex" and failed[0].exc_info is not None
+    assert str(failed[0].__dict__["reservation"]).startswith("sync:req_")
     budget = await redis.hgetall("budgeter:{t:ex}:budget")
     assert (budget["day:used"], budget["day:reserved"]) == ("7", "0")  # the count: 7
+
+
+NOW = 1_700_000_000_000  # 2023-11-14T22:13:20Z
+
+
+@pytest.mark.parametrize(
+    ("decision", "status", "error_type", "message", "headers"),
+    [
+        (
+            Decision("DEFER", NOW + 2_500, "rate:rpm", NOW),
+            429,
+            "rate_limit_error",
+            "the rpm rate limit reached; fits again at 2023-11-14T22:13:22Z",
+            {"h": "v", "retry-after": "3", "x-should-retry": "true"},
+        ),
+        (  # waiting for in-flight work: no time known, retry in a second
+            Decision("DEFER", 0, "rate:rpm", NOW),
+            429,
+            "rate_limit_error",
+            "the rpm rate limit reached",
+            {"h": "v", "retry-after": "1", "x-should-retry": "true"},
+        ),
+        (
+            Decision("REJECT", NOW + 86_400_000, "exhausted:day", NOW, "120/100"),
+            429,
+            "budget_exhausted_error",
+            "the day token budget exhausted (120 of 100 used); it resets at 2023-11-15T22:13:20Z",
+            {"h": "v", "x-should-retry": "false"},
+        ),
+        (
+            Decision("REJECT", 0, "key:model_not_allowed", NOW, "claude-x"),
+            403,
+            "permission_error",
+            "model 'claude-m' is not in the allowed_models of this API key",
+            {"h": "v"},
+        ),
+        (
+            Decision("REJECT", 0, "unknown_tenant", NOW),
+            404,
+            "not_found_error",
+            "this key's tenant has no policy (tenant not found)",
+            {"h": "v"},
+        ),
+    ],
+    ids=["defer", "defer_for_settles", "exhausted", "model_not_allowed", "unknown_tenant"],
+)
+def test_each_refusal_has_its_status_type_message_and_headers(
+    decision: Decision, status: int, error_type: str, message: str, headers: dict[str, str]
+) -> None:
+    refusal = _refusal(decision, "claude-m", {"h": "v"})
+    assert (refusal.status, refusal.error_type) == (status, error_type)
+    assert refusal.message == message
+    assert refusal.headers == headers
+
+
+def test_a_refusal_for_a_model_without_a_price_names_the_model_and_is_a_400() -> None:
+    refusal = _refusal(Decision("REJECT", 0, "unpriced_model", NOW), "claude-m", {"h": "v"})
+    assert (refusal.status, refusal.error_type) == (400, "invalid_request_error")
+    assert refusal.message.startswith("model 'claude-m' has no price (genai-prices ")
+    assert refusal.headers == {"h": "v"}
+
+
+async def test_a_line_of_spaces_inside_an_event_does_not_end_it(stack: Stack, redis: Redis) -> None:
+    """Only an empty line ends an SSE event; a line of spaces is a field line (ignored)."""
+    stream = (
+        b'event: message_start\ndata: {"type":"message_start","message":'
+        b'{"usage":{"input_tokens":20,"output_tokens":1}}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta",\n  \n'
+        b'data: "usage":{"output_tokens":9}}\n\n' + STOP
+    )
+    stack.upstream.stream = stream
+    status, _, got = await streamed(stack)
+    assert (status, got) == (200, stream)
+    budget = await redis.hgetall("budgeter:{t:ex}:budget")
+    assert (budget["day:used"], budget["day:reserved"]) == ("29", "0")  # 20 in, 9 out
+
+
+async def test_a_count_that_fails_unexpectedly_is_logged_as_itself(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rate-headers read beside the count is set aside and the error goes on as it
+    was raised: a 500, logged with its own exception."""
+
+    async def boom(*_args: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(UpstreamClient, "count_tokens_raw", boom)
+    with caplog.at_level(logging.ERROR, logger="budgeter.api"):
+        status, _, text = await post(stack, "/v1/messages/count_tokens", COUNT)
+    assert (status, error_of(text)) == (500, ("api_error", "internal server error"))
+    logged = [r for r in caplog.records if r.getMessage() == "unhandled error"]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+    assert logged[0].exc_info[0] is RuntimeError
+
+
+async def asked(stack: Stack, **extra: object) -> tuple[int, dict[str, str], bytes]:
+    body = {**COUNT, "max_tokens": 64, **extra}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{stack.url}/v1/messages",
+            json=body,
+            headers=stack.headers(**{"anthropic-beta": "beta-a"}),
+        ) as resp,
+    ):
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+async def settled(redis: Redis) -> dict[str, str]:
+    """The tenant's budget once its reservation is settled (the settle runs after the
+    answer has gone out; a bounded wait)."""
+    async with asyncio.timeout(30):
+        while await redis.hlen("budgeter:{t:ex}:resv"):  # noqa: ASYNC110 - a bounded poll of state the proxy changes
+            await asyncio.sleep(0.01)
+    return await redis.hgetall("budgeter:{t:ex}:budget")
+
+
+async def test_an_answer_is_passed_on_byte_for_byte_with_its_ids_and_settled_at_its_usage(
+    stack: Stack, redis: Redis
+) -> None:
+    status, headers, got = await asked(stack)
+    assert (status, got) == (200, ANSWER)
+    assert headers["Content-Type"] == "application/json"
+    assert headers[UPSTREAM_ID] == "req_up_answer"
+    assert headers["request-id"].startswith("req_") and headers["request-id"] != "req_up_answer"
+    assert headers["anthropic-ratelimit-requests-limit"] == "50"
+    assert stack.upstream.seen[-1][0] == "/v1/messages"
+    assert stack.upstream.seen[-1][2] == "beta-a"  # sent with the caller's betas
+    budget = await settled(redis)
+    assert (budget["day:used"], budget["day:reserved"]) == ("13", "0")  # 10 in, 3 out
+    async with aiohttp.ClientSession() as http, http.get(f"{stack.url}/metrics") as resp:
+        text = await resp.text()
+    series = 'budgeter_tokens_total{kind="%s",model="claude-test",tenant="ex"}'
+    assert f"{series % 'input'} 10.0" in text
+    assert f"{series % 'output'} 3.0" in text
+    assert f"budgeter_estimate_error_ratio_sum {13 / 71}" in text  # of 7 counted + 64
+    assert 'budgeter_jobs_total{outcome="succeeded",tenant="ex"} 1.0' in text
+
+
+async def test_a_call_that_fails_unexpectedly_once_sent_is_charged_in_full(
+    stack: Stack, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not an upstream error: the request may have reached the upstream and been served,
+    so its reservation (7 counted + 64 max_tokens) is charged in full, never released."""
+
+    async def boom(*_args: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(UpstreamClient, "create_message_raw", boom)
+    status, _, got = await asked(stack)
+    assert (status, error_of(got.decode())) == (500, ("api_error", "internal server error"))
+    budget = await redis.hgetall("budgeter:{t:ex}:budget")
+    assert (budget["day:used"], budget["day:reserved"]) == ("71", "0")
+    assert await redis.hlen("budgeter:{t:ex}:resv") == 0

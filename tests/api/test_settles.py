@@ -235,7 +235,10 @@ async def test_a_client_gone_before_the_answer_is_still_settled_at_its_usage(
             assert r.status == 499 and failed  # (the connection lives on here: 499 seen)
         await api.deps.settles.drain()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert any(r.getMessage() == "client left before the answer" for r in caplog.records)
+    left = [r for r in caplog.records if r.getMessage() == "client left before the answer"]
+    assert len(left) == 1 and left[0].levelno == logging.INFO
+    assert left[0].__dict__["tenant"] == "left"
+    assert str(left[0].__dict__["reservation"]).startswith("sync:req_")
     state = await budget(redis, "left")
     stats = await api.mock_stats()
     served = stats["input_tokens"] + stats["output_tokens"]
