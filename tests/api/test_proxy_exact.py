@@ -676,3 +676,49 @@ async def test_a_call_that_fails_unexpectedly_once_sent_is_charged_in_full(
     budget = await redis.hgetall("budgeter:{t:ex}:budget")
     assert (budget["day:used"], budget["day:reserved"]) == ("71", "0")
     assert await redis.hlen("budgeter:{t:ex}:resv") == 0
+
+
+async def test_an_answer_whose_rate_headers_cannot_be_read_goes_out_without_them(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rate headers are read beside the upstream call; that read failing costs the
+    headers only (a warning naming the error), never the answer."""
+
+    async def unreadable(*_args: object, **_kw: object) -> dict[str, str]:
+        raise RuntimeError("no headers")
+
+    monkeypatch.setattr("budgeter.api.proxy.tenant_ratelimit_headers", unreadable)
+    with caplog.at_level(logging.WARNING, logger="budgeter.proxy"):
+        status, headers, got = await asked(stack)
+    assert (status, got) == (200, ANSWER)
+    assert "anthropic-ratelimit-requests-limit" not in headers
+    assert headers[UPSTREAM_ID] == "req_up_answer"
+    warned = [r for r in caplog.records if r.name == "budgeter.proxy"]
+    assert [(r.levelno, r.getMessage()) for r in warned] == [
+        (logging.WARNING, "rate-limit headers unavailable: RuntimeError")
+    ]
+
+
+async def test_an_admitted_call_is_counted_as_its_tenants_admit_and_marked_sent_at_once(
+    stack: Stack, redis: Redis
+) -> None:
+    """While its stream is open, the reservation is already marked sent (the reaper would
+    charge it in full: the upstream has it); the decision is counted under the tenant."""
+    stack.upstream.stream = STREAM
+    stack.upstream.held = True
+    body = {**COUNT, "max_tokens": 64, "stream": True}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{stack.url}/v1/messages", json=body, headers=stack.headers()) as resp,
+    ):
+        try:
+            assert await resp.content.readexactly(len(STREAM)) == STREAM
+            assert await redis.hvals("budgeter:{t:ex}:resv_sent") == ["1"]
+        finally:
+            stack.upstream.hold.set()
+        await resp.read()
+    async with aiohttp.ClientSession() as http, http.get(f"{stack.url}/metrics") as resp:
+        text = await resp.text()
+    assert (
+        'budgeter_admission_decisions_total{decision="ADMIT",reason="none",tenant="ex"} 1.0' in text
+    )
