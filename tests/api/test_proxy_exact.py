@@ -9,6 +9,7 @@ request id and cannot refuse a count with a given body)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,10 +20,10 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from budgeter.admission.admission import Usage
+from budgeter.admission.admission import Admission, Usage
 from budgeter.admission.decision import Decision
 from budgeter.api.app import create_app
-from budgeter.api.proxy import StreamUsage, _end_with_error, _refusal
+from budgeter.api.proxy import StreamUsage, _discard, _end_with_error, _refusal
 from budgeter.domain import jsonio
 from budgeter.serving import serve_app
 from budgeter.settings import Settings
@@ -32,6 +33,7 @@ ADMIN = {"authorization": "Bearer admin-secret"}
 UPSTREAM_ID = "budgeter-upstream-request-id"
 REFUSAL = {"type": "error", "error": {"type": "invalid_request_error", "message": "bad system"}}
 COUNT = {"model": "claude-test", "messages": [{"role": "user", "content": "hi"}]}
+OVERLOADED = {"type": "error", "error": {"type": "api_error", "message": "count is down"}}
 ANSWER = (  # a non-streamed answer, as the upstream's bytes (no content type of its own)
     b'{"id":"msg_1","type":"message","role":"assistant","model":"claude-test",'
     b'"content":[{"type":"text","text":"ok"}],"stop_reason":"end_turn",'
@@ -56,6 +58,8 @@ def upstream_app(upstream: Upstream) -> web.Application:
         upstream.seen.append((request.path, body, request.headers.get("anthropic-beta")))
         if body.get("system") == "fail":
             return web.json_response(REFUSAL, status=400, headers={"request-id": "req_up_err"})
+        if body.get("system") == "count500":
+            return web.json_response(OVERLOADED, status=500)
         return web.Response(
             text='{"input_tokens":7}',
             content_type="application/json",
@@ -537,6 +541,13 @@ NOW = 1_700_000_000_000  # 2023-11-14T22:13:20Z
             "the rpm rate limit reached; fits again at 2023-11-14T22:13:22Z",
             {"h": "v", "retry-after": "3", "x-should-retry": "true"},
         ),
+        (  # a limit of the model called: the message names the model
+            Decision("DEFER", NOW + 2_500, "rate:model:rpm", NOW),
+            429,
+            "rate_limit_error",
+            "the rpm rate limit of model claude-m reached; fits again at 2023-11-14T22:13:22Z",
+            {"h": "v", "retry-after": "3", "x-should-retry": "true"},
+        ),
         (  # waiting for in-flight work: no time known, retry in a second
             Decision("DEFER", 0, "rate:rpm", NOW),
             429,
@@ -566,7 +577,14 @@ NOW = 1_700_000_000_000  # 2023-11-14T22:13:20Z
             {"h": "v"},
         ),
     ],
-    ids=["defer", "defer_for_settles", "exhausted", "model_not_allowed", "unknown_tenant"],
+    ids=[
+        "defer",
+        "defer_of_model",
+        "defer_for_settles",
+        "exhausted",
+        "model_not_allowed",
+        "unknown_tenant",
+    ],
 )
 def test_each_refusal_has_its_status_type_message_and_headers(
     decision: Decision, status: int, error_type: str, message: str, headers: dict[str, str]
@@ -722,3 +740,105 @@ async def test_an_admitted_call_is_counted_as_its_tenants_admit_and_marked_sent_
     assert (
         'budgeter_admission_decisions_total{decision="ADMIT",reason="none",tenant="ex"} 1.0' in text
     )
+
+
+async def test_a_call_without_max_tokens_is_a_400_naming_the_field(stack: Stack) -> None:
+    status, _, text = await post(stack, "/v1/messages", COUNT)
+    assert status == 400
+    assert error_of(text) == ("invalid_request_error", "max_tokens: Field required")
+    assert [path for path, _, _ in stack.upstream.seen] == []
+
+
+async def test_a_calls_reservation_is_held_for_the_upstream_timeout_and_the_grace(
+    stack: Stack, redis: Redis
+) -> None:
+    """The reaper acts on a proxied call's reservation only after the upstream timeout
+    and the grace (600 + 30 s by default), not the admission's own default of 90 s."""
+    stack.upstream.stream = STREAM
+    stack.upstream.held = True
+    body = {**COUNT, "max_tokens": 64, "stream": True}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{stack.url}/v1/messages", json=body, headers=stack.headers()) as resp,
+    ):
+        try:
+            assert await resp.content.readexactly(len(STREAM)) == STREAM
+            seconds, micros = await redis.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            deadlines = await redis.zrange("budgeter:{t:ex}:resv_deadline", 0, -1, withscores=True)
+        finally:
+            stack.upstream.hold.set()
+        await resp.read()
+    assert len(deadlines) == 1
+    held_ms = deadlines[0][1] - now_ms
+    assert 630_000 - 5_000 <= held_ms <= 630_000
+
+
+async def test_a_settle_that_fails_after_the_answer_is_logged_with_its_reservation(
+    stack: Stack, redis: Redis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def fails(*_args: object, **_kw: object) -> None:
+        raise RuntimeError("settle")
+
+    monkeypatch.setattr(Admission, "settle", fails)
+    with caplog.at_level(logging.WARNING, logger="budgeter"):
+        status, _, got = await asked(stack)
+        assert (status, got) == (200, ANSWER)  # the answer went out first
+        async with asyncio.timeout(30):
+            while not [r for r in caplog.records if r.getMessage().startswith("settle failed")]:  # noqa: ASYNC110 - a bounded poll of the proxy's background settle
+                await asyncio.sleep(0.01)
+    failed = [r for r in caplog.records if r.getMessage().startswith("settle failed")]
+    assert failed[0].getMessage() == (
+        "settle failed: RuntimeError; the reaper charges the reservation in full"
+    )
+    assert str(failed[0].__dict__["reservation"]).startswith("sync:req_")
+    assert await redis.hlen("budgeter:{t:ex}:resv") == 1  # left to the reaper
+
+
+async def test_a_failed_side_task_set_aside_is_not_reported_as_never_retrieved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def fails() -> None:
+        raise RuntimeError("side")
+
+    task = asyncio.ensure_future(fails())
+    await asyncio.sleep(0)
+    assert task.done()
+    _discard(task)
+    pending = asyncio.ensure_future(asyncio.sleep(10))
+    _discard(pending)
+    await asyncio.sleep(0)
+    assert pending.cancelled()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        del task
+        gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_a_call_whose_count_is_refused_gets_the_upstreams_refusal_and_its_id(
+    stack: Stack, redis: Redis
+) -> None:
+    status, headers, got = await asked(stack, system="fail")
+    assert (status, got.decode()) == (400, jsonio.dumps_str(REFUSAL))
+    assert headers[UPSTREAM_ID] == "req_up_err"
+    assert headers["anthropic-ratelimit-requests-limit"] == "50"
+    assert [path for path, _, _ in stack.upstream.seen] == ["/v1/messages/count_tokens"]
+    assert await redis.hlen("budgeter:{t:ex}:resv") == 0  # nothing reserved
+
+
+async def test_a_call_whose_count_fails_is_estimated_when_its_tenant_says_so(
+    stack: Stack,
+) -> None:
+    policy = {"budgets": {"day": 100_000}, "rate": {"rpm": 50}, "allowed_betas": ["beta-a"]}
+    async with aiohttp.ClientSession() as http:
+        put = await http.put(
+            f"{stack.url}/admin/tenants/ex",
+            json={**policy, "on_count_failure": "estimate"},
+            headers=ADMIN,
+        )
+        assert put.status in (200, 201), await put.text()
+    status, _, got = await asked(stack, system="count500")
+    assert (status, got) == (200, ANSWER)  # admitted on the local estimate
+    async with aiohttp.ClientSession() as http, http.get(f"{stack.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'budgeter_count_tokens_estimated_total{tenant="ex"} 1.0' in text
