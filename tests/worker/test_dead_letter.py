@@ -6,14 +6,17 @@ dead letter counted once."""
 from __future__ import annotations
 
 import aiohttp
+import pytest
 from redis.asyncio import Redis
 
+from budgeter.admission.decision import Decision
 from budgeter.domain.policy import TenantPolicy
 from budgeter.metrics import Metrics
 from budgeter.queue.batches import BatchStore
+from budgeter.queue.leased import LeasedJob
 from budgeter.tenants.store import TenantStore
 from budgeter.upstream.client import UpstreamClient
-from budgeter.worker.worker import Worker, WorkerConfig
+from budgeter.worker.worker import Worker, WorkerConfig, _params_problem, _refusal
 from tests.helpers import requests_for
 from tests.worker.test_worker import results_of, sample
 
@@ -59,3 +62,99 @@ async def test_a_job_abandoned_max_attempts_times_is_dead_lettered_by_the_upkeep
     assert sample(worker.metrics, "budgeter_dead_lettered_total", tenant="ab") == 1
     assert sample(worker.metrics, "budgeter_jobs_total", tenant="ab", outcome="errored") == 1
     assert await redis.lrange("budgeter:{t:ab}:dead", 0, -1) == [pick.job.id]
+
+
+NOW = 1_700_000_000_000  # 2023-11-14T22:13:20Z
+
+
+@pytest.mark.parametrize(
+    ("decision", "error"),
+    [
+        (
+            Decision("REJECT", 0, "unknown_tenant", NOW),
+            {"type": "not_found_error", "message": "tenant has no policy"},
+        ),
+        (
+            Decision("REJECT", 0, "parent:org:model_not_allowed", NOW, "claude-x"),
+            {
+                "type": "permission_error",
+                "message": "model 'claude-m' is not in the allowed_models"
+                " of the parent tenant 'org'",
+            },
+        ),
+        (
+            Decision("REJECT", NOW + 86_400_000, "exhausted:model:day", NOW, "120/100"),
+            {
+                "type": "budget_exhausted_error",
+                "message": "the day token budget of model claude-m exhausted (120 of 100 used);"
+                " it resets at 2023-11-15T22:13:20Z",
+            },
+        ),
+    ],
+    ids=["unknown_tenant", "model_not_allowed", "exhausted"],
+)
+def test_a_refused_jobs_error_names_the_refusal(decision: Decision, error: object) -> None:
+    assert _refusal(decision, "claude-m") == {"type": "error", "error": error}
+
+
+def test_params_stored_without_max_tokens_are_a_problem_named_by_the_field() -> None:
+    assert _params_problem({"model": "m", "messages": []}) == "max_tokens: Field required"
+    fine = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    assert _params_problem(fine) is None
+
+
+FAILED = {"type": "error", "error": {"type": "api_error", "message": "upstream 500"}}
+
+
+async def leased_after(store: BatchStore, abandoned: int) -> LeasedJob:
+    """The tenant's one job, leased again after ``abandoned`` leases that expired."""
+    for _ in range(abandoned):
+        assert (await store.queue.pick(lease_ms=60_000)).job is not None
+        assert (await store.queue.reclaim("rd", max_attempts=9, now_ms=FAR))[0] == 1
+    job = (await store.queue.pick(lease_ms=60_000)).job
+    assert job is not None and job.attempt == abandoned + 1
+    return job
+
+
+@pytest.mark.parametrize(
+    ("abandoned", "canceled", "outcome", "result", "queued"),
+    [
+        (2, False, "errored", {"type": "errored", "error": FAILED}, 0),  # its last attempt
+        (0, True, "canceled", {"type": "canceled"}, 0),  # its batch canceled meanwhile
+        (0, False, None, None, 1),  # attempts left: back in its queue, no result
+    ],
+    ids=["dead", "canceled", "retried"],
+)
+async def test_a_failed_attempt_is_dead_lettered_canceled_or_retried(
+    redis: Redis,
+    abandoned: int,
+    canceled: bool,
+    outcome: str | None,
+    result: dict[str, object] | None,
+    queued: int,
+) -> None:
+    await TenantStore(redis).put("rd", TenantPolicy())
+    store = BatchStore(redis)
+    batch_id = await store.create("rd", requests_for("rd", 1))
+    job = await leased_after(store, abandoned)
+    if canceled:
+        await store.cancel(batch_id, tenant="rd")
+    async with aiohttp.ClientSession() as session:
+        worker = Worker(
+            redis=redis,
+            upstream=UpstreamClient(session, "http://127.0.0.1:9", "unused"),
+            config=WorkerConfig(max_attempts=3),
+            metrics=Metrics(),
+        )
+        await worker._retry_or_dead(job, FAILED)
+    lines = await results_of(store, batch_id)
+    assert [line["result"] for line in lines] == ([result] if result else [])
+    dead = await redis.lrange("budgeter:{t:rd}:dead", 0, -1)
+    assert dead == ([job.id] if outcome == "errored" else [])
+    assert sample(worker.metrics, "budgeter_dead_lettered_total", tenant="rd") == (
+        1 if outcome == "errored" else 0
+    )
+    for kind in ("errored", "canceled"):
+        counted = sample(worker.metrics, "budgeter_jobs_total", tenant="rd", outcome=kind)
+        assert counted == (1 if kind == outcome else 0)
+    assert await redis.llen("budgeter:{t:rd}:queue") == queued
