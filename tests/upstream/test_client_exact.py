@@ -1,0 +1,125 @@
+"""The upstream client's small parts, exactly (issue 21: mutmut's run of 2026-12-07 left
+them unasserted): the retry-after headers it honours, what it takes for an Anthropic error
+body, the pause it reports on a 429, and the readiness ping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from budgeter.serving import serve_app
+from budgeter.upstream.client import UpstreamClient, _is_error_body, _retry_after_s
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"retry-after-ms": "1500"}, 1.5),
+        ({"Retry-After": "3"}, 3.0),
+        ({"retry-after-ms": "250", "retry-after": "3"}, 0.25),  # the finer one first
+        ({"retry-after-ms": "soon", "retry-after": "2"}, 2.0),  # garbage: the next header
+        ({"retry-after": "0"}, 0.0),  # "now" is a value
+        ({"retry-after": "0.5"}, 0.5),
+        ({"retry-after": "-1"}, None),
+        ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, None),  # an HTTP-date: backoff
+        ({}, None),
+    ],
+)
+def test_the_retry_after_it_honours(headers: dict[str, str], seconds: float | None) -> None:
+    assert _retry_after_s(CIMultiDict(headers)) == seconds
+
+
+@pytest.mark.parametrize(
+    ("payload", "is_error"),
+    [
+        ({"type": "error", "error": {"type": "overloaded_error"}}, True),
+        ({"type": "error", "error": "overloaded"}, False),
+        ({"type": "error"}, False),
+        ({"type": "message", "error": {"type": "x"}}, False),
+        ({"error": {"type": "x"}}, False),
+        ([{"type": "error", "error": {}}], False),
+    ],
+)
+def test_what_it_takes_for_an_anthropic_error_body(payload: object, is_error: bool) -> None:
+    assert _is_error_body(payload) is is_error  # type: ignore[arg-type]
+
+
+async def test_a_429_reports_the_models_pause_and_a_report_that_fails_is_only_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    paused: list[tuple[str, float]] = []
+
+    async def record(model: str, seconds: float) -> None:
+        paused.append((model, seconds))
+
+    async with aiohttp.ClientSession() as session:
+        client = UpstreamClient(session, "http://127.0.0.1:9", "k", on_rate_limited=record)
+        await client._rate_limited({"model": "claude-m"}, 2.5)
+        await client._rate_limited({"model": "claude-m"}, None)  # no retry-after: 1 s
+        await client._rate_limited({}, 0.0)
+        assert paused == [("claude-m", 2.5), ("claude-m", 1.0), ("", 0.0)]
+
+        async def fails(_model: str, _seconds: float) -> None:
+            raise RuntimeError("redis away")
+
+        client.on_rate_limited = fails
+        with caplog.at_level(logging.WARNING, logger="budgeter.upstream"):
+            await client._rate_limited({"model": "claude-m"}, 1.0)  # never raises
+    warned = [r for r in caplog.records if r.name.startswith("budgeter.upstream")]
+    assert [(r.levelno, r.getMessage()) for r in warned] == [
+        (logging.WARNING, "could not record the upstream's pause")
+    ]
+    assert warned[0].exc_info is not None and warned[0].exc_info[0] is RuntimeError
+
+
+@pytest.fixture
+async def root() -> AsyncIterator[tuple[str, list[int], asyncio.Event]]:
+    """An upstream whose ``GET /`` answers the next status of the list, or (an empty
+    list) holds the request until the event is set."""
+    statuses: list[int] = []
+    release = asyncio.Event()
+
+    async def answer(_request: web.Request) -> web.Response:
+        if not statuses:
+            await release.wait()
+            return web.Response(status=200)
+        return web.Response(status=statuses.pop(0))
+
+    app = web.Application()
+    app.router.add_get("/", answer)
+    async with serve_app(app, "127.0.0.1", 0) as port:
+        try:
+            yield f"http://127.0.0.1:{port}", statuses, release
+        finally:
+            release.set()
+
+
+async def test_the_ping_is_ready_below_500_and_not_at_it(
+    root: tuple[str, list[int], asyncio.Event],
+) -> None:
+    url, statuses, _ = root
+    statuses.extend([200, 404, 499, 500, 503])
+    async with aiohttp.ClientSession() as session:
+        client = UpstreamClient(session, url, "k")
+        assert [await client.ping() for _ in range(5)] == [True, True, True, False, False]
+
+
+async def test_a_ping_that_gets_no_answer_gives_up_at_the_count_timeout(
+    root: tuple[str, list[int], asyncio.Event], caplog: pytest.LogCaptureFixture
+) -> None:
+    url, _, _ = root  # no status: the upstream holds the request
+    async with aiohttp.ClientSession() as session:
+        client = UpstreamClient(session, url, "k", count_timeout_s=0.2)
+        with caplog.at_level(logging.WARNING, logger="budgeter.upstream"):
+            async with asyncio.timeout(30):
+                assert await client.ping() is False
+    warned = [r for r in caplog.records if r.name.startswith("budgeter.upstream")]
+    assert [(r.levelno, r.getMessage()) for r in warned] == [
+        (logging.WARNING, "upstream ping failed: TimeoutError")
+    ]
