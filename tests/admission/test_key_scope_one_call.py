@@ -204,3 +204,18 @@ async def test_a_key_that_already_holds_the_id_is_not_reserved_again(redis: Redi
     assert (await redis.hgetall(TENANT.budget))["day:reserved"] == "150"
     assert (await redis.hgetall(KEY.budget))["day:reserved"] == "150"
     assert list(await redis.hgetall(KEY.resv)) == ["r1"]
+
+
+async def test_mark_sent_marks_the_keys_scope_and_then_the_tenants(redis: Redis) -> None:
+    """A reservation not sent at once is marked later, in both scopes (the reaper then
+    charges either in full); once the tenant's reservation is gone, mark_sent says so."""
+    adm = await setup(redis, {"acme": {"budgets": {"day": 1000}}}, {"budget:day": "1000"})
+    assert (await adm.reserve("acme", "r1", 100, 50, now_ms=NOW, key="k1")).kind == "ADMIT"
+    assert await redis.hgetall(TENANT.resv_sent) == {}
+    assert await redis.hgetall(KEY.resv_sent) == {}
+    assert await adm.mark_sent("acme", "r1") is True
+    assert await redis.hgetall(TENANT.resv_sent) == {"r1": "1"}
+    assert await redis.hgetall(KEY.resv_sent) == {"r1": "1"}
+    await adm.release("acme", "r1", now_ms=NOW)
+    assert await adm.mark_sent("acme", "r1") is False  # released: the upstream is not called
+    assert await redis.hgetall(TENANT.resv_sent) == {}
