@@ -47,3 +47,20 @@ async def test_a_deferred_lease_is_not_an_attempt(redis: Redis) -> None:
     assert await store.queue.retry_later(pick.job) == "requeued"
     pick = await store.queue.pick(lease_ms=60_000)
     assert pick.job is not None and pick.job.attempt == 2
+
+
+async def test_a_failed_attempt_goes_to_the_tail_of_its_queue_and_wakes_one_worker(
+    redis: Redis,
+) -> None:
+    await TenantStore(redis).put("tl", TenantPolicy())
+    store = BatchStore(redis)
+    await store.create("tl", requests_for("tl", 2))
+    pick = await store.queue.pick(lease_ms=60_000)
+    assert pick.job is not None
+    await redis.delete("budgeter:{sched}:wake")
+    assert await store.queue.retry_later(pick.job) == "requeued"
+    queued = await redis.lrange("budgeter:{t:tl}:queue", 0, -1)
+    assert len(queued) == 2 and queued[-1] == pick.job.id  # behind the job not yet tried
+    assert await redis.lrange("budgeter:{sched}:wake", 0, -1) == ["tl"]  # one wake
+    again = await store.queue.pick(lease_ms=60_000)
+    assert again.job is not None and again.job.id == queued[0] and again.job.attempt == 1
