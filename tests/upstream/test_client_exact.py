@@ -14,7 +14,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from budgeter.serving import serve_app
-from budgeter.upstream.client import UpstreamClient, _is_error_body, _retry_after_s
+from budgeter.upstream.client import (
+    UpstreamClient,
+    UpstreamError,
+    _is_error_body,
+    _lost,
+    _retry_after_s,
+)
 
 
 @pytest.mark.parametrize(
@@ -123,3 +129,62 @@ async def test_a_ping_that_gets_no_answer_gives_up_at_the_count_timeout(
     assert [(r.levelno, r.getMessage()) for r in warned] == [
         (logging.WARNING, "upstream ping failed: TimeoutError")
     ]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        (
+            400,
+            {"type": "error", "error": {"type": "invalid_request_error", "message": "bad"}},
+            "upstream 400: invalid_request_error: bad",
+        ),
+        (0, {"type": "error", "error": {"type": "api_error"}}, "upstream error: api_error: None"),
+        (502, {"error": "not an object"}, "upstream 502: None: None"),
+        (503, {}, "upstream 503: None: None"),
+    ],
+)
+def test_an_upstream_errors_words_name_its_status_type_and_message(
+    status: int, body: dict[str, object], message: str
+) -> None:
+    assert str(UpstreamError(status, body, retryable=False)) == message  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("route", "exc", "error", "served"),
+    [
+        ("messages", TimeoutError(), ("timeout_error", "upstream timed out: TimeoutError"), True),
+        (
+            "messages",
+            aiohttp.ServerDisconnectedError(),
+            ("api_error", "upstream unreachable: ServerDisconnectedError"),
+            True,
+        ),
+        (
+            "count_tokens",
+            TimeoutError(),
+            ("timeout_error", "upstream timed out: TimeoutError"),
+            False,
+        ),
+        (
+            "messages",
+            aiohttp.ConnectionTimeoutError(),
+            ("timeout_error", "upstream timed out: ConnectionTimeoutError"),
+            False,
+        ),  # never sent
+    ],
+)
+def test_a_call_that_got_no_answer_says_why_and_whether_it_may_have_been_served(
+    route: str,
+    exc: aiohttp.ClientError | TimeoutError,
+    error: tuple[str, str],
+    served: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="budgeter.upstream"):
+        lost = _lost(route, exc)
+    assert (lost.status, lost.retryable, lost.maybe_served) == (0, True, served)
+    assert lost.body == {"type": "error", "error": {"type": error[0], "message": error[1]}}
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("budgeter.upstream")]
+    name = type(exc).__name__
+    assert warned == ([f"upstream {route} call lost after sending ({name})"] if served else [])

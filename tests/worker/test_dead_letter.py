@@ -5,11 +5,13 @@ dead letter counted once."""
 
 from __future__ import annotations
 
+import logging
+
 import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from budgeter.admission.decision import Decision
+from budgeter.admission.decision import Decision, format_ms
 from budgeter.domain.policy import TenantPolicy
 from budgeter.metrics import Metrics
 from budgeter.queue.batches import BatchStore
@@ -158,3 +160,45 @@ async def test_a_failed_attempt_is_dead_lettered_canceled_or_retried(
         counted = sample(worker.metrics, "budgeter_jobs_total", tenant="rd", outcome=kind)
         assert counted == (1 if kind == outcome else 0)
     assert await redis.llen("budgeter:{t:rd}:queue") == queued
+
+
+@pytest.mark.parametrize("past", [True, False], ids=["after_deadline", "at_deadline"])
+async def test_a_job_that_cannot_be_admitted_before_its_deadline_expires_then(
+    redis: Redis, past: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deferred past its deadline, a job ends expired at once, naming the deadline and the
+    limit; deferred to the deadline itself, it waits (and expires there if still refused)."""
+    await TenantStore(redis).put("dd", TenantPolicy())
+    store = BatchStore(redis)
+    batch_id = await store.create("dd", requests_for("dd", 1), ttl_ms=60_000)
+    job = (await store.queue.pick(lease_ms=60_000)).job
+    assert job is not None and job.deadline_ms
+    until = job.deadline_ms + (1 if past else 0)
+    decision = Decision("DEFER", until, "rate:model:rpm", job.deadline_ms - 1000)
+    async with aiohttp.ClientSession() as session:
+        worker = Worker(
+            redis=redis,
+            upstream=UpstreamClient(session, "http://127.0.0.1:9", "unused"),
+            config=WorkerConfig(),
+            metrics=Metrics(),
+        )
+        with caplog.at_level(logging.INFO, logger="budgeter.worker"):
+            await worker._defer(job, decision, "claude-m")
+    lines = await results_of(store, batch_id)
+    expired = [r for r in caplog.records if r.getMessage().startswith("expired")]
+    if not past:
+        assert lines == [] and expired == []
+        assert await redis.lrange("budgeter:{t:dd}:queue", 0, -1) == [job.id]  # back
+        assert await redis.zscore("budgeter:{sched}:parked", "dd") == until  # parked until
+        return
+    deadline = format_ms(job.deadline_ms)
+    assert [line["result"] for line in lines] == [
+        {
+            "type": "expired",
+            "reason": f"cannot be admitted before its deadline {deadline}: the rpm rate"
+            f" limit of model claude-m reached; fits again at {format_ms(until)}",
+        }
+    ]
+    assert [r.getMessage() for r in expired] == ["expired: cannot be admitted before its deadline"]
+    extra = expired[0].__dict__
+    assert (extra["tenant"], extra["job"], extra["reason"]) == ("dd", job.id, "rate:model:rpm")
