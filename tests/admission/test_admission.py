@@ -7,8 +7,11 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from budgeter.admission.admission import Admission, Usage
+from budgeter.admission.admission import Admission, Usage, admission_from_settings
+from budgeter.admission.global_limits import GlobalLimits
 from budgeter.domain.policy import TenantPolicy
+from budgeter.domain.pricing import PriceTable
+from budgeter.settings import Settings
 from budgeter.tenants.store import TenantStore
 
 NOW = 1_764_201_600_000  # 2025-11-27T00:00:00Z
@@ -193,3 +196,16 @@ async def test_no_overshoot_under_concurrency(redis: Redis, redis_url: str, work
     budget = await redis.hgetall(Admission(redis).keys("acme").budget)
     assert int(budget["day:used"]) + int(budget["day:reserved"]) <= 10_000
     assert sum(admitted) > 0
+
+
+def test_admission_from_settings_wires_every_setting(redis: Redis) -> None:
+    """Every process builds its admission here: the prefix everywhere, the global limits,
+    the price table of BUDGETER_PRICES, the tenant tree and the ledger's retention."""
+    price = {"input": 3.0, "output": 15.0}
+    settings = Settings(key_prefix="bx", prices={"claude-x": price}, ledger_retention_days=2)
+    adm = admission_from_settings(redis, settings)
+    assert adm.prefix == "bx"
+    assert isinstance(adm.global_limits, GlobalLimits) and adm.global_limits.prefix == "bx"
+    assert isinstance(adm.prices, PriceTable) and "claude-x" in adm.prices.overrides
+    assert adm.tree._parents_key.startswith("bx:")
+    assert adm.ledger_retention_ms == 2 * 86_400_000
