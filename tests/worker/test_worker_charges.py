@@ -5,6 +5,8 @@ deadline, and a tenant parked by DEFER is not polled during its park."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from redis.asyncio import Redis
 
@@ -100,3 +102,25 @@ async def test_a_tenant_parked_by_defer_is_asked_at_most_twice_over_its_park(
         reason="rate:itpm",
     )
     assert 1 <= deferred <= 2
+
+
+async def test_a_call_cut_off_by_the_workers_stop_is_charged_in_full(redis: Redis) -> None:
+    """The drain ends while the upstream works on the call: the lane is canceled mid-call,
+    and the reservation (its count + max_tokens) is charged in full, never released: the
+    upstream may finish and bill it."""
+    await TenantStore(redis).put("cut", TenantPolicy(budgets={"day": 100_000}))
+    store = BatchStore(redis)
+    mock = MockConfig(latency_ms=5_000)  # the call outlives the drain
+    async with running_worker(redis, mock, drain_s=0.05) as (_worker, url):
+        batch_id = await store.create("cut", requests_for("cut", 1))
+        async with asyncio.timeout(30), aiohttp.ClientSession() as http:
+            while True:  # until the upstream has the call (a bounded poll)
+                async with http.get(f"{url}/mock/stats") as resp:
+                    if (await resp.json())["requests"]["messages"] == 1:
+                        break
+                await asyncio.sleep(0.01)
+    counted = count_input_tokens(requests_for("cut", 1)[0].params.model_dump(exclude_none=True))
+    state = await redis.hgetall("budgeter:{t:cut}:budget")
+    assert (int(state["day:used"]), state["day:reserved"]) == (counted + 64, "0")
+    assert await redis.hlen("budgeter:{t:cut}:resv") == 0
+    assert (await store.status(batch_id)).succeeded == 0
