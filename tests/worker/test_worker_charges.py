@@ -6,13 +6,16 @@ deadline, and a tenant parked by DEFER is not polled during its park."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
+import pytest
 from redis.asyncio import Redis
 
 from budgeter.admission.admission import Admission
 from budgeter.domain.policy import TenantPolicy
 from budgeter.queue.batches import BatchStore
+from budgeter.queue.jobqueue import JobQueue
 from budgeter.settings import Settings
 from budgeter.tenants.store import TenantStore
 from budgeter.upstream.mock import MockConfig, count_input_tokens
@@ -124,3 +127,45 @@ async def test_a_call_cut_off_by_the_workers_stop_is_charged_in_full(redis: Redi
     assert (int(state["day:used"]), state["day:reserved"]) == (counted + 64, "0")
     assert await redis.hlen("budgeter:{t:cut}:resv") == 0
     assert (await store.status(batch_id)).succeeded == 0
+
+
+async def test_a_served_job_is_reported_to_the_scheduler_and_counted_under_its_model(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the worker served since its last pick goes with its next pick (the tokens and
+    jobs of each tenant: the scheduler's job size), and the tokens are counted under the
+    job's model, with actual / reserved."""
+    await TenantStore(redis).put("sv", TenantPolicy(budgets={"day": 100_000}))
+    store = BatchStore(redis)
+    reports: list[dict[str, tuple[int, int]]] = []
+    pick_many = JobQueue.pick_many
+
+    async def recorded(queue: JobQueue, *args: Any, **kw: Any) -> Any:
+        if kw.get("served"):
+            reports.append(dict(kw["served"]))
+        return await pick_many(queue, *args, **kw)
+
+    monkeypatch.setattr(JobQueue, "pick_many", recorded)
+    batch_id = await store.create("sv", requests_for("sv", 2))  # both leased in one pick
+    async with running_worker(redis, concurrency=2) as (worker, url):
+        await wait_ended(store, [batch_id])
+        async with asyncio.timeout(30):
+            while sum(jobs for r in reports for _, jobs in r.values()) < 2:  # noqa: ASYNC110 - a bounded poll: the next pick carries the report
+                await asyncio.sleep(0.01)
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/mock/stats") as resp:
+            stats = await resp.json()
+    total = stats["input_tokens"] + stats["output_tokens"]
+    # each pick carries what was served since the one before (here most often one report
+    # of both jobs, leased together; two of one each when the lanes asked apart)
+    assert sum(r["sv"][0] for r in reports) == total
+    assert sum(r["sv"][1] for r in reports) == 2
+    assert (
+        sample(
+            worker.metrics, "budgeter_tokens_total", tenant="sv", model="claude-test", kind="input"
+        )
+        == stats["input_tokens"]
+    )
+    assert worker.metrics.registry.get_sample_value("budgeter_estimate_error_ratio_count") == 2
+    one = requests_for("sv", 2)[0].params.model_dump(exclude_none=True)  # both count the same
+    ratios = worker.metrics.registry.get_sample_value("budgeter_estimate_error_ratio_sum")
+    assert ratios == pytest.approx(total / (count_input_tokens(one) + 64))
