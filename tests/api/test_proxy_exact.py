@@ -25,9 +25,11 @@ from budgeter.admission.decision import Decision
 from budgeter.api.app import create_app
 from budgeter.api.proxy import StreamUsage, _discard, _end_with_error, _refusal
 from budgeter.domain import jsonio
+from budgeter.queue.batches import BatchStore
 from budgeter.serving import serve_app
 from budgeter.settings import Settings
 from budgeter.upstream.client import UpstreamClient
+from tests.helpers import requests_for
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 UPSTREAM_ID = "budgeter-upstream-request-id"
@@ -842,3 +844,38 @@ async def test_a_call_whose_count_fails_is_estimated_when_its_tenant_says_so(
     async with aiohttp.ClientSession() as http, http.get(f"{stack.url}/metrics") as resp:
         text = await resp.text()
     assert 'budgeter_count_tokens_estimated_total{tenant="ex"} 1.0' in text
+
+
+async def test_a_settle_a_parked_job_waited_for_unparks_its_tenant_and_wakes_one_worker(
+    stack: Stack, redis: Redis
+) -> None:
+    """A job of the tenant waited (DEFER) for the proxy's call in flight: when that call
+    settles, the proxy ends the tenant's park and wakes one worker for it."""
+    policy = {"budgets": {"day": 100_000}, "max_concurrency": 1, "allowed_betas": ["beta-a"]}
+    async with aiohttp.ClientSession() as http:
+        put = await http.put(f"{stack.url}/admin/tenants/ex", json=policy, headers=ADMIN)
+        assert put.status in (200, 201), await put.text()
+    store = BatchStore(redis)
+    await store.create("ex", requests_for("ex", 1))
+    stack.upstream.stream = STREAM
+    stack.upstream.held = True
+    body = {**COUNT, "max_tokens": 64, "stream": True}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{stack.url}/v1/messages", json=body, headers=stack.headers()) as resp,
+    ):
+        try:
+            assert await resp.content.readexactly(len(STREAM)) == STREAM
+            waited = await Admission(redis).reserve("ex", "job-rid", 10, 10)
+            assert (waited.kind, waited.reason, waited.until_ms) == ("DEFER", "concurrency", 0)
+            await store.queue.pace("ex", waited.now_ms + 600_000)  # as the worker parks it
+            await redis.delete("budgeter:{sched}:wake")
+            assert await redis.zscore("budgeter:{sched}:parked", "ex") is not None
+        finally:
+            stack.upstream.hold.set()
+        await resp.read()
+    async with asyncio.timeout(30):
+        while await redis.zscore("budgeter:{sched}:parked", "ex") is not None:  # noqa: ASYNC110 - a bounded poll of the proxy's settle
+            await asyncio.sleep(0.01)
+    assert await redis.zscore("budgeter:{sched}:ready", "ex") is not None
+    assert await redis.lrange("budgeter:{sched}:wake", 0, -1) == ["ex"]
