@@ -6,6 +6,7 @@ deadline, and a tenant parked by DEFER is not polled during its park."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import aiohttp
@@ -107,26 +108,35 @@ async def test_a_tenant_parked_by_defer_is_asked_at_most_twice_over_its_park(
     assert 1 <= deferred <= 2
 
 
-async def test_a_call_cut_off_by_the_workers_stop_is_charged_in_full(redis: Redis) -> None:
-    """The drain ends while the upstream works on the call: the lane is canceled mid-call,
-    and the reservation (its count + max_tokens) is charged in full, never released: the
-    upstream may finish and bill it."""
+async def test_calls_cut_off_by_the_workers_stop_are_charged_in_full(
+    redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The drain ends while the upstream works on two calls: the lanes are canceled
+    mid-call, and each reservation (its count + max_tokens) is charged in full, never
+    released: the upstream may finish and bill them. The drain says how many were in
+    flight."""
     await TenantStore(redis).put("cut", TenantPolicy(budgets={"day": 100_000}))
     store = BatchStore(redis)
-    mock = MockConfig(latency_ms=5_000)  # the call outlives the drain
-    async with running_worker(redis, mock, drain_s=0.05) as (_worker, url):
-        batch_id = await store.create("cut", requests_for("cut", 1))
-        async with asyncio.timeout(30), aiohttp.ClientSession() as http:
-            while True:  # until the upstream has the call (a bounded poll)
-                async with http.get(f"{url}/mock/stats") as resp:
-                    if (await resp.json())["requests"]["messages"] == 1:
-                        break
-                await asyncio.sleep(0.01)
-    counted = count_input_tokens(requests_for("cut", 1)[0].params.model_dump(exclude_none=True))
+    mock = MockConfig(latency_ms=5_000)  # the calls outlive the drain
+    with caplog.at_level(logging.INFO, logger="budgeter.worker"):
+        async with running_worker(redis, mock, drain_s=0.05, concurrency=2) as (_, url):
+            batch_id = await store.create("cut", requests_for("cut", 2))
+            async with asyncio.timeout(30), aiohttp.ClientSession() as http:
+                while True:  # until the upstream has both calls (a bounded poll)
+                    async with http.get(f"{url}/mock/stats") as resp:
+                        if (await resp.json())["requests"]["messages"] == 2:
+                            break
+                    await asyncio.sleep(0.01)
+    one = requests_for("cut", 2)[0].params.model_dump(exclude_none=True)  # both count the same
     state = await redis.hgetall("budgeter:{t:cut}:budget")
-    assert (int(state["day:used"]), state["day:reserved"]) == (counted + 64, "0")
+    assert (int(state["day:used"]), state["day:reserved"]) == (
+        2 * (count_input_tokens(one) + 64),
+        "0",
+    )
     assert await redis.hlen("budgeter:{t:cut}:resv") == 0
     assert (await store.status(batch_id)).succeeded == 0
+    draining = [r for r in caplog.records if r.getMessage() == "draining"]
+    assert [r.__dict__["inflight"] for r in draining] == [2]
 
 
 async def test_a_served_job_is_reported_to_the_scheduler_and_counted_under_its_model(
