@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -438,9 +439,11 @@ async def test_a_stream_ended_with_an_error_gets_what_came_of_its_event_then_the
     assert response.data == b"event: content_block_delta\ndata: {}\r\n" + LOST
 
 
-async def _settled_while_open(stack: Stack, redis: Redis, tail: bytes) -> dict[str, str]:
-    """Stream STREAM + ``tail`` from an upstream that then keeps its stream open: the
-    budget once the reservation is settled (bounded wait), before the stream ends."""
+@asynccontextmanager
+async def held_stream(stack: Stack, tail: bytes = b"") -> AsyncIterator[None]:
+    """A streamed call whose upstream sends STREAM + ``tail`` and then holds its stream
+    open: the body runs once the client has all of it; the stream ends after it (with
+    nothing more)."""
     stack.upstream.stream = STREAM + tail
     stack.upstream.held = True
     body = {**COUNT, "max_tokens": 64, "stream": True}
@@ -448,16 +451,21 @@ async def _settled_while_open(stack: Stack, redis: Redis, tail: bytes) -> dict[s
         aiohttp.ClientSession() as http,
         http.post(f"{stack.url}/v1/messages", json=body, headers=stack.headers()) as resp,
     ):
-        assert await resp.content.readexactly(len(STREAM + tail)) == STREAM + tail
         try:
-            async with asyncio.timeout(30):
-                while await redis.hlen("budgeter:{t:ex}:resv"):  # noqa: ASYNC110 - a bounded poll of state the proxy changes
-                    await asyncio.sleep(0.01)
-            budget = await redis.hgetall("budgeter:{t:ex}:budget")
+            assert await resp.content.readexactly(len(STREAM + tail)) == STREAM + tail
+            yield
         finally:
             stack.upstream.hold.set()
         assert await resp.read() == b""
-    return budget
+
+
+async def _settled_while_open(stack: Stack, redis: Redis, tail: bytes) -> dict[str, str]:
+    """The budget once the reservation is settled (bounded wait), before the stream ends."""
+    async with held_stream(stack, tail):
+        async with asyncio.timeout(30):
+            while await redis.hlen("budgeter:{t:ex}:resv"):  # noqa: ASYNC110 - a bounded poll of state the proxy changes
+                await asyncio.sleep(0.01)
+        return await redis.hgetall("budgeter:{t:ex}:budget")
 
 
 @pytest.mark.parametrize(
@@ -724,19 +732,8 @@ async def test_an_admitted_call_is_counted_as_its_tenants_admit_and_marked_sent_
 ) -> None:
     """While its stream is open, the reservation is already marked sent (the reaper would
     charge it in full: the upstream has it); the decision is counted under the tenant."""
-    stack.upstream.stream = STREAM
-    stack.upstream.held = True
-    body = {**COUNT, "max_tokens": 64, "stream": True}
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(f"{stack.url}/v1/messages", json=body, headers=stack.headers()) as resp,
-    ):
-        try:
-            assert await resp.content.readexactly(len(STREAM)) == STREAM
-            assert await redis.hvals("budgeter:{t:ex}:resv_sent") == ["1"]
-        finally:
-            stack.upstream.hold.set()
-        await resp.read()
+    async with held_stream(stack):
+        assert await redis.hvals("budgeter:{t:ex}:resv_sent") == ["1"]
     async with aiohttp.ClientSession() as http, http.get(f"{stack.url}/metrics") as resp:
         text = await resp.text()
     assert (
@@ -756,21 +753,10 @@ async def test_a_calls_reservation_is_held_for_the_upstream_timeout_and_the_grac
 ) -> None:
     """The reaper acts on a proxied call's reservation only after the upstream timeout
     and the grace (600 + 30 s by default), not the admission's own default of 90 s."""
-    stack.upstream.stream = STREAM
-    stack.upstream.held = True
-    body = {**COUNT, "max_tokens": 64, "stream": True}
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(f"{stack.url}/v1/messages", json=body, headers=stack.headers()) as resp,
-    ):
-        try:
-            assert await resp.content.readexactly(len(STREAM)) == STREAM
-            seconds, micros = await redis.time()
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
-            deadlines = await redis.zrange("budgeter:{t:ex}:resv_deadline", 0, -1, withscores=True)
-        finally:
-            stack.upstream.hold.set()
-        await resp.read()
+    async with held_stream(stack):
+        seconds, micros = await redis.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        deadlines = await redis.zrange("budgeter:{t:ex}:resv_deadline", 0, -1, withscores=True)
     assert len(deadlines) == 1
     held_ms = deadlines[0][1] - now_ms
     assert 630_000 - 5_000 <= held_ms <= 630_000
@@ -857,23 +843,12 @@ async def test_a_settle_a_parked_job_waited_for_unparks_its_tenant_and_wakes_one
         assert put.status in (200, 201), await put.text()
     store = BatchStore(redis)
     await store.create("ex", requests_for("ex", 1))
-    stack.upstream.stream = STREAM
-    stack.upstream.held = True
-    body = {**COUNT, "max_tokens": 64, "stream": True}
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(f"{stack.url}/v1/messages", json=body, headers=stack.headers()) as resp,
-    ):
-        try:
-            assert await resp.content.readexactly(len(STREAM)) == STREAM
-            waited = await Admission(redis).reserve("ex", "job-rid", 10, 10)
-            assert (waited.kind, waited.reason, waited.until_ms) == ("DEFER", "concurrency", 0)
-            await store.queue.pace("ex", waited.now_ms + 600_000)  # as the worker parks it
-            await redis.delete("budgeter:{sched}:wake")
-            assert await redis.zscore("budgeter:{sched}:parked", "ex") is not None
-        finally:
-            stack.upstream.hold.set()
-        await resp.read()
+    async with held_stream(stack):
+        waited = await Admission(redis).reserve("ex", "job-rid", 10, 10)
+        assert (waited.kind, waited.reason, waited.until_ms) == ("DEFER", "concurrency", 0)
+        await store.queue.pace("ex", waited.now_ms + 600_000)  # as the worker parks it
+        await redis.delete("budgeter:{sched}:wake")
+        assert await redis.zscore("budgeter:{sched}:parked", "ex") is not None
     async with asyncio.timeout(30):
         while await redis.zscore("budgeter:{sched}:parked", "ex") is not None:  # noqa: ASYNC110 - a bounded poll of the proxy's settle
             await asyncio.sleep(0.01)

@@ -6,6 +6,7 @@ dead letter counted once."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import aiohttp
 import pytest
@@ -25,6 +26,16 @@ from tests.worker.test_worker import results_of, sample
 FAR = 10**13  # a "now" after every lease expiry
 
 
+def idle_worker(redis: Redis, session: aiohttp.ClientSession, **config: Any) -> Worker:
+    """A worker that is not run: its methods are called by the test (no upstream)."""
+    return Worker(
+        redis=redis,
+        upstream=UpstreamClient(session, "http://127.0.0.1:9", "unused"),
+        config=WorkerConfig(**config),
+        metrics=Metrics(),
+    )
+
+
 async def test_a_job_abandoned_max_attempts_times_is_dead_lettered_by_the_upkeep(
     redis: Redis,
 ) -> None:
@@ -38,12 +49,7 @@ async def test_a_job_abandoned_max_attempts_times_is_dead_lettered_by_the_upkeep
     pick = await store.queue.pick(lease_ms=60_000)  # the third lease, abandoned too
     assert pick.job is not None and pick.job.attempt == 3
     async with aiohttp.ClientSession() as session:
-        worker = Worker(
-            redis=redis,
-            upstream=UpstreamClient(session, "http://127.0.0.1:9", "unused"),
-            config=WorkerConfig(max_attempts=3),
-            metrics=Metrics(),
-        )
+        worker = idle_worker(redis, session, max_attempts=3)
         expired = pick.now_ms + 60_001  # past the lease, long before any retention ends
         await worker.maintain(now_ms=expired)
         await worker.maintain(now_ms=expired)  # a second upkeep finds nothing more to do
@@ -142,12 +148,7 @@ async def test_a_failed_attempt_is_dead_lettered_canceled_or_retried(
     if canceled:
         await store.cancel(batch_id, tenant="rd")
     async with aiohttp.ClientSession() as session:
-        worker = Worker(
-            redis=redis,
-            upstream=UpstreamClient(session, "http://127.0.0.1:9", "unused"),
-            config=WorkerConfig(max_attempts=3),
-            metrics=Metrics(),
-        )
+        worker = idle_worker(redis, session, max_attempts=3)
         await worker._retry_or_dead(job, FAILED)
     lines = await results_of(store, batch_id)
     assert [line["result"] for line in lines] == ([result] if result else [])
@@ -176,12 +177,7 @@ async def test_a_job_that_cannot_be_admitted_before_its_deadline_expires_then(
     until = job.deadline_ms + (1 if past else 0)
     decision = Decision("DEFER", until, "rate:model:rpm", job.deadline_ms - 1000)
     async with aiohttp.ClientSession() as session:
-        worker = Worker(
-            redis=redis,
-            upstream=UpstreamClient(session, "http://127.0.0.1:9", "unused"),
-            config=WorkerConfig(),
-            metrics=Metrics(),
-        )
+        worker = idle_worker(redis, session)
         with caplog.at_level(logging.INFO, logger="budgeter.worker"):
             await worker._defer(job, decision, "claude-m")
     lines = await results_of(store, batch_id)
