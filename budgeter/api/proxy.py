@@ -71,6 +71,8 @@ class ProxyDeps:
     hold_ms: int
     betas: BetaGate
     settles: PendingSettles = field(default_factory=PendingSettles)  # after the answers
+    clock: Callable[[], float] = time.monotonic  # the DEFER wait's (injected by tests)
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 
 PROXY = web.AppKey("proxy", ProxyDeps)  # built by the app's cleanup context at start-up
@@ -302,7 +304,7 @@ async def _admit(
     The policy's ``max_wait_seconds`` is read only at the first DEFER, so an admitted call
     costs one Redis round trip here."""
     series = deps.metrics.for_tenant(tenant)
-    started = time.monotonic()
+    started = deps.clock()
     give_up: float | None = None
     while True:
         decision, served = await reserve_with_fallback(
@@ -329,11 +331,11 @@ async def _admit(
         if give_up is None:
             policy = await deps.tenants.get(tenant)
             give_up = started + (policy.max_wait_seconds if policy else 0.0)
-        if time.monotonic() + pause > give_up:
+        if deps.clock() + pause > give_up:
             break
-        await asyncio.sleep(max(pause, 0.001))
+        await deps.sleep(max(pause, 0.001))
     if decision.kind == "ADMIT":
-        series.admission_wait.observe(time.monotonic() - started)
+        series.admission_wait.observe(deps.clock() - started)
     return decision, served
 
 

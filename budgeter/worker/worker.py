@@ -47,6 +47,8 @@ from budgeter.worker.reserving import reserve_or_defer
 
 log = logging.getLogger("budgeter.worker")
 
+PICKS_DRAIN_S = 10.0  # how long a drain waits for leases being taken or given back
+
 
 class _Retry:
     """A lane's lease answer: no job for you this round, but there is work."""
@@ -255,7 +257,7 @@ class Worker:
         if pending:
             await asyncio.wait(pending)
         if self._picking:  # leases being taken or given back for lanes that are gone
-            await asyncio.wait(set(self._picking), timeout=10)
+            await asyncio.wait(set(self._picking), timeout=PICKS_DRAIN_S)
 
     async def _maintenance_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

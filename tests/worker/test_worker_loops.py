@@ -1,0 +1,595 @@
+"""The worker's loops, exactly (issue 21: mutmut's survivors in the lane, lease, pick,
+give-back, idle and maintenance plumbing of ``Worker``).
+
+A lane that fails logs once, sleeps 1 s (or until the stop) and goes on; a lane answered
+"try again" or idle goes on; a pick that fails answers every lane "no work" and has them
+sleep rather than wait for work; a parked tenant shortens the idle wait to when it is due;
+a job leased for a lane that is gone goes back to the head of its queue, no attempt
+counted, and wakes one worker; the idle lanes share one wait for work, each no longer than
+its own; a wake names the tenant to activate (a foreign name is ignored); the upkeep runs
+every ``maintenance_interval_s`` times a jitter in [0.8, 1.2].
+
+The sleeps are recorded (``_sleep_or_stop`` replaced), so nothing here waits for a
+timer to run out; queue calls are spied on and then made for real on the suite's Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from budgeter.domain.policy import TenantPolicy
+from budgeter.queue.batches import BatchStore
+from budgeter.queue.jobqueue import Picks
+from budgeter.queue.leased import LeasedJob
+from budgeter.tenants.store import TenantStore
+from budgeter.worker import worker as worker_module
+from budgeter.worker.worker import _RETRY, LeaseAnswer, Worker, _sleep_or_stop
+from tests.helpers import requests_for
+from tests.worker.test_dead_letter import idle_worker
+
+Call = tuple[str, tuple[Any, ...], dict[str, Any]]
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def spy(
+    monkeypatch: pytest.MonkeyPatch,
+    target: object,
+    name: str,
+    calls: list[Call],
+    *,
+    fail: BaseException | None = None,
+) -> None:
+    """Record each call of ``target.name`` in ``calls``, then make it (or raise ``fail``)."""
+    real: Callable[..., Awaitable[Any]] = getattr(target, name)
+
+    async def recorded(*args: Any, **kwargs: Any) -> Any:
+        calls.append((name, args, kwargs))
+        if fail is not None:
+            raise fail
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, recorded)
+
+
+def record_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[tuple[asyncio.Event, float]]:
+    """``_sleep_or_stop`` replaced: each call recorded, none waits."""
+    slept: list[tuple[asyncio.Event, float]] = []
+
+    async def sleep(stop: asyncio.Event, seconds: float) -> None:
+        slept.append((stop, seconds))
+
+    monkeypatch.setattr(worker_module, "_sleep_or_stop", sleep)
+    return slept
+
+
+async def leased_jobs(redis: Redis, tenant: str, count: int, queued: int = 0) -> list[LeasedJob]:
+    """``count`` jobs of ``tenant`` leased (``queued`` more left in its queue)."""
+    await TenantStore(redis).put(tenant, TenantPolicy())
+    store = BatchStore(redis)
+    await store.create(tenant, requests_for(tenant, count + queued))
+    picks = await store.queue.pick_many(count, lease_ms=60_000)
+    assert len(picks.jobs) == count
+    await redis.delete(store.queue.sched.wake)  # the submit's wakes: not the test's
+    return picks.jobs
+
+
+def worker_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "budgeter.worker"]
+
+
+# give-back ----------------------------------------------------------------------------
+
+
+async def test_a_job_leased_for_a_lane_gone_goes_back_at_the_head_with_no_attempt_counted(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (job,) = await leased_jobs(redis, "gb", 1, queued=1)
+    worker = idle_worker(redis, session)
+    calls: list[Call] = []
+    spy(monkeypatch, worker.queue, "requeue", calls)
+    spy(monkeypatch, worker.queue, "activate", calls)
+    spy(monkeypatch, worker.probes, "done", calls)
+    await worker._give_back([job])
+    assert calls == [
+        ("requeue", (job,), {"head": True, "count_attempt": False}),
+        ("activate", ("gb",), {"wake": 1}),
+        ("done", (job,), {"decided": False}),
+    ]
+    keys = worker.queue.keys("gb")
+    assert await redis.lrange(keys.queue, 0, 0) == [job.id]  # at the head
+    assert await redis.lrange(worker.queue.sched.wake, 0, -1) == ["gb"]  # one worker woken
+    again = await worker.queue.pick(lease_ms=60_000)
+    assert again.job is not None and again.job.id == job.id
+    assert again.job.attempt == job.attempt  # the give-back counted no attempt
+
+
+async def test_a_give_back_that_fails_is_logged_with_its_job_and_the_next_one_still_goes_back(
+    redis: Redis,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first, second = await leased_jobs(redis, "gf", 2)
+    worker = idle_worker(redis, session)
+    real = worker.queue.requeue
+
+    async def requeue(job: LeasedJob, *, head: bool, count_attempt: bool) -> str:
+        if job.id == first.id:
+            raise RuntimeError("requeue failed")
+        return await real(job, head=head, count_attempt=count_attempt)
+
+    monkeypatch.setattr(worker.queue, "requeue", requeue)
+    with caplog.at_level(logging.INFO, logger="budgeter.worker"):
+        await worker._give_back([first, second])
+    (record,) = worker_records(caplog)
+    assert record.getMessage() == "could not give a job back"
+    assert record.levelno == logging.WARNING
+    assert record.__dict__["job"] == first.id
+    assert await redis.lrange(worker.queue.keys("gf").queue, 0, -1) == [second.id]
+
+
+# pick ---------------------------------------------------------------------------------
+
+
+def lease_futures(count: int) -> list[asyncio.Future[LeaseAnswer]]:
+    loop = asyncio.get_running_loop()
+    return [loop.create_future() for _ in range(count)]
+
+
+def scripted_picks(
+    monkeypatch: pytest.MonkeyPatch, worker: Worker, answer: Picks | BaseException
+) -> list[Call]:
+    calls: list[Call] = []
+
+    async def pick_many(slots: int, **kwargs: Any) -> Picks:
+        calls.append(("pick_many", (slots,), kwargs))
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(worker.queue, "pick_many", pick_many)
+    return calls
+
+
+async def test_a_pick_that_fails_answers_every_lane_no_work_and_makes_them_sleep(
+    redis: Redis,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    worker = idle_worker(redis, session, idle_max_s=2.0)
+    scripted_picks(monkeypatch, worker, RuntimeError("pick down"))
+    waiters = lease_futures(2)
+    with caplog.at_level(logging.INFO, logger="budgeter.worker"):
+        await worker._pick_for(waiters)
+    assert [w.result() for w in waiters] == [None, None]
+    assert worker._idle_wait_s == -1.0  # the lanes sleep, they do not wait for work
+    (record,) = worker_records(caplog)
+    assert (record.getMessage(), record.levelno) == ("pick failed; retrying", logging.ERROR)
+
+
+@pytest.mark.parametrize(
+    ("next_parked_ms", "wait_s"),
+    [(-1, 2.0), (1_000_300, 0.3), (1_000_000, 0.01), (999_000, 0.01), (1_005_000, 2.0)],
+)
+async def test_a_parked_tenant_shortens_the_idle_wait_to_when_it_is_due(
+    redis: Redis,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    next_parked_ms: int,
+    wait_s: float,
+) -> None:
+    worker = idle_worker(redis, session, idle_max_s=2.0)
+    worker._idle_wait_s = -1.0  # (a failed pick before): each pick starts from idle_max_s
+    calls = scripted_picks(monkeypatch, worker, Picks([], next_parked_ms, 1_000_000))
+    waiters = lease_futures(1)
+    await worker._pick_for(waiters)
+    assert waiters[0].result() is None
+    assert worker._idle_wait_s == wait_s
+    assert [c[1] for c in calls] == [(1,)]
+
+
+async def test_lanes_beyond_the_jobs_picked_are_told_to_try_again_and_the_wait_is_kept(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (job,) = await leased_jobs(redis, "pk", 1)
+    worker = idle_worker(redis, session, idle_max_s=2.0)
+    calls = scripted_picks(monkeypatch, worker, Picks([job], 1_000_300, 1_000_000))
+    waiters = lease_futures(3)
+    await worker._pick_for(waiters)
+    assert [w.result() for w in waiters] == [job, _RETRY, _RETRY]
+    assert worker._idle_wait_s == 2.0  # jobs were picked: a parked tenant changes nothing
+    assert [c[1] for c in calls] == [(3,)]
+
+
+async def test_a_job_picked_for_a_lane_already_gone_is_given_back(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = await leased_jobs(redis, "po", 2)
+    worker = idle_worker(redis, session)
+    scripted_picks(monkeypatch, worker, Picks([first, second], -1, 1_000_000))
+    given: list[Call] = []
+    spy(monkeypatch, worker, "_give_back", given)
+    waiters = lease_futures(2)
+    waiters[1].cancel()  # its lane was cancelled (drain)
+    await worker._pick_for(waiters)
+    assert waiters[0].result() == first
+    assert given == [("_give_back", ([second],), {})]
+    assert await redis.lrange(worker.queue.keys("po").queue, 0, -1) == [second.id]
+
+
+# lease --------------------------------------------------------------------------------
+
+
+async def test_one_lane_alone_gets_a_job_from_one_pick(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (job,) = await leased_jobs(redis, "l1", 1)
+    worker = idle_worker(redis, session)
+    calls = scripted_picks(monkeypatch, worker, Picks([job], -1, 1_000_000))
+    assert await asyncio.wait_for(worker._lease(), 5) == job
+    assert [c[1] for c in calls] == [(1,)]
+
+
+async def test_lanes_asking_in_one_round_share_one_pick(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = await leased_jobs(redis, "l2", 2)
+    worker = idle_worker(redis, session)
+    calls = scripted_picks(monkeypatch, worker, Picks([first, second], -1, 1_000_000))
+    answers = await asyncio.wait_for(asyncio.gather(worker._lease(), worker._lease()), 5)
+    assert answers == [first, second]
+    assert [c[1] for c in calls] == [(2,)]
+
+
+async def test_a_lane_cancelled_just_after_its_job_was_set_gives_the_job_back(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (job,) = await leased_jobs(redis, "lc", 1)
+    worker = idle_worker(redis, session)
+    scripted_picks(monkeypatch, worker, Picks([job], -1, 1_000_000))
+    lane: asyncio.Task[LeaseAnswer] = asyncio.ensure_future(worker._lease())
+
+    def leased(_jobs: list[LeasedJob]) -> None:  # runs before the job is handed to the lane
+        asyncio.get_running_loop().call_soon(lane.cancel)  # so the cancel comes first
+
+    monkeypatch.setattr(worker.probes, "leased", leased)
+    given: list[Call] = []
+    spy(monkeypatch, worker, "_give_back", given)
+    with pytest.raises(asyncio.CancelledError):
+        await lane
+    await asyncio.wait(set(worker._picking), timeout=5)
+    # the pick had no orphan (its lane took the job); the lane, cancelled then, gave it back
+    assert given == [("_give_back", ([],), {}), ("_give_back", ([job],), {})]
+    assert await redis.lrange(worker.queue.keys("lc").queue, 0, -1) == [job.id]
+
+
+async def test_a_lane_cancelled_while_it_waits_is_cancelled_and_its_job_given_back(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (job,) = await leased_jobs(redis, "lw", 1)
+    worker = idle_worker(redis, session)
+    scripted_picks(monkeypatch, worker, Picks([job], -1, 1_000_000))
+    lane: asyncio.Task[LeaseAnswer] = asyncio.ensure_future(worker._lease())
+    await asyncio.sleep(0)  # it asked; the pick starts in the next round
+    lane.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await lane
+    await asyncio.wait(set(worker._picking), timeout=5)
+    assert await redis.lrange(worker.queue.keys("lw").queue, 0, -1) == [job.id]
+    assert not worker._picking  # each spawned task is forgotten once done
+
+
+# lane ---------------------------------------------------------------------------------
+
+
+def scripted_leases(
+    monkeypatch: pytest.MonkeyPatch,
+    worker: Worker,
+    stop: asyncio.Event,
+    answers: list[LeaseAnswer | BaseException],
+) -> list[int]:
+    """``worker._lease`` answers ``answers`` in turn, then sets ``stop`` and answers None."""
+    asked: list[int] = []
+
+    async def lease() -> LeaseAnswer:
+        asked.append(len(asked))
+        if len(asked) > len(answers):
+            stop.set()
+            return None
+        answer = answers[len(asked) - 1]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(worker, "_lease", lease)
+    return asked
+
+
+async def test_a_lane_that_fails_logs_sleeps_one_second_or_until_the_stop_and_goes_on(
+    redis: Redis,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    worker = idle_worker(redis, session)
+    stop = asyncio.Event()
+    slept = record_sleeps(monkeypatch)
+    asked = scripted_leases(monkeypatch, worker, stop, [RuntimeError("lease down")])
+    idled: list[Call] = []
+
+    async def idle(stop_: asyncio.Event) -> None:
+        idled.append(("_idle", (stop_,), {}))
+
+    monkeypatch.setattr(worker, "_idle", idle)
+    with caplog.at_level(logging.INFO, logger="budgeter.worker"):
+        await asyncio.wait_for(worker._lane(stop), 5)
+    assert slept == [(stop, 1.0)]
+    assert len(asked) == 2  # it asked again after the failure
+    assert idled == [("_idle", (stop,), {})]  # the second answer (no work): idle
+    (record,) = worker_records(caplog)
+    assert (record.getMessage(), record.levelno) == ("lane failed; retrying", logging.ERROR)
+
+
+async def test_a_lane_told_to_try_again_asks_again_and_one_that_worked_counts_itself_free(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (job,) = await leased_jobs(redis, "ln", 1)
+    worker = idle_worker(redis, session)
+    stop = asyncio.Event()
+    asked = scripted_leases(monkeypatch, worker, stop, [_RETRY, job])
+    busy: list[int] = []
+
+    async def process(_job: LeasedJob) -> None:
+        busy.append(worker._busy)
+
+    monkeypatch.setattr(worker, "_process", process)
+    done: list[Call] = []
+    spy(monkeypatch, worker.probes, "done", done)
+    await asyncio.wait_for(worker._lane(stop), 5)
+    assert len(asked) == 3
+    assert busy == [1]  # busy while it processed the job
+    assert worker._busy == 0  # and free after
+    assert done == [("done", (job,), {})]
+
+
+# idle ---------------------------------------------------------------------------------
+
+
+async def test_after_a_failed_pick_an_idle_lane_sleeps_one_second_or_until_the_stop(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = idle_worker(redis, session)
+    slept = record_sleeps(monkeypatch)
+    waited: list[Call] = []
+    spy(monkeypatch, worker, "_wait_for_work", waited)
+    stop = asyncio.Event()
+    worker._idle_wait_s = -1.0
+    await asyncio.wait_for(worker._idle(stop), 5)
+    assert slept == [(stop, 1.0)]
+    assert waited == []
+
+
+@pytest.mark.parametrize("wait_s", [0.0, 0.5])
+async def test_an_idle_lane_waits_for_work_as_long_as_its_pick_said(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, wait_s: float
+) -> None:
+    worker = idle_worker(redis, session)
+    slept = record_sleeps(monkeypatch)
+    waited: list[Call] = []
+
+    async def wait_for_work(stop: asyncio.Event, seconds: float) -> None:
+        waited.append(("_wait_for_work", (stop, seconds), {}))
+
+    monkeypatch.setattr(worker, "_wait_for_work", wait_for_work)
+    stop = asyncio.Event()
+    worker._idle_wait_s = wait_s
+    await asyncio.wait_for(worker._idle(stop), 5)
+    assert waited == [("_wait_for_work", (stop, wait_s), {})]
+    assert slept == []
+
+
+async def test_idle_lanes_share_one_wait_and_each_leaves_it_at_its_own_time(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = idle_worker(redis, session)
+    waits: list[float] = []
+    cancelled = asyncio.Event()
+
+    async def wait_for_work(_stop: asyncio.Event, seconds: float) -> None:
+        waits.append(seconds)
+        try:
+            await asyncio.Event().wait()  # no work ever comes
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    monkeypatch.setattr(worker, "_wait_for_work", wait_for_work)
+    stop = asyncio.Event()
+    worker._idle_wait_s = 0.02
+    await asyncio.wait_for(asyncio.gather(worker._idle(stop), worker._idle(stop)), 5)
+    assert waits == [0.02]  # one wait for both lanes
+    assert worker._idler is not None and not worker._idler.done()  # shielded: it goes on
+    await asyncio.wait_for(worker._idle(stop), 5)  # a third lane joins the same wait
+    assert waits == [0.02]
+    worker._idler.cancel()
+    await asyncio.wait_for(cancelled.wait(), 5)
+
+
+# wait for work ------------------------------------------------------------------------
+
+
+async def test_a_wake_naming_a_tenant_activates_it_and_a_foreign_name_is_ignored(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = idle_worker(redis, session)
+    activated: list[Call] = []
+    spy(monkeypatch, worker.queue, "activate", activated)
+    waits: list[Call] = []
+    spy(monkeypatch, worker.queue, "wait_for_work", waits)
+    stop = asyncio.Event()
+    wake = worker.queue.sched.wake
+    await redis.delete(wake)
+    await redis.rpush(wake, "ww", "not a tenant!", "")
+    for _ in range(3):
+        await asyncio.wait_for(worker._wait_for_work(stop, 3.0), 5)
+    assert activated == [("activate", ("ww",), {})]
+    assert waits == [("wait_for_work", (3.0,), {})] * 3
+    assert all("Event.wait" not in repr(t.get_coro()) for t in asyncio.all_tasks())
+
+
+async def test_a_stop_ends_the_wait_for_work_and_cancels_it(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = idle_worker(redis, session)
+    cancelled: list[bool] = []
+
+    async def wait_for_work(_timeout_s: float) -> str | None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return None
+
+    monkeypatch.setattr(worker.queue, "wait_for_work", wait_for_work)
+    activated: list[Call] = []
+    spy(monkeypatch, worker.queue, "activate", activated)
+    stop = asyncio.Event()
+    waiting = asyncio.ensure_future(worker._wait_for_work(stop, 60.0))
+    await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(waiting, 5)
+    assert cancelled == [True]
+    assert activated == []
+
+
+async def test_a_wait_for_work_that_fails_ends_quietly(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = idle_worker(redis, session)
+    calls: list[Call] = []
+    spy(monkeypatch, worker.queue, "wait_for_work", calls, fail=RuntimeError("blpop failed"))
+    activated: list[Call] = []
+    spy(monkeypatch, worker.queue, "activate", activated)
+    await asyncio.wait_for(worker._wait_for_work(asyncio.Event(), 1.0), 5)
+    assert len(calls) == 1
+    assert activated == []
+
+
+async def test_an_activation_that_fails_after_a_wake_ends_the_wait_quietly(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = idle_worker(redis, session)
+    calls: list[Call] = []
+    spy(monkeypatch, worker.queue, "activate", calls, fail=RuntimeError("activate failed"))
+    await redis.delete(worker.queue.sched.wake)
+    await redis.rpush(worker.queue.sched.wake, "wf")
+    await asyncio.wait_for(worker._wait_for_work(asyncio.Event(), 1.0), 5)
+    assert calls == [("activate", ("wf",), {})]
+
+
+# upkeep, drain and the sleep ----------------------------------------------------------
+
+
+async def test_the_upkeep_runs_every_interval_times_a_jitter_and_a_failure_is_logged(
+    redis: Redis,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    worker = idle_worker(redis, session, maintenance_interval_s=5.0)
+    stop = asyncio.Event()
+    drawn: list[tuple[float, float]] = []
+
+    def uniform(low: float, high: float) -> float:
+        drawn.append((low, high))
+        return 1.1
+
+    monkeypatch.setattr(worker_module.random, "uniform", uniform)
+    slept: list[tuple[asyncio.Event, float]] = []
+
+    async def sleep(stop_: asyncio.Event, seconds: float) -> None:
+        slept.append((stop_, seconds))
+        if len(slept) == 2:
+            stop.set()
+
+    monkeypatch.setattr(worker_module, "_sleep_or_stop", sleep)
+    maintained: list[Call] = []
+    spy(monkeypatch, worker, "maintain", maintained, fail=RuntimeError("upkeep failed"))
+    with caplog.at_level(logging.INFO, logger="budgeter.worker"):
+        await asyncio.wait_for(worker._maintenance_loop(stop), 5)
+    assert len(maintained) == 2
+    assert drawn == [(0.8, 1.2)] * 2
+    assert slept == [(stop, 5.0 * 1.1)] * 2
+    records = worker_records(caplog)
+    assert [(r.getMessage(), r.levelno) for r in records] == [
+        ("maintenance failed", logging.ERROR)
+    ] * 2
+
+
+async def test_a_stop_during_an_upkeep_cancels_it_and_the_run_ends(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = idle_worker(redis, session, concurrency=1, idle_max_s=0.05)
+    stop = asyncio.Event()
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def maintain(**_: object) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    monkeypatch.setattr(worker, "maintain", maintain)
+    running = asyncio.ensure_future(worker.run(stop))
+    await asyncio.wait_for(started.wait(), 5)
+    stop.set()
+    assert await asyncio.wait_for(running, 10) is None
+    assert cancelled.is_set()
+
+
+async def test_a_drain_waits_for_give_backs_no_longer_than_its_bound(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = idle_worker(redis, session, drain_s=1.0)
+    monkeypatch.setattr(worker_module, "PICKS_DRAIN_S", 0.05)
+    lane = asyncio.ensure_future(asyncio.sleep(0))
+    worker._tasks.add(lane)
+    stuck = asyncio.Event()
+    gave_back = asyncio.Event()
+
+    async def give_back() -> None:
+        await stuck.wait()  # a give-back Redis never answers
+
+    async def quick() -> None:
+        gave_back.set()
+
+    worker._spawn(give_back())
+    worker._spawn(quick())
+    await asyncio.wait_for(worker.drain(), 5)
+    assert gave_back.is_set()
+    assert len(worker._picking) == 1  # the stuck one, left after the bound
+    stuck.set()
+    await asyncio.wait(set(worker._picking), timeout=5)
+    assert not worker._picking
+
+
+async def test_sleep_or_stop_returns_at_the_time_or_at_the_stop() -> None:
+    stop = asyncio.Event()
+    await asyncio.wait_for(_sleep_or_stop(stop, 0.01), 5)  # the time ran out: no error
+    stop.set()
+    await asyncio.wait_for(_sleep_or_stop(stop, 3600.0), 5)  # stopped: at once
