@@ -1,0 +1,199 @@
+"""Admission along a chain, exactly (issue 21: mutmut's survivors in ``_reserve_chain``,
+``_release_unreplicated``, ``charge_full`` and ``admission_from_settings``).
+
+An ADMIT carries the latest next request of every scope it was made in; of equal DEFERs
+the nearest scope is named; a REJECT ends the checks (a later DEFER cannot replace it) and
+is the answer even after an earlier scope's DEFER; a reservation that a scope of the chain,
+or the account's scope, made without the replicas acknowledging it is released in every
+scope it was made in and the caller gets the failure; a charge in full rolls up in the
+minute it was made."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from budgeter.admission.admission import Admission, admission_from_settings
+from budgeter.admission.global_limits import GlobalLimits
+from budgeter.admission.tree_view import TreeView
+from budgeter.domain.policy import GlobalPolicy, TenantPolicy
+from budgeter.settings import Settings
+from budgeter.store.durability import NotReplicated
+from budgeter.store.keys import (
+    GlobalModelKeys,
+    KeyScopeKeys,
+    TenantKeys,
+    global_policy_key,
+    tree_parents_key,
+)
+from budgeter.tenants.store import TenantStore
+from tests.admission.test_chain import NOW, budget, tree
+
+
+async def test_an_admit_carries_the_latest_next_request_of_its_chain(redis: Redis) -> None:
+    adm = await tree(
+        redis,
+        {
+            "top": {"rate": {"rpm": 2}},  # a request every 30 s
+            "mid": {"parent": "top", "rate": {"rpm": 3}},  # every 20 s
+            "leaf": {"parent": "mid"},  # no rate of its own: its ADMIT says nothing
+        },
+    )
+    first = await adm.reserve("leaf", "r0", 10, 10, now_ms=NOW)
+    assert (first.kind, first.until_ms) == ("ADMIT", 0)
+    second = await adm.reserve("leaf", "r1", 10, 10, now_ms=NOW)
+    assert (second.kind, second.until_ms) == ("ADMIT", NOW + 30_000)  # top's, the latest
+    assert second.next_request_ms == NOW + 30_000
+
+
+async def test_of_equal_defers_the_nearest_scope_is_named(redis: Redis) -> None:
+    adm = await tree(
+        redis,
+        {
+            "top": {"rate": {"rpm": 2}},
+            "mid": {"parent": "top", "rate": {"rpm": 2}},
+            "leaf": {"parent": "mid"},
+        },
+    )
+    for rid in ("r0", "r1"):
+        assert (await adm.reserve("leaf", rid, 10, 10, now_ms=NOW)).kind == "ADMIT"
+    third = await adm.reserve("leaf", "r2", 10, 10, now_ms=NOW)
+    assert (third.kind, third.reason, third.until_ms) == (
+        "DEFER",
+        "parent:mid:rate:rpm",
+        NOW + 30_000,
+    )
+
+
+async def test_a_later_scopes_reject_is_the_answer_after_an_earlier_scopes_defer(
+    redis: Redis,
+) -> None:
+    adm = await tree(
+        redis,
+        {
+            "top": {"allowed_models": ["x"]},
+            "mid": {"parent": "top", "rate": {"rpm": 1}},
+            "leaf": {"parent": "mid"},
+        },
+    )
+    assert (await adm.reserve("leaf", "q1", 10, 10, model="x", now_ms=NOW)).kind == "ADMIT"
+    refused = await adm.reserve("leaf", "q2", 10, 10, model="y", now_ms=NOW)
+    assert (refused.kind, refused.reason, refused.detail) == (
+        "REJECT",
+        "parent:top:model_not_allowed",
+        "y",
+    )
+
+
+async def test_a_reject_ends_the_checks_and_a_later_defer_does_not_replace_it(
+    redis: Redis,
+) -> None:
+    adm = await tree(
+        redis,
+        {
+            "top": {"rate": {"rpm": 1}},
+            "mid": {"parent": "top", "allowed_models": ["x"]},
+            "leaf": {"parent": "mid"},
+        },
+    )
+    assert (await adm.reserve("leaf", "q1", 10, 10, model="x", now_ms=NOW)).kind == "ADMIT"
+    refused = await adm.reserve("leaf", "q2", 10, 10, model="y", now_ms=NOW)
+    assert (refused.kind, refused.reason) == ("REJECT", "parent:mid:model_not_allowed")
+    assert refused.until_ms == 0
+
+
+def unreplicated_at(adm: Admission, call: int) -> list[int]:
+    """The ``call``-th reservation script call (1 = the tenant's) runs, then fails as a
+    WAIT that fell short would: the write is on the master, the caller gets the error."""
+    real = adm._reserve
+    calls: list[int] = []
+
+    class Failing:
+        script = real.script
+
+        async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            calls.append(len(calls) + 1)
+            reply = await real(*args, **kwargs)
+            if len(calls) == call:
+                raise NotReplicated("1 replica wanted, 0 acknowledged").with_reply(reply)
+            return reply
+
+    adm._reserve = Failing()  # type: ignore[assignment]
+    return calls
+
+
+async def reserved_in(redis: Redis, *scopes: TenantKeys | KeyScopeKeys) -> list[str]:
+    return [(await redis.hgetall(s.budget)).get("day:reserved", "0") for s in scopes]
+
+
+async def test_an_unreplicated_reservation_in_the_chain_is_released_in_every_scope(
+    redis: Redis,
+) -> None:
+    adm = await tree(
+        redis,
+        {
+            "top": {"budgets": {"day": 10_000}},
+            "mid": {"parent": "top", "budgets": {"day": 10_000}},
+            "leaf": {"budgets": {"day": 10_000}, "parent": "mid"},
+        },
+    )
+    key = KeyScopeKeys("budgeter", "leaf", "k1")
+    await redis.hset(key.policy, mapping={"budget:day": "10000"})
+    await redis.sadd(TenantKeys.of("budgeter", "leaf").limited_keys, "k1")
+    plain = adm._reserve
+    calls = unreplicated_at(adm, 3)  # leaf (with its key), mid, then top's fails
+    with pytest.raises(NotReplicated):
+        await adm.reserve("leaf", "r1", 100, 100, now_ms=NOW, key="k1")
+    assert calls == [1, 2, 3]
+    scopes = [TenantKeys.of("budgeter", t) for t in ("leaf", "mid", "top")]
+    assert await reserved_in(redis, *scopes, key) == ["0", "0", "0", "0"]
+    for scope in (*scopes, key):
+        assert await redis.hlen(scope.resv) == 0
+    assert "r1" not in adm._chains
+    # nothing is left held: the next reservation is admitted in every scope
+    adm._reserve = plain
+    assert (await adm.reserve("leaf", "r2", 100, 100, now_ms=NOW, key="k1")).kind == "ADMIT"
+    assert await reserved_in(redis, *scopes, key) == ["200", "200", "200", "200"]
+
+
+async def test_an_unreplicated_reservation_in_the_accounts_scope_is_released_everywhere(
+    redis: Redis,
+) -> None:
+    store = TenantStore(redis)
+    await store.put("org", TenantPolicy(budgets={"day": 10_000}))
+    await store.put("team", TenantPolicy(parent="org", budgets={"day": 10_000}))
+    await redis.set(
+        global_policy_key("budgeter"),
+        GlobalPolicy.model_validate(
+            {"models": {"big": {"rate": {"otpm": 100_000}}}}
+        ).model_dump_json(),
+    )
+    adm = Admission(
+        redis, global_limits=GlobalLimits(redis, refresh_s=0), tree=TreeView(redis, refresh_s=0)
+    )
+    calls = unreplicated_at(adm, 3)  # team, org, then the account's scope of "big"
+    with pytest.raises(NotReplicated):
+        await adm.reserve("team", "g1", 100, 100, model="big", now_ms=NOW)
+    assert calls == [1, 2, 3]
+    team, org = TenantKeys.of("budgeter", "team"), TenantKeys.of("budgeter", "org")
+    assert await reserved_in(redis, team, org) == ["0", "0"]
+    account = GlobalModelKeys("budgeter", "big")
+    for scope in (team, org, account):
+        assert await redis.hlen(scope.resv) == 0
+
+
+async def test_a_charge_in_full_rolls_up_in_the_minute_given(redis: Redis) -> None:
+    adm = await tree(redis, {"cf": {"budgets": {"day": 10_000}}})
+    assert (await adm.reserve("cf", "c1", 100, 50, now_ms=NOW)).kind == "ADMIT"
+    await adm.charge_full("cf", "c1", now_ms=NOW)
+    minutes = await redis.hgetall(TenantKeys.of("budgeter", "cf").minutes)
+    minute = NOW // 60_000
+    assert (minutes[f"{minute}:input"], minutes[f"{minute}:output"]) == ("100", "50")
+    assert (await budget(redis, "cf"))["day:used"] == "150"
+
+
+def test_admission_from_settings_sees_the_tree_under_its_prefix(redis: Redis) -> None:
+    adm = admission_from_settings(redis, Settings(key_prefix="acme"))
+    assert adm.tree._parents_key == tree_parents_key("acme")
