@@ -188,3 +188,82 @@ def test_a_call_that_got_no_answer_says_why_and_whether_it_may_have_been_served(
     warned = [r.getMessage() for r in caplog.records if r.name.startswith("budgeter.upstream")]
     name = type(exc).__name__
     assert warned == ([f"upstream {route} call lost after sending ({name})"] if served else [])
+
+
+Observed = list[tuple[str, str]]
+
+
+def observing(
+    session: aiohttp.ClientSession, url: str, **kw: float
+) -> tuple[UpstreamClient, Observed]:
+    seen: Observed = []
+
+    def observe(route: str, status: str, seconds: float) -> None:
+        assert seconds >= 0
+        seen.append((route, status))
+
+    return UpstreamClient(session, url, "k", observe=observe, **kw), seen
+
+
+@pytest.fixture
+async def listing() -> AsyncIterator[tuple[str, list[int]]]:
+    """An upstream whose ``GET /`` answers a JSON object with the next status of the list."""
+    statuses: list[int] = []
+
+    async def answer(_request: web.Request) -> web.Response:
+        return web.json_response({"data": []}, status=statuses.pop(0))
+
+    app = web.Application()
+    app.router.add_get("/", answer)
+    async with serve_app(app, "127.0.0.1", 0) as port:
+        yield f"http://127.0.0.1:{port}", statuses
+
+
+async def test_a_get_answers_2xx_and_raises_on_any_other_status_recording_each(
+    listing: tuple[str, list[int]],
+) -> None:
+    url, statuses = listing
+    statuses.extend([200, 299, 300, 404])
+    async with aiohttp.ClientSession() as session:
+        client, seen = observing(session, url)
+        for _ in (200, 299):
+            assert (await client.get_json("/", {})).payload == {"data": []}
+        for status in (300, 404):
+            with pytest.raises(UpstreamError) as raised:
+                await client.get_json("/", {})
+            assert raised.value.status == status
+    assert seen == [("models", "200"), ("models", "299"), ("models", "300"), ("models", "404")]
+
+
+async def test_a_get_that_gets_no_answer_gives_up_at_the_count_timeout(
+    root: tuple[str, list[int], asyncio.Event],
+) -> None:
+    url, _, _ = root  # no status: the upstream holds the request
+    async with aiohttp.ClientSession() as session:
+        client, seen = observing(session, url, count_timeout_s=0.2)
+        async with asyncio.timeout(30):
+            with pytest.raises(UpstreamError) as raised:
+                await client.get_json("/", {})
+    assert (raised.value.status, raised.value.retryable, raised.value.maybe_served) == (
+        0,
+        True,
+        False,
+    )
+    assert raised.value.body["error"] == {
+        "type": "timeout_error",
+        "message": "upstream timed out: TimeoutError",
+    }
+    assert seen == [("models", "error")]
+
+
+async def test_a_get_to_nobody_is_an_unreachable_error_recorded_once() -> None:
+    async with aiohttp.ClientSession() as session:
+        client, seen = observing(session, "http://127.0.0.1:9")
+        with pytest.raises(UpstreamError) as raised:
+            await client.get_json("/v1/models", {"limit": "1"})
+    assert raised.value.status == 0 and not raised.value.maybe_served
+    assert raised.value.body["error"] == {
+        "type": "api_error",
+        "message": "upstream unreachable: ClientConnectorError",
+    }
+    assert seen == [("models", "error")]
