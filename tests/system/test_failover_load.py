@@ -35,6 +35,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis as sync_redis
 from redis.exceptions import RedisError
 
 from budgeter.domain.jobs import TERMINAL_STATES
@@ -56,6 +57,7 @@ CONCURRENCY = 16
 LEASE_S = 15  # outlasts a promotion (Sentinel ~3 s, cluster ~3 s)
 ARTIFACT = "failover.md"
 _rows: dict[str, str] = {}
+_notes: dict[str, str] = {}  # label -> what the promotion chose (Topology.evidence)
 
 
 @dataclass
@@ -66,11 +68,12 @@ class Topology:
     replicated: Callable[[], None]  # every write so far is on the replicas
     stop: Callable[[], None]
     extra: dict[str, str] = field(default_factory=dict)
+    # after the run: what the promotion chose (Sentinel: each replica's replication offset
+    # read just after the kill, and the one promoted), for the artifact's notes
+    evidence: Callable[[], str] = lambda: ""
 
 
 def _wait_all_replicas(port: int, replicas: int) -> None:
-    import redis as sync_redis
-
     with sync_redis.Redis(port=port, socket_timeout=30) as direct:
         direct.wait(replicas, 20_000)
 
@@ -79,13 +82,29 @@ async def _sentinel(root: Path) -> Topology:
     servers = SentinelSet(root / "sentinel", replicas=2)
     await asyncio.to_thread(servers.start)
 
+    offsets: dict[int, int] = {}  # replica port -> its replication offset at the kill
+
     def kill() -> None:
         servers.kill_master()
+        for replica in servers.replicas:  # final: nothing more reaches them
+            assert replica.port is not None
+            with sync_redis.Redis(port=replica.port, socket_timeout=5) as client:
+                offsets[replica.port] = int(client.info("replication")["slave_repl_offset"])
 
     def replicated() -> None:
         _wait_all_replicas(servers.master_port(), 2)
 
-    return Topology("sentinel", servers.url, kill, replicated, servers.stop)
+    def evidence() -> str:
+        promoted = servers.master_port()
+        others = [o for port, o in offsets.items() if port != promoted]
+        behind = max(others, default=0) - offsets.get(promoted, 0)
+        return (
+            f"promoted the replica at offset {offsets.get(promoted)} "
+            f"(the other at {', '.join(map(str, others))}: "
+            f"{'behind by ' + str(behind) + ' bytes' if behind > 0 else 'not behind'})"
+        )
+
+    return Topology("sentinel", servers.url, kill, replicated, servers.stop, evidence=evidence)
 
 
 async def _cluster(root: Path, victim_key: str, replicas: int = 1) -> Topology:
@@ -304,6 +323,10 @@ async def _run(
                     # replica it knows of, best effort (WAIT's documentation: a write WAIT
                     # acknowledged can still be lost in a failover); the cause here is not
                     # established (README, "Failover under load").
+                promotion = await asyncio.to_thread(topo.evidence)
+                if promotion:
+                    _notes[label] = f"{label}: served twice {served_twice}; {promotion}"
+                    print(_notes[label])  # (pytest -s: a loop of runs can collect them)
         finally:
             await procs.stop()
             await redis.aclose()
@@ -334,7 +357,9 @@ def _write(artifacts_dir: Path) -> None:
         "| served twice | uncharged tokens | overshoot tokens | all ended | checks | run (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    text = "\n".join([*head, *(_rows[k] for k in sorted(_rows))]) + "\n"
+    notes = ["", "What each promotion chose:", ""] if _notes else []
+    notes += [f"- {_notes[k]}" for k in sorted(_notes)]
+    text = "\n".join([*head, *(_rows[k] for k in sorted(_rows)), *notes]) + "\n"
     (artifacts_dir / ARTIFACT).write_text(text)
 
 

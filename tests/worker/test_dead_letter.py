@@ -198,3 +198,40 @@ async def test_a_job_that_cannot_be_admitted_before_its_deadline_expires_then(
     assert [r.getMessage() for r in expired] == ["expired: cannot be admitted before its deadline"]
     extra = expired[0].__dict__
     assert (extra["tenant"], extra["job"], extra["reason"]) == ("dd", job.id, "rate:model:rpm")
+
+
+@pytest.mark.parametrize("ttl_ms", [None, 60_000, 2_000], ids=["no_ttl", "far", "near"])
+async def test_a_job_waiting_for_settles_is_parked_until_the_fallback_or_its_deadline(
+    redis: Redis, ttl_ms: int | None
+) -> None:
+    """A DEFER with no time (it waits for in-flight work to settle) parks the tenant for
+    ``settle_wait_fallback_ms``, or until the job's deadline when that comes sooner."""
+    await TenantStore(redis).put("sw", TenantPolicy())
+    store = BatchStore(redis)
+    await store.create("sw", requests_for("sw", 1), **({"ttl_ms": ttl_ms} if ttl_ms else {}))
+    job = (await store.queue.pick(lease_ms=60_000)).job
+    assert job is not None
+    now = job.leased_at_ms
+    async with aiohttp.ClientSession() as session:
+        worker = idle_worker(redis, session, settle_wait_fallback_ms=5_000)
+        await worker._defer(job, Decision("DEFER", 0, "concurrency", now), "claude-m")
+    until = now + 5_000 if ttl_ms != 2_000 else job.deadline_ms
+    assert await redis.zscore("budgeter:{sched}:parked", "sw") == until
+    assert await redis.lrange("budgeter:{t:sw}:queue", 0, -1) == [job.id]
+
+
+async def test_a_job_deferred_after_its_batch_was_canceled_ends_canceled(redis: Redis) -> None:
+    await TenantStore(redis).put("dc", TenantPolicy())
+    store = BatchStore(redis)
+    batch_id = await store.create("dc", requests_for("dc", 1))
+    job = (await store.queue.pick(lease_ms=60_000)).job
+    assert job is not None
+    await store.cancel(batch_id, tenant="dc")
+    async with aiohttp.ClientSession() as session:
+        worker = idle_worker(redis, session)
+        decision = Decision("DEFER", job.leased_at_ms + 1_000, "rate:rpm", job.leased_at_ms)
+        await worker._defer(job, decision, "claude-m")
+    assert [line["result"] for line in await results_of(store, batch_id)] == [{"type": "canceled"}]
+    assert sample(worker.metrics, "budgeter_jobs_total", tenant="dc", outcome="canceled") == 1
+    assert await redis.llen("budgeter:{t:dc}:queue") == 0
+    assert (await store.status(batch_id)).ended
