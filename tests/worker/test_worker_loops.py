@@ -32,6 +32,7 @@ from budgeter.worker import worker as worker_module
 from budgeter.worker.worker import _RETRY, LeaseAnswer, Worker, _sleep_or_stop
 from tests.helpers import requests_for
 from tests.worker.test_dead_letter import idle_worker
+from tests.worker.test_worker import sample
 
 Call = tuple[str, tuple[Any, ...], dict[str, Any]]
 
@@ -593,3 +594,104 @@ async def test_sleep_or_stop_returns_at_the_time_or_at_the_stop() -> None:
     await asyncio.wait_for(_sleep_or_stop(stop, 0.01), 5)  # the time ran out: no error
     stop.set()
     await asyncio.wait_for(_sleep_or_stop(stop, 3600.0), 5)  # stopped: at once
+
+
+async def test_a_tenant_whose_upkeep_fails_is_logged_and_the_others_still_kept(
+    redis: Redis,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    for tenant in ("ua", "ub"):
+        await TenantStore(redis).put(tenant, TenantPolicy())
+    worker = idle_worker(redis, session)
+    kept: list[str] = []
+
+    async def maintain_tenant(tenant: str, _now_ms: int | None) -> None:
+        if tenant == "ua":
+            raise RuntimeError("upkeep of ua failed")
+        kept.append(tenant)
+
+    monkeypatch.setattr(worker, "_maintain_tenant", maintain_tenant)
+    with caplog.at_level(logging.INFO, logger="budgeter.worker"):
+        await worker.maintain(now_ms=1_000_000)
+    assert "ub" in kept and "ua" not in kept
+    (record,) = worker_records(caplog)
+    assert (record.getMessage(), record.levelno) == (
+        "maintenance of a tenant failed",
+        logging.ERROR,
+    )
+    assert record.__dict__["tenant"] == "ua"
+
+
+@pytest.mark.parametrize("reaped", [0, 2])
+async def test_account_reservations_reaped_are_logged_with_their_count(
+    redis: Redis,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    reaped: int,
+) -> None:
+    worker = idle_worker(redis, session)
+    asked: list[int | None] = []
+
+    async def reap_global(*, now_ms: int | None = None) -> int:
+        asked.append(now_ms)
+        return reaped
+
+    monkeypatch.setattr(worker.admission, "reap_global", reap_global)
+    with caplog.at_level(logging.INFO, logger="budgeter.worker"):
+        await worker.maintain(now_ms=1_234)
+    assert asked == [1_234]
+    said = [(r.getMessage(), r.levelno, r.__dict__.get("charged")) for r in worker_records(caplog)]
+    expected = ("reaped account reservations of a dead process", logging.WARNING, reaped)
+    assert said == ([expected] if reaped else [])
+
+
+async def test_the_upkeep_reaps_dead_reservations_counts_logs_and_wakes_the_waiting(
+    redis: Redis,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await TenantStore(redis).put("rp", TenantPolicy(max_concurrency=2))
+    worker = idle_worker(redis, session)
+    adm = worker.admission
+    now = 1_700_000_000_000
+    for rid in ("sent", "unsent"):
+        decision = await adm.reserve("rp", rid, 10, 10, hold_ms=1_000, now_ms=now)
+        assert decision.kind == "ADMIT"
+    assert await adm.mark_sent("rp", "sent")
+    waited = await adm.reserve("rp", "third", 10, 10, hold_ms=1_000, now_ms=now)
+    assert (waited.kind, waited.reason) == ("DEFER", "concurrency")  # waits for a settle
+    activated: list[Call] = []
+    spy(monkeypatch, worker.queue, "activate", activated)
+    with caplog.at_level(logging.INFO, logger="budgeter.worker"):
+        await worker.maintain(now_ms=now + 2_000)
+    for action, count in (("charged", 1), ("released", 1)):
+        assert sample(
+            worker.metrics, "budgeter_reaped_reservations_total", tenant="rp", action=action
+        ) == (count)
+    (record,) = [r for r in worker_records(caplog) if r.getMessage().startswith("reaped")]
+    assert (record.getMessage(), record.levelno) == (
+        "reaped reservations of a dead worker",
+        logging.WARNING,
+    )
+    extra = record.__dict__
+    assert (extra["tenant"], extra["charged"], extra["released"]) == ("rp", 1, 1)
+    assert activated == [("activate", ("rp",), {"unpark": True, "wake": 1})]
+
+
+async def test_results_past_their_retention_are_purged_as_of_the_workers_clock(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await TenantStore(redis).put("pr", TenantPolicy())
+    worker = idle_worker(redis, session, results_retention_ms=5_000)
+    worker.clock = lambda: 1_000.0  # seconds
+    purged: list[Call] = []
+    spy(monkeypatch, worker.batches, "purge_older_than", purged)
+    await worker.maintain()
+    assert ("purge_older_than", ("pr", 1_000_000 - 5_000), {}) in purged
+    purged.clear()
+    await worker.maintain(now_ms=2_000_000)
+    assert ("purge_older_than", ("pr", 2_000_000 - 5_000), {}) in purged
