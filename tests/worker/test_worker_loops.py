@@ -1,5 +1,6 @@
-"""The worker's loops, exactly (issue 21: mutmut's survivors in the lane, lease, pick,
-give-back, idle and maintenance plumbing of ``Worker``).
+"""The worker's loops and one job's way through it, exactly (issue 21: mutmut's survivors
+in the lane, lease, pick, give-back, idle and maintenance plumbing of ``Worker``, and in
+``_process``, ``_handle``, ``_handle_leased`` and ``_forward``).
 
 A lane that fails logs once, sleeps 1 s (or until the stop) and goes on; a lane answered
 "try again" or idle goes on; a pick that fails answers every lane "no work" and has them
@@ -9,6 +10,14 @@ counted, and wakes one worker; the idle lanes share one wait for work, each no l
 its own; a wake names the tenant to activate (a foreign name is ignored); the upkeep runs
 every ``maintenance_interval_s`` times a jitter in [0.8, 1.2].
 
+A job that fails unexpectedly is logged with its tenant and id and retried or
+dead-lettered with "internal error in worker"; if even that fails, one warning names it; a
+job cut off by the drain goes back to the head of its queue with the attempt counted and
+wakes one worker, unless its answer is being kept; a job is beating with an empty
+reservation id until it has one; a canceled, orphaned or invalid job ends with its exact
+result; a served job reports its tokens to the scheduler and wakes the tenants that waited
+for its settle.
+
 The sleeps are recorded (``_sleep_or_stop`` replaced), so nothing here waits for a
 timer to run out; queue calls are spied on and then made for real on the suite's Redis."""
 
@@ -17,22 +26,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from budgeter.admission.decision import SettleResult
+from budgeter.domain.passthrough import Passthrough
 from budgeter.domain.policy import TenantPolicy
+from budgeter.domain.results import canceled, error_body, errored
 from budgeter.queue.batches import BatchStore
 from budgeter.queue.jobqueue import Picks
 from budgeter.queue.leased import LeasedJob
 from budgeter.tenants.store import TenantStore
 from budgeter.worker import worker as worker_module
-from budgeter.worker.worker import _RETRY, LeaseAnswer, Worker, _sleep_or_stop
+from budgeter.worker.worker import _RETRY, LeaseAnswer, Worker, _params_problem, _sleep_or_stop
 from tests.helpers import requests_for
 from tests.worker.test_dead_letter import idle_worker
-from tests.worker.test_worker import sample
+from tests.worker.test_worker import results_of, sample
 
 Call = tuple[str, tuple[Any, ...], dict[str, Any]]
 
@@ -695,3 +708,189 @@ async def test_results_past_their_retention_are_purged_as_of_the_workers_clock(
     purged.clear()
     await worker.maintain(now_ms=2_000_000)
     assert ("purge_older_than", ("pr", 2_000_000 - 5_000), {}) in purged
+
+
+# one job -------------------------------------------------------------------------------
+
+
+async def one_leased(redis: Redis, tenant: str) -> tuple[BatchStore, str, LeasedJob]:
+    await TenantStore(redis).put(tenant, TenantPolicy(budgets={"day": 100_000}))
+    store = BatchStore(redis)
+    batch_id = await store.create(tenant, requests_for(tenant, 1))
+    job = (await store.queue.pick(lease_ms=60_000)).job
+    assert job is not None
+    await redis.delete(store.queue.sched.wake)
+    return store, batch_id, job
+
+
+def failing_handle(monkeypatch: pytest.MonkeyPatch, worker: Worker, exc: BaseException) -> None:
+    async def handle(_job: LeasedJob) -> None:
+        raise exc
+
+    monkeypatch.setattr(worker, "_handle", handle)
+
+
+INTERNAL = errored(error_body("api_error", "internal error in worker"))
+
+
+async def test_a_job_that_fails_unexpectedly_is_logged_and_dead_lettered_on_its_last_attempt(
+    redis: Redis,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store, batch_id, job = await one_leased(redis, "pf")
+    worker = idle_worker(redis, session, max_attempts=1)
+    failing_handle(monkeypatch, worker, RuntimeError("a bug"))
+    with caplog.at_level(logging.INFO, logger="budgeter.worker"):
+        await worker._process(job)
+    assert worker.processed == 1
+    (line,) = await results_of(store, batch_id)
+    assert line["result"] == INTERNAL
+    assert sample(worker.metrics, "budgeter_dead_lettered_total", tenant="pf") == 1
+    (record,) = worker_records(caplog)
+    assert (record.getMessage(), record.levelno) == ("job failed", logging.ERROR)
+    assert (record.__dict__["tenant"], record.__dict__["job"]) == ("pf", job.id)
+
+
+async def test_a_job_that_cannot_even_be_given_back_is_one_warning_naming_it(
+    redis: Redis,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, _, job = await one_leased(redis, "pg")
+    worker = idle_worker(redis, session)
+    failing_handle(monkeypatch, worker, RuntimeError("a bug"))
+
+    async def retry_or_dead(*_: Any) -> None:
+        raise RuntimeError("Redis away too")
+
+    monkeypatch.setattr(worker, "_retry_or_dead", retry_or_dead)
+    with caplog.at_level(logging.INFO, logger="budgeter.worker"):
+        await worker._process(job)
+    assert worker.processed == 1
+    said = [(r.getMessage(), r.levelno, r.__dict__.get("job")) for r in worker_records(caplog)]
+    assert said == [
+        ("job failed", logging.ERROR, job.id),
+        ("could not give the job back", logging.WARNING, job.id),
+    ]
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["given_back", "answer_kept"])
+async def test_a_job_cut_off_by_the_drain_goes_back_at_the_head_with_its_attempt_counted(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, kept: bool
+) -> None:
+    store, _, job = await one_leased(redis, "pc")
+    worker = idle_worker(redis, session)
+    failing_handle(monkeypatch, worker, asyncio.CancelledError())
+    held: list[LeasedJob] = []
+
+    def holds(asked: LeasedJob) -> bool:
+        held.append(asked)
+        return kept
+
+    monkeypatch.setattr(worker.keeper, "holds", holds)
+    calls: list[Call] = []
+    spy(monkeypatch, worker.queue, "requeue", calls)
+    spy(monkeypatch, worker.queue, "activate", calls)
+    with pytest.raises(asyncio.CancelledError):
+        await worker._process(job)
+    assert worker.processed == 1
+    assert held == [job]
+    if kept:  # its upstream answer is being stored: never given back
+        assert calls == []
+        return
+    assert calls == [
+        ("requeue", (job,), {"head": True, "count_attempt": True}),
+        ("activate", ("pc",), {"wake": 1}),
+    ]
+    assert await redis.lrange(worker.queue.sched.wake, 0, -1) == ["pc"]
+    again = (await store.queue.pick(lease_ms=60_000)).job
+    assert again is not None and again.id == job.id and again.attempt == job.attempt + 1
+
+
+async def test_a_job_beats_with_an_empty_reservation_id_until_it_has_one(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, job = await one_leased(redis, "pb")
+    worker = idle_worker(redis, session)
+    seen: list[tuple[dict[str, str], bool]] = []
+
+    async def handle_leased(leased: LeasedJob, lease: dict[str, str]) -> None:
+        seen.append((dict(lease), (leased.id, leased.attempt) in worker.heartbeats.beating))
+
+    monkeypatch.setattr(worker, "_handle_leased", handle_leased)
+    await worker._handle(job)
+    worker.heartbeats.cancel()
+    assert seen == [({"rid": ""}, True)]
+    assert worker.heartbeats.beating == {}
+
+
+@pytest.mark.parametrize("kind", ["canceled", "orphaned", "invalid"])
+async def test_a_canceled_orphaned_or_invalid_job_ends_with_its_exact_result(
+    redis: Redis, session: aiohttp.ClientSession, kind: str
+) -> None:
+    store, batch_id, job = await one_leased(redis, "pj")
+    params = {k: v for k, v in job.params.items() if k != "max_tokens"}
+    leased = {
+        "canceled": replace(job, canceled=True),
+        "orphaned": replace(job, orphaned=True),
+        "invalid": replace(job, validated=False, params=params),
+    }[kind]
+    problem = _params_problem(params)
+    assert problem
+    worker = idle_worker(redis, session)
+    await worker._handle_leased(leased, {"rid": ""})
+    (line,) = await results_of(store, batch_id)
+    assert (
+        line["result"]
+        == {
+            "canceled": canceled(),
+            "orphaned": errored(error_body("not_found_error", "tenant has no policy")),
+            "invalid": errored(error_body("invalid_request_error", problem)),
+        }[kind]
+    )
+    outcome = "canceled" if kind == "canceled" else "errored"
+    assert sample(worker.metrics, "budgeter_jobs_total", tenant="pj", outcome=outcome) == 1
+
+
+async def test_a_served_job_reports_its_tokens_and_wakes_the_tenants_that_waited(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, batch_id, job = await one_leased(redis, "ps")
+    worker = idle_worker(redis, session)
+    rid = job.reservation_id
+    decision = await worker.admission.reserve("ps", rid, 10, 64, sent_at_once=True)
+    assert decision.kind == "ADMIT"
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-test",
+        "content": [{"type": "text", "text": "hi"}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 10, "output_tokens": 3},
+    }
+
+    async def create_message(_params: object, _passthrough: Passthrough) -> dict[str, object]:
+        return message
+
+    monkeypatch.setattr(worker.upstream, "create_message", create_message)
+    asked: list[tuple[str, SettleResult]] = []
+
+    async def to_wake(tenant: str, settled: SettleResult) -> list[str]:
+        asked.append((tenant, settled))
+        return ["waited"]
+
+    monkeypatch.setattr(worker.admission, "to_wake", to_wake)
+    activated: list[Call] = []
+    spy(monkeypatch, worker.queue, "activate", activated)
+    worker._served["ps"] = (100, 2)  # served before, not yet reported
+    await worker._forward(job, dict(job.params), rid, 10, Passthrough())
+    assert worker._served["ps"] == (113, 3)
+    ((tenant, settled),) = asked
+    assert tenant == "ps" and settled.settled == 1 and settled.actual_tokens == 13
+    assert activated == [("activate", ("waited",), {"unpark": True, "wake": 1})]
+    (line,) = await results_of(store, batch_id)
+    assert line["result"]["type"] == "succeeded"
