@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from budgeter.admission.admission import Admission, admission_from_settings
+from budgeter.admission.admission import Admission, Usage, admission_from_settings
+from budgeter.admission.decision import SettleResult
 from budgeter.admission.global_limits import GlobalLimits
 from budgeter.admission.tree_view import TreeView
 from budgeter.domain.policy import GlobalPolicy, TenantPolicy
@@ -197,3 +198,85 @@ async def test_a_charge_in_full_rolls_up_in_the_minute_given(redis: Redis) -> No
 def test_admission_from_settings_sees_the_tree_under_its_prefix(redis: Redis) -> None:
     adm = admission_from_settings(redis, Settings(key_prefix="acme"))
     assert adm.tree._parents_key == tree_parents_key("acme")
+
+
+FUTURE = 10**13  # 2286: later than Redis's own clock, so a reap at Redis time reaps nothing
+
+
+async def test_the_account_scopes_are_reaped_at_the_time_given_and_counted(
+    redis: Redis,
+) -> None:
+    await TenantStore(redis).put("acct", TenantPolicy(budgets={"day": 10**9}))
+    await redis.set(
+        global_policy_key("budgeter"),
+        GlobalPolicy.model_validate(
+            {"rate": {"rpm": 1000}, "models": {"big": {"rate": {"otpm": 10**6}}}}
+        ).model_dump_json(),
+    )
+    adm = Admission(redis, global_limits=GlobalLimits(redis, refresh_s=0))
+    assert await Admission(redis).reap_global(now_ms=FUTURE) == 0  # no account limits
+    for rid, model in (("a1", "big"), ("a2", "small"), ("a3", "small")):
+        decision = await adm.reserve("acct", rid, 10, 10, model=model, hold_ms=1_000, now_ms=FUTURE)
+        assert decision.kind == "ADMIT"
+    assert await adm.reap_global(now_ms=FUTURE + 500) == 0  # still held
+    assert await adm.reap_global(now_ms=FUTURE + 2_000) == 3  # both models' scopes
+    assert await adm.reap_global(now_ms=FUTURE + 3_000) == 0
+    for model in ("big", "small"):
+        assert await redis.hlen(GlobalModelKeys("budgeter", model).resv) == 0
+
+
+async def test_a_reap_at_the_time_given_covers_the_keys_scope_and_writes_the_ledger(
+    redis: Redis,
+) -> None:
+    adm = await tree(redis, {"rteam": {"budgets": {"day": 10**9}}})
+    key = KeyScopeKeys("budgeter", "rteam", "k1")
+    await redis.hset(key.policy, mapping={"budget:day": "100000"})
+    await redis.sadd(TenantKeys.of("budgeter", "rteam").limited_keys, "k1")
+    decision = await adm.reserve("rteam", "d1", 10, 10, hold_ms=1_000, now_ms=FUTURE, key="k1")
+    assert decision.kind == "ADMIT"
+    assert await adm.mark_sent("rteam", "d1")
+    assert (await adm.reap("rteam", now_ms=FUTURE + 500)).settled == 0  # still held
+    reaped = await adm.reap("rteam", now_ms=FUTURE + 2_000)
+    assert (reaped.settled, reaped.charged_full) == (1, 1)
+    for scope in (TenantKeys.of("budgeter", "rteam"), key):
+        assert await redis.hlen(scope.resv) == 0
+    assert (await redis.hgetall(key.budget))["day:used"] == "20"  # the key's: in full
+    entries = await redis.xrange(TenantKeys.of("budgeter", "rteam").ledger)
+    assert [fields["outcome"] for _, fields in entries] == ["charged_full"]
+
+
+async def test_a_settle_rolls_up_in_the_minute_given(redis: Redis) -> None:
+    adm = await tree(redis, {"sm": {"budgets": {"day": 10_000}}})
+    assert (await adm.reserve("sm", "s1", 100, 50, now_ms=NOW)).kind == "ADMIT"
+    await adm.settle("sm", "s1", Usage(40, 20), now_ms=NOW)
+    minutes = await redis.hgetall(TenantKeys.of("budgeter", "sm").minutes)
+    minute = NOW // 60_000
+    assert (minutes[f"{minute}:input"], minutes[f"{minute}:output"]) == ("40", "20")
+
+
+def settled_with(*ancestors: str, waiting: bool = False) -> SettleResult:
+    return SettleResult(1, waiting, 0, 0, 0, 0, waiting_ancestors=ancestors)
+
+
+async def test_the_tenants_to_wake_are_those_below_each_ancestor_that_waited(
+    redis: Redis,
+) -> None:
+    adm = await tree(
+        redis,
+        {
+            "top": {},
+            "mid": {"parent": "top"},
+            "a": {"parent": "mid"},
+            "b": {"parent": "mid"},
+            "c": {"parent": "top"},
+            "d": {"parent": "a"},
+        },
+    )
+    assert await adm.to_wake("a", settled_with()) == []
+    assert await adm.to_wake("a", settled_with(waiting=True)) == ["a"]
+    # below mid: a is the settling tenant itself (nor what is below it), b
+    assert await adm.to_wake("a", settled_with("mid")) == ["b"]
+    assert await adm.to_wake("a", settled_with("top", waiting=True)) == ["a", "c", "mid", "b"]
+    assert await adm.to_wake("c", settled_with("top")) == ["mid", "a", "b", "d"]  # breadth first
+    assert await adm.to_wake("a", settled_with("top"), limit=2) == ["c", "mid"]
+    assert await adm.to_wake("a", settled_with("top"), limit=1) == ["c"]

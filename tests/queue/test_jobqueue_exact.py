@@ -154,3 +154,38 @@ async def test_cancelling_the_heartbeats_stops_their_loop(redis: Redis) -> None:
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 5)
     assert task.cancelled()
+
+
+async def test_an_ack_is_not_a_dead_letter_unless_said_and_a_bad_state_is_named(
+    redis: Redis,
+) -> None:
+    store = await submitted(redis, "ak", 2)
+    first, second = await leased(store, 2)
+    assert await store.queue.ack(first, "errored", {"type": "errored"})
+    assert await redis.lrange(store.queue.keys("ak").dead, 0, -1) == []
+    assert await store.queue.ack(second, "errored", {"type": "errored"}, dead=True)
+    assert await redis.lrange(store.queue.keys("ak").dead, 0, -1) == [second.id]
+    with pytest.raises(ValueError, match=r"^not a terminal state: running$"):
+        await store.queue.finish("ak", "j", "b", "c", "running", {})
+
+
+async def test_a_reclaimed_lease_wakes_one_worker(redis: Redis) -> None:
+    store = await submitted(redis, "rc", 1)
+    (job,) = await leased(store, 1)
+    requeued, dead = await store.queue.reclaim("rc", max_attempts=5, now_ms=10**13)
+    assert (requeued, dead) == (1, [])
+    assert await redis.lrange(store.queue.sched.wake, 0, -1) == ["rc"]
+    assert await redis.lrange(store.queue.keys("rc").queue, 0, -1) == [job.id]
+
+
+@pytest.mark.parametrize("left", [0, 1])
+async def test_a_tenant_found_empty_leaves_the_ready_set_unless_a_job_came_meanwhile(
+    redis: Redis, left: int
+) -> None:
+    store = await submitted(redis, "dz", 1)
+    queue = store.queue
+    await leased(store, 1)
+    if left:
+        await redis.rpush(queue.keys("dz").queue, "a-job-pushed-meanwhile")
+    await queue._deactivate("dz")
+    assert (await redis.zscore(queue.sched.ready, "dz") is not None) is bool(left)

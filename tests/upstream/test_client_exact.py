@@ -267,3 +267,21 @@ async def test_a_get_to_nobody_is_an_unreachable_error_recorded_once() -> None:
         "message": "upstream unreachable: ClientConnectorError",
     }
     assert seen == [("models", "error")]
+
+
+async def test_a_2xx_answer_that_is_not_json_is_a_final_api_error_with_its_request_id() -> None:
+    async def answer(_request: web.Request) -> web.Response:
+        return web.Response(text="<html>", headers={"request-id": "req_html"})
+
+    app = web.Application()
+    app.router.add_get("/", answer)
+    async with serve_app(app, "127.0.0.1", 0) as port, aiohttp.ClientSession() as session:
+        client = UpstreamClient(session, f"http://127.0.0.1:{port}", "k")
+        with pytest.raises(UpstreamError) as raised:
+            await client.get_json("/", {})
+    error = raised.value
+    assert (error.status, error.retryable, error.request_id) == (200, False, "req_html")
+    assert error.body == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "upstream answered non-JSON"},
+    }

@@ -894,3 +894,16 @@ async def test_a_served_job_reports_its_tokens_and_wakes_the_tenants_that_waited
     assert activated == [("activate", ("waited",), {"unpark": True, "wake": 1})]
     (line,) = await results_of(store, batch_id)
     assert line["result"]["type"] == "succeeded"
+
+
+def test_a_worker_builds_its_parts_under_its_prefix_and_starts_idle(
+    redis: Redis, session: aiohttp.ClientSession
+) -> None:
+    worker = idle_worker(redis, session, prefix="wp", lease_ms=7_000, reservation_grace_ms=3_000)
+    assert worker.redis is redis
+    assert (worker.queue.prefix, worker.tenants.prefix, worker.batches.prefix) == ("wp",) * 3
+    assert (worker.counter.prefix, worker.counter.ttl_s) == ("wp", 0)  # counts not cached
+    assert worker.keeper.queue is worker.queue
+    assert (worker.keeper.lease_ms, worker.keeper.hold_ms) == (7_000, 10_000)
+    assert worker._beating is worker.heartbeats.beating
+    assert (worker._served, worker._idle_wait_s, worker.processed) == ({}, 2.0, 0)
