@@ -33,7 +33,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from budgeter.admission.decision import SettleResult
+from budgeter.admission.decision import Decision, SettleResult, format_ms
 from budgeter.domain.passthrough import Passthrough
 from budgeter.domain.policy import TenantPolicy
 from budgeter.domain.results import canceled, error_body, errored
@@ -907,3 +907,81 @@ def test_a_worker_builds_its_parts_under_its_prefix_and_starts_idle(
     assert (worker.keeper.lease_ms, worker.keeper.hold_ms) == (7_000, 10_000)
     assert worker._beating is worker.heartbeats.beating
     assert (worker._served, worker._idle_wait_s, worker.processed) == ({}, 2.0, 0)
+
+
+NOW_MS = 1_700_000_000_000
+
+
+def scripted_decision(
+    monkeypatch: pytest.MonkeyPatch, worker: Worker, decision: Decision
+) -> list[tuple[str, dict[str, Any]]]:
+    """Counting answers 10 tokens and admission answers ``decision``; the forward is only
+    recorded (its rid and params)."""
+    forwarded: list[tuple[str, dict[str, Any]]] = []
+
+    async def count_for(*_: object) -> int:
+        return 10
+
+    async def reserve_or_defer(*_: object) -> Decision:
+        return decision
+
+    async def forward(_job: LeasedJob, params: dict[str, Any], rid: str, *_: object) -> None:
+        forwarded.append((rid, params))
+
+    monkeypatch.setattr(worker.counter, "count_for", count_for)
+    monkeypatch.setattr(worker_module, "reserve_or_defer", reserve_or_defer)
+    monkeypatch.setattr(worker, "_forward", forward)
+    return forwarded
+
+
+@pytest.mark.parametrize(("queued_for_ms", "waited_s"), [(2_500, 2.5), (-1_000, 0.0)])
+async def test_an_admitted_job_records_its_wait_and_beats_with_its_reservation(
+    redis: Redis,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    queued_for_ms: int,
+    waited_s: float,
+) -> None:
+    _, _, job = await one_leased(redis, "pa")
+    job = replace(job, enqueued_ms=NOW_MS - queued_for_ms, params={**job.params, "stream": True})
+    worker = idle_worker(redis, session)
+    forwarded = scripted_decision(monkeypatch, worker, Decision("ADMIT", 0, "", NOW_MS))
+    lease = {"rid": ""}
+    await worker._handle_leased(job, lease)
+    assert lease == {"rid": job.reservation_id}  # the heartbeat extends it from here on
+    ((rid, params),) = forwarded
+    assert rid == job.reservation_id and "stream" not in params  # the worker never streams
+    registry = worker.metrics.registry
+    labels = {"tenant": "pa"}
+    assert registry.get_sample_value("budgeter_admission_wait_seconds_sum", labels) == waited_s
+    assert registry.get_sample_value("budgeter_admission_wait_seconds_count", labels) == 1
+
+
+@pytest.mark.parametrize("kind", ["REJECT", "DEFER"])
+async def test_a_refused_or_deferred_job_names_its_model(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    store, batch_id, job = await one_leased(redis, "pm")
+    worker = idle_worker(redis, session)
+    until = job.deadline_ms + 1 if kind == "DEFER" else 0  # a DEFER past the deadline: expired
+    decision = Decision(kind, until, "rate:model:rpm", job.deadline_ms - 1_000)
+    forwarded = scripted_decision(monkeypatch, worker, decision)
+    await worker._handle_leased(job, {"rid": ""})
+    assert forwarded == []
+    (line,) = await results_of(store, batch_id)
+    text = str(line["result"])
+    assert "model claude-test" in text and "model None" not in text
+
+
+async def test_a_job_whose_deadline_is_now_expires_naming_it(
+    redis: Redis, session: aiohttp.ClientSession
+) -> None:
+    store, batch_id, job = await one_leased(redis, "pd")
+    worker = idle_worker(redis, session)
+    worker.clock = lambda: job.deadline_ms / 1000  # the very millisecond of the deadline
+    await worker._handle_leased(job, {"rid": ""})
+    (line,) = await results_of(store, batch_id)
+    assert line["result"] == {
+        "type": "expired",
+        "reason": f"its deadline {format_ms(job.deadline_ms)} passed",
+    }
