@@ -10,6 +10,8 @@ minute it was made."""
 
 from __future__ import annotations
 
+import datetime as dt
+import time
 from typing import Any
 
 import pytest
@@ -280,3 +282,81 @@ async def test_the_tenants_to_wake_are_those_below_each_ancestor_that_waited(
     assert await adm.to_wake("c", settled_with("top")) == ["mid", "a", "b", "d"]  # breadth first
     assert await adm.to_wake("a", settled_with("top"), limit=2) == ["c", "mid"]
     assert await adm.to_wake("a", settled_with("top"), limit=1) == ["c"]
+
+
+async def account_limits(redis: Redis, policy: dict[str, object], **wall: Any) -> GlobalLimits:
+    await redis.set(
+        global_policy_key("budgeter"), GlobalPolicy.model_validate(policy).model_dump_json()
+    )
+    return GlobalLimits(redis, refresh_s=0, **wall)
+
+
+async def test_the_accounts_refusal_is_named_and_rolls_back_the_tenant_and_its_chain(
+    redis: Redis,
+) -> None:
+    store = TenantStore(redis)
+    await store.put("gorg", TenantPolicy(budgets={"day": 10_000}))
+    await store.put("gteam", TenantPolicy(parent="gorg", budgets={"day": 10_000}))
+    limits = await account_limits(redis, {"rate": {"rpm": 1}})
+    adm = Admission(redis, global_limits=limits, tree=TreeView(redis, refresh_s=0))
+    assert (await adm.reserve("gteam", "g1", 10, 10, model="m", now_ms=NOW)).kind == "ADMIT"
+    assert adm._held_globally == {"g1": "m"}
+    refused = await adm.reserve("gteam", "g2", 10, 10, model="m", now_ms=NOW)
+    assert (refused.kind, refused.reason, refused.until_ms) == (
+        "DEFER",
+        "global:rate:rpm",
+        NOW + 60_000,
+    )
+    for tenant in ("gteam", "gorg"):  # g2 rolled back everywhere, g1 still held
+        keys = TenantKeys.of("budgeter", tenant)
+        assert (await budget(redis, tenant))["day:reserved"] == "20"
+        assert list(await redis.hkeys(keys.resv)) == ["g1"]
+    assert "g2" not in adm._chains and "g2" not in adm._held_globally
+    account = GlobalModelKeys("budgeter", "m")
+    assert list(await redis.hkeys(account.resv)) == ["g1"]
+
+
+async def test_a_paused_model_defers_until_the_pause_ends_at_the_accounts_time(
+    redis: Redis,
+) -> None:
+    await TenantStore(redis).put("gp", TenantPolicy())
+    limits = await account_limits(redis, {}, wall=lambda: 1_000.5)  # long before the pause
+    until = await limits.pause("pm", 30)
+    adm = Admission(redis, global_limits=limits)
+    decision = await adm.reserve("gp", "p1", 10, 10, model="pm", now_ms=NOW)
+    assert (decision.kind, decision.until_ms, decision.reason, decision.now_ms) == (
+        "DEFER",
+        until,
+        "global:paused",
+        1_000_500,
+    )
+    assert await redis.hlen(TenantKeys.of("budgeter", "gp").resv) == 0  # nothing reserved
+    other = await adm.reserve("gp", "p2", 10, 10, model="other", now_ms=NOW)
+    assert other.kind == "ADMIT"  # a pause is the model's only
+
+
+async def test_the_price_argument_is_worked_out_once_a_utc_day_for_that_day(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adm = Admission(redis)
+    asked: list[tuple[str, object]] = []
+    real = adm.prices.price
+
+    def price(model: str, day: object) -> Any:
+        asked.append((model, day))
+        return real(model, day)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(adm.prices, "price", price)
+    day = NOW // 86_400_000
+    first = adm.price_arg("claude-sonnet-4-5", NOW)
+    assert adm.price_arg("claude-sonnet-4-5", NOW + 1_000) == first  # the same day: kept
+    assert asked == [("claude-sonnet-4-5", dt.date(2025, 11, 27))]
+    assert adm._price_day == day
+    adm.price_arg("claude-sonnet-4-5", NOW + 86_400_000)  # the next day: worked out again
+    assert asked[-1] == ("claude-sonnet-4-5", dt.date(2025, 11, 28))
+    assert adm._price_day == day + 1 and len(adm._price_args) == 1
+    adm._price_args.update({f"m{i}": "" for i in range(999)})  # 1,000 remembered: the bound
+    adm.price_arg("claude-sonnet-4-5", NOW + 86_400_000)
+    assert len(adm._price_args) == 1  # cleared, then only this one
+    adm.price_arg("claude-sonnet-4-5")  # no time given: today, by the clock
+    assert adm._price_day == int(time.time() * 1000) // 86_400_000
