@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from budgeter.domain.messages import BatchRequest
 from budgeter.queue.batches import BatchStore
 from budgeter.serving import serve_app
+from budgeter.store.durability import NotReplicated
 from budgeter.upstream.mock import MockConfig, create_app
 
 
@@ -135,3 +136,24 @@ def read_port_blocking(
             raise AssertionError(f"{port_file.stem} exited ({proc.returncode}) before listening")
         time.sleep(0.02)
     raise TimeoutError(f"{port_file.stem} did not listen within {timeout_s} s")
+
+
+class UnreplicatedAfter:
+    """A registered script that runs and then fails as a WAIT that fell short would
+    (``NotReplicated`` carrying its reply: the write is on the master, the caller gets the
+    error) on each call numbered in ``failing`` (1 = the first; None: every call).
+    ``calls`` counts the calls. Put it in place of a script attribute of the object under
+    test (``Admission._reserve``, ``JobQueue._dequeue``)."""
+
+    def __init__(self, script: Any, failing: set[int] | None = None) -> None:
+        self._real = script
+        self.script = script.script
+        self.failing = failing
+        self.calls = 0
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        reply = await self._real(*args, **kwargs)
+        if self.failing is None or self.calls in self.failing:
+            raise NotReplicated("1 replica wanted, 0 acknowledged").with_reply(reply)
+        return reply

@@ -33,6 +33,7 @@ from budgeter.store.keys import (
 )
 from budgeter.tenants.store import TenantStore
 from tests.admission.test_chain import NOW, budget, tree
+from tests.helpers import UnreplicatedAfter
 
 
 async def test_an_admit_carries_the_latest_next_request_of_its_chain(redis: Redis) -> None:
@@ -107,24 +108,12 @@ async def test_a_reject_ends_the_checks_and_a_later_defer_does_not_replace_it(
     assert refused.until_ms == 0
 
 
-def unreplicated_at(adm: Admission, call: int) -> list[int]:
+def unreplicated_at(adm: Admission, call: int) -> UnreplicatedAfter:
     """The ``call``-th reservation script call (1 = the tenant's) runs, then fails as a
     WAIT that fell short would: the write is on the master, the caller gets the error."""
-    real = adm._reserve
-    calls: list[int] = []
-
-    class Failing:
-        script = real.script
-
-        async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            calls.append(len(calls) + 1)
-            reply = await real(*args, **kwargs)
-            if len(calls) == call:
-                raise NotReplicated("1 replica wanted, 0 acknowledged").with_reply(reply)
-            return reply
-
-    adm._reserve = Failing()  # type: ignore[assignment]
-    return calls
+    failing = UnreplicatedAfter(adm._reserve, {call})
+    adm._reserve = failing  # type: ignore[assignment]
+    return failing
 
 
 async def reserved_in(redis: Redis, *scopes: TenantKeys | KeyScopeKeys) -> list[str]:
@@ -149,7 +138,7 @@ async def test_an_unreplicated_reservation_in_the_chain_is_released_in_every_sco
     calls = unreplicated_at(adm, 3)  # leaf (with its key), mid, then top's fails
     with pytest.raises(NotReplicated):
         await adm.reserve("leaf", "r1", 100, 100, now_ms=NOW, key="k1")
-    assert calls == [1, 2, 3]
+    assert calls.calls == 3
     scopes = [TenantKeys.of("budgeter", t) for t in ("leaf", "mid", "top")]
     assert await reserved_in(redis, *scopes, key) == ["0", "0", "0", "0"]
     for scope in (*scopes, key):
@@ -179,7 +168,7 @@ async def test_an_unreplicated_reservation_in_the_accounts_scope_is_released_eve
     calls = unreplicated_at(adm, 3)  # team, org, then the account's scope of "big"
     with pytest.raises(NotReplicated):
         await adm.reserve("team", "g1", 100, 100, model="big", now_ms=NOW)
-    assert calls == [1, 2, 3]
+    assert calls.calls == 3
     team, org = TenantKeys.of("budgeter", "team"), TenantKeys.of("budgeter", "org")
     assert await reserved_in(redis, team, org) == ["0", "0"]
     account = GlobalModelKeys("budgeter", "big")

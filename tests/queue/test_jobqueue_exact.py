@@ -20,7 +20,7 @@ from budgeter.queue.leased import LeasedJob
 from budgeter.store.durability import NotReplicated
 from budgeter.tenants.store import TenantStore
 from budgeter.worker.heartbeat import Heartbeats
-from tests.helpers import requests_for
+from tests.helpers import UnreplicatedAfter, requests_for
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -33,20 +33,6 @@ async def submitted(redis: Redis, tenant: str, count: int) -> BatchStore:
     return store
 
 
-def unreplicated_dequeue(queue: JobQueue) -> None:
-    """Each dequeue runs, then fails as a WAIT that fell short would (its reply kept)."""
-    real = queue._dequeue
-
-    class Failing:
-        script = real.script
-
-        async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            reply = await real(*args, **kwargs)
-            raise NotReplicated("1 replica wanted, 0 acknowledged").with_reply(reply)
-
-    queue._dequeue = Failing()  # type: ignore[assignment]
-
-
 async def test_unreplicated_leases_go_back_at_the_head_refunded_and_wake_one_worker(
     redis: Redis,
 ) -> None:
@@ -54,7 +40,7 @@ async def test_unreplicated_leases_go_back_at_the_head_refunded_and_wake_one_wor
     queue = store.queue
     order = await redis.lrange(queue.keys("ur").queue, 0, -1)
     plain = queue._dequeue
-    unreplicated_dequeue(queue)
+    queue._dequeue = UnreplicatedAfter(plain)  # type: ignore[assignment]
     with pytest.raises(NotReplicated):
         await queue.pick_many(2, lease_ms=60_000)
     assert await redis.zcard(queue.keys("ur").leases) == 0  # no lease is left held

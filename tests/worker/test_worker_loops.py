@@ -87,15 +87,23 @@ def record_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[tuple[asyncio.Event, 
     return slept
 
 
-async def leased_jobs(redis: Redis, tenant: str, count: int, queued: int = 0) -> list[LeasedJob]:
-    """``count`` jobs of ``tenant`` leased (``queued`` more left in its queue)."""
-    await TenantStore(redis).put(tenant, TenantPolicy())
+async def leased_batch(
+    redis: Redis, tenant: str, count: int, *, queued: int = 0, policy: TenantPolicy | None = None
+) -> tuple[BatchStore, str, list[LeasedJob]]:
+    """One batch of ``tenant``: ``count`` jobs leased, ``queued`` more left in its queue
+    (the submit's wakes cleared: not the test's)."""
+    await TenantStore(redis).put(tenant, policy or TenantPolicy())
     store = BatchStore(redis)
-    await store.create(tenant, requests_for(tenant, count + queued))
+    batch_id = await store.create(tenant, requests_for(tenant, count + queued))
     picks = await store.queue.pick_many(count, lease_ms=60_000)
     assert len(picks.jobs) == count
-    await redis.delete(store.queue.sched.wake)  # the submit's wakes: not the test's
-    return picks.jobs
+    await redis.delete(store.queue.sched.wake)
+    return store, batch_id, picks.jobs
+
+
+async def leased_jobs(redis: Redis, tenant: str, count: int, queued: int = 0) -> list[LeasedJob]:
+    """``count`` jobs of ``tenant`` leased (``queued`` more left in its queue)."""
+    return (await leased_batch(redis, tenant, count, queued=queued))[2]
 
 
 def worker_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -714,12 +722,9 @@ async def test_results_past_their_retention_are_purged_as_of_the_workers_clock(
 
 
 async def one_leased(redis: Redis, tenant: str) -> tuple[BatchStore, str, LeasedJob]:
-    await TenantStore(redis).put(tenant, TenantPolicy(budgets={"day": 100_000}))
-    store = BatchStore(redis)
-    batch_id = await store.create(tenant, requests_for(tenant, 1))
-    job = (await store.queue.pick(lease_ms=60_000)).job
-    assert job is not None
-    await redis.delete(store.queue.sched.wake)
+    store, batch_id, (job,) = await leased_batch(
+        redis, tenant, 1, policy=TenantPolicy(budgets={"day": 100_000})
+    )
     return store, batch_id, job
 
 
