@@ -273,7 +273,7 @@ class JobQueue:
                 log.warning("leasing a tenant's jobs failed: %s", exc)
             if jobs:
                 return Picks(jobs, next_parked, now)
-        return Picks([], -1, now)
+        return Picks([], next_parked, now)  # the park end still told: a wake at its time
 
     async def _take(
         self, tenant: str, count: int, *, lease_ms: int, now_arg: str, probe: bool = False

@@ -48,6 +48,7 @@ from budgeter.worker.reserving import reserve_or_defer
 log = logging.getLogger("budgeter.worker")
 
 PICKS_DRAIN_S = 10.0  # how long a drain waits for leases being taken or given back
+ERROR_PAUSE_S = 1.0  # how long a lane sleeps after its pick or its loop failed
 
 
 class _Retry:
@@ -148,7 +149,7 @@ class Worker:
                     continue
             except Exception:  # never lose a lane
                 log_failure(log, "lane failed; retrying")
-                await _sleep_or_stop(stop, 1.0)
+                await _sleep_or_stop(stop, ERROR_PAUSE_S)
                 continue
             self._busy += 1
             try:
@@ -224,11 +225,12 @@ class Worker:
         wait_s = self._idle_wait_s
         if self._idler is None or self._idler.done():
             if wait_s < 0:
-                self._idler = asyncio.create_task(_sleep_or_stop(stop, 1.0))
+                self._idler = asyncio.create_task(_sleep_or_stop(stop, ERROR_PAUSE_S))
             else:
                 self._idler = asyncio.create_task(self._wait_for_work(stop, wait_s))
+        timeout_s = ERROR_PAUSE_S if wait_s < 0 else max(wait_s, 0.01)  # after an error: a pause
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._idler), timeout=max(wait_s, 0.01))
+            await asyncio.wait_for(asyncio.shield(self._idler), timeout=timeout_s)
 
     async def _wait_for_work(self, stop: asyncio.Event, wait_s: float) -> None:
         waiter = asyncio.create_task(self.queue.wait_for_work(wait_s))

@@ -10,9 +10,12 @@ minute it was made."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import os
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -20,8 +23,10 @@ from redis.asyncio import Redis
 from budgeter.admission.admission import Admission, Usage, admission_from_settings
 from budgeter.admission.decision import SettleResult
 from budgeter.admission.global_limits import GlobalLimits
+from budgeter.admission.scopes import reserve_keys, settle_keys
 from budgeter.admission.tree_view import TreeView
 from budgeter.domain.policy import GlobalPolicy, TenantPolicy
+from budgeter.domain.pricing import ModelPrice, PriceTable
 from budgeter.settings import Settings
 from budgeter.store.durability import NotReplicated
 from budgeter.store.keys import (
@@ -29,10 +34,11 @@ from budgeter.store.keys import (
     KeyScopeKeys,
     TenantKeys,
     global_policy_key,
+    notify_pending_key,
     tree_parents_key,
 )
 from budgeter.tenants.store import TenantStore
-from tests.admission.test_chain import NOW, budget, tree
+from tests.admission.test_chain import NOW, budget, record, tree
 from tests.helpers import UnreplicatedAfter
 
 
@@ -349,3 +355,253 @@ async def test_the_price_argument_is_worked_out_once_a_utc_day_for_that_day(
     assert len(adm._price_args) == 1  # cleared, then only this one
     adm.price_arg("claude-sonnet-4-5")  # no time given: today, by the clock
     assert adm._price_day == int(time.time() * 1000) // 86_400_000
+
+
+# --- issue 21, second round: the account's scope, the hint, the defaults and the caches ---
+
+
+async def test_an_admission_under_a_prefix_sees_the_tree_under_that_prefix(redis: Redis) -> None:
+    store = TenantStore(redis, prefix="acme")
+    await store.put("porg", TenantPolicy(budgets={"day": 10_000}))
+    await store.put("pteam", TenantPolicy(parent="porg"))
+    adm = Admission(redis, prefix="acme")  # its own tree view, of acme's tree
+    assert adm.tree._parents_key == tree_parents_key("acme")
+    assert (await adm.reserve("pteam", "p1", 10, 10, now_ms=NOW)).kind == "ADMIT"
+    parent = await redis.hgetall(TenantKeys.of("acme", "porg").budget)
+    assert parent["day:reserved"] == "20"
+    assert list(await redis.hkeys(TenantKeys.of("acme", "porg").resv)) == ["p1"]
+
+
+async def test_a_mapping_of_prices_overrides_the_table_and_a_price_table_is_kept(
+    redis: Redis,
+) -> None:
+    adm = Admission(redis, prices={"house-model": ModelPrice(input=3, output=15)})
+    assert adm.price_arg("house-model", NOW) == ModelPrice(input=3, output=15).lua_arg()
+    assert adm.price_arg("house-model", NOW) == "3 15 3.75 0.3"
+    table = PriceTable(bundled=False)
+    assert Admission(redis, prices=table).prices is table
+
+
+def test_a_tenants_key_names_are_remembered_and_forgotten_only_for_a_new_tenant(
+    redis: Redis,
+) -> None:
+    adm = Admission(redis)
+    names = adm._names("kn")
+    assert adm._names("kn") is names  # remembered: worked out once
+    assert names[0] == reserve_keys(TenantKeys.of("budgeter", "kn"))
+    assert names[1] == settle_keys(TenantKeys.of("budgeter", "kn"), ledger=True)
+    adm._key_names.update({f"t{i}": names for i in range(9_999)})  # 10,000 remembered
+    assert adm._names("kn") is names and len(adm._key_names) == 10_000  # known: kept
+    adm._names("another")
+    assert list(adm._key_names) == ["another"]  # a new one at the bound: cleared first
+
+
+class AskedPrices(PriceTable):
+    """The price table, recording the (model, day) of every price asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[str, dt.date | None]] = []
+
+    def price(self, model: str, day: dt.date | None = None) -> ModelPrice | None:
+        self.asked.append((model, day))
+        return super().price(model, day)
+
+
+@pytest.fixture
+def local_time_behind_utc() -> Iterator[None]:
+    """The process's local time zone twelve hours behind UTC (a POSIX TZ), restored after."""
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "UTC+12"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
+
+
+@pytest.mark.usefixtures("local_time_behind_utc")
+def test_the_price_day_is_the_utc_day_whatever_the_local_time_zone(redis: Redis) -> None:
+    prices = AskedPrices()
+    adm = Admission(redis, prices=prices)
+    one_am = NOW + 3_600_000  # 2025-11-27T01:00Z: still the 26th twelve hours west
+    assert dt.datetime.fromtimestamp(one_am / 1000).date() == dt.date(2025, 11, 26)
+    adm.price_arg("claude-sonnet-4-5", one_am)
+    assert prices.asked == [("claude-sonnet-4-5", dt.date(2025, 11, 27))]
+
+
+async def test_a_reservation_is_priced_on_the_day_of_the_time_given(redis: Redis) -> None:
+    await TenantStore(redis).put("pd", TenantPolicy())
+    prices = AskedPrices()
+    adm = Admission(redis, prices=prices)
+    decision = await adm.reserve("pd", "d1", 10, 10, model="claude-sonnet-4-5", now_ms=NOW)
+    assert decision.kind == "ADMIT"
+    assert prices.asked == [("claude-sonnet-4-5", dt.date(2025, 11, 27))]
+
+
+async def test_a_reservation_without_a_model_is_accounted_to_the_unknown_model(
+    redis: Redis,
+) -> None:
+    adm = await tree(redis, {"nm": {"budgets": {"day": 10_000}}})
+    assert (await adm.reserve("nm", "u1", 10, 10, now_ms=NOW)).kind == "ADMIT"
+    assert (await record(redis, "nm", "u1"))["m"] == "unknown"
+    await adm.settle("nm", "u1", Usage(4, 6), now_ms=NOW)
+    entries = cast(
+        list[tuple[str, dict[str, str]]],
+        await redis.xrange(TenantKeys.of("budgeter", "nm").ledger),
+    )
+    assert [fields["model"] for _, fields in entries] == ["unknown"]
+    usage = await redis.hgetall(TenantKeys.of("budgeter", "nm").usage)
+    assert (usage["day:2025-11-27:unknown:input"], usage["day:2025-11-27:unknown:output"]) == (
+        "4",
+        "6",
+    )
+
+
+async def test_a_refusal_of_a_tenant_with_a_keys_limits_remembers_no_chain(
+    redis: Redis,
+) -> None:
+    adm = await tree(redis, {"kd": {"rate": {"rpm": 1}}})
+    key = KeyScopeKeys("budgeter", "kd", "k1")
+    await redis.hset(key.policy, mapping={"budget:day": "100000"})
+    await redis.sadd(TenantKeys.of("budgeter", "kd").limited_keys, "k1")
+    assert (await adm.reserve("kd", "r1", 10, 10, now_ms=NOW, key="k1")).kind == "ADMIT"
+    assert list(adm._chains) == ["r1"]  # its key's scope, for mark_sent and settle
+    deferred = await adm.reserve("kd", "r2", 10, 10, now_ms=NOW, key="k1")
+    assert (deferred.kind, deferred.reason) == ("DEFER", "rate:rpm")
+    assert list(adm._chains) == ["r1"]
+    assert list(await redis.hkeys(key.resv)) == ["r1"]
+
+
+async def test_a_flat_tenants_admission_remembers_no_chain(redis: Redis) -> None:
+    adm = await tree(redis, {"flat": {"budgets": {"day": 10_000}}})
+    assert (await adm.reserve("flat", "f1", 10, 10, now_ms=NOW)).kind == "ADMIT"
+    assert adm._chains == {}
+
+
+async def test_a_tenants_own_reject_is_the_answer_and_its_ancestors_are_not_asked(
+    redis: Redis,
+) -> None:
+    adm = await tree(
+        redis,
+        {
+            "rtop": {"allowed_models": ["x"]},
+            "rleaf": {"parent": "rtop", "allowed_models": ["x"]},
+        },
+    )
+    refused = await adm.reserve("rleaf", "q1", 10, 10, model="y", now_ms=NOW)
+    assert (refused.kind, refused.reason, refused.detail) == ("REJECT", "model_not_allowed", "y")
+    assert adm._chains == {}
+
+
+async def test_the_accounts_reservation_is_marked_sent_and_reaped_in_full(
+    redis: Redis,
+) -> None:
+    await TenantStore(redis).put("gs", TenantPolicy(budgets={"day": 10**9}))
+    limits = await account_limits(redis, {"budgets": {"day": 10**9}})
+    adm = Admission(redis, global_limits=limits)
+    decision = await adm.reserve("gs", "s1", 10, 5, model="m", hold_ms=1_000, now_ms=FUTURE)
+    assert decision.kind == "ADMIT"
+    account = GlobalModelKeys("budgeter", "m")
+    assert await redis.hgetall(account.resv_sent) == {"s1": "1"}
+    assert await redis.hlen(TenantKeys.of("budgeter", "gs").resv_sent) == 0  # not asked to
+    assert await adm.reap_global(now_ms=FUTURE + 2_000) == 1
+    budget_of_account = await redis.hgetall(account.budget)
+    assert (budget_of_account["day:used"], budget_of_account["day:reserved"]) == ("15", "0")
+
+
+async def test_the_accounts_refusal_rolls_back_a_tenant_without_a_chain(redis: Redis) -> None:
+    await TenantStore(redis).put("solo", TenantPolicy(budgets={"day": 10_000}))
+    limits = await account_limits(redis, {"rate": {"rpm": 1}})
+    adm = Admission(redis, global_limits=limits)
+    assert (await adm.reserve("solo", "g1", 10, 10, model="m", now_ms=NOW)).kind == "ADMIT"
+    refused = await adm.reserve("solo", "g2", 10, 10, model="m", now_ms=NOW)
+    assert (refused.kind, refused.reason, refused.until_ms) == (
+        "DEFER",
+        "global:rate:rpm",
+        NOW + 60_000,
+    )
+    assert (await budget(redis, "solo"))["day:reserved"] == "20"
+    assert list(await redis.hkeys(TenantKeys.of("budgeter", "solo").resv)) == ["g1"]
+    assert adm._held_globally == {"g1": "m"} and adm._chains == {}
+
+
+async def test_a_settle_settles_the_accounts_scope_and_forgets_the_reservation(
+    redis: Redis,
+) -> None:
+    store = TenantStore(redis)
+    await store.put("sorg", TenantPolicy(budgets={"day": 10_000}))
+    await store.put("steam", TenantPolicy(parent="sorg", budgets={"day": 10_000}))
+    limits = await account_limits(redis, {"budgets": {"day": 10_000}})
+    adm = Admission(redis, global_limits=limits, tree=TreeView(redis, refresh_s=0))
+    assert (await adm.reserve("steam", "s1", 10, 10, model="m", now_ms=NOW)).kind == "ADMIT"
+    account = GlobalModelKeys("budgeter", "m")
+    assert (await redis.hgetall(account.budget))["day:reserved"] == "20"
+    assert list(adm._chains) == ["s1"] and adm._held_globally == {"s1": "m"}
+    result = await adm.settle("steam", "s1", Usage(3, 4), now_ms=NOW)
+    assert (result.settled, result.actual_tokens) == (1, 7)
+    for keys in (account, TenantKeys.of("budgeter", "sorg"), TenantKeys.of("budgeter", "steam")):
+        counters = await redis.hgetall(keys.budget)
+        assert (counters["day:used"], counters["day:reserved"]) == ("7", "0")
+        assert await redis.hlen(keys.resv) == 0
+    assert adm._chains == {} and adm._held_globally == {}
+
+
+async def notified_admission(redis: Redis, tenant: str) -> Admission:
+    """``tenant`` (under the prefix "acme") told at half of its day's 1,000 tokens."""
+    policy = {"budgets": {"day": 1000}, "notify": {"thresholds": [0.5]}}
+    await TenantStore(redis, prefix="acme").put(tenant, TenantPolicy.model_validate(policy))
+    return Admission(redis, prefix="acme", prices=PriceTable(bundled=False))
+
+
+async def test_a_settle_that_appends_events_names_its_tenant_for_delivery(redis: Redis) -> None:
+    adm = await notified_admission(redis, "hn")
+    pending = notify_pending_key("acme")
+    assert (await adm.reserve("hn", "h1", 0, 400, now_ms=NOW)).kind == "ADMIT"
+    assert (await adm.settle("hn", "h1", Usage(0, 400), now_ms=NOW)).events == 0
+    assert await redis.smembers(pending) == set()  # nothing to deliver: no hint
+    assert (await adm.reserve("hn", "h2", 0, 100, now_ms=NOW)).kind == "ADMIT"
+    assert (await adm.settle("hn", "h2", Usage(0, 100), now_ms=NOW)).events == 1
+    assert await redis.smembers(pending) == {"hn"}
+
+
+async def test_a_reap_that_appends_events_names_its_tenant_for_delivery(redis: Redis) -> None:
+    adm = await notified_admission(redis, "hr")
+    decision = await adm.reserve(
+        "hr", "h1", 0, 600, hold_ms=1_000, now_ms=FUTURE, sent_at_once=True
+    )
+    assert decision.kind == "ADMIT"
+    assert (await adm.reap("hr", now_ms=FUTURE + 500)).events == 0
+    assert await redis.smembers(notify_pending_key("acme")) == set()
+    reaped = await adm.reap("hr", now_ms=FUTURE + 2_000)
+    assert (reaped.charged_full, reaped.events) == (1, 1)
+    assert await redis.smembers(notify_pending_key("acme")) == {"hr"}
+
+
+async def test_the_account_scopes_are_reaped_a_thousand_reservations_at_a_time(
+    redis: Redis,
+) -> None:
+    await TenantStore(redis).put("bulk", TenantPolicy())
+    limits = await account_limits(redis, {"budgets": {"day": 10**9}})
+    adm = Admission(redis, global_limits=limits)
+    decisions = await asyncio.gather(
+        *(
+            adm.reserve("bulk", f"b{i}", 1, 1, model="m", hold_ms=1_000, now_ms=FUTURE)
+            for i in range(1_001)
+        )
+    )
+    assert {d.kind for d in decisions} == {"ADMIT"}
+    assert await adm.reap_global(now_ms=FUTURE + 2_000) == 1_000
+    assert await adm.reap_global(now_ms=FUTURE + 2_000) == 1
+
+
+async def test_at_most_a_hundred_tenants_are_woken_by_default(redis: Redis) -> None:
+    policies: dict[str, dict[str, object]] = {"wtop": {}}
+    policies.update({f"w{i:03}": {"parent": "wtop"} for i in range(102)})
+    adm = await tree(redis, policies)
+    woken = await adm.to_wake("w000", settled_with("wtop"))
+    assert woken == [f"w{i:03}" for i in range(1, 101)]

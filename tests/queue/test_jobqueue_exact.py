@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from budgeter.domain.policy import TenantPolicy
+from budgeter.domain.policy import NotifyPolicy, TenantPolicy
 from budgeter.queue.batches import BatchStore
-from budgeter.queue.jobqueue import JobQueue
+from budgeter.queue.jobqueue import JobQueue, NewJob, Picks, UnknownTenantError
 from budgeter.queue.leased import LeasedJob
 from budgeter.store.durability import NotReplicated
+from budgeter.store.keys import notify_pending_key
+from budgeter.store.types import ScriptArg
 from budgeter.tenants.store import TenantStore
 from budgeter.worker.heartbeat import Heartbeats
 from tests.helpers import UnreplicatedAfter, requests_for
@@ -175,3 +177,235 @@ async def test_a_tenant_found_empty_leaves_the_ready_set_unless_a_job_came_meanw
         await redis.rpush(queue.keys("dz").queue, "a-job-pushed-meanwhile")
     await queue._deactivate("dz")
     assert (await redis.zscore(queue.sched.ready, "dz") is not None) is bool(left)
+
+
+NOW = 1_764_201_600_000
+TTL = 3_600_000
+PARAMS: dict[str, Any] = {"model": "m", "max_tokens": 8, "messages": []}
+
+
+def fixed_clock(monkeypatch: pytest.MonkeyPatch, on_call: Any = None) -> list[int]:
+    """Redis server time as ``submit`` reads it, fixed at NOW; ``on_call`` (awaited with
+    the call's number, 1 first) runs inside each submission's WATCH. Returns the calls."""
+    calls: list[int] = []
+
+    async def server_time_ms(_redis: object) -> int:
+        calls.append(len(calls) + 1)
+        if on_call is not None:
+            await on_call(len(calls))
+        return NOW
+
+    monkeypatch.setattr("budgeter.queue.jobqueue.server_time_ms", server_time_ms)
+    return calls
+
+
+async def test_a_new_batch_holds_its_id_times_and_zero_counts_at_normal_priority(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await TenantStore(redis).put("nb", TenantPolicy())
+    queue = JobQueue(redis)
+    fixed_clock(monkeypatch)
+    jobs = [NewJob("a", PARAMS, validated=True), NewJob("b", PARAMS)]
+    assert await queue.submit("nb", "b1", jobs, ttl_ms=TTL) == 2
+    keys = queue.keys("nb")
+    assert await redis.hgetall(keys.batch("b1")) == {
+        "id": "b1",
+        "created_ms": str(NOW),
+        "expires_ms": str(NOW + TTL),
+        "processing": "2",
+        "succeeded": "0",
+        "errored": "0",
+        "canceled": "0",
+        "expired": "0",
+    }
+    assert await redis.hgetall(keys.bmeta) == {"b1": f"{NOW} {NOW + TTL}"}  # normal: no 3rd
+    assert await redis.lrange(keys.queue, 0, -1) == ["b1:a", "b1:b"]
+    body = '{"model":"m","max_tokens":8,"messages":[]}'
+    assert await redis.hgetall(keys.jobs) == {
+        "b1:a": "v1 " + body,  # validated by the producer: tagged, not validated again
+        "b1:b": body,
+    }
+
+
+async def test_more_jobs_for_an_ended_batch_reopen_it_at_its_first_priority(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await TenantStore(redis).put("eb", TenantPolicy())
+    queue = JobQueue(redis)
+    fixed_clock(monkeypatch)
+    keys = queue.keys("eb")
+    assert await queue.submit("eb", "b1", [NewJob("a", PARAMS)], priority="high") == 1
+    (job,) = (await queue.pick_many(1, lease_ms=60_000, now_ms=NOW)).jobs
+    assert await queue.finish("eb", job.id, "b1", "a", "succeeded", {}) is True
+    assert await redis.hexists(keys.batch("b1"), "ended_ms")
+    assert await queue.submit("eb", "b1", [NewJob("a", PARAMS), NewJob("b", PARAMS)]) == 1
+    batch = await redis.hgetall(keys.batch("b1"))
+    assert "ended_ms" not in batch  # open again: it can end again
+    assert (batch["processing"], batch["succeeded"]) == ("1", "1")
+    assert await redis.lrange(keys.queue_high, 0, -1) == ["b1:b"]  # the batch's priority
+    assert await redis.lrange(keys.queue, 0, -1) == []
+
+
+async def test_a_retried_submission_of_a_batch_without_meta_takes_the_priority_given(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await TenantStore(redis).put("bm", TenantPolicy())
+    queue = JobQueue(redis)
+    fixed_clock(monkeypatch)
+    keys = queue.keys("bm")
+    assert await queue.submit("bm", "b1", [NewJob("a", PARAMS)]) == 1
+    await redis.hdel(keys.bmeta, "b1")  # e.g. written by an older producer
+    assert await queue.submit("bm", "b1", [NewJob("b", PARAMS)], priority="low") == 1
+    assert await redis.lrange(keys.queue_low, 0, -1) == ["b1:b"]
+    assert await redis.lrange(keys.queue, 0, -1) == ["b1:a"]
+
+
+async def test_work_for_a_tenant_without_a_policy_is_refused_by_name(redis: Redis) -> None:
+    queue = JobQueue(redis)
+    with pytest.raises(UnknownTenantError, match=r"^tenant 'np' has no policy$"):
+        await queue.submit("np", "b1", [NewJob("a", PARAMS)])
+    assert await redis.keys("*") == []
+
+
+async def test_a_policy_deleted_during_a_submission_makes_it_retry_and_be_refused(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await TenantStore(redis).put("pd", TenantPolicy())
+    queue = JobQueue(redis)
+
+    async def delete_policy(call: int) -> None:
+        if call == 1:
+            await redis.delete(queue.keys("pd").policy)
+
+    calls = fixed_clock(monkeypatch, delete_policy)
+    with pytest.raises(UnknownTenantError, match=r"^tenant 'pd' has no policy$"):
+        await queue.submit("pd", "b1", [NewJob("a", PARAMS)])
+    assert calls == [1]  # the retry found no policy before reading the clock
+    keys = queue.keys("pd")
+    assert await redis.exists(keys.batch("b1"), keys.jobs, keys.queue, keys.bmeta) == 0
+
+
+async def test_a_batch_submitted_concurrently_is_retried_and_adds_no_job_twice(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await TenantStore(redis).put("cs", TenantPolicy())
+    queue, other = JobQueue(redis), JobQueue(redis)
+    jobs = [NewJob("a", PARAMS), NewJob("b", PARAMS)]
+
+    async def submit_meanwhile(call: int) -> None:
+        if call == 1:
+            assert await other.submit("cs", "b1", jobs) == 2
+
+    calls = fixed_clock(monkeypatch, submit_meanwhile)
+    assert await queue.submit("cs", "b1", jobs) == 0  # the other one added them
+    assert calls == [1, 2, 3]  # this one, the other one, this one again
+    keys = queue.keys("cs")
+    assert await redis.lrange(keys.queue, 0, -1) == ["b1:a", "b1:b"]
+    assert await redis.hget(keys.batch("b1"), "processing") == "2"
+
+
+async def test_a_submission_that_always_meets_a_concurrent_change_gives_up_after_20(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await TenantStore(redis).put("gu", TenantPolicy())
+    queue = JobQueue(redis)
+
+    async def touch_batch(call: int) -> None:
+        await redis.hset(queue.keys("gu").batch("b1"), "touched", call)
+
+    calls = fixed_clock(monkeypatch, touch_batch)
+    message = r"^batch 'b1': too many concurrent submissions, try again$"
+    with pytest.raises(RuntimeError, match=message):
+        await queue.submit("gu", "b1", [NewJob("a", PARAMS)])
+    assert calls == list(range(1, 21))
+    assert await redis.hgetall(queue.keys("gu").batch("b1")) == {"touched": "20"}
+
+
+@pytest.mark.parametrize(("foreign", "left"), [(1, []), (9, ["Foreign 8"])])
+async def test_foreign_tenants_in_the_ready_set_are_dropped_for_eight_rounds_at_most(
+    redis: Redis, foreign: int, left: list[str]
+) -> None:
+    queue = JobQueue(redis)
+    names = [f"Foreign {i}" for i in range(foreign)]  # not tenant ids: a foreign producer's
+    await redis.zadd(queue.sched.ready, dict.fromkeys(names, 0))
+    await redis.zadd(queue.sched.parked, {"pk": NOW + 5_000})
+    picks = await queue.pick_many(1, lease_ms=60_000, now_ms=NOW)
+    # one dropped per round; after eight fruitless rounds: nothing, and the park end told
+    # (it told none: the worker then waited for a wake signal, not the park's end)
+    assert picks == Picks([], NOW + 5_000, NOW)
+    assert await redis.zrange(queue.sched.ready, 0, -1) == left
+
+
+async def test_a_tenant_whose_lease_fails_is_one_warning_when_another_tenant_leased(
+    redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = (await submitted(redis, "lo", 1)).queue
+    await submitted(redis, "lf", 1)
+    plain = queue._dequeue
+
+    async def dequeue(*, keys: list[str], args: list[ScriptArg]) -> Any:
+        if keys[0] == queue.keys("lf").queue:
+            raise RuntimeError("dequeue failed")
+        return await plain(keys=keys, args=args)
+
+    queue._dequeue = dequeue  # type: ignore[assignment]
+    with caplog.at_level(logging.INFO, logger="budgeter.jobqueue"):
+        picks = await queue.pick_many(2, lease_ms=60_000)
+    assert [job.tenant for job in picks.jobs] == ["lo"]
+    records = [r for r in caplog.records if r.name == "budgeter.jobqueue"]
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (logging.WARNING, "leasing a tenant's jobs failed: dequeue failed")
+    ]
+
+
+async def probing(redis: Redis, tenant: str, count: int) -> JobQueue:
+    """A tenant with ``count`` jobs whose park ends at NOW: its next pick is a probe."""
+    await TenantStore(redis).put(tenant, TenantPolicy())
+    store = BatchStore(redis)
+    if count:
+        await store.create(tenant, requests_for(tenant, count))
+    await redis.delete(store.queue.sched.wake)  # the submit's wakes: not the test's
+    await store.queue.pace(tenant, NOW)
+    return store.queue
+
+
+async def test_an_unreplicated_probe_lease_given_back_ends_the_probes_hold(
+    redis: Redis,
+) -> None:
+    queue = await probing(redis, "pu", 2)
+    queue._dequeue = UnreplicatedAfter(queue._dequeue)  # type: ignore[assignment]
+    with pytest.raises(NotReplicated):
+        await queue.pick_many(4, lease_ms=60_000, now_ms=NOW)
+    s = queue.sched
+    assert await redis.zrange(s.held, 0, -1) == []  # the hold ended: ready again
+    assert await redis.zrange(s.ready, 0, -1) == ["pu"]
+    assert await redis.hget(s.probe, "pu") == "0"  # given back unserved: not counted
+    assert await redis.lrange(s.wake, 0, -1) == ["pu"]
+    assert await redis.llen(queue.keys("pu").queue) == 2
+
+
+async def test_a_probe_with_nothing_to_lease_ends_its_hold_uncounted(redis: Redis) -> None:
+    queue = await probing(redis, "pn", 0)
+    picks = await queue.pick_many(4, lease_ms=60_000, now_ms=NOW)
+    assert picks == Picks([], -1, NOW)
+    s = queue.sched
+    assert await redis.hget(s.probe, "pn") == "0"  # still probing, this one not counted
+    assert await redis.zrange(s.held, 0, -1) == []
+    assert await redis.zrange(s.ready, 0, -1) == []  # nothing queued: not ready
+    assert await redis.lrange(s.wake, 0, -1) == ["pn"]
+
+
+async def test_a_finished_job_is_not_dead_unless_said_and_names_its_tenant_for_delivery(
+    redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = await submitted(redis, "fn", 1)
+    await TenantStore(redis).put("fn", TenantPolicy(notify=NotifyPolicy(thresholds=[0.5])))
+    queue = store.queue
+    (job,) = await leased(store, 1)
+    with caplog.at_level(logging.INFO):
+        done = await queue.finish("fn", job.id, job.batch_id, job.custom_id, "errored", {})
+    assert done is True
+    assert await redis.lrange(queue.keys("fn").dead, 0, -1) == []
+    assert await redis.smembers(notify_pending_key("budgeter")) == {"fn"}  # batch.ended
+    assert await redis.keys("*notify*pending*") == [notify_pending_key("budgeter")]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

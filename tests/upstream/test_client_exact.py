@@ -14,12 +14,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from budgeter.serving import serve_app
+from budgeter.upstream import client as client_module
 from budgeter.upstream.client import (
     UpstreamClient,
     UpstreamError,
     _is_error_body,
     _lost,
     _retry_after_s,
+    count_tokens_body,
 )
 
 
@@ -285,3 +287,157 @@ async def test_a_2xx_answer_that_is_not_json_is_a_final_api_error_with_its_reque
         "type": "error",
         "error": {"type": "api_error", "message": "upstream answered non-JSON"},
     }
+
+
+# count_tokens, the retry loop's words and its timing (mutmut's survivors of 2026-12-07) --
+
+Reply = tuple[int, object, dict[str, str]]
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[str, list[Reply], list[object]]]:
+    """An upstream whose POST routes answer the next (status, JSON, headers) of the list
+    and keep each request body they got."""
+    replies: list[Reply] = []
+    bodies: list[object] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        bodies.append(await request.json())
+        status, payload, headers = replies.pop(0)
+        return web.json_response(payload, status=status, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", answer)
+    app.router.add_post("/v1/messages/count_tokens", answer)
+    async with serve_app(app, "127.0.0.1", 0) as port:
+        yield f"http://127.0.0.1:{port}", replies, bodies
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{}, {"input_tokens": None}, {"input_tokens": True}, {"input_tokens": "12"}],
+    ids=["missing", "null", "bool", "string"],
+)
+async def test_a_count_tokens_answer_without_input_tokens_is_a_final_api_error(
+    scripted: tuple[str, list[Reply], list[object]], payload: dict[str, object]
+) -> None:
+    url, replies, bodies = scripted
+    replies.append((200, payload, {"request-id": "req_count"}))
+    async with aiohttp.ClientSession() as session:
+        client = UpstreamClient(session, url, "k")
+        with pytest.raises(UpstreamError) as raised:
+            await client.count_tokens({"model": "claude-m", "messages": []})
+    error = raised.value
+    assert (error.status, error.retryable, error.maybe_served, error.request_id) == (
+        200,
+        False,
+        False,
+        "req_count",
+    )
+    assert error.body == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "count_tokens answer lacks input_tokens"},
+    }
+    assert str(error) == "upstream 200: api_error: count_tokens answer lacks input_tokens"
+    assert bodies == [{"model": "claude-m", "messages": []}]  # asked once: final
+
+
+@pytest.mark.parametrize(
+    ("betas", "sent"),
+    [
+        ((), {"model": "claude-m"}),
+        (("context-management-2025-06-27",), {"model": "claude-m", "context_management": {}}),
+    ],
+)
+def test_count_tokens_sends_the_beta_only_fields_only_under_a_beta(
+    betas: tuple[str, ...], sent: dict[str, object]
+) -> None:
+    params = {"model": "claude-m", "context_management": {}, "max_tokens": 5}
+    assert count_tokens_body(params, betas) == sent
+
+
+@pytest.mark.parametrize(
+    ("route", "call"),
+    [("count_tokens", "count_tokens_raw"), ("messages", "create_message_raw")],
+)
+async def test_a_300_reply_is_a_final_refusal_logged_with_its_route(
+    scripted: tuple[str, list[Reply], list[object]],
+    caplog: pytest.LogCaptureFixture,
+    route: str,
+    call: str,
+) -> None:
+    url, replies, bodies = scripted
+    replies.append((300, {"input_tokens": 3}, {"request-id": "req_300"}))
+    async with aiohttp.ClientSession() as session:
+        client, seen = observing(session, url)
+        with (
+            caplog.at_level(logging.INFO, logger="budgeter.upstream"),
+            pytest.raises(UpstreamError) as raised,
+        ):
+            await getattr(client, call)({"model": "claude-m"})
+    error = raised.value
+    assert (error.status, error.retryable, error.request_id) == (300, False, "req_300")
+    assert error.body == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "upstream HTTP 300"},
+    }
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "budgeter.upstream"]
+    assert said == [(logging.INFO, f"upstream {route} refused with HTTP 300 (final)")]
+    assert seen == [(route, "300")]
+    assert len(bodies) == 1
+
+
+async def test_a_connection_error_is_retried_and_logged_by_the_name_of_its_exception(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    delays: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        delays.append(seconds)
+
+    async with aiohttp.ClientSession() as session:
+        client = UpstreamClient(
+            session, "http://127.0.0.1:9", "k", max_attempts=2, sleep=sleep, rand=lambda: 0.5
+        )
+        with (
+            caplog.at_level(logging.WARNING, logger="budgeter.upstream"),
+            pytest.raises(UpstreamError) as raised,
+        ):
+            await client.count_tokens_raw({"model": "claude-m"})
+    assert (raised.value.status, raised.value.retryable) == (0, True)
+    assert delays == [0.25]  # 0.5 (rand) * 0.5 (base)
+    said = [r.getMessage() for r in caplog.records if r.name == "budgeter.upstream"]
+    assert said == [
+        "upstream count_tokens failed on attempt 1 (ClientConnectorError); "
+        "retrying in 0.25s, 1 tries left",
+        "upstream count_tokens failed on attempt 2 (ClientConnectorError); no tries left",
+    ]
+
+
+class SteppingClock:
+    """``perf_counter`` that moves ``step`` seconds on every reading."""
+
+    def __init__(self, start: float, step: float) -> None:
+        self.now = start
+        self.step = step
+
+    def perf_counter(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+async def test_a_call_is_observed_for_the_time_it_took(
+    listing: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, statuses = listing
+    statuses.append(200)
+    monkeypatch.setattr(client_module, "time", SteppingClock(1_000.0, 0.25))
+    observed: list[tuple[str, str, float]] = []
+
+    def observe(route: str, status: str, seconds: float) -> None:
+        observed.append((route, status, seconds))
+
+    async with aiohttp.ClientSession() as session:
+        client = UpstreamClient(session, url, "k", observe=observe)
+        assert (await client.get_json("/", {})).payload == {"data": []}
+    assert observed == [("models", "200", 0.25)]  # read at the start and at the end

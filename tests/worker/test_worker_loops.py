@@ -32,8 +32,9 @@ from typing import Any
 import aiohttp
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from budgeter.admission.decision import Decision, SettleResult, format_ms
+from budgeter.admission.decision import Decision, SettleResult, Usage, format_ms
 from budgeter.domain.passthrough import Passthrough
 from budgeter.domain.policy import TenantPolicy
 from budgeter.domain.results import canceled, error_body, errored
@@ -990,3 +991,173 @@ async def test_a_job_whose_deadline_is_now_expires_naming_it(
         "type": "expired",
         "reason": f"its deadline {format_ms(job.deadline_ms)} passed",
     }
+
+
+# mutmut's survivors of 2026-12-07, second pass --------------------------------------
+
+
+async def test_a_tenant_parked_until_the_epoch_itself_is_due_at_once(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = idle_worker(redis, session, idle_max_s=2.0)
+    scripted_picks(monkeypatch, worker, Picks([], 0, 1_000_000))  # 0 is a time, -1 is none
+    waiters = lease_futures(1)
+    await worker._pick_for(waiters)
+    assert waiters[0].result() is None
+    assert worker._idle_wait_s == 0.01  # due long ago: the shortest wait
+
+
+@pytest.mark.parametrize(
+    ("wait_s", "timeout_s"), [(0.0, 0.01), (0.004, 0.01), (0.5, 0.5), (-1.0, 1.0)]
+)  # -1: the pick failed, the lane pauses a second (it went on every 10 ms: a hot loop)
+async def test_an_idle_lane_leaves_the_shared_wait_after_its_own_wait_of_at_least_10_ms(
+    redis: Redis,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    wait_s: float,
+    timeout_s: float,
+) -> None:
+    worker = idle_worker(redis, session)
+
+    async def wait_for_work(_stop: asyncio.Event, _seconds: float) -> None:
+        await asyncio.Event().wait()  # no work ever comes
+
+    async def sleep_or_stop(_stop: asyncio.Event, _seconds: float) -> None:
+        await asyncio.Event().wait()  # no stop ever comes
+
+    monkeypatch.setattr(worker, "_wait_for_work", wait_for_work)
+    monkeypatch.setattr(worker_module, "_sleep_or_stop", sleep_or_stop)
+    timeouts: list[float | None] = []
+    real_wait_for = asyncio.wait_for
+
+    async def wait_for(  # asyncio.wait_for's signature: the timeout recorded
+        awaitable: Awaitable[object],
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> object:
+        timeouts.append(timeout)
+        return await real_wait_for(awaitable, 0)  # the time is up at once: no real wait
+
+    monkeypatch.setattr(asyncio, "wait_for", wait_for)  # the worker's calls: recorded
+    worker._idle_wait_s = wait_s
+    await worker._idle(asyncio.Event())
+    monkeypatch.undo()  # asyncio.wait_for is the real one again
+    assert timeouts == [timeout_s]
+    idler = worker._idler
+    assert idler is not None and not idler.done()  # left, not ended: shielded
+    idler.cancel()
+    await asyncio.wait({idler}, timeout=5)
+    assert idler.cancelled()
+
+
+async def test_a_wait_for_work_that_fails_as_the_stop_cancels_it_ends_quietly(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = idle_worker(redis, session)
+    waiting = asyncio.Event()
+    failed: list[bool] = []
+
+    async def wait_for_work(_timeout_s: float) -> str | None:
+        waiting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            failed.append(True)
+            raise RuntimeError("connection dropped on cancel") from None
+        return None
+
+    monkeypatch.setattr(worker.queue, "wait_for_work", wait_for_work)
+    activated: list[Call] = []
+    spy(monkeypatch, worker.queue, "activate", activated)
+    stop = asyncio.Event()
+    ending = asyncio.ensure_future(worker._wait_for_work(stop, 60.0))
+    await asyncio.wait_for(waiting.wait(), 5)
+    stop.set()
+    await asyncio.wait_for(ending, 5)  # no error
+    assert failed == [True]
+    assert activated == []
+
+
+async def test_each_job_processed_counts_one_more(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, job = await one_leased(redis, "pn")
+    worker = idle_worker(redis, session)
+    handled: list[LeasedJob] = []
+
+    async def handle(leased: LeasedJob) -> None:
+        handled.append(leased)
+
+    monkeypatch.setattr(worker, "_handle", handle)
+    for _ in range(3):
+        await worker._process(job)
+    assert handled == [job] * 3
+    assert worker.processed == 3
+
+
+async def test_a_job_the_api_validated_is_not_validated_again(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, job = await one_leased(redis, "pv")
+    assert job.validated
+    worker = idle_worker(redis, session)
+    asked: list[dict[str, Any]] = []
+
+    def params_problem(params: dict[str, Any]) -> str | None:
+        asked.append(params)
+        return "not to be asked"
+
+    monkeypatch.setattr(worker_module, "_params_problem", params_problem)
+    forwarded = scripted_decision(monkeypatch, worker, Decision("ADMIT", 0, "", NOW_MS))
+    await worker._handle_leased(job, {"rid": ""})
+    assert asked == []
+    assert forwarded == [(job.reservation_id, job.params)]
+
+
+async def test_a_served_job_whose_settle_redis_missed_renews_its_reservation_until_settled(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, batch_id, job = await one_leased(redis, "pz")
+    worker = idle_worker(redis, session)
+    rid = job.reservation_id
+    decision = await worker.admission.reserve("pz", rid, 10, 64, sent_at_once=True)
+    assert decision.kind == "ADMIT"
+    message: dict[str, object] = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-test",
+        "content": [{"type": "text", "text": "hi"}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 10, "output_tokens": 3},
+    }
+
+    async def create_message(_params: object, _passthrough: Passthrough) -> dict[str, object]:
+        return message
+
+    monkeypatch.setattr(worker.upstream, "create_message", create_message)
+    real_settle = worker.admission.settle
+    settles: list[str] = []
+
+    async def settle(tenant: str, reservation_id: str, usage: Usage) -> SettleResult:
+        settles.append(reservation_id)
+        if len(settles) == 1:
+            raise RedisConnectionError("node away")
+        return await real_settle(tenant, reservation_id, usage)
+
+    monkeypatch.setattr(worker.admission, "settle", settle)
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    worker.keeper.sleep = sleep
+    beats: list[Call] = []
+    spy(monkeypatch, worker.queue, "heartbeat", beats)
+    await worker._forward(job, dict(job.params), rid, 10, Passthrough())
+    assert settles == [rid, rid]
+    assert len(slept) == 1
+    assert beats == [
+        ("heartbeat", (job,), {"lease_ms": 60_000, "reservation_id": rid, "hold_ms": 90_000})
+    ]
+    (line,) = await results_of(store, batch_id)
+    assert line["result"]["type"] == "succeeded"
