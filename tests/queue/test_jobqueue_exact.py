@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from budgeter.queue.jobqueue import JobQueue, NewJob, Picks, UnknownTenantError
 from budgeter.queue.leased import LeasedJob
 from budgeter.store.durability import NotReplicated
 from budgeter.store.keys import notify_pending_key
-from budgeter.store.types import ScriptArg
+from budgeter.store.types import ScriptArg, ScriptReply
 from budgeter.tenants.store import TenantStore
 from budgeter.worker.heartbeat import Heartbeats
 from tests.helpers import UnreplicatedAfter, requests_for
@@ -181,10 +182,12 @@ async def test_a_tenant_found_empty_leaves_the_ready_set_unless_a_job_came_meanw
 
 NOW = 1_764_201_600_000
 TTL = 3_600_000
-PARAMS: dict[str, Any] = {"model": "m", "max_tokens": 8, "messages": []}
+PARAMS: dict[str, object] = {"model": "m", "max_tokens": 8, "messages": []}
 
 
-def fixed_clock(monkeypatch: pytest.MonkeyPatch, on_call: Any = None) -> list[int]:
+def fixed_clock(
+    monkeypatch: pytest.MonkeyPatch, on_call: Callable[[int], Awaitable[None]] | None = None
+) -> list[int]:
     """Redis server time as ``submit`` reads it, fixed at NOW; ``on_call`` (awaited with
     the call's number, 1 first) runs inside each submission's WATCH. Returns the calls."""
     calls: list[int] = []
@@ -199,12 +202,17 @@ def fixed_clock(monkeypatch: pytest.MonkeyPatch, on_call: Any = None) -> list[in
     return calls
 
 
+async def queue_of(redis: Redis, monkeypatch: pytest.MonkeyPatch, tenant: str) -> JobQueue:
+    """A queue whose clock stands at NOW, ``tenant`` given a plain policy."""
+    await TenantStore(redis).put(tenant, TenantPolicy())
+    fixed_clock(monkeypatch)
+    return JobQueue(redis)
+
+
 async def test_a_new_batch_holds_its_id_times_and_zero_counts_at_normal_priority(
     redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await TenantStore(redis).put("nb", TenantPolicy())
-    queue = JobQueue(redis)
-    fixed_clock(monkeypatch)
+    queue = await queue_of(redis, monkeypatch, "nb")
     jobs = [NewJob("a", PARAMS, validated=True), NewJob("b", PARAMS)]
     assert await queue.submit("nb", "b1", jobs, ttl_ms=TTL) == 2
     keys = queue.keys("nb")
@@ -230,9 +238,7 @@ async def test_a_new_batch_holds_its_id_times_and_zero_counts_at_normal_priority
 async def test_more_jobs_for_an_ended_batch_reopen_it_at_its_first_priority(
     redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await TenantStore(redis).put("eb", TenantPolicy())
-    queue = JobQueue(redis)
-    fixed_clock(monkeypatch)
+    queue = await queue_of(redis, monkeypatch, "eb")
     keys = queue.keys("eb")
     assert await queue.submit("eb", "b1", [NewJob("a", PARAMS)], priority="high") == 1
     (job,) = (await queue.pick_many(1, lease_ms=60_000, now_ms=NOW)).jobs
@@ -249,9 +255,7 @@ async def test_more_jobs_for_an_ended_batch_reopen_it_at_its_first_priority(
 async def test_a_retried_submission_of_a_batch_without_meta_takes_the_priority_given(
     redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await TenantStore(redis).put("bm", TenantPolicy())
-    queue = JobQueue(redis)
-    fixed_clock(monkeypatch)
+    queue = await queue_of(redis, monkeypatch, "bm")
     keys = queue.keys("bm")
     assert await queue.submit("bm", "b1", [NewJob("a", PARAMS)]) == 1
     await redis.hdel(keys.bmeta, "b1")  # e.g. written by an older producer
@@ -343,7 +347,7 @@ async def test_a_tenant_whose_lease_fails_is_one_warning_when_another_tenant_lea
     await submitted(redis, "lf", 1)
     plain = queue._dequeue
 
-    async def dequeue(*, keys: list[str], args: list[ScriptArg]) -> Any:
+    async def dequeue(*, keys: list[str], args: list[ScriptArg]) -> ScriptReply:
         if keys[0] == queue.keys("lf").queue:
             raise RuntimeError("dequeue failed")
         return await plain(keys=keys, args=args)

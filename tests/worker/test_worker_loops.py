@@ -729,6 +729,34 @@ async def one_leased(redis: Redis, tenant: str) -> tuple[BatchStore, str, Leased
     return store, batch_id, job
 
 
+ANSWER: dict[str, object] = {
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-test",
+    "content": [{"type": "text", "text": "hi"}],
+    "stop_reason": "end_turn",
+    "usage": {"input_tokens": 10, "output_tokens": 3},
+}
+
+
+async def admitted_and_answered(
+    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, tenant: str
+) -> tuple[BatchStore, str, LeasedJob, Worker]:
+    """One leased job of ``tenant``, its reservation admitted (10 in, at most 64 out,
+    marked sent) and an upstream that answers ANSWER (10 in, 3 out)."""
+    store, batch_id, job = await one_leased(redis, tenant)
+    worker = idle_worker(redis, session)
+    decision = await worker.admission.reserve(tenant, job.reservation_id, 10, 64, sent_at_once=True)
+    assert decision.kind == "ADMIT"
+
+    async def create_message(_params: object, _passthrough: Passthrough) -> dict[str, object]:
+        return ANSWER
+
+    monkeypatch.setattr(worker.upstream, "create_message", create_message)
+    return store, batch_id, job, worker
+
+
 def failing_handle(monkeypatch: pytest.MonkeyPatch, worker: Worker, exc: BaseException) -> None:
     async def handle(_job: LeasedJob) -> None:
         raise exc
@@ -864,25 +892,8 @@ async def test_a_canceled_orphaned_or_invalid_job_ends_with_its_exact_result(
 async def test_a_served_job_reports_its_tokens_and_wakes_the_tenants_that_waited(
     redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store, batch_id, job = await one_leased(redis, "ps")
-    worker = idle_worker(redis, session)
+    store, batch_id, job, worker = await admitted_and_answered(redis, session, monkeypatch, "ps")
     rid = job.reservation_id
-    decision = await worker.admission.reserve("ps", rid, 10, 64, sent_at_once=True)
-    assert decision.kind == "ADMIT"
-    message = {
-        "id": "msg_1",
-        "type": "message",
-        "role": "assistant",
-        "model": "claude-test",
-        "content": [{"type": "text", "text": "hi"}],
-        "stop_reason": "end_turn",
-        "usage": {"input_tokens": 10, "output_tokens": 3},
-    }
-
-    async def create_message(_params: object, _passthrough: Passthrough) -> dict[str, object]:
-        return message
-
-    monkeypatch.setattr(worker.upstream, "create_message", create_message)
     asked: list[tuple[str, SettleResult]] = []
 
     async def to_wake(tenant: str, settled: SettleResult) -> list[str]:
@@ -1116,25 +1127,8 @@ async def test_a_job_the_api_validated_is_not_validated_again(
 async def test_a_served_job_whose_settle_redis_missed_renews_its_reservation_until_settled(
     redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store, batch_id, job = await one_leased(redis, "pz")
-    worker = idle_worker(redis, session)
+    store, batch_id, job, worker = await admitted_and_answered(redis, session, monkeypatch, "pz")
     rid = job.reservation_id
-    decision = await worker.admission.reserve("pz", rid, 10, 64, sent_at_once=True)
-    assert decision.kind == "ADMIT"
-    message: dict[str, object] = {
-        "id": "msg_1",
-        "type": "message",
-        "role": "assistant",
-        "model": "claude-test",
-        "content": [{"type": "text", "text": "hi"}],
-        "stop_reason": "end_turn",
-        "usage": {"input_tokens": 10, "output_tokens": 3},
-    }
-
-    async def create_message(_params: object, _passthrough: Passthrough) -> dict[str, object]:
-        return message
-
-    monkeypatch.setattr(worker.upstream, "create_message", create_message)
     real_settle = worker.admission.settle
     settles: list[str] = []
 
