@@ -1,6 +1,6 @@
 """A real Sentinel set on loopback for tests: a master, one replica (or ``replicas``) and
 three Sentinels (``redis-server --sentinel`` with generated config files; quorum 2,
-``down-after-milliseconds 1000``, ``failover-timeout 3000``), all from
+``down-after-milliseconds 1000`` (or ``down_after_ms``), ``failover-timeout 3000``), all from
 :func:`find_redis_server`, on free ports, stopped by :meth:`SentinelSet.stop`."""
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ class SentinelSet:
         server_args: list[str] | None = None,
         username: str | None = None,
         password: str | None = None,
+        down_after_ms: int = 1000,
     ) -> None:
         self.root = root
+        self.down_after_ms = down_after_ms  # how long a master is silent before it is down
         self.count = sentinels
         self.server_args = list(server_args or [])
         self.username = username  # the master's login, for the URL and the Sentinels
@@ -130,7 +132,7 @@ class SentinelSet:
             f"dir {directory.resolve()}",
             f"logfile {(directory / 'sentinel.log').resolve()}",
             f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master.port} 2",
-            f"sentinel down-after-milliseconds {MASTER_NAME} 1000",
+            f"sentinel down-after-milliseconds {MASTER_NAME} {self.down_after_ms}",
             f"sentinel failover-timeout {MASTER_NAME} 3000",
             f"sentinel parallel-syncs {MASTER_NAME} 1",
         ]
