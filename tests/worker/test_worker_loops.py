@@ -472,17 +472,26 @@ async def test_a_wake_naming_a_tenant_activates_it_and_a_foreign_name_is_ignored
     assert all("Event.wait" not in repr(t.get_coro()) for t in asyncio.all_tasks())
 
 
+@pytest.mark.parametrize("fails_on_cancel", [False, True])
 async def test_a_stop_ends_the_wait_for_work_and_cancels_it(
-    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+    redis: Redis,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    fails_on_cancel: bool,
 ) -> None:
+    """True: the wait fails as the stop cancels it (a connection dropped): it ends quietly."""
     worker = idle_worker(redis, session)
+    waiting = asyncio.Event()
     cancelled: list[bool] = []
 
     async def wait_for_work(_timeout_s: float) -> str | None:
+        waiting.set()
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             cancelled.append(True)
+            if fails_on_cancel:
+                raise RuntimeError("connection dropped on cancel") from None
             raise
         return None
 
@@ -490,10 +499,10 @@ async def test_a_stop_ends_the_wait_for_work_and_cancels_it(
     activated: list[Call] = []
     spy(monkeypatch, worker.queue, "activate", activated)
     stop = asyncio.Event()
-    waiting = asyncio.ensure_future(worker._wait_for_work(stop, 60.0))
-    await asyncio.sleep(0.01)
+    ending = asyncio.ensure_future(worker._wait_for_work(stop, 60.0))
+    await asyncio.wait_for(waiting.wait(), 5)
     stop.set()
-    await asyncio.wait_for(waiting, 5)
+    await asyncio.wait_for(ending, 5)  # no error
     assert cancelled == [True]
     assert activated == []
 
@@ -1058,34 +1067,6 @@ async def test_an_idle_lane_leaves_the_shared_wait_after_its_own_wait_of_at_leas
     idler.cancel()
     await asyncio.wait({idler}, timeout=5)
     assert idler.cancelled()
-
-
-async def test_a_wait_for_work_that_fails_as_the_stop_cancels_it_ends_quietly(
-    redis: Redis, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    worker = idle_worker(redis, session)
-    waiting = asyncio.Event()
-    failed: list[bool] = []
-
-    async def wait_for_work(_timeout_s: float) -> str | None:
-        waiting.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            failed.append(True)
-            raise RuntimeError("connection dropped on cancel") from None
-        return None
-
-    monkeypatch.setattr(worker.queue, "wait_for_work", wait_for_work)
-    activated: list[Call] = []
-    spy(monkeypatch, worker.queue, "activate", activated)
-    stop = asyncio.Event()
-    ending = asyncio.ensure_future(worker._wait_for_work(stop, 60.0))
-    await asyncio.wait_for(waiting.wait(), 5)
-    stop.set()
-    await asyncio.wait_for(ending, 5)  # no error
-    assert failed == [True]
-    assert activated == []
 
 
 async def test_each_job_processed_counts_one_more(
