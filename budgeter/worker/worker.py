@@ -223,13 +223,12 @@ class Worker:
         """Every lane with nothing to do waits on one shared wait for work, each no longer
         than its own pick said (a tenant parked until sooner, or 1 s after an error)."""
         wait_s = self._idle_wait_s
-        failed = wait_s < 0  # the pick failed: a pause, not a wait for work
         if self._idler is None or self._idler.done():
-            idle = (
-                _sleep_or_stop(stop, ERROR_PAUSE_S) if failed else self._wait_for_work(stop, wait_s)
-            )
-            self._idler = asyncio.create_task(idle)
-        timeout_s = ERROR_PAUSE_S if failed else max(wait_s, 0.01)
+            if wait_s < 0:
+                self._idler = asyncio.create_task(_sleep_or_stop(stop, ERROR_PAUSE_S))
+            else:
+                self._idler = asyncio.create_task(self._wait_for_work(stop, wait_s))
+        timeout_s = ERROR_PAUSE_S if wait_s < 0 else max(wait_s, 0.01)  # after an error: a pause
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._idler), timeout=timeout_s)
 
